@@ -1,0 +1,68 @@
+"""The main job: ``python -m nanovllm [--model DIR]`` generates for a few prompts.
+
+With no ``--model`` it builds (once, in a cache folder) the embedded default: a small random-weight Qwen3
+checkpoint with a trained byte-level BPE tokenizer, so it runs on any machine with no download.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+DEFAULT_PROMPTS = [
+    "Hello world! How are you today?",
+    "A paged KV cache splits keys and values into",
+    "The quick brown fox",
+    "Prefix caching lets requests that share a prompt prefix",
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, build the engine and print each prompt with its completion."""
+    parser = argparse.ArgumentParser(prog="nanovllm", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="a Qwen3 checkpoint folder (default: the embedded tiny model)")
+    parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=-1)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--compile-fusion", action="store_true", help="compile with the coconut fusion backend")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from nanovllm import LLM, SamplingParams
+    from nanovllm.utils.tiny_model import build_tiny_checkpoint, default_checkpoint_dir
+
+    model = args.model
+    if model is None:
+        model = build_tiny_checkpoint(default_checkpoint_dir())
+        print(f"no --model given: using the embedded random-weight Qwen3 at {model}")
+    t0 = time.perf_counter()
+    llm = LLM(model, device=args.device, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
+              compile_fusion=args.compile_fusion, enforce_eager=args.enforce_eager, seed=args.seed,
+              max_model_len=1024)
+    print(f"engine ready in {time.perf_counter() - t0:.1f} s (device {llm.config.device}, "
+          f"{llm.config.num_kvcache_blocks} KV blocks of {llm.config.kvcache_block_size})")
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens)
+    prompts = args.prompt or DEFAULT_PROMPTS
+    t0 = time.perf_counter()
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    else:
+        outputs = llm.generate(prompts, params)
+    dt = time.perf_counter() - t0
+    for prompt, out in zip(prompts, outputs):
+        print(f"\nPrompt: {prompt!r}\nCompletion ({out['finish_reason']}, {len(out['token_ids'])} tokens): "
+              f"{out['text']!r}")
+    n = sum(len(o["token_ids"]) for o in outputs)
+    print(f"\n{len(prompts)} requests, {n} output tokens in {dt:.2f} s ({n / dt:.1f} tokens/s)")
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Engine configuration: every keyword that ``LLM(model, **config)`` accepts, checked before any work starts."""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# Chosen by measurement on the H200 (benchmarks/bench_attention.py, docs/attention.md): small enough that
+# prefix caching shares most of a common prefix, large enough that decode attention reads long runs of K/V.
+DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass
+class Config:
+    """Engine settings. Field names and defaults follow vLLM's ``LLM`` keywords.
+
+    Args:
+        model: a folder holding a Hugging Face Qwen3 checkpoint (config.json, tokenizer, *.safetensors).
+        device: "cuda" or "cpu"; defaults to "cuda" when a GPU is present.
+        dtype: "auto" (the checkpoint's dtype on CUDA, float32 on the CPU), "bfloat16", "float16" or "float32".
+        max_num_batched_tokens: the most tokens one step processes (prefill chunks are cut to fit).
+        max_num_seqs: the most sequences one step processes.
+        max_model_len: the most tokens (prompt + output) of one sequence; capped by the checkpoint's
+            ``max_position_embeddings``.
+        gpu_memory_utilization: the fraction of the GPU's memory the engine may use (weights, activations and
+            the KV cache together), in (0, 1].
+        tensor_parallel_size: the number of processes (GPUs) the model is split across.
+        enforce_eager: True runs the model eagerly (no torch.compile, no CUDA graphs).
+        kvcache_block_size: tokens per KV block, a power of two.
+        num_kvcache_blocks: -1 sizes the KV cache from memory; a positive value is used as given.
+        compile_fusion: compile the model with the ``coconut`` backend (RMSNorm -> Linear fusion).
+        seed: seed of the sampler's random generator (None: nondeterministic sampling).
+
+    Raises:
+        TypeError: an unknown keyword (named, with the closest known one) or a field of the wrong type.
+        ValueError: a field out of range, or a checkpoint folder that does not exist.
+    """
+
+    model: str
+    device: str | None = None
+    dtype: str = "auto"
+    max_num_batched_tokens: int = 16384
+    max_num_seqs: int = 512
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    kvcache_block_size: int = DEFAULT_BLOCK_SIZE
+    num_kvcache_blocks: int = -1
+    compile_fusion: bool = False
+    seed: int | None = None
+    hf_config: PretrainedConfig | None = field(default=None, repr=False)
+    eos_token_id: int = -1
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> "Config":
+        """Build a Config from ``LLM``'s keywords; an unknown keyword raises TypeError naming it."""
+        known = {f.name for f in fields(cls)} - {"model", "hf_config", "eos_token_id"}
+        for key in kwargs:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise TypeError(f"LLM() got an unknown keyword argument {key!r}{hint}")
+        return cls(model=model, **kwargs)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, (str, os.PathLike)):
+            raise TypeError(f"model must be a path to a checkpoint folder, got {self.model!r}")
+        self.model = os.fspath(self.model)
+        if not os.path.isdir(self.model):
+            raise ValueError(f"model: checkpoint folder {self.model!r} does not exist")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size",
+                     "kvcache_block_size", "num_kvcache_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+        for name in ("enforce_eager", "compile_fusion"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but no CUDA GPU is available")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be 'auto', 'bfloat16', 'float16' or 'float32', got {self.dtype!r}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if not 0.0 < float(self.gpu_memory_utilization) <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.device == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} but only "
+                             f"{torch.cuda.device_count()} GPU(s) are visible")
+        bs = self.kvcache_block_size
+        if bs < 1 or bs & (bs - 1):
+            raise ValueError(f"kvcache_block_size must be a power of two, got {bs}")
+        if self.num_kvcache_blocks == 0 or self.num_kvcache_blocks < -1:
+            raise ValueError(f"num_kvcache_blocks must be -1 (size from memory) or positive, got {self.num_kvcache_blocks}")
+        self.hf_config = AutoConfig.from_pretrained(self.model)
+        if getattr(self.hf_config, "model_type", None) != "qwen3":
+            raise ValueError(f"model: only Qwen3 checkpoints are supported, got model_type "
+                             f"{getattr(self.hf_config, 'model_type', None)!r}")
+        hf = self.hf_config
+        for name in ("num_attention_heads", "num_key_value_heads"):
+            if getattr(hf, name) % self.tensor_parallel_size:
+                raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} does not divide {name}={getattr(hf, name)}")
+        self.max_model_len = min(self.max_model_len, hf.max_position_embeddings)
+        eos = hf.eos_token_id
+        self.eos_token_id = (eos[0] if isinstance(eos, list) else eos) if eos is not None else -1
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype of weights, activations and KV cache."""
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if self.device == "cpu":
+            return torch.float32
+        ckpt = getattr(self.hf_config, "torch_dtype", None) or getattr(self.hf_config, "dtype", None)
+        if isinstance(ckpt, str):
+            ckpt = getattr(torch, ckpt)
+        return ckpt if ckpt in _DTYPES.values() else torch.bfloat16

@@ -1,0 +1,146 @@
+"""The engine loop: validate requests, add them, step the scheduler and the model until all are done."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from nanovllm.config import Config
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.sequence import Sequence
+from nanovllm.sampling_params import SamplingParams
+
+
+@dataclass
+class StepStats:
+    """Counters over the engine's life (tokens, seconds), for progress bars and benchmarks."""
+
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    steps: int = 0
+    step_log: list[tuple[bool, int, float]] = field(default_factory=list)  # (is_prefill, tokens, seconds)
+
+
+class LLMEngine:
+    """Owns the tokenizer, the scheduler (with its block manager) and the model runner(s).
+
+    Args:
+        config: a validated :class:`Config`.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        if config.tensor_parallel_size > 1:
+            from nanovllm.engine.tp_runner import TensorParallelRunner
+            self.model_runner = TensorParallelRunner(config)
+        else:
+            from nanovllm.engine.model_runner import ModelRunner
+            self.model_runner = ModelRunner(config)
+        self.block_manager = BlockManager(config.num_kvcache_blocks, config.kvcache_block_size)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.stats = StepStats()
+        self.record_steps = False
+
+    # ---- requests --------------------------------------------------------------------------------------------
+    def tokenize(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
+        """Turn every prompt into token ids.
+
+        Raises:
+            TypeError: prompts is not a list of strings or of token-id lists (the bad index is named).
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a list of strings or a list of token-id lists, got {type(prompts).__name__}")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                out.append(self.tokenizer.encode(p) if p else [])
+            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                out.append(list(p))
+            else:
+                raise TypeError(f"prompt {i}: expected a string or a list of int token ids, got {type(p).__name__}")
+        return out
+
+    def validate(self, i: int, token_ids: list[int], params: SamplingParams) -> None:
+        """Check one request before any work starts.
+
+        Raises:
+            ValueError: the prompt is empty, holds a token id outside the vocabulary, leaves no room to
+                generate under max_model_len, or needs more KV blocks than the whole pool (message names ``i``).
+        """
+        cfg = self.config
+        vocab = cfg.hf_config.vocab_size
+        if not token_ids:
+            raise ValueError(f"prompt {i} is empty")
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt {i} holds token id {bad}, outside the vocabulary [0, {vocab})")
+        if len(token_ids) >= cfg.max_model_len:
+            raise ValueError(f"prompt {i} has {len(token_ids)} tokens; max_model_len={cfg.max_model_len} leaves no "
+                             f"room to generate (the prompt must be shorter than max_model_len)")
+        total = min(len(token_ids) + params.max_tokens, cfg.max_model_len)
+        blocks = -(-total // cfg.kvcache_block_size)
+        if blocks > self.block_manager.num_blocks:
+            raise ValueError(f"prompt {i} needs {blocks} KV blocks for {total} tokens (prompt + max_tokens) but the "
+                             f"whole pool has {self.block_manager.num_blocks} blocks of {cfg.kvcache_block_size}")
+
+    def add_request(self, token_ids: list[int], params: SamplingParams) -> Sequence:
+        seq = Sequence(token_ids, params, self.config.kvcache_block_size)
+        self.scheduler.add(seq)
+        return seq
+
+    # ---- stepping --------------------------------------------------------------------------------------------------
+    def step(self) -> tuple[list[Sequence], bool, int]:
+        """Schedule and run one step. Returns (finished sequences, is_prefill, tokens processed)."""
+        t0 = time.perf_counter()
+        seqs, is_prefill = self.scheduler.schedule()
+        tokens = sum(s.num_scheduled_tokens for s in seqs)
+        token_ids = self.model_runner.run(seqs, is_prefill)
+        finished = self.scheduler.postprocess(seqs, token_ids)
+        dt = time.perf_counter() - t0
+        st = self.stats
+        st.steps += 1
+        if is_prefill:
+            st.prefill_tokens += tokens
+            st.prefill_seconds += dt
+        else:
+            st.decode_tokens += tokens
+            st.decode_seconds += dt
+        if self.record_steps:
+            st.step_log.append((is_prefill, tokens, dt))
+        return finished, is_prefill, tokens
+
+    def generate(self, token_ids: list[list[int]], params: list[SamplingParams], use_tqdm: bool = True
+                 ) -> list[Sequence]:
+        """Run requests to completion; returns their sequences in input order.
+
+        If anything raises inside a step, every pending request is dropped and its blocks freed, so the engine
+        stays usable.
+        """
+        seqs = [self.add_request(t, p) for t, p in zip(token_ids, params)]
+        bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        prefill_tps = decode_tps = 0.0
+        try:
+            while not self.scheduler.is_finished():
+                t0 = time.perf_counter()
+                finished, is_prefill, tokens = self.step()
+                dt = max(time.perf_counter() - t0, 1e-9)
+                if is_prefill:
+                    prefill_tps = tokens / dt
+                else:
+                    decode_tps = tokens / dt
+                bar.set_postfix(prefill=f"{prefill_tps:.0f} tok/s", decode=f"{decode_tps:.0f} tok/s", refresh=False)
+                bar.update(len(finished))
+        except BaseException:
+            self.scheduler.abort_all()
+            raise
+        finally:
+            bar.close()
+        return seqs

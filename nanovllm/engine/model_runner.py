@@ -1,0 +1,289 @@
+"""Runs the model for one step: builds the batch tensors, owns the KV cache, replays CUDA graphs, samples."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nanovllm.config import Config
+from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.sampler import Sampler
+from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.utils.context import get_context, reset_context, set_context
+from nanovllm.utils.loader import load_model
+from nanovllm.utils.parallel import tp_rank, tp_size
+
+CPU_KV_CACHE_BYTES = 1 << 30  # the KV budget when sizing from memory on the CPU (pages are touched lazily)
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """Decode batch sizes that get a CUDA graph: 1, 2, 4, 8, then every multiple of 16, and max_num_seqs itself."""
+    sizes = {b for b in (1, 2, 4, 8) if b <= max_num_seqs} | set(range(16, max_num_seqs + 1, 16)) | {max_num_seqs}
+    return sorted(sizes)
+
+
+class ModelRunner:
+    """Holds the model, its KV cache and its compiled / graph-captured forward on one device (one TP rank).
+
+    Args:
+        config: the engine configuration (``config.num_kvcache_blocks`` is filled in when sized from memory).
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        hf = config.hf_config
+        self.rank, self.world = tp_rank(), tp_size()
+        self.block_size = config.kvcache_block_size
+        self.dtype = config.torch_dtype
+        if config.device == "cuda":
+            torch.cuda.set_device(self.rank)
+            self.device = torch.device("cuda", self.rank)
+        else:
+            self.device = torch.device("cpu")
+        self.max_blocks_per_seq = math.ceil(config.max_model_len / self.block_size)
+
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = Qwen3ForCausalLM(hf)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_model(self.model, config.model)
+        self.model.eval()
+        self.sampler = Sampler()
+        self.generator: torch.Generator | None = None
+        if config.seed is not None:
+            self.generator = torch.Generator(self.device)
+            self.generator.manual_seed(config.seed)
+
+        self.forward = self._build_forward()
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.allocate_kv_cache()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.capture_cudagraphs()
+
+    # ---- setup ---------------------------------------------------------------------------------------------
+    def _build_forward(self):  # noqa: ANN202 - a callable with the model's forward signature
+        """The model's forward, compiled as one graph unless eager.
+
+        GPU: ``enforce_eager=False`` compiles with Inductor, or with the ``coconut`` backend when
+        ``compile_fusion``. CPU: only ``compile_fusion=True`` compiles (Inductor's CPU code gains little over
+        eager for small models and costs compile time); otherwise the model runs eagerly.
+        """
+        cfg = self.config
+        if cfg.enforce_eager and not cfg.compile_fusion:
+            return self.model
+        if cfg.compile_fusion:
+            import fusion_pass.backend  # noqa: F401 - registers backend="coconut"
+            backend = "coconut"
+        elif self.device.type == "cuda":
+            backend = "inductor"
+        else:
+            return self.model
+        return torch.compile(self.model, backend=backend, fullgraph=True, dynamic=True)
+
+    def _block_bytes(self) -> int:
+        hf = self.config.hf_config
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        num_kv_heads = hf.num_key_value_heads // self.world
+        return 2 * hf.num_hidden_layers * self.block_size * num_kv_heads * head_dim * self.dtype.itemsize
+
+    def _profile_peak_bytes(self) -> int:
+        """Run the largest prefill the scheduler can ask for, without a KV cache, and return the peak bytes."""
+        cfg = self.config
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        num_tokens = cfg.max_num_batched_tokens
+        seq_len = min(cfg.max_model_len, num_tokens)
+        num_seqs = max(1, min(num_tokens // seq_len, cfg.max_num_seqs))
+        input_ids = torch.zeros(num_seqs * seq_len, dtype=torch.int64, device=self.device)
+        positions = torch.arange(seq_len, device=self.device).repeat(num_seqs)
+        logits_indices = torch.arange(1, num_seqs + 1, device=self.device) * seq_len - 1
+        set_context(True, max_seqlen_q=seq_len, max_seqlen_k=seq_len)
+        with torch.inference_mode():
+            logits = self.model(input_ids, positions, logits_indices)
+            # the sampler on a full decode batch, with the top-k/top-p path (sorting the vocabulary)
+            big = logits.new_empty(cfg.max_num_seqs, logits.shape[-1]).normal_()
+            n = cfg.max_num_seqs
+            self.sampler(big, torch.ones(n, device=self.device), torch.full((n,), 5, device=self.device),
+                         torch.full((n,), 0.9, device=self.device))
+            del logits, big
+        reset_context()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    def allocate_kv_cache(self) -> None:
+        """Allocate ``[2, layers, blocks, block_size, kv_heads, head_dim]`` and hand each layer its K and V.
+
+        On the GPU with ``num_kvcache_blocks=-1``: after a profiling pass at the largest step, the blocks fill
+        ``gpu_memory_utilization * total - (memory used outside PyTorch's allocator + PyTorch's peak)``.
+
+        Raises:
+            ValueError: not even one block fits, or a sequence of max_model_len tokens could not fit.
+        """
+        cfg, hf = self.config, self.config.hf_config
+        block_bytes = self._block_bytes()
+        if cfg.num_kvcache_blocks > 0:
+            num_blocks = cfg.num_kvcache_blocks
+        elif self.device.type == "cuda":
+            peak = self._profile_peak_bytes()
+            free, total = torch.cuda.mem_get_info()
+            outside_torch = (total - free) - torch.cuda.memory_reserved()
+            budget = int(total * cfg.gpu_memory_utilization) - outside_torch - peak
+            # headroom for the CUDA graphs' pool and the decode step's activations
+            budget -= 512 << 20
+            num_blocks = budget // block_bytes
+            if num_blocks < 1:
+                raise ValueError(f"gpu_memory_utilization={cfg.gpu_memory_utilization} leaves no room for the KV "
+                                 f"cache (model + activations peak at {peak / 2**30:.2f} GiB)")
+        else:
+            tokens = min(cfg.max_num_seqs * cfg.max_model_len, CPU_KV_CACHE_BYTES // (block_bytes // self.block_size))
+            num_blocks = max(1, tokens // self.block_size)
+        if self.world > 1 and torch.distributed.is_initialized():
+            n = torch.tensor([num_blocks], device=self.device if self.device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+            num_blocks = int(n.item())
+        cfg.num_kvcache_blocks = num_blocks
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        self.kv_cache = torch.empty(2, hf.num_hidden_layers, num_blocks, self.block_size,
+                                    hf.num_key_value_heads // self.world, head_dim, dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(hf.num_hidden_layers)]
+
+    # ---- batch preparation ---------------------------------------------------------------------------------------
+    def _to_device(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def _block_tables(self, seqs: list[Sequence], width: int) -> torch.Tensor:
+        return self._to_device([s.block_table + [-1] * (width - len(s.block_table)) for s in seqs], torch.int32)
+
+    def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pack the scheduled chunk of every sequence; set the prefill context.
+
+        Tokens whose KV is already in a cached block (a whole-prompt prefix hit, recomputed only to get the
+        logits) get slot -1: a shared block is never written.
+
+        Returns:
+            input_ids int64 ``[T]``, positions int64 ``[T]``, logits_indices int64 ``[B]``.
+        """
+        input_ids, positions, slots, cu_q, cu_k, lens = [], [], [], [0], [0], []
+        bs = self.block_size
+        for seq in seqs:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            for pos in range(start, end):
+                slots.append(-1 if pos < seq.num_cached_tokens else seq.block_table[pos // bs] * bs + pos % bs)
+            cu_q.append(cu_q[-1] + end - start)
+            cu_k.append(cu_k[-1] + end)
+            lens.append(end)
+        max_q = max(b - a for a, b in zip(cu_q, cu_q[1:]))
+        width = max(len(s.block_table) for s in seqs)
+        set_context(True, self._to_device(cu_q, torch.int32), self._to_device(cu_k, torch.int32), max_q, max(lens),
+                    self._to_device(slots, torch.int32), self._to_device(lens, torch.int32),
+                    self._block_tables(seqs, width), self.kv_caches)
+        logits_indices = [c - 1 for c in cu_q[1:]]
+        return (self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
+                self._to_device(logits_indices, torch.int64))
+
+    def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One new token per sequence (its last); set the decode context. Returns like :meth:`prepare_prefill`."""
+        bs = self.block_size
+        input_ids = [s.last_token for s in seqs]
+        positions = [len(s) - 1 for s in seqs]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+        lens = [len(s) for s in seqs]
+        width = max(len(s.block_table) for s in seqs)
+        set_context(False, slot_mapping=self._to_device(slots, torch.int32),
+                    context_lens=self._to_device(lens, torch.int32), block_tables=self._block_tables(seqs, width),
+                    kv_caches=self.kv_caches)
+        return (self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
+                torch.arange(len(seqs), device=self.device))
+
+    def prepare_sample(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-row temperature (float32), top-k (int64) and top-p (float32), each ``[B]``."""
+        params = [s.sampling_params for s in seqs]
+        return (self._to_device([p.temperature for p in params], torch.float32),
+                self._to_device([p.top_k for p in params], torch.int64),
+                self._to_device([p.top_p for p in params], torch.float32))
+
+    # ---- running -------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor,
+                  is_prefill: bool) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of the step whose context is set; decode replays a CUDA graph when one fits."""
+        n = input_ids.shape[0]
+        if is_prefill or not self.graphs or n > max(self.graphs):
+            return self.forward(input_ids, positions, logits_indices)
+        size = next(b for b in sorted(self.graphs) if b >= n)
+        ctx, v = get_context(), self.graph_vars
+        v["input_ids"][:n] = input_ids
+        v["positions"][:n] = positions
+        v["slot_mapping"].fill_(-1)
+        v["slot_mapping"][:n] = ctx.slot_mapping
+        v["context_lens"].zero_()
+        v["context_lens"][:n] = ctx.context_lens
+        v["block_tables"].fill_(-1)
+        v["block_tables"][:n, :ctx.block_tables.shape[1]] = ctx.block_tables
+        self.graphs[size].replay()
+        return v["outputs"][size][:n]
+
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int | None]:
+        """Run one step and sample.
+
+        Returns:
+            One token id per sequence, or None for a prefill chunk that does not end its prompt.
+        """
+        if is_prefill:
+            input_ids, positions, logits_indices = self.prepare_prefill(seqs)
+        else:
+            input_ids, positions, logits_indices = self.prepare_decode(seqs)
+        logits = self.run_model(input_ids, positions, logits_indices, is_prefill)
+        reset_context()
+        if self.rank != 0:
+            return []
+        temperatures, top_ks, top_ps = self.prepare_sample(seqs)
+        token_ids = self.sampler(logits, temperatures, top_ks, top_ps, self.generator).tolist()
+        if not is_prefill:
+            return token_ids
+        return [t if s.num_computed_tokens + s.num_scheduled_tokens == len(s) else None
+                for s, t in zip(seqs, token_ids)]
+
+    @torch.inference_mode()
+    def capture_cudagraphs(self) -> None:
+        """Capture one decode graph per size of :func:`graph_batch_sizes`, largest first, sharing one pool.
+
+        Static inputs: input ids, positions, slot mapping, context lengths and block tables wide enough for
+        max_model_len. A smaller batch is padded up to the next captured size (slot -1, context length 0).
+        """
+        cfg = self.config
+        max_bs = cfg.max_num_seqs
+        z = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=self.device)  # noqa: E731
+        v: dict = {
+            "input_ids": z(max_bs, dtype=torch.int64),
+            "positions": z(max_bs, dtype=torch.int64),
+            "slot_mapping": torch.full((max_bs,), -1, dtype=torch.int32, device=self.device),
+            "context_lens": z(max_bs, dtype=torch.int32),
+            "block_tables": torch.full((max_bs, self.max_blocks_per_seq), -1, dtype=torch.int32, device=self.device),
+            "logits_indices": torch.arange(max_bs, device=self.device),
+        }
+        v["outputs"] = {}
+        pool = None
+        for size in reversed(graph_batch_sizes(max_bs)):
+            set_context(False, slot_mapping=v["slot_mapping"][:size], context_lens=v["context_lens"][:size],
+                        block_tables=v["block_tables"][:size], kv_caches=self.kv_caches)
+            args = (v["input_ids"][:size], v["positions"][:size], v["logits_indices"][:size])
+            self.forward(*args)  # warm up (and compile) outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                out = self.forward(*args)
+            pool = graph.pool()
+            self.graphs[size] = graph
+            v["outputs"][size] = out
+            torch.cuda.synchronize()
+        reset_context()
+        self.graph_vars = v

@@ -1,0 +1,156 @@
+"""Decides which sequences run in each step: prefill (chunked) first, then decode, preempting when blocks run out."""
+from __future__ import annotations
+
+from collections import deque
+
+from nanovllm.config import Config
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    """Waiting and running queues over one :class:`BlockManager`.
+
+    Policy (as in nano-vLLM, plus chunked prefill):
+    - A step is either a *prefill* step or a *decode* step. Prefill goes first: waiting sequences are admitted
+      in order while blocks, ``max_num_seqs`` and the ``max_num_batched_tokens`` budget allow; the last one
+      admitted may be cut into a chunk (chunked prefill) and continues in the next prefill step.
+    - A decode step computes one token for every running sequence. If a sequence needs a block and none is
+      free, the most recently admitted running sequence is preempted: its blocks are freed and it goes back
+      to the front of the waiting queue to be recomputed later (preemption by recompute).
+    - The scheduler never spins: every request fits the empty pool alone (checked at submission), so a step
+      with nothing scheduled can always free blocks by preemption and make progress.
+    """
+
+    def __init__(self, config: Config, block_manager: BlockManager) -> None:
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
+        self.eos = config.eos_token_id
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    # ---- scheduling ----------------------------------------------------------------------------------------
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """Pick the sequences of the next step.
+
+        Returns:
+            (sequences, is_prefill). In a prefill step each sequence's ``num_scheduled_tokens`` says how many
+            of its tokens are computed (a chunk); in a decode step it is 1.
+
+        Raises:
+            RuntimeError: nothing can be scheduled although requests are pending (an engine bug).
+        """
+        for _ in range(2):
+            seqs = self._schedule_prefill()
+            if seqs:
+                return seqs, True
+            seqs = self._schedule_decode()
+            if seqs:
+                return seqs, False
+            # Nothing fits: a partly prefilled sequence may hold blocks that the head of the queue needs.
+            for seq in list(self.waiting):
+                if seq.block_table:
+                    self._release(seq)
+        raise RuntimeError("scheduler: no request can be scheduled although some are pending")
+
+    def _schedule_prefill(self) -> list[Sequence]:
+        scheduled: list[Sequence] = []
+        budget = self.max_num_batched_tokens
+        while self.waiting and budget > 0 and len(self.running) + len(scheduled) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                if not self.block_manager.can_allocate(seq):
+                    break
+                self.block_manager.allocate(seq)
+                # At least the last token is computed, to get the logits of the next token.
+                seq.num_computed_tokens = min(seq.num_cached_tokens, len(seq) - 1)
+            remaining = len(seq) - seq.num_computed_tokens
+            seq.num_scheduled_tokens = min(remaining, budget)
+            budget -= seq.num_scheduled_tokens
+            scheduled.append(seq)
+            if seq.num_scheduled_tokens < remaining:
+                break  # a chunk: the rest of this prompt goes in the next prefill step
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        return scheduled
+
+    def _schedule_decode(self) -> list[Sequence]:
+        scheduled: list[Sequence] = []
+        while self.running and len(scheduled) < min(self.max_num_seqs, self.max_num_batched_tokens):
+            seq = self.running.popleft()
+            while not self.block_manager.can_append(seq):
+                if self.running:
+                    self._preempt(self.running.pop())
+                else:
+                    self._preempt(seq)
+                    break
+            else:
+                self.block_manager.append(seq)
+                seq.num_scheduled_tokens = 1
+                scheduled.append(seq)
+        self.running.extendleft(reversed(scheduled))
+        return scheduled
+
+    def _release(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_scheduled_tokens = 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free ``seq``'s blocks and put it back at the front of the waiting queue (recompute later)."""
+        self.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self._release(seq)
+        self.waiting.appendleft(seq)
+
+    # ---- after the model ran ---------------------------------------------------------------------------------
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int | None]) -> list[Sequence]:
+        """Record the step's results: advance progress, append sampled tokens, finish and free sequences.
+
+        Args:
+            seqs: the sequences of the step, as returned by :meth:`schedule`.
+            token_ids: one sampled token per sequence; None for a prefill chunk that did not reach the end of
+                its prompt (no token is produced).
+
+        Returns:
+            The sequences that finished in this step.
+        """
+        finished = []
+        for seq, token_id in zip(seqs, token_ids):
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            seq.num_scheduled_tokens = 0
+            self.block_manager.commit(seq)
+            if token_id is None:
+                continue
+            seq.append_token(token_id)
+            params = seq.sampling_params
+            if ((token_id == self.eos and not params.ignore_eos)
+                    or (params.stop_token_ids and token_id in params.stop_token_ids)):
+                seq.finish_reason = "stop"
+            elif seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+                seq.finish_reason = "length"
+            if seq.finish_reason is not None:
+                seq.status = SequenceStatus.FINISHED
+                self.block_manager.free(seq)
+                self.running.remove(seq)
+                finished.append(seq)
+        return finished
+
+    def abort_all(self) -> None:
+        """Drop every pending request and free its blocks (used after an error inside a step)."""
+        for seq in list(self.running) + list(self.waiting):
+            if seq.block_table:
+                self.block_manager.free(seq)
+            seq.status = SequenceStatus.FINISHED
+        self.running.clear()
+        self.waiting.clear()

@@ -1,0 +1,59 @@
+"""Paged attention as one opaque custom op, so the whole model compiles to a single graph.
+
+``torch.ops.nanovllm.attention(q, k, v, layer_idx, scale)`` stores the new keys and values into the layer's
+paged KV cache (by slot mapping) and attends over everything cached for each sequence (through its block
+table). It reads the step's metadata and the KV caches from :mod:`nanovllm.utils.context`, which the model
+runner fills before each step; Dynamo and Inductor see only an op with a fake implementation.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanovllm.kernels import decode_attention, prefill_attention, store_kvcache
+from nanovllm.utils.context import get_context
+
+
+@torch.library.custom_op("nanovllm::attention", mutates_args=())
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, scale: float) -> torch.Tensor:
+    """q ``[T, H, D]``, k and v ``[T, Hkv, D]`` of the step's new tokens -> attention output ``[T, H, D]``.
+
+    Without a KV cache for ``layer_idx`` (the profiling pass before the cache exists), nothing is stored and
+    the output is zeros of the right shape: only its memory footprint matters there.
+    """
+    ctx = get_context()
+    if layer_idx >= len(ctx.kv_caches):
+        return torch.zeros_like(q)
+    k_cache, v_cache = ctx.kv_caches[layer_idx]
+    store_kvcache(k, v, k_cache, v_cache, ctx.slot_mapping)
+    if ctx.is_prefill:
+        return prefill_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.block_tables,
+                                 ctx.max_seqlen_q, ctx.max_seqlen_k, scale)
+    return decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
+
+
+@paged_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_idx: int, scale: float) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped K/V heads (GQA, Ainslie et al. 2023) over the paged KV cache.
+
+    Args:
+        num_heads: query heads on this rank.
+        num_kv_heads: key/value heads on this rank (divides num_heads).
+        head_dim: size of one head.
+        layer_idx: index of the layer, which selects its KV cache.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.layer_idx = layer_idx
+        self.scale = head_dim ** -0.5
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q ``[T, H, D]``, k and v ``[T, Hkv, D]`` -> ``[T, H * D]``."""
+        o = torch.ops.nanovllm.attention(q, k, v, self.layer_idx, self.scale)
+        return o.flatten(-2)

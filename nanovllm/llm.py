@@ -1,0 +1,115 @@
+"""The public entry point: ``LLM(model, **config).generate(prompts, sampling_params)``."""
+from __future__ import annotations
+
+from typing import Any
+
+from nanovllm.config import Config
+from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.sampling_params import SamplingParams
+
+
+class LLM:
+    """An offline inference engine for a Qwen3 checkpoint.
+
+    Args:
+        model: a folder with a Hugging Face Qwen3 checkpoint (config.json, tokenizer files, safetensors).
+        **config: engine settings; see :class:`nanovllm.config.Config` for every field and its default.
+
+    Raises:
+        TypeError: an unknown keyword (named) or a setting of the wrong type.
+        ValueError: a setting out of range, or a checkpoint that is missing or not Qwen3.
+    """
+
+    def __init__(self, model: str, **config: Any) -> None:
+        self.config = Config.from_kwargs(model, **config)
+        self.engine = LLMEngine(self.config)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: list[str] | list[list[int]], sampling_params: SamplingParams | list[SamplingParams]
+                 | None = None, use_tqdm: bool = True) -> list[dict[str, Any]]:
+        """Generate a completion for every prompt.
+
+        Args:
+            prompts: a list of strings or a list of token-id lists.
+            sampling_params: one :class:`SamplingParams` for all prompts, or a list with one per prompt;
+                None means ``SamplingParams()``.
+            use_tqdm: show a progress bar over finished requests with prefill and decode tokens/s.
+
+        Returns:
+            In input order, one dict per prompt: ``"text"`` (the completion, special tokens skipped),
+            ``"token_ids"`` (the generated ids), ``"finish_reason"`` ("stop" or "length") and
+            ``"num_cached_tokens"`` (prompt tokens served from the prefix cache).
+
+        Raises:
+            TypeError: prompts or sampling_params of the wrong type.
+            ValueError: a bad request (empty prompt, token id outside the vocabulary, no room under
+                max_model_len, larger than the KV pool), or a list of sampling params of the wrong length.
+                Nothing runs when any request is bad, and the engine stays usable.
+        """
+        engine = self.engine
+        token_ids = engine.tokenize(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(token_ids)
+        elif isinstance(sampling_params, (list, tuple)):
+            params = list(sampling_params)
+            if len(params) != len(token_ids):
+                raise ValueError(f"sampling_params has {len(params)} entries for {len(token_ids)} prompts")
+            for i, p in enumerate(params):
+                if not isinstance(p, SamplingParams):
+                    raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
+        else:
+            raise TypeError(f"sampling_params must be a SamplingParams or a list of them, "
+                            f"got {type(sampling_params).__name__}")
+        for i, (ids, p) in enumerate(zip(token_ids, params)):
+            engine.validate(i, ids, p)
+        seqs = engine.generate(token_ids, params, use_tqdm=use_tqdm)
+        return [{
+            # the text leaves out the EOS / stop token that ended the request (token_ids keep it)
+            "text": self.tokenizer.decode(s.completion_token_ids[:-1] if s.finish_reason == "stop"
+                                          else s.completion_token_ids, skip_special_tokens=True),
+            "token_ids": s.completion_token_ids,
+            "finish_reason": s.finish_reason,
+            "num_cached_tokens": s.num_prefix_hit_tokens or 0,
+        } for s in seqs]
+
+    def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True) -> list[dict[str, Any]]:
+        """Apply the tokenizer's chat template (through transformers) to each conversation and generate.
+
+        Args:
+            conversations: one conversation (a list of ``{"role", "content"}`` messages) or a list of them.
+
+        Returns:
+            As :meth:`generate`.
+        """
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]  # type: ignore[list-item]
+        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV blocks held by live sequences (0.0 when no request is running)."""
+        return self.engine.block_manager.usage()
+
+    def stats(self) -> dict[str, float]:
+        """Engine counters: prefix-cache hit tokens, preemptions, prefill/decode tokens and seconds."""
+        st = self.engine.stats
+        return {
+            "prefix_cache_hit_tokens": self.engine.block_manager.num_cache_hit_tokens,
+            "num_preemptions": self.engine.scheduler.num_preemptions,
+            "num_kvcache_blocks": self.config.num_kvcache_blocks,
+            "prefill_tokens": st.prefill_tokens,
+            "prefill_seconds": st.prefill_seconds,
+            "decode_tokens": st.decode_tokens,
+            "decode_seconds": st.decode_seconds,
+        }
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers, if any (also done at exit)."""
+        runner = self.engine.model_runner
+        if hasattr(runner, "shutdown"):
+            runner.shutdown()

@@ -1,0 +1,61 @@
+"""Per-request sampling settings."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SamplingParams:
+    """How one request samples its tokens.
+
+    Args:
+        temperature: softmax temperature, >= 0. 0 means greedy decoding (argmax, deterministic).
+        top_p: nucleus sampling (Holtzman et al. 2019, arXiv 1904.09751): keep the smallest set of tokens whose
+            probabilities add up to at least ``top_p``. In (0, 1]; 1 turns it off.
+        top_k: keep the ``top_k`` most likely tokens; -1 turns it off, otherwise a positive integer.
+        max_tokens: the most tokens to generate, >= 1.
+        ignore_eos: keep generating after the end-of-sequence token (until max_tokens or max_model_len).
+        stop_token_ids: extra token ids that end the request (finish_reason "stop"), like EOS.
+
+    Raises:
+        ValueError: a field is out of range; the message names the field.
+        TypeError: a field has the wrong type; the message names the field.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 64
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"SamplingParams.{name} must be a number, got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("top_k", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"SamplingParams.{name} must be an int, got {value!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"SamplingParams.ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if not self.temperature >= 0.0:  # also catches NaN
+            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k != -1 and self.top_k < 1:
+            raise ValueError(f"SamplingParams.top_k must be -1 (off) or a positive integer, got {self.top_k}")
+        if self.max_tokens < 1:
+            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
+        if self.stop_token_ids is not None:
+            ids = list(self.stop_token_ids)
+            if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+                raise TypeError(f"SamplingParams.stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")
+            self.stop_token_ids = ids
+
+    @property
+    def greedy(self) -> bool:
+        """True when the request decodes greedily (temperature 0)."""
+        return self.temperature == 0.0
