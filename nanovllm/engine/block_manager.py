@@ -130,13 +130,15 @@ class BlockManager:
         if seq.num_prefix_hit_tokens is None:
             seq.num_prefix_hit_tokens = seq.num_cached_tokens
 
-    def commit(self, seq: Sequence) -> None:
-        """Register the hashes of the blocks of ``seq`` that became full and computed in the last step.
+    def commit(self, seq: Sequence, num_tokens: int) -> None:
+        """Register the hashes of the full blocks among the first ``num_tokens`` tokens of ``seq``.
 
-        Only blocks whose every token's KV is written (``seq.num_computed_tokens``) get a hash, so another
-        sequence can never hit a block whose KV is still being computed.
+        The scheduler calls this for the tokens whose KV the current step writes. A sequence admitted later in
+        the same step may then hit these blocks: inside every attention layer the whole batch's K/V is stored
+        before any sequence attends, so the hit reads KV written in that same layer. A block beyond the step's
+        chunk is never registered, so no one can hit a block whose KV is not yet computed.
         """
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        num_full = min(num_tokens // self.block_size, len(seq.block_table))
         prev_hash = -1
         for i in range(num_full):
             block = self.blocks[seq.block_table[i]]
@@ -146,6 +148,13 @@ class BlockManager:
                 block.token_ids = tokens
                 self.hash_to_block_id[block.hash] = block.block_id
             prev_hash = block.hash
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every hash (after a failed step, whose blocks may hold partly written KV)."""
+        self.hash_to_block_id.clear()
+        for block in self.blocks:
+            block.hash = -1
+            block.token_ids = []
 
     def free(self, seq: Sequence) -> None:
         """Release every block of ``seq`` (last block first, so prefix blocks stay cached longest)."""

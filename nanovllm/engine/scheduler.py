@@ -76,6 +76,7 @@ class Scheduler:
             remaining = len(seq) - seq.num_computed_tokens
             seq.num_scheduled_tokens = min(remaining, budget)
             budget -= seq.num_scheduled_tokens
+            self.block_manager.commit(seq, seq.num_computed_tokens + seq.num_scheduled_tokens)
             scheduled.append(seq)
             if seq.num_scheduled_tokens < remaining:
                 break  # a chunk: the rest of this prompt goes in the next prefill step
@@ -97,6 +98,7 @@ class Scheduler:
             else:
                 self.block_manager.append(seq)
                 seq.num_scheduled_tokens = 1
+                self.block_manager.commit(seq, len(seq))
                 scheduled.append(seq)
         self.running.extendleft(reversed(scheduled))
         return scheduled
@@ -129,7 +131,6 @@ class Scheduler:
         for seq, token_id in zip(seqs, token_ids):
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
-            self.block_manager.commit(seq)
             if token_id is None:
                 continue
             seq.append_token(token_id)
@@ -154,3 +155,4 @@ class Scheduler:
             seq.status = SequenceStatus.FINISHED
         self.running.clear()
         self.waiting.clear()
+        self.block_manager.reset_prefix_cache()

@@ -1,0 +1,392 @@
+"""Single-token decode attention over the paged KV cache with split-KV (Triton kernels + dispatch).
+
+Algorithm: flash-decoding (Dao, Haziza, Massa, Sizov, 2023, "Flash-Decoding for long-context inference").
+The context of each sequence is cut into ``num_splits`` partitions of ``partition_size`` tokens (a multiple of
+``BLOCK_N``). Kernel 1, grid ``(B, Hkv, num_splits)``: each program handles one partition for all ``G = H // Hkv``
+query heads of one kv head (so each K/V tile is loaded once for the whole group; the ``G`` rows are padded to
+at least 16 for ``tl.dot``), runs an online softmax (base 2, float32) over its tokens and writes the partial
+``(max m_s, sum l_s, unnormalized acc_s)``. Kernel 2, grid ``(B, H)``: combines the partials of the non-empty
+partitions,
+
+    M = max_s m_s,  w_s = 2^(m_s - M),  o = sum_s w_s acc_s / sum_s w_s l_s,
+
+which is exact (the same rescaling identity as the online softmax). With ``num_splits == 1`` kernel 1 writes
+the normalized output directly and kernel 2 is skipped.
+
+The number of splits depends only on static quantities (``B``, ``Hkv``, the SM count and the context bound
+``W * block_size`` from the block-table width, or ``max_context_len`` if given), never on ``context_lens``'
+values, so the launch needs no device->host sync and can be captured in a CUDA graph. Partitions that start
+past a sequence's context length exit at once and are ignored by the reduction.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .prefill_attention import _check_out
+from .reference import decode_attention_ref
+
+_LOG2E = 1.4426950408889634
+
+# Tunables (see docs/attention.md and benchmarks/bench_attention.py).
+DECODE_BLOCK_N = 64  # key positions per tile
+DECODE_MIN_PARTITION = 256  # never split a context into pieces shorter than this (tokens)
+DECODE_WAVES = 4  # aim for about this many programs per SM
+DECODE_MAX_SPLITS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, sm_count: int, block_n: int = DECODE_BLOCK_N) -> int:
+    """Number of KV partitions per sequence for split-KV decode.
+
+    Enough ``(sequence, kv head, split)`` programs to give every SM about ``DECODE_WAVES`` of them, but no
+    partition shorter than ``DECODE_MIN_PARTITION`` tokens and at most ``DECODE_MAX_SPLITS`` partitions.
+
+    Args:
+        batch: number of sequences ``B``.
+        num_kv_heads: ``Hkv`` (one program covers all query heads of one kv head).
+        max_context_len: an upper bound on the context length of any sequence (tokens).
+        sm_count: streaming multiprocessors on the device (132 on an H200).
+        block_n: tile size; partitions are a whole number of tiles.
+
+    Returns:
+        ``num_splits >= 1``.
+    """
+    programs = max(1, batch * num_kv_heads)
+    want = triton.cdiv(DECODE_WAVES * sm_count, programs)
+    by_len = max(1, triton.cdiv(max(1, max_context_len), max(DECODE_MIN_PARTITION, block_n)))
+    return max(1, min(want, by_len, DECODE_MAX_SPLITS))
+
+
+@triton.jit
+def _decode_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    start_n,
+    end,
+    k_cache_ptr,
+    v_cache_ptr,
+    bt_row_ptr,
+    kv_head_off,
+    stride_kb,
+    stride_kt,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over key positions ``[start_n, min(start_n + BLOCK_N, end))``."""
+    n = start_n + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    in_range = n < end
+    if BLOCK_N <= BLOCK_SIZE:
+        blk = tl.load(bt_row_ptr + start_n // BLOCK_SIZE).to(tl.int64)
+    else:
+        if MASKED:
+            blk = tl.load(bt_row_ptr + n // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+        else:
+            blk = tl.load(bt_row_ptr + n // BLOCK_SIZE).to(tl.int64)
+    row_off = blk * stride_kb + (n % BLOCK_SIZE).to(tl.int64) * stride_kt
+    offs = row_off[:, None] + kv_head_off + d[None, :]
+    if MASKED:
+        k = tl.load(k_cache_ptr + offs, mask=in_range[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offs, mask=in_range[:, None], other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + offs)
+        v = tl.load(v_cache_ptr + offs)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [ROWS, BLOCK_N]
+    if MASKED:
+        qk = tl.where(in_range[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    bt_ptr,
+    ctx_ptr,
+    o_ptr,
+    m_part_ptr,
+    l_part_ptr,
+    acc_part_ptr,
+    stride_qb,
+    stride_qh,
+    stride_ob,
+    stride_oh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_bt,
+    qk_scale,
+    partition_size,
+    NUM_HEADS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIRECT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx_len = tl.load(ctx_ptr + seq)
+    start = split * partition_size
+    # Empty partitions exit; split 0 always runs so a padding row (ctx_len == 0) still gets a defined 0 output.
+    if (split > 0) & (start >= ctx_len):
+        return
+    end = tl.minimum(start + partition_size, ctx_len)
+
+    r = tl.arange(0, ROWS)
+    row_ok = r < GROUP
+    head = kv_head * GROUP + r
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr + seq.to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    bt_row_ptr = bt_ptr + seq.to(tl.int64) * stride_bt
+    kv_head_off = kv_head.to(tl.int64) * stride_kh
+
+    full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
+    for start_n in range(start, full_end, BLOCK_N):
+        acc, m_i, l_i = _decode_tile(
+            acc, m_i, l_i, q, start_n, end, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
+            stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, DOT_PRECISION,
+        )
+    if full_end < end:
+        acc, m_i, l_i = _decode_tile(
+            acc, m_i, l_i, q, full_end, end, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
+            stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, DOT_PRECISION,
+        )
+
+    if DIRECT:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(
+            o_ptr + seq.to(tl.int64) * stride_ob + head[:, None] * stride_oh + d[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
+    else:
+        # Partials are contiguous [B, H, NUM_SPLITS] (m, l) and [B, H, NUM_SPLITS, D] (acc).
+        part = (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split
+        tl.store(m_part_ptr + part, m_i, mask=row_ok)
+        tl.store(l_part_ptr + part, l_i, mask=row_ok)
+        tl.store(acc_part_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    ctx_ptr,
+    o_ptr,
+    m_part_ptr,
+    l_part_ptr,
+    acc_part_ptr,
+    stride_ob,
+    stride_oh,
+    partition_size,
+    NUM_HEADS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    ctx_len = tl.load(ctx_ptr + seq)
+    used = tl.cdiv(ctx_len, partition_size)  # partitions that hold at least one token
+    s = tl.arange(0, SPLITS_PAD)
+    s_ok = (s < used) & (s < NUM_SPLITS)
+    base = (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS
+    m = tl.load(m_part_ptr + base + s, mask=s_ok, other=-1.0e30)
+    l = tl.load(l_part_ptr + base + s, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(s_ok, tl.exp2(m - m_max), 0.0)
+    denom = tl.sum(w * l, 0)
+    d = tl.arange(0, HEAD_DIM)
+    acc = tl.load(acc_part_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(o_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + d, out.to(o_ptr.dtype.element_ty))
+
+
+def decode_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    max_context_len: int | None = None,
+    block_n: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton version of :func:`decode_attention` (same contract plus tuning overrides)."""
+    _check_decode_shapes(q, k_cache, v_cache, block_tables, context_lens)
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    out = _check_out(out, q)
+    if batch == 0:
+        return out
+    bn = block_n or DECODE_BLOCK_N
+    bound = block_tables.shape[1] * block_size
+    if max_context_len is not None:
+        bound = min(bound, max_context_len)
+    if num_splits is None:
+        sms = _sm_count(q.device.index or 0) if q.is_cuda else 132
+        num_splits = choose_num_splits(batch, num_kv_heads, bound, sms, bn)
+    num_splits = max(1, int(num_splits))
+    partition_size = triton.cdiv(triton.cdiv(max(1, bound), num_splits), bn) * bn
+    direct = num_splits == 1
+    if direct:
+        m_part = l_part = acc_part = out  # unused
+    else:
+        m_part = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+        l_part = torch.empty_like(m_part)
+        acc_part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    rows = max(16, triton.next_power_of_2(group))
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        m_part,
+        l_part,
+        acc_part,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        float(scale) * _LOG2E,
+        partition_size,
+        NUM_HEADS=num_heads,
+        NUM_SPLITS=num_splits,
+        GROUP=group,
+        ROWS=rows,
+        BLOCK_N=bn,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim,
+        DIRECT=direct,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+        num_stages=3,
+    )
+    if not direct:
+        _decode_reduce_kernel[(batch, num_heads)](
+            context_lens,
+            out,
+            m_part,
+            l_part,
+            acc_part,
+            out.stride(0),
+            out.stride(1),
+            partition_size,
+            NUM_HEADS=num_heads,
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            HEAD_DIM=head_dim,
+            num_warps=4 if head_dim >= 128 else 2,
+        )
+    return out
+
+
+def _check_decode_shapes(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
+) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"bad shapes q={tuple(q.shape)} k_cache={tuple(k_cache.shape)} v_cache={tuple(v_cache.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"head_dim mismatch: q {head_dim}, cache {k_cache.shape[3]}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if q.stride(-1) != 1:
+        raise ValueError("q must have a contiguous last dim")
+    if block_tables.dim() != 2 or block_tables.shape[0] < batch or block_tables.dtype != torch.int32:
+        raise ValueError("block_tables must be int32 [B, W]")
+    if block_tables.stride(-1) != 1:
+        raise ValueError("block_tables must have a contiguous last dim")
+    if context_lens.shape[0] < batch:
+        raise ValueError("context_lens must have B entries")
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    force_triton: bool = False,
+    num_splits: int | None = None,
+    max_context_len: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one new query token per sequence over its whole paged context.
+
+    Args:
+        q: ``[B, H, D]`` fp16/bf16/fp32, last dim contiguous; ``D`` a power of two >= 16.
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, contiguous; ``H % Hkv == 0``.
+        block_tables: int32 ``[B, W]``, rows padded with -1 (never dereferenced).
+        context_lens: int32 ``[B]``, tokens of context including the new one (``<= W * block_size``);
+            a row with ``context_lens == 0`` (batch padding) gets an all-zero output.
+        scale: softmax scale (usually ``D ** -0.5``).
+        force_triton: run the Triton kernels on CPU tensors (``TRITON_INTERPRET=1`` tests).
+        num_splits: Triton path only; override the split-KV partition count (default: :func:`choose_num_splits`).
+        max_context_len: Triton path only; optional host-side bound on ``context_lens`` (tighter than
+            ``W * block_size``) used to size the partitions. Must be a true upper bound.
+
+    Returns:
+        ``o``: ``[B, H, D]`` in ``q.dtype``.
+
+    The Triton path does no device->host synchronization (CUDA-graph capturable).
+
+    Raises:
+        ValueError: on inconsistent shapes/dtypes.
+    """
+    if q.is_cuda or force_triton:
+        return decode_attention_triton(
+            q, k_cache, v_cache, block_tables, context_lens, scale,
+            num_splits=num_splits, max_context_len=max_context_len, out=out,
+        )
+    o = decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+    if out is None:
+        return o
+    return _check_out(out, q).copy_(o)

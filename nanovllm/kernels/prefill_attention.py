@@ -1,0 +1,320 @@
+"""Variable-length causal prefill attention over the paged KV cache (Triton kernel + dispatch).
+
+Algorithm: FlashAttention-style tiling with an online softmax (Dao et al., 2022, "FlashAttention: Fast and
+Memory-Efficient Exact Attention with IO-Awareness", Alg. 1), float32 accumulation, ``tl.dot`` for ``Q K^T`` and
+``P V``, exponentials in base 2 (``exp(x) = exp2(x * log2(e))``).
+
+Grid: ``(cdiv(max_seqlen_q, BLOCK_M), B, Hkv)``. One program owns ``BLOCK_M`` consecutive new tokens of one
+sequence and *all* ``G = H // Hkv`` query heads that share one kv head, so each K/V tile loaded from the cache
+is reused by ``G`` heads. The ``BLOCK_M x G`` (token, head) pairs are flattened into the ``M`` rows of the
+``tl.dot`` (row ``r`` = token ``r // GP``, head ``r % GP``; ``GP`` = G rounded up to a power of two, padding rows
+are masked).
+
+Keys are walked in tiles of ``BLOCK_N`` positions. Position ``n`` of sequence ``b`` lives at
+``cache[block_tables[b, n // block_size], n % block_size]``; when ``BLOCK_N <= block_size`` a whole tile lies in
+one block and one scalar block id is loaded per tile. Tiles strictly below the causal diagonal of the query tile
+run without masks; only the last few tiles (which cross the diagonal or the end of the context) are masked.
+Only block-table entries of positions ``< ctx_len`` are read, so -1 padding is never dereferenced.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import prefill_attention_ref
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefill_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    start_n,
+    q_pos,
+    ctx_len,
+    k_cache_ptr,
+    v_cache_ptr,
+    bt_row_ptr,
+    kv_head_off,
+    stride_kb,
+    stride_kt,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over key positions ``[start_n, start_n + BLOCK_N)``."""
+    n = start_n + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    in_ctx = n < ctx_len
+    if BLOCK_N <= BLOCK_SIZE:
+        # start_n is a multiple of BLOCK_N and BLOCK_SIZE a multiple of BLOCK_N: one block per tile.
+        blk = tl.load(bt_row_ptr + start_n // BLOCK_SIZE).to(tl.int64)
+        row_off = blk * stride_kb + (n % BLOCK_SIZE).to(tl.int64) * stride_kt
+    else:
+        if MASKED:
+            blk = tl.load(bt_row_ptr + n // BLOCK_SIZE, mask=in_ctx, other=0).to(tl.int64)
+        else:
+            blk = tl.load(bt_row_ptr + n // BLOCK_SIZE).to(tl.int64)
+        row_off = blk * stride_kb + (n % BLOCK_SIZE).to(tl.int64) * stride_kt
+    offs = row_off[:, None] + kv_head_off + d[None, :]
+    if MASKED:
+        k = tl.load(k_cache_ptr + offs, mask=in_ctx[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offs, mask=in_ctx[:, None], other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + offs)
+        v = tl.load(v_cache_ptr + offs)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [ROWS, BLOCK_N], log2 domain
+    if MASKED:
+        visible = (n[None, :] <= q_pos[:, None]) & in_ctx[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    o_ptr,
+    cu_q_ptr,
+    cu_k_ptr,
+    bt_ptr,
+    stride_qn,
+    stride_qh,
+    stride_on,
+    stride_oh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_bt,
+    qk_scale,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    m_start = pid_m * BLOCK_M
+    if m_start >= q_len:
+        return
+    k_start = tl.load(cu_k_ptr + seq)
+    ctx_len = tl.load(cu_k_ptr + seq + 1) - k_start
+    prefix = ctx_len - q_len  # absolute position of new token 0
+
+    ROWS: tl.constexpr = BLOCK_M * GROUP_PAD
+    r = tl.arange(0, ROWS)
+    tok = m_start + r // GROUP_PAD
+    g = r % GROUP_PAD
+    row_ok = (tok < q_len) & (g < GROUP)
+    head = kv_head * GROUP + g
+    d = tl.arange(0, HEAD_DIM)
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    q_pos = prefix + tok
+
+    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)  # finite: fully-masked tiles must not produce inf - inf
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+
+    bt_row_ptr = bt_ptr + seq.to(tl.int64) * stride_bt
+    kv_head_off = kv_head.to(tl.int64) * stride_kh
+    # Keys < prefix + m_start are visible to every row of this tile; keys >= hi to none.
+    hi = tl.minimum(ctx_len, prefix + m_start + BLOCK_M)
+    full_end = ((prefix + m_start) // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(
+            acc, m_i, l_i, q, start_n, q_pos, ctx_len, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
+            stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, DOT_PRECISION,
+        )
+    for start_n in range(full_end, hi, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(
+            acc, m_i, l_i, q, start_n, q_pos, ctx_len, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
+            stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, DOT_PRECISION,
+        )
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(
+        o_ptr + q_rows[:, None] * stride_on + head[:, None] * stride_oh + d[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+
+
+def _prefill_config(group_pad: int, max_seqlen_q: int) -> tuple[int, int, int, int]:
+    """Pick ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` for the prefill kernel.
+
+    The dot's M dimension (``BLOCK_M * GROUP_PAD`` rows) targets 128, shrinks for short query runs (less padding
+    work when ``max_seqlen_q`` is small) but never goes below 16 (the ``tl.dot`` minimum).
+    """
+    block_m = max(1, 128 // group_pad)
+    block_m = min(block_m, triton.next_power_of_2(max(1, max_seqlen_q)))
+    while block_m * group_pad < 16:
+        block_m *= 2
+    rows = block_m * group_pad
+    return block_m, 64, 8 if rows >= 128 else 4, 2
+
+
+def prefill_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton version of :func:`prefill_attention` (same contract); ``block_m/block_n`` override the tiling."""
+    _check_prefill_shapes(q, k_cache, v_cache, block_tables)
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    out = _check_out(out, q)
+    batch = cu_seqlens_q.shape[0] - 1
+    if num_tokens == 0 or batch == 0 or max_seqlen_q == 0:
+        return out
+    bm, bn, num_warps, num_stages = _prefill_config(group_pad, max_seqlen_q)
+    if q.element_size() == 4 and head_dim >= 128:
+        bn = 32  # fp32 tiles: keep shared memory (q + 2 stages of K/V) well under the 227 KB of an H100/H200
+    bm = block_m or bm
+    bn = block_n or bn
+    if bm * group_pad < 16 or bn < 16:
+        raise ValueError(f"tile too small for tl.dot: BLOCK_M*GROUP_PAD={bm * group_pad}, BLOCK_N={bn}")
+    grid = (triton.cdiv(max_seqlen_q, bm), batch, num_kv_heads)
+    _prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        block_tables,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        float(scale) * _LOG2E,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
+
+
+def _check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """Return ``out`` (validated: same shape/dtype/device as ``q``, contiguous last dim) or a new ``empty_like(q)``."""
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must match q ({tuple(q.shape)}, {q.dtype}), got {tuple(out.shape)}, {out.dtype}")
+    return out
+
+
+def _check_prefill_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"bad shapes q={tuple(q.shape)} k_cache={tuple(k_cache.shape)} v_cache={tuple(v_cache.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"head_dim mismatch: q {head_dim}, cache {k_cache.shape[3]}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if q.stride(-1) != 1:
+        raise ValueError("q must have a contiguous last dim")
+    if block_tables.dtype != torch.int32 or block_tables.stride(-1) != 1:
+        raise ValueError("block_tables must be int32 with a contiguous last dim")
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    force_triton: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal variable-length (prefill / chunked-prefill / cached-prefix) attention over the paged KV cache.
+
+    Sequence ``b`` contributes ``q_len_b = cu_seqlens_q[b+1] - cu_seqlens_q[b]`` packed new tokens with context
+    length ``ctx_len_b = cu_seqlens_k[b+1] - cu_seqlens_k[b]`` (``q_len_b <= ctx_len_b``); new token ``i`` sits at
+    absolute position ``ctx_len_b - q_len_b + i`` and attends to every context position ``<=`` it. The new tokens'
+    K/V must already be in the cache (:func:`store_kvcache`); all K/V is read through ``block_tables[b]``.
+
+    Args:
+        q: ``[N, H, D]`` fp16/bf16/fp32, last dim contiguous; ``D`` a power of two >= 16.
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, contiguous, ``H % Hkv == 0``; block_size a power of 2.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` prefix sums (tokens).
+        block_tables: int32 ``[B, W]``, rows padded with -1 (never dereferenced).
+        max_seqlen_q, max_seqlen_k: host ints, max new-token count / context length in the batch.
+        scale: softmax scale (usually ``D ** -0.5``).
+        force_triton: run the Triton kernel on CPU tensors (``TRITON_INTERPRET=1`` tests).
+        out: optional preallocated ``[N, H, D]`` output (``q``'s dtype/device); written and returned.
+
+    Returns:
+        ``o``: ``[N, H, D]`` in ``q.dtype``.
+
+    Raises:
+        ValueError: on inconsistent shapes/dtypes.
+    """
+    if q.is_cuda or force_triton:
+        return prefill_attention_triton(
+            q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_tables, max_seqlen_q, max_seqlen_k, scale, out=out
+        )
+    o = prefill_attention_ref(
+        q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_tables, max_seqlen_q, max_seqlen_k, scale
+    )
+    if out is None:
+        return o
+    return _check_out(out, q).copy_(o)
+
+
+__all__ = ["prefill_attention", "prefill_attention_triton"]

@@ -1,0 +1,42 @@
+"""Shared fixtures: small Qwen3 checkpoints built on the fly, and the transformers reference."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in the interpreter on the CPU (must be set before triton is imported).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from nanovllm.utils.tiny_model import build_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The embedded default model (2 layers, hidden 64, vocab 1024, float32)."""
+    return build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-qwen3")))
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_ckpt: str):  # noqa: ANN201
+    """transformers' Qwen3ForCausalLM on the same checkpoint, float32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:  # noqa: ANN001
+    """Greedy continuation of one prompt by transformers (no padding: the prompt is run alone)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos_token_id, pad_token_id=0, min_new_tokens=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def random_prompts(lengths: list[int], vocab: int = 1024, seed: int = 0) -> list[list[int]]:
+    """Random token-id prompts of the given lengths (ids in [0, vocab))."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
