@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 
 from nanovllm.config import Config
@@ -159,7 +161,12 @@ class ModelRunner:
         return t
 
     def _block_tables(self, seqs: list[Sequence], width: int) -> torch.Tensor:
-        return self._to_device([s.block_table + [-1] * (width - len(s.block_table)) for s in seqs], torch.int32)
+        """int32 ``[B, width]`` block tables padded with -1 (built in numpy: this runs every decode step)."""
+        table = np.full((len(seqs), width), -1, dtype=np.int32)
+        for i, s in enumerate(seqs):
+            table[i, :len(s.block_table)] = s.block_table
+        t = torch.from_numpy(table)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pack the scheduled chunk of every sequence; set the prefill context.
