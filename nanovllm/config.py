@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -14,6 +15,13 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 # Chosen by measurement on the H200 (benchmarks/bench_attention.py, docs/attention.md): small enough that
 # prefix caching shares most of a common prefix, large enough that decode attention reads long runs of K/V.
 DEFAULT_BLOCK_SIZE = 16
+
+
+def _as_id_list(value: Any) -> list[int]:
+    """An ``eos_token_id`` entry of config.json / generation_config.json (None, an int or a list) as a list."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
 @dataclass
@@ -37,6 +45,10 @@ class Config:
         compile_fusion: compile the model with the ``coconut`` backend (RMSNorm -> Linear fusion).
         seed: seed of the sampler's random generator (None: nondeterministic sampling).
 
+    Derived (not keywords): ``hf_config``; ``eos_token_ids``, every id that ends a request (unless
+    ``ignore_eos``): the union of ``eos_token_id`` in config.json and in generation_config.json, each an int
+    or a list; ``eos_token_id``, the first of them (-1 when there is none).
+
     Raises:
         TypeError: an unknown keyword (named, with the closest known one) or a field of the wrong type.
         ValueError: a field out of range, or a checkpoint folder that does not exist.
@@ -56,12 +68,13 @@ class Config:
     compile_fusion: bool = False
     seed: int | None = None
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
-    eos_token_id: int = -1
+    eos_token_id: int = -1  # the first EOS id (-1: none); every id that ends a request is in eos_token_ids
+    eos_token_ids: frozenset[int] = frozenset()
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "Config":
         """Build a Config from ``LLM``'s keywords; an unknown keyword raises TypeError naming it."""
-        known = {f.name for f in fields(cls)} - {"model", "hf_config", "eos_token_id"}
+        known = {f.name for f in fields(cls)} - {"model", "hf_config", "eos_token_id", "eos_token_ids"}
         for key in kwargs:
             if key not in known:
                 close = difflib.get_close_matches(key, sorted(known), n=1)
@@ -83,6 +96,8 @@ class Config:
         for name in ("enforce_eager", "compile_fusion"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.gpu_memory_utilization, bool) or not isinstance(self.gpu_memory_utilization, (int, float)):
+            raise TypeError(f"gpu_memory_utilization must be a number, got {self.gpu_memory_utilization!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
         if self.device is None:
@@ -120,8 +135,13 @@ class Config:
             if getattr(hf, name) % self.tensor_parallel_size:
                 raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} does not divide {name}={getattr(hf, name)}")
         self.max_model_len = min(self.max_model_len, hf.max_position_embeddings)
-        eos = hf.eos_token_id
-        self.eos_token_id = (eos[0] if isinstance(eos, list) else eos) if eos is not None else -1
+        ids = _as_id_list(getattr(hf, "eos_token_id", None))
+        gen_path = os.path.join(self.model, "generation_config.json")
+        if os.path.exists(gen_path):
+            with open(gen_path) as f:
+                ids += [i for i in _as_id_list(json.load(f).get("eos_token_id")) if i not in ids]
+        self.eos_token_id = ids[0] if ids else -1
+        self.eos_token_ids = frozenset(ids)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -1,6 +1,7 @@
 """Per-request sampling settings."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -9,7 +10,7 @@ class SamplingParams:
     """How one request samples its tokens.
 
     Args:
-        temperature: softmax temperature, >= 0. 0 means greedy decoding (argmax, deterministic).
+        temperature: softmax temperature, finite and >= 0. 0 means greedy decoding (argmax, deterministic).
         top_p: nucleus sampling (Holtzman et al. 2019, arXiv 1904.09751): keep the smallest set of tokens whose
             probabilities add up to at least ``top_p``. In (0, 1]; 1 turns it off.
         top_k: keep the ``top_k`` most likely tokens; -1 turns it off, otherwise a positive integer.
@@ -41,8 +42,8 @@ class SamplingParams:
                 raise TypeError(f"SamplingParams.{name} must be an int, got {value!r}")
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"SamplingParams.ignore_eos must be a bool, got {self.ignore_eos!r}")
-        if not self.temperature >= 0.0:  # also catches NaN
-            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 <= self.temperature < math.inf:  # also catches NaN
+            raise ValueError(f"SamplingParams.temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k != -1 and self.top_k < 1:
@@ -50,6 +51,8 @@ class SamplingParams:
         if self.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
         if self.stop_token_ids is not None:
+            if isinstance(self.stop_token_ids, (str, bytes)) or not hasattr(self.stop_token_ids, "__iter__"):
+                raise TypeError(f"SamplingParams.stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")
             ids = list(self.stop_token_ids)
             if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
                 raise TypeError(f"SamplingParams.stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")

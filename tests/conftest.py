@@ -30,9 +30,10 @@ def hf_model(tiny_ckpt: str):  # noqa: ANN201
 
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:  # noqa: ANN001
     """Greedy continuation of one prompt by transformers (no padding: the prompt is run alone)."""
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos_token_id, pad_token_id=0, min_new_tokens=0)
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():  # an explicit all-ones mask: without it, tokens equal to pad_token_id would be masked
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos_token_id, pad_token_id=0, min_new_tokens=0)
     return out[0, len(prompt_ids):].tolist()
 
 

@@ -62,7 +62,11 @@ class LLMEngine:
         for i, p in enumerate(prompts):
             if isinstance(p, str):
                 out.append(self.tokenizer.encode(p) if p else [])
-            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            elif isinstance(p, (list, tuple)):
+                bad = next((j for j, t in enumerate(p) if isinstance(t, bool) or not isinstance(t, int)), None)
+                if bad is not None:
+                    raise TypeError(f"prompt {i}: token ids must be ints, got {p[bad]!r} "
+                                    f"({type(p[bad]).__name__}) at position {bad}")
                 out.append(list(p))
             else:
                 raise TypeError(f"prompt {i}: expected a string or a list of int token ids, got {type(p).__name__}")

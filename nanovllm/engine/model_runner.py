@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from nanovllm.utils.context import get_context, reset_context, set_context
 from nanovllm.utils.loader import load_model
 from nanovllm.utils.parallel import tp_rank, tp_size
 
-CPU_KV_CACHE_BYTES = 1 << 30  # the KV budget when sizing from memory on the CPU (pages are touched lazily)
+CPU_KV_CACHE_BYTES = 256 << 20  # the KV budget when sizing from memory on the CPU
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -29,9 +30,12 @@ class ModelRunner:
 
     Args:
         config: the engine configuration (``config.num_kvcache_blocks`` is filled in when sized from memory).
+        on_loaded: called once the weights are loaded, before the first collective (KV sizing, graph capture);
+            the tensor-parallel start handshake (engine/tp_runner.py) uses it so a failed load never leaves
+            another rank blocked in a collective.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, on_loaded: Callable[[], None] | None = None) -> None:
         self.config = config
         hf = config.hf_config
         self.rank, self.world = tp_rank(), tp_size()
@@ -53,6 +57,8 @@ class ModelRunner:
             torch.set_default_dtype(default_dtype)
         load_model(self.model, config.model)
         self.model.eval()
+        if on_loaded is not None:
+            on_loaded()
         self.sampler = Sampler()
         self.generator: torch.Generator | None = None
         if config.seed is not None:
@@ -60,6 +66,8 @@ class ModelRunner:
             self.generator.manual_seed(config.seed)
 
         self.forward = self._build_forward()
+        if config.compile_fusion and self.device.type == "cuda":
+            self._pretune_fusion()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -84,7 +92,28 @@ class ModelRunner:
             backend = "inductor"
         else:
             return self.model
+        # One graph serves every token count (dynamic=True); a batch of one token gets its own specialization.
+        # Prefill and decode share the graph (attention is one opaque op), so few recompiles ever happen.
+        cfg_dynamo = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+            if hasattr(cfg_dynamo, name):
+                setattr(cfg_dynamo, name, max(getattr(cfg_dynamo, name), 32))
         return torch.compile(self.model, backend=backend, fullgraph=True, dynamic=True)
+
+    def _pretune_fusion(self) -> None:
+        """Time the fused op's variants for this model's three sites (qkv, gate_up, lm_head) at the decode batch
+        sizes, before the KV cache takes the memory the timing needs; larger prefill sizes are timed on first use."""
+        import fusion_pass
+
+        hf = self.config.hf_config
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        sites = [(hf.num_attention_heads + 2 * hf.num_key_value_heads) * head_dim // self.world,
+                 2 * hf.intermediate_size // self.world,
+                 -(-hf.vocab_size // self.world)]
+        sizes = sorted({1 << i for i in range(0, 14) if (1 << i) <= max(graph_batch_sizes(self.config.max_num_seqs))}
+                       | {max(graph_batch_sizes(self.config.max_num_seqs))})
+        fusion_pass.pretune([(m, n, hf.hidden_size) for n in sites for m in sizes], dtype=self.dtype,
+                            device=self.device)
 
     def _block_bytes(self) -> int:
         hf = self.config.hf_config
@@ -117,7 +146,8 @@ class ModelRunner:
         return torch.cuda.max_memory_allocated()
 
     def allocate_kv_cache(self) -> None:
-        """Allocate ``[2, layers, blocks, block_size, kv_heads, head_dim]`` and hand each layer its K and V.
+        """Allocate ``[2, layers, blocks, block_size, kv_heads, head_dim]`` (zero-filled) and hand each layer its K
+        and V.
 
         On the GPU with ``num_kvcache_blocks=-1``: after a profiling pass at the largest step, the blocks fill
         ``gpu_memory_utilization * total - (memory used outside PyTorch's allocator + PyTorch's peak)``.
@@ -149,7 +179,10 @@ class ModelRunner:
             num_blocks = int(n.item())
         cfg.num_kvcache_blocks = num_blocks
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        self.kv_cache = torch.empty(2, hf.num_hidden_layers, num_blocks, self.block_size,
+        # Zeros, not empty: attention may read a slot that was never written (the rest of a sequence's last
+        # block, or block 0 behind a -1 padding entry) with softmax weight 0, and 0 * NaN garbage is NaN.
+        # Every value ever written is a finite K/V, so unwritten and stale slots then only meet weight 0.
+        self.kv_cache = torch.zeros(2, hf.num_hidden_layers, num_blocks, self.block_size,
                                     hf.num_key_value_heads // self.world, head_dim, dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(hf.num_hidden_layers)]
 
@@ -239,6 +272,7 @@ class ModelRunner:
         self.graphs[size].replay()
         return v["outputs"][size][:n]
 
+    @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int | None]:
         """Run one step and sample.
 

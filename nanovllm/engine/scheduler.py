@@ -26,7 +26,7 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
-        self.eos = config.eos_token_id
+        self.eos_ids = config.eos_token_ids  # config.json's eos_token_id and generation_config.json's, all of them
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
@@ -135,7 +135,7 @@ class Scheduler:
                 continue
             seq.append_token(token_id)
             params = seq.sampling_params
-            if ((token_id == self.eos and not params.ignore_eos)
+            if ((token_id in self.eos_ids and not params.ignore_eos)
                     or (params.stop_token_ids and token_id in params.stop_token_ids)):
                 seq.finish_reason = "stop"
             elif seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:

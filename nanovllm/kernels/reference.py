@@ -185,6 +185,8 @@ def decode_attention_ref(
         visible = key_pos[None, :] < lens[b0:b1, None]  # [b, n]
         scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with ctx_len == 0 -> zeros
+        # Slots past the context were never written (they may hold NaN); 0 * NaN would leak into the sum.
+        v = v.masked_fill(~visible[:, :, None, None], 0.0)
         ob = torch.einsum("bkgn,bnkd->bkgd", probs, v)
         out[b0:b1] = ob.reshape(b1 - b0, num_heads, head_dim).to(q.dtype)
     return out

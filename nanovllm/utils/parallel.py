@@ -10,6 +10,10 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 
+# torch 2.13 deprecates all_gather_tensor (FutureWarning) for all_gather_single, which older releases may lack
+_all_gather_dim0 = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
 def tp_size() -> int:
     """Number of tensor-parallel ranks (1 without torch.distributed)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -35,6 +39,6 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """
     if tp_size() == 1:
         return x
-    gathered = funcol.all_gather_tensor(x.contiguous(), 0, dist.group.WORLD)  # [tp * rows, ..., n]
+    gathered = _all_gather_dim0(x.contiguous(), 0, dist.group.WORLD)  # [tp * rows, ..., n]
     parts = gathered.chunk(tp_size(), dim=0)
     return torch.cat(parts, dim=-1)

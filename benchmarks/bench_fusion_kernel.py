@@ -1,0 +1,200 @@
+"""Benchmark the coconut fused (add +) RMSNorm -> linear op against Inductor norm + cuBLAS linear (H200, bf16).
+
+For every Qwen3-0.6B site (qkv 4096x1024, gate_up 6144x1024, lm_head 151936x1024) and M in
+[1, 2, 4, ..., 8192] (lm_head capped by --lm-head-max-m, default 1024), times, in microseconds per call:
+  cublas_us   : F.linear alone (cuBLAS)
+  unfused_us  : Inductor-compiled (x + r -> RMSNorm) followed by F.linear   (the baseline)
+  op_us       : torch.ops.coconut.add_rms_norm_linear with the measured dispatch (what the engine runs)
+  variants_us : every raw candidate of the dispatcher, forced (unfused = Triton norm + cuBLAS, gemv[..], gemm[..])
+Timing: each callable runs --reps times inside one CUDA graph, weights rotated over enough copies to exceed
+2x the 60 MB L2 (so they stream from HBM as in a real model), replayed --iters times, median.
+floor_us = bytes moved (W + x + r + h + y) / 4.3 TB/s. speedup = unfused_us / op_us.
+
+Writes benchmarks/results/fusion-kernel-h200.json (rows + min_speedup_m_le_16 + min_speedup_all_m + environment)
+and prints a table. Usage: python benchmarks/bench_fusion_kernel.py [--quick] [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+SITES = [("qkv", 4096, 1024), ("gate_up", 6144, 1024), ("lm_head", 151936, 1024)]
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+HBM_BPS = 4.3e12
+EPS = 1e-6
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    here = os.path.dirname(os.path.abspath(__file__))
+    p.add_argument("--out", default=os.path.join(here, "results", "fusion-kernel-h200.json"))
+    p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
+    p.add_argument("--sites", default="qkv,gate_up,lm_head")
+    p.add_argument("--lm-head-max-m", type=int, default=1024)
+    p.add_argument("--reps", type=int, default=10, help="calls per CUDA graph")
+    p.add_argument("--iters", type=int, default=15, help="graph replays (median)")
+    p.add_argument("--quick", action="store_true", help="M in {1, 16, 256}, qkv and lm_head only")
+    p.add_argument("--budget-s", type=float, default=220.0, help="stop starting new cases after this many seconds")
+    return p.parse_args(argv)
+
+
+def graph_time_us(fn: Callable[[int], Any], reps: int, iters: int) -> float:
+    """Median microseconds per call of fn(i), i = 0..reps-1, captured in one CUDA graph and replayed."""
+    for i in range(3):
+        fn(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(reps):
+            fn(i)
+    for _ in range(2):
+        g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / reps)
+    del g
+    return statistics.median(ts)
+
+
+def norm_ref(x: torch.Tensor, r: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Llama/Qwen residual form: h = x + r; a = (h_f32 * rsqrt(mean(h^2) + eps)).to(dtype) * g."""
+    h = x + r
+    hf = h.float()
+    hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + EPS)
+    return hf.to(h.dtype) * g, h
+
+
+def bench_case(name: str, n: int, k: int, m: int, ws: list[torch.Tensor], g: torch.Tensor, norm_c: Callable,
+               args: argparse.Namespace) -> dict[str, Any]:
+    from fusion_pass import kernels
+
+    dt = torch.bfloat16
+    copies = len(ws)
+    x = torch.randn(m, k, device="cuda", dtype=dt)
+    r = torch.randn(m, k, device="cuda", dtype=dt)
+    row: dict[str, Any] = {"site": name, "M": m, "N": n, "K": k, "dtype": "bfloat16"}
+    row["floor_us"] = round((n * k + 3 * m * k + m * n + k) * 2 / HBM_BPS * 1e6, 3)
+    # the dispatcher's own measurement (also times every raw variant, forced, without the residual)
+    choice = kernels.measure(m, n, k, dt, "cuda", reps=args.reps)
+    kernels._CACHE[kernels._key(m, n, k, dt)] = choice
+    row["variants_us"] = dict(choice.times_us)
+    row["chosen"] = choice.variant + (str(list(choice.config)).replace(" ", "") if choice.config else "")
+    fused_times = {kk: v for kk, v in choice.times_us if not kk.startswith("unfused")}
+    row["best_fused_variant"] = min(fused_times, key=fused_times.get) if fused_times else None
+    row["best_fused_us"] = min(fused_times.values()) if fused_times else None
+    row["cublas_us"] = round(graph_time_us(lambda i: F.linear(x, ws[i % copies]), args.reps, args.iters), 3)
+    row["unfused_us"] = round(graph_time_us(lambda i: F.linear(norm_c(x, r, g)[0], ws[i % copies]),
+                                            args.reps, args.iters), 3)
+    op = torch.ops.coconut.add_rms_norm_linear
+    row["op_us"] = round(graph_time_us(lambda i: op(x, r, g, [ws[i % copies]], [None], EPS), args.reps,
+                                       args.iters), 3)
+    row["speedup"] = round(row["unfused_us"] / row["op_us"], 3)
+    if row["best_fused_us"]:
+        row["speedup_best_fused_raw"] = round(row["unfused_us"] / row["best_fused_us"], 3)
+    # correctness of what was timed
+    y, h = op(x, r, g, [ws[0]], [None], EPS)
+    a, href = norm_ref(x, r, g)
+    ref = F.linear(a.double(), ws[0].double())
+    row["rel_err"] = float(((y.double() - ref).norm() / ref.norm()).item())
+    row["h_exact"] = bool(torch.equal(h, href))
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_fusion_kernel.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    import fusion_pass  # noqa: F401
+    from fusion_pass import kernels
+
+    t0 = time.time()
+    ms = [1, 16, 256] if args.quick else [int(v) for v in args.ms.split(",") if v]
+    sites = [s for s in SITES if s[0] in args.sites.split(",")]
+    if args.quick:
+        sites = [s for s in sites if s[0] in ("qkv", "lm_head")]
+    norm_c = torch.compile(norm_ref, dynamic=True)
+    rows: list[dict[str, Any]] = []
+    for name, n, k in sites:
+        dt = torch.bfloat16
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        copies = max(1, min(16, math.ceil((120 << 20) / (n * k * 2))))
+        ws = [torch.randn(n, k, device="cuda", dtype=dt, generator=gen) * k ** -0.5 for _ in range(copies)]
+        g = (1 + 0.1 * torch.randn(k, device="cuda", generator=gen)).to(dt)
+        for m in ms:
+            if name == "lm_head" and m > args.lm_head_max_m:
+                continue
+            if time.time() - t0 > args.budget_s:
+                rows.append({"site": name, "M": m, "N": n, "K": k, "error": "skipped: time budget"})
+                continue
+            try:
+                row = bench_case(name, n, k, m, ws, g, norm_c, args)
+            except Exception as e:
+                row = {"site": name, "M": m, "N": n, "K": k, "error": f"{type(e).__name__}: {e}",
+                       "traceback": traceback.format_exc(limit=3)}
+            rows.append(row)
+            print(json.dumps({kk: v for kk, v in row.items() if kk not in ("variants_us", "traceback")}),
+                  flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    ok = [r for r in rows if "speedup" in r]
+    small = [r["speedup"] for r in ok if r["M"] <= 16]
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__, "triton": triton.__version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "reps_per_graph": args.reps, "replays": args.iters, "hbm_bytes_per_s": HBM_BPS,
+        "min_speedup_m_le_16": min(small) if small else None,
+        "min_speedup_all_m": min(r["speedup"] for r in ok) if ok else None,
+        "errors": sum("error" in r for r in rows),
+        "dispatch_table": kernels.dispatch_table(),
+        "wall_s": round(time.time() - t0, 1),
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print_table(rows)
+    print(f"min speedup (M<=16): {result['min_speedup_m_le_16']}  min speedup (all M): "
+          f"{result['min_speedup_all_m']}  errors: {result['errors']}  wall {result['wall_s']} s  -> {args.out}")
+    return 0
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    hdr = f"{'site':8} {'M':>5} {'floor':>8} {'cublas':>8} {'unfused':>8} {'op':>8} {'speedup':>7} " \
+          f"{'best raw fused':>22} {'chosen':>20} {'rel_err':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['site']:8} {r['M']:>5} ERROR {r['error'][:90]}")
+            continue
+        bf = f"{r['best_fused_variant']}={r['best_fused_us']}" if r.get("best_fused_variant") else "-"
+        print(f"{r['site']:8} {r['M']:>5} {r['floor_us']:>8.2f} {r['cublas_us']:>8.2f} {r['unfused_us']:>8.2f} "
+              f"{r['op_us']:>8.2f} {r['speedup']:>7.3f} {bf:>22} {r['chosen']:>20} {r['rel_err']:>8.1e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""Shared helpers of the benchmark scripts: run metadata, the nano-vLLM workload, the bandwidth floor,
+JSON writing and table printing.
+
+Nothing here imports the engine at module import time, so ``plot_results.py`` can use it on a machine without
+nanovllm's dependencies. Every benchmark JSON carries :func:`run_metadata` under the key ``"meta"``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+REPO_ROOT: str = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR: str = os.path.join(REPO_ROOT, "benchmarks", "results")
+
+# Device constants of the H200 used by probes/floor.py (measured there, see shared/DEVICE-NOTES.md):
+H200_BANDWIDTH_BYTES_PER_S: float = 4.3e12   # device-to-device copy bandwidth
+H200_PEAK_BF16_FLOP_PER_S: float = 790e12    # dense bf16 matrix throughput
+
+
+def add_repo_to_path() -> None:
+    """Put the repository root first on ``sys.path`` so ``import nanovllm`` works without installing it."""
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+
+
+# --------------------------------------------------------------------------------------------- metadata
+def _version(module: str) -> str | None:
+    """``module.__version__`` or None when the module is not importable."""
+    try:
+        mod = __import__(module)
+        return str(getattr(mod, "__version__", "unknown"))
+    except Exception:  # noqa: BLE001 - missing or broken install: report None
+        return None
+
+
+def _git(*args: str) -> str | None:
+    """Output of ``git <args>`` in the repository, or None when git or the repository is unavailable."""
+    try:
+        r = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() if r.returncode == 0 else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def gpu_info() -> dict[str, Any]:
+    """Accelerator description: name, count, memory (GiB), CUDA runtime version; ``{"name": "cpu"}`` without CUDA."""
+    try:
+        import torch
+    except Exception:  # noqa: BLE001
+        return {"name": "unknown (torch not importable)"}
+    if not torch.cuda.is_available():
+        return {"name": "cpu", "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    props = torch.cuda.get_device_properties(0)
+    return {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
+            "memory_gib": round(props.total_memory / 2**30, 1), "capability": f"{props.major}.{props.minor}",
+            "cuda": torch.version.cuda}
+
+
+def run_metadata(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Everything needed to reproduce / interpret a result: GPU, library versions, date, command line, git.
+
+    Args:
+        argv: the script's command line (default ``sys.argv``).
+
+    Returns:
+        dict with keys gpu, torch, triton, transformers, python, date_utc (ISO 8601), command, cwd, git_commit,
+        git_dirty (True/False/None), hostname.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    status = _git("status", "--porcelain")
+    return {
+        "gpu": gpu_info(),
+        "torch": _version("torch"),
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "python": platform.python_version(),
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + shlex.join(argv),
+        "cwd": os.getcwd(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "hostname": platform.node(),
+    }
+
+
+# ------------------------------------------------------------------------------------------- workload
+def nano_vllm_workload(num_seqs: int = 256, seed: int = 0, max_input_len: int = 1024, max_output_len: int = 1024,
+                       ) -> tuple[list[list[int]], list[int]]:
+    """nano-vLLM's throughput benchmark workload (the same RNG order as shared/probes/floor.py and hf_peer.py).
+
+    ``random.seed(seed)``; first every prompt: ``[randint(0, 10000) for _ in range(randint(100, max_input_len))]``,
+    then every output length: ``randint(100, max_output_len)``. With the defaults this gives 142,827 prompt
+    tokens and 133,966 output tokens (the count nano-vLLM's README reports).
+
+    Note: this reseeds Python's global ``random`` module (as the reference benchmark does).
+
+    Returns:
+        (prompt_token_ids, max_tokens): ``num_seqs`` lists of ints in [0, 10000], and ``num_seqs`` ints.
+    """
+    random.seed(seed)
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, max_input_len))] for _ in range(num_seqs)]
+    max_tokens = [random.randint(100, max_output_len) for _ in range(num_seqs)]
+    return prompts, max_tokens
+
+
+def random_prompts(batch: int, length: int, seed: int, high: int = 10000) -> list[list[int]]:
+    """``batch`` prompts of ``length`` random token ids in [0, high], from a private ``random.Random(seed)``.
+
+    Distinct seeds give prompts that share no KV blocks, so an engine with prefix caching cannot reuse one
+    repetition's prefill in the next.
+    """
+    rng = random.Random(seed)
+    return [[rng.randint(0, high) for _ in range(length)] for _ in range(batch)]
+
+
+# ------------------------------------------------------------------------------------------- floor
+def qwen3_sizes(hf_config: dict[str, Any], dtype_bytes: int = 2) -> dict[str, float]:
+    """Parameter count, bytes of weights read per step, KV bytes per token, FLOPs per token of a Qwen3 model.
+
+    Args:
+        hf_config: the checkpoint's config.json as a dict (hidden_size, num_hidden_layers, num_attention_heads,
+            num_key_value_heads, head_dim, intermediate_size, vocab_size, tie_word_embeddings).
+        dtype_bytes: bytes per weight / KV element (2 for bf16).
+
+    Returns:
+        dict: params (count, tied lm_head counted once), weight_bytes (read once per decode step: params *
+        dtype_bytes), kv_bytes_per_token (K and V over all layers), flop_per_token (2 * params, the
+        approximation probes/floor.py uses: 2 * 0.596e9 for Qwen3-0.6B).
+    """
+    h = int(hf_config["hidden_size"])
+    n_layers = int(hf_config["num_hidden_layers"])
+    n_heads = int(hf_config["num_attention_heads"])
+    n_kv = int(hf_config["num_key_value_heads"])
+    d = int(hf_config.get("head_dim") or h // n_heads)
+    inter = int(hf_config["intermediate_size"])
+    vocab = int(hf_config["vocab_size"])
+    tied = bool(hf_config.get("tie_word_embeddings", False))
+    per_layer = (h * (n_heads + 2 * n_kv) * d  # qkv
+                 + n_heads * d * h               # o
+                 + 3 * h * inter                 # gate, up, down
+                 + 2 * h + 2 * d)                # input/post norms, q_norm, k_norm
+    params = vocab * h * (1 if tied else 2) + n_layers * per_layer + h
+    return {"params": float(params), "weight_bytes": float(params * dtype_bytes),
+            "kv_bytes_per_token": float(n_layers * n_kv * d * 2 * dtype_bytes), "flop_per_token": float(2 * params)}
+
+
+def bandwidth_floor(prompt_lens: Sequence[int], output_lens: Sequence[int], weight_bytes: float = 1.19e9,
+                    kv_bytes_per_token: float = 28 * 8 * 128 * 2 * 2, flop_per_token: float = 2 * 0.596e9,
+                    bandwidth: float = H200_BANDWIDTH_BYTES_PER_S, peak_flops: float = H200_PEAK_BF16_FLOP_PER_S,
+                    ) -> dict[str, float]:
+    """Lower bound on the time of a batch-generation workload, computed as shared/probes/floor.py does.
+
+    Every decode step s reads all weights once plus the K and V of every live sequence (prompt + s tokens),
+    unless the step's FLOPs take longer: t_s = max((W + sum(live) * KVT) / BW, n_live * F / PEAK).
+    Prefill is compute bound: sum(prompt tokens) * F / PEAK. Defaults: Qwen3-0.6B in bf16 on one H200.
+
+    Args:
+        prompt_lens: prompt length of each request (tokens).
+        output_lens: output tokens of each request.
+        weight_bytes, kv_bytes_per_token, flop_per_token: model sizes (see :func:`qwen3_sizes`).
+        bandwidth: bytes/s; peak_flops: FLOP/s.
+
+    Returns:
+        dict: output_tokens, decode_floor_s, prefill_floor_s, floor_s, output_tokens_per_s (the ceiling on
+        output tokens/s: output_tokens / floor_s), and the constants used.
+    """
+    t = 0.0
+    pairs = list(zip(prompt_lens, output_lens))
+    for s in range(max(output_lens, default=0)):
+        live = [p + s for p, o in pairs if s < o]
+        t += max((weight_bytes + sum(live) * kv_bytes_per_token) / bandwidth, len(live) * flop_per_token / peak_flops)
+    pre = sum(prompt_lens) * flop_per_token / peak_flops
+    total_out = int(sum(output_lens))
+    return {"output_tokens": total_out, "decode_floor_s": round(t, 4), "prefill_floor_s": round(pre, 4),
+            "floor_s": round(t + pre, 4),
+            "output_tokens_per_s": round(total_out / (t + pre), 1) if t + pre > 0 else float("nan"),
+            "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_bytes_per_token, "flop_per_token": flop_per_token,
+            "bandwidth_bytes_per_s": bandwidth, "peak_flop_per_s": peak_flops,
+            "method": "shared/probes/floor.py: per decode step max((W + live KV bytes)/BW, FLOPs/peak); "
+                      "prefill = prompt tokens * FLOP/token / peak"}
+
+
+def load_hf_config(model_dir: str) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict ({} if it cannot be read)."""
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            return json.load(f)
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+# ------------------------------------------------------------------------------------------- engine
+def engine_config(llm: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The engine settings to record: the keyword arguments given to ``LLM`` plus, best effort, the fields of
+    the engine's resolved config object (found as ``llm.config`` / ``llm.engine.config`` / ...).
+
+    Values that are not JSON scalars are converted with ``str``; the HF config object is skipped.
+    """
+    out: dict[str, Any] = {"kwargs": {k: _jsonable(v) for k, v in kwargs.items()}}
+    for path in ("config", "engine.config", "llm_engine.config", "model_runner.config", "engine.model_runner.config"):
+        obj: Any = llm
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is None:
+            continue
+        fields = getattr(obj, "__dict__", None)
+        if isinstance(fields, dict):
+            out["resolved"] = {k: _jsonable(v) for k, v in fields.items()
+                               if not k.startswith("_") and k not in ("hf_config",)}
+            out["resolved_from"] = "llm." + path
+            break
+    return out
+
+
+def _jsonable(v: Any) -> Any:
+    """``v`` if it is a JSON scalar / list / dict of those, else ``str(v)``."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return str(v)
+
+
+def shutdown_engine(llm: Any) -> None:
+    """Release an ``LLM`` and its GPU memory: call its exit/shutdown method if it has one, then
+    ``gc.collect()``, ``torch.cuda.empty_cache()`` and ``torch._dynamo.reset()`` (so the next engine in this
+    process compiles from scratch instead of hitting dynamo's recompile limit).
+
+    The caller must drop its own references (``del llm``) after calling this.
+    """
+    for name in ("exit", "shutdown", "close"):
+        fn = getattr(llm, name, None)
+        if callable(fn):
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - best effort cleanup
+                print(f"[cleanup] llm.{name}() raised {type(e).__name__}: {e}")
+            break
+    gc.collect()
+    free_accelerator_memory()
+
+
+def free_accelerator_memory(report: bool = False) -> None:
+    """``torch._dynamo.reset()``, ``gc.collect()``, ``torch.cuda.empty_cache()`` when CUDA is present; with
+    ``report``, print the GPU memory still allocated / reserved (a leak here shrinks the next engine's KV cache
+    or makes it run out of memory)."""
+    try:
+        import torch
+        torch._dynamo.reset()
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            if report:
+                free, total = torch.cuda.mem_get_info()
+                print(f"[cleanup] GPU memory after release: allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB, "
+                      f"reserved {torch.cuda.memory_reserved() / 2**30:.2f} GiB, free {free / 2**30:.1f} of "
+                      f"{total / 2**30:.1f} GiB", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"[cleanup] {type(e).__name__}: {e}")
+
+
+def synchronize() -> None:
+    """``torch.cuda.synchronize()`` when CUDA is available (so wall-clock timings include queued GPU work)."""
+    try:
+        import torch
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    """Run ``fn(*args, **kwargs)`` between two device synchronisations; return (result, seconds of wall clock)."""
+    synchronize()
+    t0 = time.perf_counter()
+    r = fn(*args, **kwargs)
+    synchronize()
+    return r, time.perf_counter() - t0
+
+
+def median(xs: Iterable[float]) -> float:
+    """Median of a non-empty sequence (mean of the two middle values for an even count)."""
+    s = sorted(xs)
+    if not s:
+        raise ValueError("median of an empty sequence")
+    m = len(s) // 2
+    return s[m] if len(s) % 2 else 0.5 * (s[m - 1] + s[m])
+
+
+# ------------------------------------------------------------------------------------------- output
+def default_out(name: str) -> str:
+    """Default JSON path of benchmark ``name``: benchmarks/results/<name>-h200.json when CUDA is available,
+    else <tempdir>/<name>-cpu.json (so a CPU test never overwrites the committed GPU results)."""
+    try:
+        import torch
+        cuda = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        cuda = False
+    if cuda:
+        return os.path.join(RESULTS_DIR, f"{name}-h200.json")
+    import tempfile
+    return os.path.join(tempfile.gettempdir(), f"{name}-cpu.json")
+
+
+def write_json(path: str, obj: dict[str, Any]) -> str:
+    """Write ``obj`` as indented JSON (non-JSON values converted with ``str``), creating parent folders.
+
+    Writes to ``path + '.tmp'`` then renames, so an interrupted run never leaves a truncated file.
+    Returns the absolute path.
+    """
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    """Format a table cell: floats with ``digits`` significant digits (thousands separated above 1e4), None as '-'."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if abs(v) >= 1e4:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}" if abs(v) < 1 else f"{v:,.{max(digits - len(str(int(abs(v)))), 0)}f}"
+    return str(v)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> str:
+    """A GitHub-markdown table (cells formatted with :func:`fmt`, columns padded), optionally titled."""
+    cells = [[fmt(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    lines = []
+    if title:
+        lines.append(f"\n### {title}")
+    lines.append("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells:
+        lines.append("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |")
+    return "\n".join(lines)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
+    """Print :func:`format_table` and flush."""
+    print(format_table(headers, rows, title), flush=True)

@@ -1,0 +1,254 @@
+"""Plot the committed GPU results (benchmarks/results/*.json) as PNGs in docs/img/.
+
+Inputs (each optional: a missing or malformed file is reported and skipped, never fatal):
+
+- fusion-kernel-h200.json: rows with ``site``, ``M``, ``fused_us`` (or ``op_us``, as bench_fusion_kernel.py
+  writes), ``unfused_us``, ``floor_us``, optionally ``cublas_us`` (a list, or a dict holding the list under
+  "rows" / "results"; rows with an "error" and no times are skipped) -> fusion_kernel_h200.png: microseconds per
+  call vs M (log-log), one panel per site: fused op, unfused, cuBLAS alone, bytes floor.
+- latency-h200.json (bench_latency.py) -> latency_h200.png: TPOT and TTFT vs batch size per engine mode.
+- throughput-h200.json (bench_throughput.py) -> throughput_h200.png: output tokens/s of each engine mode, the
+  transformers peer and the bandwidth floor.
+
+Usage::
+
+    python benchmarks/plot_results.py [--results benchmarks/results] [--out docs/img]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+MODE_STYLE: dict[str, dict[str, Any]] = {
+    "fusion": {"label": "compile_fusion=True (coconut)", "color": "tab:green", "marker": "o"},
+    "nofusion": {"label": "compile_fusion=False (Inductor)", "color": "tab:blue", "marker": "s"},
+    "eager": {"label": "enforce_eager=True", "color": "tab:gray", "marker": "^"},
+}
+
+
+def _load(path: str) -> Any | None:
+    """Parsed JSON, or None (with a message) when the file is missing or not valid JSON."""
+    if not os.path.exists(path):
+        print(f"[plot] skip: {path} not found")
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except Exception as e:  # noqa: BLE001
+        print(f"[plot] skip: {path}: {type(e).__name__}: {e}")
+        return None
+
+
+def _rows(data: Any) -> list[dict[str, Any]]:
+    """The list of row dicts of the fusion-kernel JSON (a list, or under 'rows' / 'results' / 'sites')."""
+    if isinstance(data, list):
+        return [r for r in data if isinstance(r, dict)]
+    if isinstance(data, dict):
+        for key in ("rows", "results", "sites", "data"):
+            if isinstance(data.get(key), list):
+                return [r for r in data[key] if isinstance(r, dict)]
+    return []
+
+
+def _num(v: Any) -> float | None:
+    """float(v) for a positive finite number, else None."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if f > 0 and f == f and f != float("inf") else None
+
+
+def _gpu(data: Any) -> str:
+    """The GPU name recorded in a result's metadata ('' when absent)."""
+    if isinstance(data, dict):
+        meta = data.get("meta") or {}
+        gpu = meta.get("gpu") if isinstance(meta, dict) else None
+        if isinstance(gpu, dict):
+            return str(gpu.get("name", ""))
+        if isinstance(gpu, str):
+            return gpu
+        if isinstance(data.get("gpu"), str):
+            return data["gpu"]
+    return ""
+
+
+def _plain_log_axes(ax: Any) -> None:
+    """Label log-scaled axes with plain numbers (1, 2, 4, 8 / 5, 10, 20) instead of powers."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fmt = FuncFormatter(lambda v, _pos: f"{v:g}")
+    for axis in (ax.xaxis, ax.yaxis):
+        if axis.get_scale() == "log":
+            if axis is ax.yaxis:  # 1-2-5 steps, so that a range inside one decade still gets labels
+                axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(fmt)
+            axis.set_minor_formatter(NullFormatter())
+
+
+def plot_fusion_kernel(data: Any, out: str, plt: Any) -> bool:
+    """Microseconds per call vs M for each site: fused, unfused, bytes floor. Returns True if a PNG was written."""
+    rows = _rows(data)
+    sites: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if "site" in r and _num(r.get("M")):
+            sites.setdefault(str(r["site"]), []).append(r)
+    if not sites:
+        print("[plot] fusion kernel: no rows with site and M")
+        return False
+    n = len(sites)
+    cols = min(n, 3)
+    nrows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.8 * nrows), squeeze=False)
+    for ax, (site, rs) in zip(axes.flat, sites.items()):
+        rs = sorted(rs, key=lambda r: float(r["M"]))
+        for keys, label, style in (
+                (("unfused_us",), "unfused (Inductor norm + cuBLAS)", dict(color="tab:blue", marker="s")),
+                (("cublas_us",), "cuBLAS linear alone", dict(color="tab:purple", marker=".", linestyle=":")),
+                (("fused_us", "op_us"), "coconut op (dispatched)", dict(color="tab:green", marker="o")),
+                (("floor_us",), "bytes floor", dict(color="black", linestyle="--", marker=""))):
+            key = next((k for k in keys if any(k in r for r in rs)), keys[0])
+            pts = [(float(r["M"]), _num(r.get(key))) for r in rs]
+            pts = [(m, v) for m, v in pts if v is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(site)
+        ax.set_xlabel("M (rows = tokens)")
+        ax.set_ylabel("µs per call")
+        ax.grid(True, which="both", alpha=0.3)
+        _plain_log_axes(ax)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.suptitle(f"RMSNorm -> Linear site, time per call{', ' + _gpu(data) if _gpu(data) else ''}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_latency(data: Any, out: str, plt: Any) -> bool:
+    """TPOT (left) and TTFT (right) vs batch size, one line per engine mode. Returns True if a PNG was written."""
+    modes = data.get("modes", {}) if isinstance(data, dict) else {}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    drew = False
+    for name, m in modes.items():
+        batches = (m or {}).get("batches") or {}
+        pts = sorted((int(b), v) for b, v in batches.items() if isinstance(v, dict))
+        if not pts:
+            continue
+        st = MODE_STYLE.get(name, {"label": name})
+        for ax, key in ((a1, "tpot_ms"), (a2, "ttft_ms")):
+            xy = [(b, _num(v.get(key))) for b, v in pts]
+            xy = [(b, y) for b, y in xy if y is not None]
+            if xy:
+                ax.plot([p[0] for p in xy], [p[1] for p in xy], **st)
+                drew = True
+    if not drew:
+        plt.close(fig)
+        print("[plot] latency: no mode with batch figures")
+        return False
+    sp = data.get("batch1_tpot_speedup")
+    for ax, title in ((a1, "TPOT (time per output token)" + (f"; batch-1 speedup {sp:.2f}x" if _num(sp) else "")),
+                      (a2, "TTFT (prefill of the whole batch)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("ms")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        _plain_log_axes(ax)
+        ax.legend(fontsize=8)
+    model = os.path.basename(str(data.get("model", "")).rstrip("/"))
+    fig.suptitle(f"{model}: prompt {data.get('prompt_len')} tokens, T={data.get('max_tokens')} "
+                 f"{_gpu(data)}".strip())
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_throughput(data: Any, out: str, plt: Any) -> bool:
+    """Horizontal bars of output tokens/s: engine modes, the transformers peer, the floor."""
+    if not isinstance(data, dict):
+        return False
+    bars: list[tuple[str, float, str]] = []
+    for name, m in (data.get("modes") or {}).items():
+        v = _num((m or {}).get("output_tokens_per_s"))
+        if v:
+            bars.append((f"nano-vllm-coconut\n{MODE_STYLE.get(name, {}).get('label', name)}", v,
+                         MODE_STYLE.get(name, {}).get("color", "tab:green")))
+    peer = data.get("peer") or {}
+    if _num(peer.get("output_tokens_per_s")):
+        bars.append((f"transformers generate\n(first {peer.get('num_seqs', '?')} requests)",
+                     float(peer["output_tokens_per_s"]), "tab:orange"))
+    floor = data.get("floor") or {}
+    if _num(floor.get("output_tokens_per_s")):
+        bars.append(("bandwidth floor", float(floor["output_tokens_per_s"]), "lightgray"))
+    if not bars:
+        print("[plot] throughput: nothing to plot")
+        return False
+    fig, ax = plt.subplots(figsize=(9, 0.8 * len(bars) + 1.5))
+    ys = range(len(bars))
+    ax.barh(list(ys), [b[1] for b in bars], color=[b[2] for b in bars])
+    ax.set_yticks(list(ys), [b[0] for b in bars], fontsize=8)
+    ax.invert_yaxis()
+    for y, (_, v, _) in zip(ys, bars):
+        ax.text(v, y, f" {v:,.0f}", va="center", fontsize=8)
+    ax.set_xlabel("output tokens / s")
+    w = data.get("workload") or {}
+    ax.set_title(f"nano-vLLM workload: {w.get('num_seqs', '?')} requests, {w.get('output_tokens', '?')} output "
+                 f"tokens {_gpu(data)}".strip(), fontsize=10)
+    ax.set_xlim(0, max(b[1] for b in bars) * 1.18)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
+
+
+PLOTS: list[tuple[str, str, Callable[[Any, str, Any], bool]]] = [
+    ("fusion-kernel-h200.json", "fusion_kernel_h200.png", plot_fusion_kernel),
+    ("latency-h200.json", "latency_h200.png", plot_latency),
+    ("throughput-h200.json", "throughput_h200.png", plot_throughput),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write every plot whose input exists; always exits 0 unless matplotlib is missing (exit 0 too, with a note)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", default=os.path.join(HERE, "results"), help="folder of the result JSONs")
+    ap.add_argument("--out", default=os.path.join(REPO, "docs", "img"), help="folder for the PNGs")
+    args = ap.parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # noqa: BLE001
+        print(f"[plot] matplotlib not usable ({type(e).__name__}: {e}); nothing plotted")
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    for src, dst, fn in PLOTS:
+        data = _load(os.path.join(args.results, src))
+        if data is None:
+            continue
+        path = os.path.join(args.out, dst)
+        try:
+            if fn(data, path, plt):
+                print(f"[plot] wrote {path}")
+        except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
+            print(f"[plot] {src}: {type(e).__name__}: {e}")
+            plt.close("all")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

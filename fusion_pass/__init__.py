@@ -1,0 +1,19 @@
+"""coconut: a torch.compile backend that fuses (residual add +) RMSNorm -> Linear(s) into one custom op.
+
+    import fusion_pass
+    model = torch.compile(model, backend="coconut")
+
+Public API: coconut_backend, fused_site_count, last_stats, all_stats, reset_stats, rewrite_graph, pretune,
+dispatch_table, save_tuning, load_tuning, clear_dispatch_cache (see backend.py / kernels.py).
+Ops: torch.ops.coconut.rms_norm_linear, torch.ops.coconut.add_rms_norm_linear (see ops.py).
+This package never imports nanovllm.
+"""
+from . import ops  # noqa: F401  (registers torch.ops.coconut.*)
+from .backend import (FUSION_PASS, CoconutFusionPass, all_stats, coconut_backend, fused_site_count, last_stats,
+                      reset_stats)
+from .kernels import clear_dispatch_cache, dispatch_table, load_tuning, pretune, save_tuning
+from .patterns import rewrite_graph
+
+__all__ = ["FUSION_PASS", "CoconutFusionPass", "all_stats", "coconut_backend", "fused_site_count", "last_stats",
+           "reset_stats", "clear_dispatch_cache", "dispatch_table", "load_tuning", "pretune", "save_tuning",
+           "rewrite_graph"]

@@ -1,0 +1,722 @@
+"""Fused (residual add +) RMSNorm -> Linear Triton kernels, the unfused reference paths, and the dispatcher.
+
+Math (Zhang & Sennrich 2019, "Root Mean Square Layer Normalization"; Llama/Qwen rounding chain):
+
+    h    = x + residual                          (optional, rounded to the activation dtype)
+    n    = h_f32 * rsqrt(mean(h_f32^2, -1) + eps)
+    a    = n.to(dtype) * g                       (weight_in_fp32=False: Llama/Qwen form)
+    a    = (n * g.float()).to(dtype)             (weight_in_fp32=True:  torch.nn.RMSNorm / F.rms_norm form)
+    y_i  = a @ W_i^T + b_i                       (W_i: [N_i, K] row-major, like nn.Linear)
+
+The fused kernels use the FlashNorm folding (Graef et al. 2024, arXiv 2407.09577): because 1/rms(h) is a per-row
+scalar, y = ((h * g) @ W^T) * (1/rms(h)) + b, so the sum of squares is accumulated from the same h tiles that feed
+the product and 1/rms is applied in the epilogue. The normalized activations never exist in memory.
+(The rounding differs slightly from the eager chain: h*g is kept in fp32 in the GEMV path and rounded once to the
+activation dtype in the tl.dot path; both are within bf16/fp16 tolerance of the eager result.)
+
+Variants (all compute the same function):
+  "torch"   : the PyTorch reference (fp32 statistics); the CPU path.
+  "unfused" : a one-pass Triton RMSNorm kernel (writes a and h) + F.linear (cuBLAS on CUDA).
+  "gemv"    : fused, decode-shaped: one program per (BN rows of W, BM rows of x); a [BM, BN, BK] broadcast-multiply
+              and reduce over K (no tl.dot, no padding of M to 16), wide loads along K of W.
+  "gemm"    : fused, tiled tl.dot GEMM with grouped program order for L2 reuse; for large M.
+The dispatcher ("auto") picks, per (M bucket, N, K, dtype), the fastest of the candidates BY MEASUREMENT on CUDA
+(timed inside a CUDA graph, weights rotated beyond L2), caches the choice, never measures while the current stream
+is capturing a CUDA graph (then it uses a pre-tuned choice, or "unfused"), and can be pre-tuned with `pretune`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # Triton is a hard dependency of the package, but keep the CPU reference importable without it.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only on machines without triton
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    HAS_TRITON = False
+
+log = logging.getLogger("fusion_pass")
+
+VARIANTS: tuple[str, ...] = ("torch", "unfused", "gemv", "decode", "gemm")
+
+# Tests and benchmarks/check_fusion_gpu.py set this (or COCONUT_POISON=1) so that every output buffer the Triton
+# paths allocate starts as NaN: an element a kernel forgets to write shows up as NaN instead of stale memory.
+POISON_OUTPUTS: bool = os.environ.get("COCONUT_POISON", "0") == "1"
+
+
+def _new_buffer(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """Output buffer of `shape` with like's dtype/device; NaN-filled when POISON_OUTPUTS is set."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+_FUSED = ("gemv", "decode", "gemm")
+
+# --------------------------------------------------------------------------------------------------------------
+# PyTorch reference
+# --------------------------------------------------------------------------------------------------------------
+
+
+def reference_rms_norm(h: Tensor, norm_weight: Tensor, eps: float, weight_in_fp32: bool = False) -> Tensor:
+    """RMSNorm over the last dim with fp32 statistics, in the rounding chain of the eager model.
+
+    Args:
+        h: [..., K] activations (fp32/bf16/fp16).
+        norm_weight: [K] gain.
+        eps: added to mean(h^2) (in fp32).
+        weight_in_fp32: False: cast the normalized value to h.dtype, then multiply by the weight (Llama/Qwen).
+            True: multiply in fp32, then cast (torch.nn.RMSNorm / F.rms_norm decomposition).
+    Returns:
+        [..., K] tensor of h.dtype.
+    """
+    hf = h.float()
+    n = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight_in_fp32:
+        return (n * norm_weight).to(h.dtype)
+    return n.to(h.dtype) * norm_weight
+
+
+def reference_rms_norm_linear(
+    x2d: Tensor,
+    norm_weight: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Optional[Tensor]],
+    eps: float,
+    residual2d: Optional[Tensor] = None,
+    weight_in_fp32: bool = False,
+) -> tuple[list[Tensor], Optional[Tensor]]:
+    """Eager reference: returns ([y_i: [M, N_i]], h: [M, K] or None). Shapes/dtypes as `rms_norm_linear`."""
+    h = x2d + residual2d if residual2d is not None else x2d
+    a = reference_rms_norm(h, norm_weight, eps, weight_in_fp32)
+    ys = [F.linear(a, w, b) for w, b in zip(weights, biases)]
+    return ys, (h if residual2d is not None else None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, r_ptr, g_ptr, a_ptr, h_ptr, K, eps,
+                         HAS_RES: tl.constexpr, WEIGHT_FP32: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One program per row: h = x (+ r); a = norm(h) * g. x, r, a, h: [M, K] contiguous; g: [K]."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_K)
+        mask = cols < K
+        dt = a_ptr.dtype.element_ty
+        h = tl.load(x_ptr + row * K + cols, mask=mask, other=0.0)
+        if HAS_RES:
+            r = tl.load(r_ptr + row * K + cols, mask=mask, other=0.0)
+            h = (h.to(tl.float32) + r.to(tl.float32)).to(dt)
+            tl.store(h_ptr + row * K + cols, h, mask=mask)
+        hf = h.to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / K + eps)
+        g = tl.load(g_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        n = hf * inv
+        if WEIGHT_FP32:
+            a = (n * g).to(dt)
+        else:
+            a = (n.to(dt).to(tl.float32) * g).to(dt)
+        tl.store(a_ptr + row * K + cols, a, mask=mask)
+
+    @triton.jit
+    def _fused_gemv_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K, eps,
+                           HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """Decode-shaped fused kernel. Program (pid_n, pid_m) computes y[pid_m*BM:+BM, pid_n*BN:+BN].
+
+        Per K step: loads h [BM, BK] (x + r), W [BN, BK] (contiguous along K: coalesced), accumulates
+        sum_k h*g*W in fp32 via a [BM, BN, BK] broadcast product, and sum_k h^2 for 1/rms (FlashNorm epilogue).
+        """
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        m_mask = rm < M
+        n_mask = rn < N
+        rm64 = rm.to(tl.int64)
+        rn64 = rn.to(tl.int64)
+        dt = y_ptr.dtype.element_ty
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        ss = tl.zeros((BM,), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            k_mask = rk < K
+            xm = m_mask[:, None] & k_mask[None, :]
+            x_off = rm64[:, None] * K + rk[None, :]
+            h = tl.load(x_ptr + x_off, mask=xm, other=0.0)
+            if HAS_RES:
+                r = tl.load(r_ptr + x_off, mask=xm, other=0.0)
+                h = (h.to(tl.float32) + r.to(tl.float32)).to(dt)
+                if WRITE_H:
+                    tl.store(h_ptr + x_off, h, mask=xm & (pid_n == 0))
+            hf = h.to(tl.float32)
+            ss += tl.sum(hf * hf, axis=1)
+            g = tl.load(g_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
+            a = hf * g[None, :]
+            w = tl.load(w_ptr + rn64[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
+        inv = 1.0 / tl.sqrt(ss / K + eps)
+        acc = acc * inv[:, None]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm64[:, None] * N + rn64[None, :], acc.to(dt), mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _fused_gemm_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K, eps,
+                           HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                           IEEE: tl.constexpr):
+        """Tiled fused GEMM: acc[BM, BN] += tl.dot((h*g).to(dtype), W^T); epilogue acc * 1/rms + b.
+
+        Programs are ordered in groups of GROUP_M row-blocks so that consecutive programs share W tiles in L2.
+        Programs with pid_n == 0 write h (residual form).
+        """
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        width = GROUP_M * num_n
+        group_id = pid // width
+        first_m = group_id * GROUP_M
+        gsz = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + ((pid % width) % gsz)
+        pid_n = (pid % width) // gsz
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        m_mask = rm < M
+        n_mask = rn < N
+        rm64 = rm.to(tl.int64)
+        rn64 = rn.to(tl.int64)
+        dt = y_ptr.dtype.element_ty
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        ss = tl.zeros((BM,), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            k_mask = rk < K
+            xm = m_mask[:, None] & k_mask[None, :]
+            x_off = rm64[:, None] * K + rk[None, :]
+            h = tl.load(x_ptr + x_off, mask=xm, other=0.0)
+            if HAS_RES:
+                r = tl.load(r_ptr + x_off, mask=xm, other=0.0)
+                h = (h.to(tl.float32) + r.to(tl.float32)).to(dt)
+                if WRITE_H:
+                    tl.store(h_ptr + x_off, h, mask=xm & (pid_n == 0))
+            hf = h.to(tl.float32)
+            ss += tl.sum(hf * hf, axis=1)
+            g = tl.load(g_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
+            a = (hf * g[None, :]).to(dt)
+            # W^T tile [BK, BN] loaded directly (K is the fast axis of both the tile and the memory)
+            wt = tl.load(w_ptr + rn64[None, :] * K + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, wt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, wt, acc)
+        inv = 1.0 / tl.sqrt(ss / K + eps)
+        acc = acc * inv[:, None]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm64[:, None] * N + rn64[None, :], acc.to(dt), mask=m_mask[:, None] & n_mask[None, :])
+
+
+    @triton.jit
+    def _fused_decode_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K, eps,
+                             HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
+                             IEEE: tl.constexpr):
+        """Decode-shaped fused kernel, one program per BN output columns and ALL M (<= BM) rows.
+
+        The hot loop streams W [BN, BK] tiles (the only bytes that matter at decode sizes); x (+ r) tiles are
+        re-read by every program from L2 and give the sum of squares on the way; the residual output h is
+        written by program 0 after the loop (no store in the hot loop), and 1/rms is applied in the epilogue
+        (FlashNorm). USE_DOT pads
+        M to BM >= 16 and multiplies with tl.dot (the tensor cores are idle otherwise, so padding is free);
+        without it (M <= 2) a broadcast multiply-reduce over K is used.
+        """
+        pid = tl.program_id(0)
+        rn = pid * BN + tl.arange(0, BN)
+        rm = tl.arange(0, BM)
+        m_mask = rm < M
+        n_mask = rn < N
+        rm64 = rm.to(tl.int64)
+        rn64 = rn.to(tl.int64)
+        dt = y_ptr.dtype.element_ty
+        ss = tl.zeros((BM,), dtype=tl.float32)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            k_mask = rk < K
+            # the W tile is requested first: it is the long-latency HBM read; x, r and g come from L2
+            w = tl.load(w_ptr + rn64[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                        other=0.0, eviction_policy="evict_first")
+            xm = m_mask[:, None] & k_mask[None, :]
+            x_off = rm64[:, None] * K + rk[None, :]
+            h = tl.load(x_ptr + x_off, mask=xm, other=0.0)
+            if HAS_RES:
+                h = (h.to(tl.float32) + tl.load(r_ptr + x_off, mask=xm, other=0.0).to(tl.float32)).to(dt)
+            hf = h.to(tl.float32)
+            ss += tl.sum(hf * hf, axis=1)
+            g = tl.load(g_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
+            a = hf * g[None, :]
+            if USE_DOT:
+                if IEEE:
+                    acc = tl.dot(a.to(dt), tl.trans(w), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a.to(dt), tl.trans(w), acc)
+            else:
+                acc += tl.sum(a[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        if WRITE_H:
+            if pid == 0:  # h = x + r, written once, outside the hot loop
+                for k0 in range(0, K, BK):
+                    rk = k0 + tl.arange(0, BK)
+                    xm = m_mask[:, None] & (rk < K)[None, :]
+                    x_off = rm64[:, None] * K + rk[None, :]
+                    h = tl.load(x_ptr + x_off, mask=xm, other=0.0).to(tl.float32)
+                    h += tl.load(r_ptr + x_off, mask=xm, other=0.0).to(tl.float32)
+                    tl.store(h_ptr + x_off, h.to(dt), mask=xm)
+        inv = 1.0 / tl.sqrt(ss / K + eps)
+        acc = acc * inv[:, None]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm64[:, None] * N + rn64[None, :], acc.to(dt), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------------------------------------------
+
+# GEMV: (BN, BK, num_warps) per BM = bucket(M) (M <= 16). BM * BN * BK <= 16K fp32 products per K step.
+GEMV_CONFIGS: dict[int, list[tuple[int, int, int]]] = {
+    1: [(16, 512, 4), (32, 256, 4), (8, 1024, 4)],
+    2: [(16, 256, 4), (8, 512, 4), (32, 128, 4)],
+    4: [(16, 128, 4), (8, 256, 4)],
+    8: [(8, 128, 4), (16, 64, 4)],
+    16: [(8, 64, 4), (4, 128, 4)],
+}
+# GEMM: (BM, BN, BK, num_warps, num_stages) by M range.
+GEMM_CONFIGS: list[tuple[int, list[tuple[int, int, int, int, int]]]] = [
+    (16, [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (16, 32, 256, 4, 3)]),
+    (64, [(32, 64, 128, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3)]),
+    (256, [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 128, 4, 4)]),
+    (1 << 62, [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4)]),
+]
+GEMV_MAX_M = 16
+# DECODE: (BN, BK, num_warps, num_stages, use_dot) per M bucket (M <= 16); BM = 16 with tl.dot, else bucket(M).
+DECODE_CONFIGS: dict[int, list[tuple[int, int, int, int, int]]] = {
+    1: [(4, 1024, 4, 1, 0), (2, 1024, 2, 1, 0), (8, 512, 4, 2, 0), (16, 256, 4, 3, 1), (32, 256, 4, 3, 1)],
+    2: [(4, 1024, 4, 1, 0), (8, 512, 4, 2, 0), (16, 256, 4, 3, 1), (32, 256, 4, 3, 1)],
+    4: [(16, 256, 4, 3, 1), (32, 256, 4, 3, 1), (16, 512, 4, 2, 1)],
+    8: [(16, 256, 4, 3, 1), (32, 256, 4, 3, 1), (16, 512, 4, 2, 1)],
+    16: [(16, 256, 4, 3, 1), (32, 256, 4, 3, 1), (32, 128, 4, 4, 1)],
+}
+
+
+def m_bucket(m: int) -> int:
+    """Next power of two >= m (1 for m <= 1): the M key of the dispatch cache."""
+    return 1 if m <= 1 else 1 << (int(m) - 1).bit_length()
+
+
+def gemv_configs(m: int) -> list[tuple[int, int, int]]:
+    """GEMV configs (BN, BK, num_warps) for M rows; empty list when M > GEMV_MAX_M."""
+    b = m_bucket(m)
+    return list(GEMV_CONFIGS.get(b, [])) if b <= GEMV_MAX_M else []
+
+
+def decode_configs(m: int) -> list[tuple[int, int, int, int, int]]:
+    """Decode configs (BN, BK, num_warps, num_stages, use_dot) for M rows; empty when M > GEMV_MAX_M."""
+    b = m_bucket(m)
+    return list(DECODE_CONFIGS.get(b, [])) if b <= GEMV_MAX_M else []
+
+
+def gemm_configs(m: int) -> list[tuple[int, int, int, int, int]]:
+    """GEMM configs (BM, BN, BK, num_warps, num_stages) for M rows."""
+    for limit, cfgs in GEMM_CONFIGS:
+        if m <= limit:
+            return list(cfgs)
+    return list(GEMM_CONFIGS[-1][1])  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_triton() -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed; only variant='torch' is available")
+
+
+def triton_rms_norm(x2d: Tensor, norm_weight: Tensor, eps: float, residual2d: Optional[Tensor] = None,
+                    weight_in_fp32: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """One-pass Triton RMSNorm (+ residual add). x2d, residual2d: [M, K] contiguous; returns (a [M, K], h or None).
+
+    Raises RuntimeError without triton. K up to 65536 (one block per row).
+    """
+    _check_triton()
+    M, K = x2d.shape
+    a = _new_buffer((M, K), x2d)
+    h = _new_buffer((M, K), x2d) if residual2d is not None else None
+    if M == 0:
+        return a, h
+    block = triton.next_power_of_2(K)
+    warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
+    _rms_norm_kernel[(M,)](x2d, residual2d if residual2d is not None else x2d, norm_weight, a,
+                           h if h is not None else a, K, float(eps),
+                           HAS_RES=residual2d is not None, WEIGHT_FP32=weight_in_fp32, BLOCK_K=block,
+                           num_warps=warps)
+    return a, h
+
+
+def fused_linear(x2d: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float,
+                 residual2d: Optional[Tensor] = None, h_out: Optional[Tensor] = None, variant: str = "gemv",
+                 config: Optional[tuple[int, ...]] = None) -> Tensor:
+    """Launch one fused kernel: y = rms_norm(x (+ r)) * g @ W^T (+ b) -> [M, N] of x.dtype.
+
+    Args:
+        x2d, residual2d: [M, K] contiguous, same dtype. weight: [N, K] contiguous. bias: [N] or None. g: [K].
+        h_out: [M, K] buffer that receives h = x + r (only with residual2d), or None to skip writing it.
+        variant: "gemv" or "gemm". config: a tuple from gemv_configs / gemm_configs, or None for the first one.
+    Raises:
+        ValueError on an unknown variant, or "gemv" with M > GEMV_MAX_M without an explicit config.
+    """
+    _check_triton()
+    M, K = x2d.shape
+    N = weight.shape[0]
+    y = _new_buffer((M, N), x2d)
+    if M == 0 or N == 0:
+        return y
+    has_res = residual2d is not None
+    write_h = has_res and h_out is not None
+    r = residual2d if has_res else x2d
+    b = bias if bias is not None else weight
+    hb = h_out if write_h else y
+    if variant == "gemv":
+        bm = min(m_bucket(M), GEMV_MAX_M)
+        if config is None:
+            cfgs = gemv_configs(M)
+            if not cfgs:
+                raise ValueError(f"gemv variant needs M <= {GEMV_MAX_M} (got {M}) or an explicit config")
+            config = cfgs[0]
+        bn, bk, warps = config
+        grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
+        _fused_gemv_kernel[grid](x2d, r, norm_weight, weight, b, y, hb, M, N, K, float(eps),
+                                 HAS_RES=has_res, HAS_BIAS=bias is not None, WRITE_H=write_h,
+                                 BM=bm, BN=bn, BK=bk, num_warps=warps)
+    elif variant == "decode":
+        if config is None:
+            cfgs = decode_configs(M)
+            if not cfgs:
+                raise ValueError(f"decode variant needs M <= {GEMV_MAX_M} (got {M}) or an explicit config")
+            config = cfgs[0]
+        bn, bk, warps, stages, use_dot = config
+        bm = 16 if use_dot else min(m_bucket(M), GEMV_MAX_M)
+        if M > bm:
+            raise ValueError(f"decode variant handles at most {bm} rows with config {config}, got M={M}")
+        _fused_decode_kernel[(triton.cdiv(N, bn),)](
+            x2d, r, norm_weight, weight, b, y, hb, M, N, K, float(eps),
+            HAS_RES=has_res, HAS_BIAS=bias is not None, WRITE_H=write_h,
+            BM=bm, BN=bn, BK=bk, USE_DOT=bool(use_dot), IEEE=x2d.dtype == torch.float32,
+            num_warps=warps, num_stages=stages)
+    elif variant == "gemm":
+        if config is None:
+            config = gemm_configs(M)[0]
+        bm, bn, bk, warps, stages = config
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        _fused_gemm_kernel[grid](x2d, r, norm_weight, weight, b, y, hb, M, N, K, float(eps),
+                                 HAS_RES=has_res, HAS_BIAS=bias is not None, WRITE_H=write_h,
+                                 BM=bm, BN=bn, BK=bk, GROUP_M=8, IEEE=x2d.dtype == torch.float32,
+                                 num_warps=warps, num_stages=stages)
+    else:
+        raise ValueError(f"unknown fused variant {variant!r}; expected one of {_FUSED}")
+    return y
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dispatcher
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A dispatch decision: variant in ("unfused", "gemv", "gemm") and its config tuple (() for unfused).
+
+    times_us: the measured time per call of each candidate (microseconds), empty for heuristic choices.
+    source: "measured", "heuristic", "loaded" or "env".
+    """
+
+    variant: str
+    config: tuple[int, ...] = ()
+    source: str = "heuristic"
+    times_us: tuple[tuple[str, float], ...] = ()
+
+
+_CACHE: dict[tuple[int, int, int, str], Choice] = {}
+_HEURISTIC = Choice("unfused", (), "heuristic")
+
+
+def _key(m: int, n: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, str]:
+    return (m_bucket(m), int(n), int(k), str(dtype).replace("torch.", ""))
+
+
+def dispatch_table() -> dict[str, dict]:
+    """The cached decisions: {"M=<bucket>,N=..,K=..,<dtype>": {variant, config, source, times_us}}."""
+    return {f"M={k[0]},N={k[1]},K={k[2]},{k[3]}": {"variant": c.variant, "config": list(c.config),
+                                                   "source": c.source, "times_us": dict(c.times_us)}
+            for k, c in sorted(_CACHE.items())}
+
+
+def clear_dispatch_cache() -> None:
+    """Forget every cached decision (measured, loaded or heuristic)."""
+    _CACHE.clear()
+
+
+def save_tuning(path: str) -> None:
+    """Write the measured/loaded decisions to a JSON file (list of rows)."""
+    rows = [{"m_bucket": k[0], "n": k[1], "k": k[2], "dtype": k[3], "variant": c.variant, "config": list(c.config)}
+            for k, c in _CACHE.items() if c.source in ("measured", "loaded")]
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+def load_tuning(path: str) -> int:
+    """Read decisions written by `save_tuning`; returns the number loaded. Raises OSError / ValueError."""
+    with open(path) as f:
+        rows = json.load(f)
+    for r in rows:
+        if r["variant"] not in ("unfused",) + _FUSED:
+            raise ValueError(f"bad variant in {path}: {r['variant']}")
+        _CACHE[(int(r["m_bucket"]), int(r["n"]), int(r["k"]), str(r["dtype"]))] = Choice(
+            r["variant"], tuple(r["config"]), "loaded")
+    return len(rows)
+
+
+def _env_choice(m: int) -> Optional[Choice]:
+    v = os.environ.get("COCONUT_FUSION_VARIANT", "auto").strip().lower()
+    if v in ("", "auto"):
+        return None
+    if v == "unfused":
+        return Choice("unfused", (), "env")
+    if v == "gemv":
+        cfgs = gemv_configs(m)
+        return Choice("gemv", cfgs[0], "env") if cfgs else Choice("gemm", gemm_configs(m)[0], "env")
+    if v == "gemm":
+        return Choice("gemm", gemm_configs(m)[0], "env")
+    raise ValueError(f"COCONUT_FUSION_VARIANT={v!r}; expected auto, unfused, gemv or gemm")
+
+
+def _graph_time_us(fn: Callable[[int], object], reps: int, iters: int = 7) -> float:
+    """Median time per call (us) of fn(i) for i in range(reps), captured in one CUDA graph and replayed."""
+    for i in range(2):
+        fn(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(reps):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / reps)
+    del g
+    return statistics.median(times)
+
+
+def candidates(m: int) -> list[tuple[str, tuple[int, ...]]]:
+    """All (variant, config) pairs the dispatcher measures for M rows (the unfused path first)."""
+    out: list[tuple[str, tuple[int, ...]]] = [("unfused", ())]
+    out += [("gemv", c) for c in gemv_configs(m)]
+    out += [("decode", c) for c in decode_configs(m)]
+    out += [("gemm", c) for c in gemm_configs(m)]
+    return out
+
+
+def measure(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device | str = "cuda",
+            reps: int = 10, l2_bytes: int = 120 << 20) -> Choice:
+    """Time every candidate for an [m, k] x [n, k]^T site on `device` (a CUDA device) and return the fastest.
+
+    Weights are rotated over enough copies to exceed `l2_bytes` (2x the H200's 60 MB L2) so they come from HBM,
+    as in the real model. Each candidate is timed inside a CUDA graph of `reps` calls (median of 7 replays).
+    A candidate that fails to compile or run is skipped (logged). Raises RuntimeError when called while the
+    current stream is capturing a CUDA graph.
+    """
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("coconut: refusing to benchmark while a CUDA graph is being captured")
+    dev = torch.device(device)
+    mb = m_bucket(m)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(mb, k, device=dev, dtype=dtype, generator=gen)
+    g = 1.0 + 0.1 * torch.randn(k, device=dev, dtype=dtype, generator=gen)
+    copies = max(1, min(16, math.ceil(l2_bytes / max(1, n * k * x.element_size()))))
+    ws: list[Tensor] = []
+    for _ in range(copies):
+        try:
+            ws.append(torch.randn(n, k, device=dev, dtype=dtype, generator=gen) * k ** -0.5)
+        except torch.cuda.OutOfMemoryError:
+            if not ws:
+                raise
+            break  # fewer copies: L2 may then flatter every candidate alike
+    copies = len(ws)
+    times: dict[str, float] = {}
+    best: Optional[tuple[float, str, tuple[int, ...]]] = None
+    for variant, cfg in candidates(mb):
+        name = variant + ("" if not cfg else str(list(cfg)).replace(" ", ""))
+        try:
+            if variant == "unfused":
+                def fn(i: int) -> object:
+                    a, _ = triton_rms_norm(x, g, 1e-6)
+                    return F.linear(a, ws[i % copies])
+            else:
+                def fn(i: int, variant: str = variant, cfg: tuple[int, ...] = cfg) -> object:
+                    return fused_linear(x, g, ws[i % copies], None, 1e-6, variant=variant, config=cfg)
+            t = _graph_time_us(fn, reps)
+        except Exception as e:  # a config that does not compile (e.g. shared memory) is simply not a candidate
+            log.warning("coconut: candidate %s failed for M=%d N=%d K=%d: %s", name, mb, n, k, e)
+            continue
+        times[name] = round(t, 3)
+        if best is None or t < best[0]:
+            best = (t, variant, cfg)
+    if best is None:
+        return Choice("unfused", (), "heuristic")
+    return Choice(best[1], best[2], "measured", tuple(times.items()))
+
+
+def choose(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> Choice:
+    """The dispatch decision for a CUDA site; measures on first use unless a CUDA graph is being captured.
+
+    Order: COCONUT_FUSION_VARIANT env override; cached (measured/pre-tuned/loaded) decision; measurement (not while
+    capturing; COCONUT_AUTOTUNE=0 disables it); otherwise the heuristic "unfused" (the safe default: a fused
+    kernel is only used where it was measured to win).
+    """
+    env = _env_choice(m)
+    if env is not None:
+        return env
+    key = _key(m, n, k, dtype)
+    c = _CACHE.get(key)
+    if c is not None and c.source != "heuristic":
+        return c
+    if torch.cuda.is_current_stream_capturing() or os.environ.get("COCONUT_AUTOTUNE", "1") == "0":
+        return c or _HEURISTIC
+    try:
+        c = measure(m, n, k, dtype, device)
+    except Exception as e:  # e.g. out of memory while the KV cache holds the GPU: fall back, do not crash
+        log.warning("coconut: measuring M<=%d N=%d K=%d failed (%s); using the unfused path", key[0], n, k, e)
+        c = Choice("unfused", (), "heuristic")
+    _CACHE[key] = c
+    log.info("coconut: M<=%d N=%d K=%d %s -> %s %s %s", key[0], n, k, key[3], c.variant, c.config, c.times_us)
+    return c
+
+
+def pretune(shapes: Iterable[tuple[int, int, int]], dtype: torch.dtype = torch.bfloat16,
+            device: torch.device | str = "cuda") -> dict[str, dict]:
+    """Measure and cache the dispatch decision for each (M, N, K) (M is bucketed to the next power of two).
+
+    Call before capturing CUDA graphs (the engine does, for its batch sizes and its qkv / gate_up / lm_head
+    shapes). Returns `dispatch_table()`. Raises RuntimeError if called during graph capture or without CUDA.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("coconut.pretune needs CUDA")
+    for m, n, k in shapes:
+        key = _key(m, n, k, dtype)
+        if key in _CACHE and _CACHE[key].source in ("measured", "loaded"):
+            continue
+        c = measure(key[0], n, k, dtype, device)
+        _CACHE[key] = c
+        log.info("coconut pretune: M<=%d N=%d K=%d -> %s %s", key[0], n, k, c.variant, c.config)
+    return dispatch_table()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The public entry point used by the custom ops
+# --------------------------------------------------------------------------------------------------------------
+
+
+def rms_norm_linear(
+    x2d: Tensor,
+    norm_weight: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Optional[Tensor]],
+    eps: float,
+    residual2d: Optional[Tensor] = None,
+    weight_in_fp32: bool = False,
+    variant: str = "auto",
+    config: Optional[tuple[int, ...]] = None,
+) -> tuple[list[Tensor], Optional[Tensor]]:
+    """(residual add +) RMSNorm -> several linears. Returns ([y_i: [M, N_i]], h: [M, K] or None).
+
+    Args:
+        x2d: [M, K] activations (fp32/bf16/fp16); residual2d: [M, K] same dtype or None.
+        norm_weight: [K]; weights: list of [N_i, K]; biases: list of [N_i] or None (same length as weights).
+        eps: float added to mean(h^2). weight_in_fp32: see `reference_rms_norm`.
+        variant: "auto" (CUDA: dispatcher; CPU: "torch"), "torch", "unfused", "gemv", "gemm". A Triton variant
+            on CPU tensors runs in the Triton interpreter (TRITON_INTERPRET=1 must be set before triton import).
+        config: kernel config for a forced fused variant (None = first of its list).
+    Raises:
+        ValueError: mismatched shapes/dtypes or unknown variant.
+    """
+    if x2d.dim() != 2:
+        raise ValueError(f"x2d must be 2-D [M, K], got {tuple(x2d.shape)}")
+    M, K = x2d.shape
+    if len(weights) != len(biases):
+        raise ValueError("weights and biases must have the same length")
+    if norm_weight.shape != (K,):
+        raise ValueError(f"norm_weight must be [{K}], got {tuple(norm_weight.shape)}")
+    for w in weights:
+        if w.dim() != 2 or w.shape[1] != K:
+            raise ValueError(f"weight must be [N, {K}], got {tuple(w.shape)}")
+    if residual2d is not None and residual2d.shape != x2d.shape:
+        raise ValueError("residual must have the shape of x")
+    if variant not in ("auto",) + VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}")
+    if variant == "auto" and not x2d.is_cuda:
+        variant = "torch"
+    if variant == "torch":
+        return reference_rms_norm_linear(x2d, norm_weight, weights, biases, eps, residual2d, weight_in_fp32)
+
+    x2d = x2d.contiguous()
+    residual2d = residual2d.contiguous() if residual2d is not None else None
+    norm_weight = norm_weight.contiguous()
+    if variant == "auto":
+        choices = [choose(M, w.shape[0], K, x2d.dtype, x2d.device) for w in weights]
+    else:
+        choices = [Choice(variant, tuple(config) if config is not None else (), "forced") for _ in weights]
+    # weight_in_fp32 with a low-precision weight differs from the Llama chain only in rounding, which the fused
+    # kernels do not reproduce anyway (they keep h*g in fp32); so it only matters for the unfused path.
+    ys: list[Optional[Tensor]] = [None] * len(weights)
+    h: Optional[Tensor] = None
+    if any(c.variant == "unfused" for c in choices):
+        a, h = triton_rms_norm(x2d, norm_weight, eps, residual2d, weight_in_fp32)
+        for i, (w, b, c) in enumerate(zip(weights, biases, choices)):
+            if c.variant == "unfused":
+                ys[i] = F.linear(a, w, b)
+    if residual2d is not None and h is None:
+        h = _new_buffer((M, K), x2d)
+        h_pending = True
+    else:
+        h_pending = False
+    for i, (w, b, c) in enumerate(zip(weights, biases, choices)):
+        if c.variant != "unfused":
+            ys[i] = fused_linear(x2d, norm_weight, w.contiguous(), b, eps, residual2d,
+                                 h if h_pending else None, c.variant, c.config or None)
+            h_pending = False
+    return [y for y in ys if y is not None], h

@@ -1,0 +1,466 @@
+"""A hand-written FX matcher over Inductor's post-grad ATen graph: RMSNorm chains whose every use is a linear.
+
+Matched norm chains (x: [..., K], any rank; eps: any Python number captured from the graph, or a 0-d CPU tensor
+input, which is what Dynamo makes of float attributes under dynamic=True):
+
+    xf  = convert_element_type(x, f32)            (absent in fp32 graphs)
+    s   = mean.dim(pow(xf, 2) | mul(xf, xf), [-1 | ndim-1], keepdim=True)
+    r   = rsqrt(add(s, eps))                      (add.Tensor or add.Scalar, either operand order)
+    n   = mul(xf, r)                              (either order)
+    out = mul(convert_element_type(n, dt), g)     Llama/Qwen form (either order; no cast in fp32)
+    out = convert_element_type(mul(n, g), dt)     torch.nn.RMSNorm / F.rms_norm / aten._fused_rms_norm form
+    with g: [K] (any node: a parameter, or a computed gain such as 1 + w).
+
+Residual form: x = add.Tensor(a, b) with a, b, x of one shape and dtype -> coconut.add_rms_norm_linear, whose h
+output replaces every other use of x.
+
+Linear consumers of `out` (every use must be one, else the site is left alone):
+    mm(out2d, permute(W, [1, 0]) | t(W))          (+ an optional add(mm, b) with b: [N] as the only use of mm)
+    addmm(b, out2d, permute(W, [1, 0]))           (beta = alpha = 1)
+    where out2d is `out` itself (2-D) or view/reshape/_unsafe_view(out, [M, K]) (a flatten of the leading dims).
+All consumers of one norm become ONE coconut call with a list of weights; each replaced node (mm, addmm or the
+bias add) is replaced by the matching 2-D output of the op.
+
+Not matched (left alone, results unchanged): norm outputs with any non-linear use (q_norm/k_norm -> RoPE, outputs
+of the graph, saved activations in training graphs), weights that are not [N, K] transposes, mixed dtypes
+(weight or gain dtype different from the activations, except an fp32 gain in the fp32-weight form), broadcast
+residual adds (the plain form is used then), norms over several dims, and anything whose inputs are defined
+after the first node that would have to use the op's outputs.
+"""
+from __future__ import annotations
+
+import logging
+import numbers
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch.fx import Node
+
+from . import ops as _ops  # noqa: F401  (registers torch.ops.coconut.*)
+
+log = logging.getLogger("fusion_pass")
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_ADDS = {aten.add.Tensor, aten.add.Scalar}
+_LOW = (torch.bfloat16, torch.float16)
+
+OP_PLAIN = torch.ops.coconut.rms_norm_linear.default
+OP_RESIDUAL = torch.ops.coconut.add_rms_norm_linear.default
+
+
+@dataclass
+class Consumer:
+    """One linear that reads the normalized activations. `node` is replaced by the op output (2-D [M, N])."""
+
+    node: Node
+    weight: Node
+    bias: Optional[Node]
+    extra: list[Node] = field(default_factory=list)  # nodes made dead by the rewrite (mm under a bias add, views)
+
+
+@dataclass
+class Site:
+    """A matched norm chain and its linear consumers."""
+
+    x: Node
+    gain: Node
+    eps: float
+    eps_node: Optional[Node]
+    weight_in_fp32: bool
+    out: Node
+    chain: list[Node]
+    consumers: list[Consumer]
+    residual: Optional[tuple[Node, Node]] = None
+
+
+@dataclass
+class PassStats:
+    """What one run of the pass over one graph found."""
+
+    sites: int = 0
+    residual_sites: int = 0
+    linears: int = 0
+    norms_seen: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sites": self.sites, "residual_sites": self.residual_sites, "linears": self.linears,
+                "norms_seen": self.norms_seen, "skipped": list(self.skipped)}
+
+
+def _val(n: Any) -> Any:
+    return n.meta.get("val") if isinstance(n, Node) else None
+
+
+def _is_call(n: Any, targets: Any) -> bool:
+    if not isinstance(n, Node) or n.op != "call_function":
+        return False
+    return n.target in targets if isinstance(targets, (set, frozenset, tuple)) else n.target is targets
+
+
+def _cast(n: Any) -> Optional[tuple[Node, torch.dtype]]:
+    """(source, dtype) when n is a dtype conversion, else None."""
+    if _is_call(n, prims.convert_element_type.default) and isinstance(n.args[0], Node):
+        return n.args[0], n.args[1]
+    if _is_call(n, aten._to_copy.default) and len(n.args) == 1 and set(n.kwargs) <= {"dtype"} \
+            and "dtype" in n.kwargs and isinstance(n.args[0], Node):
+        return n.args[0], n.kwargs["dtype"]
+    return None
+
+
+def _source_f32(xf: Node) -> Optional[Node]:
+    """The activation that xf is the fp32 view of: x if xf = cast(x (bf16/fp16), f32), xf itself if xf is fp32."""
+    c = _cast(xf)
+    if c is not None:
+        src, dt = c
+        v = _val(src)
+        if dt is torch.float32 and isinstance(v, torch.Tensor) and v.dtype in _LOW:
+            return src
+        return None
+    v = _val(xf)
+    if isinstance(v, torch.Tensor) and v.dtype is torch.float32:
+        return xf
+    return None
+
+
+def _binary(n: Node) -> Optional[tuple[Any, Any]]:
+    if len(n.args) != 2 or any(k != "alpha" for k in n.kwargs) or n.kwargs.get("alpha", 1) != 1:
+        return None
+    return n.args[0], n.args[1]
+
+
+def _match_normalized(n: Any) -> Optional[tuple[Node, float, Optional[Node], list[Node]]]:
+    """Match n = xf * rsqrt(mean(xf^2, -1, keepdim) + eps); returns (x, eps, eps_node, chain nodes)."""
+    if not _is_call(n, aten.mul.Tensor) or len(n.args) != 2:
+        return None
+    for xf, r in (n.args, n.args[::-1]):
+        if not _is_call(r, aten.rsqrt.default):
+            continue
+        s = r.args[0]
+        if not _is_call(s, _ADDS):
+            continue
+        ab = _binary(s)
+        if ab is None:
+            continue
+        for mean, e in (ab, ab[::-1]):
+            if not _is_call(mean, aten.mean.dim) or mean.kwargs.get("dtype") is not None:
+                continue
+            keep = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
+            p = mean.args[0]
+            xv = _val(xf)
+            if not keep or not isinstance(xv, torch.Tensor) or xv.dim() < 1:
+                continue
+            dims = list(mean.args[1]) if isinstance(mean.args[1], (list, tuple)) else [mean.args[1]]
+            if len(dims) != 1 or dims[0] not in (-1, xv.dim() - 1):
+                continue
+            if _is_call(p, aten.pow.Tensor_Scalar) and p.args[1] == 2:
+                base = p.args[0]
+            elif _is_call(p, aten.mul.Tensor) and len(p.args) == 2 and p.args[0] is p.args[1]:
+                base = p.args[0]
+            else:
+                continue
+            if base is not xf:
+                cb, cx = _cast(base), _cast(xf)
+                if not (cb and cx and cb[0] is cx[0] and cb[1] == cx[1]):
+                    continue
+            x = _source_f32(xf)
+            if x is None:
+                continue
+            eps_val, eps_node = _match_eps(e)
+            if eps_val is None and eps_node is None:
+                continue
+            chain = [n, r, s, mean, p] + [b for b in (base, xf) if b is not x]
+            if eps_node is not None and _is_call(e, prims.convert_element_type.default):
+                chain.append(e)
+            return x, (eps_val if eps_val is not None else 0.0), eps_node, chain
+    return None
+
+
+def _match_eps(e: Any) -> tuple[Optional[float], Optional[Node]]:
+    """A Python number -> (eps, None); a 0-d CPU tensor node (optionally cast to f32) -> (None, node)."""
+    if isinstance(e, numbers.Real) and not isinstance(e, bool):
+        return float(e), None
+    if isinstance(e, Node):
+        src = e
+        c = _cast(e)
+        if c is not None and c[1] is torch.float32:
+            src = c[0]
+        v = _val(src)
+        if isinstance(v, torch.Tensor) and v.dim() == 0 and v.device.type == "cpu" and v.is_floating_point():
+            return None, src
+    return None, None
+
+
+def _gain_ok(g: Any, k: int, dtypes: tuple[torch.dtype, ...]) -> bool:
+    v = _val(g)
+    return isinstance(g, Node) and isinstance(v, torch.Tensor) and tuple(v.shape) == (k,) and v.dtype in dtypes
+
+
+def match_norm(out: Node) -> Optional[Site]:
+    """Match a norm chain that ends at `out` (see the module docstring); consumers are filled in later."""
+    if _is_call(out, aten.mul.Tensor) and len(out.args) == 2:  # Llama/Qwen form (or fp32 graphs)
+        for c, g in (out.args, out.args[::-1]):
+            if not isinstance(c, Node):
+                continue
+            cc = _cast(c)
+            nrm = cc[0] if cc is not None else c
+            m = _match_normalized(nrm)
+            if m is None:
+                continue
+            x, eps, eps_node, chain = m
+            xv = _val(x)
+            dt = xv.dtype
+            if cc is not None and cc[1] != dt:
+                continue
+            if cc is None and dt is not torch.float32:
+                continue
+            if not _gain_ok(g, xv.shape[-1], (dt,)):
+                continue
+            return Site(x, g, eps, eps_node, False, out, [out] + ([c] if cc is not None else []) + chain, [])
+    cc = _cast(out)
+    if cc is not None and _is_call(cc[0], aten.mul.Tensor) and len(cc[0].args) == 2:  # nn.RMSNorm form
+        mulg = cc[0]
+        for nrm, g in (mulg.args, mulg.args[::-1]):
+            m = _match_normalized(nrm)
+            if m is None:
+                continue
+            x, eps, eps_node, chain = m
+            xv = _val(x)
+            dt = xv.dtype
+            if cc[1] != dt or dt not in _LOW:
+                continue
+            if not _gain_ok(g, xv.shape[-1], (dt, torch.float32)):
+                continue
+            return Site(x, g, eps, eps_node, True, out, [out, mulg] + chain, [])
+    return None
+
+
+def _weight_of(b: Any, k: int, dt: torch.dtype) -> Optional[Node]:
+    """W when b = permute(W, [1, 0]) or t(W) with W: [N, k] of dtype dt."""
+    if _is_call(b, aten.permute.default) and list(b.args[1]) in ([1, 0], [-1, 0], [1, -2], [-1, -2]):
+        w = b.args[0]
+    elif _is_call(b, aten.t.default):
+        w = b.args[0]
+    else:
+        return None
+    v = _val(w)
+    if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == k and v.dtype == dt:
+        return w
+    return None
+
+
+def _bias_ok(b: Any, n: Any, dt: torch.dtype) -> bool:
+    v = _val(b)
+    return isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == n and v.dtype == dt
+
+
+def _as_linear(u: Node, lhs: Node, k: int, dt: torch.dtype) -> Optional[Consumer]:
+    if _is_call(u, aten.mm.default) and len(u.args) == 2 and u.args[0] is lhs and u.args[1] is not lhs:
+        w = _weight_of(u.args[1], k, dt)
+        if w is None:
+            return None
+        n = _val(w).shape[0]
+        if len(u.users) == 1:
+            (a,) = u.users
+            if _is_call(a, aten.add.Tensor) and _binary(a) is not None:
+                other = a.args[1] if a.args[0] is u else a.args[0]
+                if other is not u and _bias_ok(other, n, dt) and _val(a).dtype == dt:
+                    return Consumer(a, w, other, [u, u.args[1]])
+        return Consumer(u, w, None, [u.args[1]])
+    if _is_call(u, aten.addmm.default) and len(u.args) == 3 and u.args[1] is lhs and u.args[2] is not lhs:
+        if u.kwargs.get("beta", 1) != 1 or u.kwargs.get("alpha", 1) != 1:
+            return None
+        w = _weight_of(u.args[2], k, dt)
+        if w is None or not _bias_ok(u.args[0], _val(w).shape[0], dt):
+            return None
+        return Consumer(u, w, u.args[0], [u.args[2]])
+    return None
+
+
+def _is_flatten(v: Node, k: int) -> bool:
+    """True when v views its input [..., k] as [M, k] (a flatten of the leading dims)."""
+    val = _val(v)
+    return isinstance(val, torch.Tensor) and val.dim() == 2 and val.shape[1] == k
+
+
+def find_consumers(site: Site) -> Optional[list[Consumer]]:
+    """Every use of site.out as linear consumers, or None if any use is something else."""
+    xv = _val(site.out)
+    if not isinstance(xv, torch.Tensor):
+        return None
+    k, dt = xv.shape[-1], xv.dtype
+    out: list[Consumer] = []
+    for u in site.out.users:
+        if _is_call(u, _VIEWS) and u.args[0] is site.out:
+            if not _is_flatten(u, k) or not u.users:
+                return None
+            for uu in u.users:
+                c = _as_linear(uu, u, k, dt)
+                if c is None:
+                    return None
+                c.extra.append(u)
+                out.append(c)
+        elif xv.dim() == 2:
+            c = _as_linear(u, site.out, k, dt)
+            if c is None:
+                return None
+            out.append(c)
+        else:
+            return None
+    return out or None
+
+
+def _residual(x: Node) -> Optional[tuple[Node, Node]]:
+    if not _is_call(x, aten.add.Tensor) or _binary(x) is None:
+        return None
+    a, b = x.args
+    va, vb, vx = _val(a), _val(b), _val(x)
+    if not all(isinstance(v, torch.Tensor) for v in (va, vb, vx)):
+        return None
+    if va.dtype != vx.dtype or vb.dtype != vx.dtype or va.shape != vx.shape or vb.shape != vx.shape:
+        return None
+    return a, b
+
+
+def _fake_run(target: Any, args: tuple) -> Any:
+    """Run the op's fake impl on the args' meta values (under the graph's fake mode)."""
+    vals = fx.node.map_arg(args, _val)
+    flat = [v for v in torch.utils._pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)]
+    mode = torch._guards.detect_fake_mode(flat)
+    if mode is None:
+        return None
+    with mode:
+        return target(*vals)
+
+
+def _hoist_all(inputs: list[Node], first: Node, order: dict[Node, int], forbidden: set[Node]) -> bool:
+    """Make every input precede `first`, moving pure nodes (and their late dependencies) up when needed.
+
+    Returns False, leaving the graph unchanged, when an input depends on a forbidden node (one that must follow
+    the op) or on an impure node that cannot be moved.
+    """
+    limit = order[first]
+    to_move: list[Node] = []
+    seen: set[Node] = set()
+
+    def visit(n: Node) -> bool:
+        if n in seen or order.get(n, limit) < limit:
+            return True
+        if n in forbidden or n.op != "call_function" or n.is_impure():
+            return False
+        seen.add(n)
+        for a in n.all_input_nodes:
+            if not visit(a):
+                return False
+        to_move.append(n)
+        return True
+
+    if not all(visit(n) for n in inputs):
+        return False
+    for n in sorted(to_move, key=order.__getitem__):
+        first.prepend(n)
+    return True
+
+
+def _rewrite(graph: fx.Graph, site: Site, stats: PassStats, renamed: dict[Node, Node]) -> bool:
+    site.x = renamed.get(site.x, site.x)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    chain = set(site.chain)
+    residual = _residual(site.x)
+    h_users: list[Node] = []
+    if residual is not None:
+        h_users = [u for u in site.x.users if u not in chain]
+    targets = [c.node for c in site.consumers] + h_users
+    first = min(targets, key=order.__getitem__)
+    weights = [c.weight for c in site.consumers]
+    biases = [c.bias for c in site.consumers]
+    x_inputs = list(residual) if residual is not None else [site.x]
+    inputs = x_inputs + [site.gain] + weights + [b for b in biases if b is not None] \
+        + ([site.eps_node] if site.eps_node is not None else [])
+    if not _hoist_all(inputs, first, order, set(targets) | chain):
+        if residual is not None:  # retry without the residual form
+            residual, h_users = None, []
+            first = min((c.node for c in site.consumers), key=order.__getitem__)
+            inputs = [site.x] + inputs[2:]
+        if not _hoist_all(inputs, first, order, {c.node for c in site.consumers} | chain):
+            stats.skipped.append(f"{site.out.name}: an input depends on a node that must follow the op")
+            return False
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    if residual is not None:
+        target = OP_RESIDUAL
+        args: tuple = (residual[0], residual[1], site.gain, weights, biases, site.eps, site.eps_node,
+                       site.weight_in_fp32)
+    else:
+        target = OP_PLAIN
+        args = (site.x, site.gain, weights, biases, site.eps, site.eps_node, site.weight_in_fp32)
+    fake = _fake_run(target, args)
+    with graph.inserting_before(first):
+        op_node = graph.call_function(target, args)
+        if fake is not None:
+            op_node.meta["val"] = fake
+        items = []
+        for i in range(len(site.consumers) + (1 if residual is not None else 0)):
+            it = graph.call_function(operator.getitem, (op_node, i))
+            if fake is not None:
+                it.meta["val"] = fake[i]
+            items.append(it)
+    for c, it in zip(site.consumers, items):
+        if "stack_trace" in c.node.meta:
+            it.meta["stack_trace"] = c.node.meta["stack_trace"]
+        c.node.replace_all_uses_with(it)
+    if residual is not None:
+        h = items[-1]
+        for u in h_users:
+            u.replace_input_with(site.x, h)
+        renamed[site.x] = h
+    # Erase what became dead, users before producers.
+    dead = set(site.chain) | {c.node for c in site.consumers}
+    for c in site.consumers:
+        dead.update(c.extra)
+    if residual is not None:
+        dead.add(site.x)
+    for n in sorted(dead, key=lambda n: -order.get(n, -1)):
+        if n.graph is graph and not n.users:
+            graph.erase_node(n)
+    stats.sites += 1
+    stats.linears += len(site.consumers)
+    stats.residual_sites += residual is not None
+    return True
+
+
+def rewrite_graph(graph: fx.Graph) -> PassStats:
+    """Find every fusable norm -> linear(s) site in a post-grad graph and replace it by one coconut op call.
+
+    Mutates `graph` in place (and lints it). Returns the statistics of this run.
+    """
+    stats = PassStats()
+    sites: list[Site] = []
+    for n in list(graph.nodes):
+        if n.op != "call_function":
+            continue
+        site = match_norm(n)
+        if site is None:
+            continue
+        stats.norms_seen += 1
+        consumers = find_consumers(site)
+        if consumers is None:
+            stats.skipped.append(f"{n.name}: a use is not a linear")
+            continue
+        site.consumers = consumers
+        sites.append(site)
+    renamed: dict[Node, Node] = {}
+    for site in sites:
+        try:
+            _rewrite(graph, site, stats, renamed)
+        except Exception as e:  # never break compilation: a failed rewrite is a skipped site
+            log.warning("coconut: could not rewrite site at %s: %s", site.out.name, e)
+            stats.skipped.append(f"{site.out.name}: {type(e).__name__}: {e}")
+    if stats.sites:
+        graph.lint()
+    return stats

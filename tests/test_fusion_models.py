@@ -1,0 +1,181 @@
+"""The coconut backend on whole models: exactly 2L+1 sites (counted in depyf's post-grad dump and by the stats
+API) and compiled == eager. HF transformers Qwen3/Llama (tiny, random, fp32) and a local replica of the engine's
+Qwen3 forward (the norm forms of docs/HELPERS.md; merged qkv / gate_up weights; opaque attention stand-in)."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fusion_pass  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+LAYERS = 2
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch):
+    from torch._inductor import config as ic
+
+    monkeypatch.setattr(ic, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    torch._dynamo.reset()
+    fusion_pass.reset_stats()
+    yield
+    torch._dynamo.reset()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def count_dump(dump_dir: str) -> dict[str, int]:
+    """Count coconut calls and remaining mm/addmm in the post-grad graphs that depyf dumped."""
+    files = glob.glob(os.path.join(dump_dir, "*AFTER_POST_GRAD*.py"))
+    assert files, f"no post-grad dump in {os.listdir(dump_dir)}"
+    text = "".join(open(f).read() for f in files)
+    return {"coconut": len(re.findall(r"= torch\.ops\.coconut\.\w+\.default\(", text)),
+            "residual": len(re.findall(r"= torch\.ops\.coconut\.add_rms_norm_linear\.default\(", text)),
+            "mm": len(re.findall(r"= torch\.ops\.aten\.(?:mm|addmm)\.default\(", text))}
+
+
+def compile_and_count(model, args, tmp_path, dynamic=None):
+    import depyf
+
+    dump = str(tmp_path / "depyf")
+    with torch.no_grad():
+        with depyf.prepare_debug(dump):
+            compiled = torch.compile(model, backend="coconut", dynamic=dynamic)
+            out = compiled(*args)
+    return compiled, out, count_dump(dump)
+
+
+HF_KW = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_hf_model_sites_and_numerics(arch, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if arch == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**HF_KW, tie_word_embeddings=True))
+        dense_left = 2 * LAYERS  # o_proj, down_proj per layer stay plain mm
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_KW,
+                                                                       tie_word_embeddings=False))
+        dense_left = 2 * LAYERS
+    model = model.float().eval()
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+
+    def fwd(input_ids):
+        return model(input_ids=input_ids, use_cache=False).logits
+
+    _, out, dump = compile_and_count(fwd, (ids,), tmp_path)
+    assert fusion_pass.fused_site_count() == 2 * LAYERS + 1, fusion_pass.all_stats()
+    assert dump["coconut"] == 2 * LAYERS + 1, dump
+    assert dump["residual"] == 2 * LAYERS, dump  # every norm but the first one takes the residual add
+    assert dump["mm"] == dense_left, dump
+    assert sum(s["linears"] for s in fusion_pass.all_stats()) == LAYERS * 5 + 1
+    assert rel_err(out, ref) <= 1e-5
+
+
+# ---- a replica of the engine's Qwen3 forward, in the exact norm form of docs/HELPERS.md --------------------------
+
+
+class EngineRMSNorm(nn.Module):
+    def __init__(self, k: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(k))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None:
+            x = x + residual
+            residual = x
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = xf.to(dtype) * self.weight
+        return out if residual is None else (out, residual)
+
+
+class EngineLayer(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int) -> None:
+        super().__init__()
+        self.h, self.kv, self.d = heads, kv_heads, head_dim
+        self.input_layernorm = EngineRMSNorm(hidden)
+        self.post_attention_layernorm = EngineRMSNorm(hidden)
+        self.qkv = nn.Parameter(torch.randn((heads + 2 * kv_heads) * head_dim, hidden) * hidden ** -0.5)
+        self.o = nn.Parameter(torch.randn(hidden, heads * head_dim) * hidden ** -0.5)
+        self.gate_up = nn.Parameter(torch.randn(2 * inter, hidden) * hidden ** -0.5)
+        self.down = nn.Parameter(torch.randn(hidden, inter) * inter ** -0.5)
+        self.q_norm = EngineRMSNorm(head_dim)
+        self.k_norm = EngineRMSNorm(head_dim)
+
+    def forward(self, x, residual):
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        qkv = F.linear(x, self.qkv)
+        q, k, v = qkv.split([self.h * self.d, self.kv * self.d, self.kv * self.d], -1)
+        q = self.q_norm(q.view(-1, self.h, self.d))
+        k = self.k_norm(k.view(-1, self.kv, self.d))
+        v = v.view(-1, self.kv, self.d)
+        # stand-in for the opaque paged attention op: non-linear use of q, k, v
+        k = k.repeat_interleave(self.h // self.kv, 1)
+        v = v.repeat_interleave(self.h // self.kv, 1)
+        att = torch.softmax(torch.einsum("thd,shd->hts", q, k) * self.d ** -0.5, -1)
+        o = torch.einsum("hts,shd->thd", att, v).reshape(-1, self.h * self.d)
+        x = F.linear(o, self.o)
+        x, residual = self.post_attention_layernorm(x, residual)
+        gate, up = F.linear(x, self.gate_up).chunk(2, -1)
+        return F.linear(F.silu(gate) * up, self.down), residual
+
+
+class EngineQwen3(nn.Module):
+    def __init__(self, vocab=96, hidden=64, heads=4, kv_heads=2, head_dim=16, inter=96, layers=LAYERS) -> None:
+        super().__init__()
+        self.embed = nn.Parameter(torch.randn(vocab, hidden) * 0.5)
+        self.layers = nn.ModuleList(EngineLayer(hidden, heads, kv_heads, head_dim, inter) for _ in range(layers))
+        self.norm = EngineRMSNorm(hidden)
+
+    def forward(self, input_ids, last_idx):
+        x = F.embedding(input_ids, self.embed)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual)
+        x, residual = x[last_idx], residual[last_idx]
+        x, _ = self.norm(x, residual)
+        return F.linear(x, self.embed)  # tied lm_head
+
+
+def test_engine_replica_sites_dynamic_tokens(tmp_path):
+    torch.manual_seed(0)
+    model = EngineQwen3().eval()
+    ids, last = torch.randint(0, 96, (9,)), torch.tensor([3, 8])
+    torch._dynamo.mark_dynamic(ids, 0)
+    torch._dynamo.mark_dynamic(last, 0)
+    compiled, out, dump = compile_and_count(model, (ids, last), tmp_path)
+    assert fusion_pass.fused_site_count() == 2 * LAYERS + 1, fusion_pass.all_stats()
+    assert dump["coconut"] == 2 * LAYERS + 1 and dump["mm"] == 2 * LAYERS, dump
+    with torch.no_grad():
+        assert rel_err(out, model(ids, last)) <= 1e-5
+        ids2, last2 = torch.randint(0, 96, (13,)), torch.tensor([0, 5, 12])
+        torch._dynamo.mark_dynamic(ids2, 0)
+        torch._dynamo.mark_dynamic(last2, 0)
+        assert rel_err(compiled(ids2, last2), model(ids2, last2)) <= 1e-5
+    assert fusion_pass.fused_site_count() == 2 * LAYERS + 1  # no recompile for a new token count

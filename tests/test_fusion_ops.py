@@ -1,0 +1,212 @@
+"""The coconut custom ops and the fused Triton kernels (Triton interpreter on CPU) against a float64 reference."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must happen before triton is imported (tests/conftest.py does it too)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fusion_pass  # noqa: E402,F401
+from fusion_pass import kernels  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN-propagating)."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def ref64(x, g, ws, bs, eps, r=None):
+    """Float64 reference of (add +) RMSNorm -> linears: ([y_i [M, N_i]], h)."""
+    h = (x + r) if r is not None else x
+    hd = h.double().reshape(-1, h.shape[-1])
+    n = hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + eps) * g.double()
+    ys = [torch.nn.functional.linear(n, w.double(), None if b is None else b.double()) for w, b in zip(ws, bs)]
+    return ys, h
+
+
+def make(m, k, ns, dtype, bias=True, seed=0, lead=()):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, m, k, generator=gen).to(DEV, dtype)
+    r = torch.randn(*lead, m, k, generator=gen).to(DEV, dtype)
+    g = (1 + 0.2 * torch.randn(k, generator=gen)).to(DEV, dtype)
+    ws = [(torch.randn(n, k, generator=gen) / k ** 0.5).to(DEV, dtype) for n in ns]
+    bs = [(0.1 * torch.randn(n, generator=gen)).to(DEV, dtype) if bias and i % 2 == 0 else None
+          for i, n in enumerate(ns)]
+    return x, r, g, ws, bs
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(kernels, "POISON_OUTPUTS", True)
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 17])
+@pytest.mark.parametrize("lead", [(), (2,)])
+def test_op_cpu_impl_matches_float64(m, lead):
+    x, r, g, ws, bs = make(m, 24, [8, 13, 5], torch.float32, lead=lead)
+    eps = 3.3e-7
+    ys = torch.ops.coconut.rms_norm_linear(x, g, ws, bs, eps)
+    ref, _ = ref64(x, g, ws, bs, eps)
+    assert len(ys) == 3
+    for y, yr in zip(ys, ref):
+        assert y.shape == yr.shape == (x.numel() // 24, yr.shape[1])
+        assert rel_err(y, yr) <= 1e-5
+    out = torch.ops.coconut.add_rms_norm_linear(x, r, g, ws, bs, eps)
+    ref, h = ref64(x, g, ws, bs, eps, r)
+    assert len(out) == 4 and torch.equal(out[-1], x + r)
+    for y, yr in zip(out[:-1], ref):
+        assert rel_err(y, yr) <= 1e-5
+
+
+def test_op_eps_tensor_and_weight_in_fp32_form():
+    x, r, g, ws, bs = make(5, 16, [7], torch.bfloat16)
+    eps_t = torch.tensor(1e-5, dtype=torch.float64)
+    y = torch.ops.coconut.rms_norm_linear(x, g, ws, bs, 0.123, eps_t, True)[0]
+    xf = x.float()
+    a = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * g).to(torch.bfloat16)
+    assert torch.equal(y, torch.nn.functional.linear(a, ws[0], bs[0]))
+    # Llama/Qwen rounding chain: cast to bf16, then multiply by the weight in bf16
+    y = torch.ops.coconut.rms_norm_linear(x, g, ws, bs, 1e-5)[0]
+    a = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16) * g
+    assert torch.equal(y, torch.nn.functional.linear(a, ws[0], bs[0]))
+
+
+def test_opcheck_fake_impls():
+    x, r, g, ws, bs = make(3, 16, [8, 4], torch.float32, lead=(2,))
+    torch.library.opcheck(torch.ops.coconut.rms_norm_linear.default, (x, g, ws, bs, 1e-6, None, False),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.coconut.add_rms_norm_linear.default, (x, r, g, ws, bs, 1e-6, None, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_op_rejects_bad_shapes():
+    x, r, g, ws, bs = make(3, 16, [8], torch.float32)
+    with pytest.raises(ValueError):
+        torch.ops.coconut.rms_norm_linear(x, g[:-1], ws, bs, 1e-6)
+    with pytest.raises(ValueError):
+        torch.ops.coconut.rms_norm_linear(x, g, [ws[0][:, :-1]], bs, 1e-6)
+
+
+# ---- Triton kernels, forced (interpreter on CPU) ------------------------------------------------------------
+
+TRITON_CASES = [(1, 37, 45), (2, 64, 64), (3, 33, 100), (16, 40, 72), (17, 29, 33), (33, 70, 50)]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("m,n,k", TRITON_CASES)
+def test_triton_variants_match_float64(dtype, tol, m, n, k):
+    x, r, g, ws, bs = make(m, k, [n, 11], dtype, seed=m)
+    eps = 1e-6
+    ref, _ = ref64(x, g, ws, bs, eps)
+    ref_r, _ = ref64(x + r, g, ws, bs, eps)  # h rounded to dtype, as in the model
+    configs = {"unfused": [None], "gemv": [None] if m <= 16 else [(8, 32, 4)],
+               "gemm": [(16, 16, 32, 4, 1), (32, 32, 16, 4, 1)]}
+    if m <= 16:
+        configs["gemv"] = kernels.gemv_configs(m)[:1] + [(16, 32, 4)]
+    for variant, cfgs in configs.items():
+        for cfg in cfgs:
+            ys, h = kernels.rms_norm_linear(x, g, ws, bs, eps, variant=variant, config=cfg)
+            assert h is None
+            for y, yr in zip(ys, ref):
+                assert not torch.isnan(y).any(), (variant, cfg)
+                assert rel_err(y, yr) <= tol, (variant, cfg, rel_err(y, yr))
+            ys, h = kernels.rms_norm_linear(x, g, ws, bs, eps, residual2d=r, variant=variant, config=cfg)
+            assert torch.equal(h, x + r), (variant, cfg)
+            for y, yr in zip(ys, ref_r):
+                assert rel_err(y, yr) <= tol, (variant, cfg, rel_err(y, yr))
+
+
+def test_triton_norm_kernel_weight_in_fp32_form():
+    x, r, g, ws, bs = make(4, 40, [8], torch.float16)
+    a, h = kernels.triton_rms_norm(x, g, 1e-5, r, weight_in_fp32=True)
+    ref = kernels.reference_rms_norm(x + r, g, 1e-5, weight_in_fp32=True)
+    assert torch.equal(h, x + r)
+    assert rel_err(a, ref) <= 1e-3
+    a, _ = kernels.triton_rms_norm(x, g, 1e-5)
+    assert rel_err(a, kernels.reference_rms_norm(x, g, 1e-5)) <= 1e-3
+
+
+def test_dispatch_helpers():
+    assert [kernels.m_bucket(m) for m in (0, 1, 2, 3, 16, 17, 8192)] == [1, 1, 2, 4, 16, 32, 8192]
+    assert kernels.gemv_configs(17) == [] and kernels.gemv_configs(3)
+    assert kernels.candidates(1)[0] == ("unfused", ())
+    assert all(v == "gemm" for v, _ in kernels.candidates(64)[1:])
+    # the CPU path never measures: "auto" on CPU is the reference
+    x, r, g, ws, bs = make(2, 16, [8], torch.float32)
+    ys, _ = kernels.rms_norm_linear(x, g, ws, bs, 1e-6)
+    assert rel_err(ys[0], ref64(x, g, ws, bs, 1e-6)[0][0]) <= 1e-5
+    with pytest.raises(ValueError):
+        kernels.rms_norm_linear(x, g, ws, bs, 1e-6, variant="nope")
+    with pytest.raises(ValueError):
+        kernels.fused_linear(torch.zeros(20, 16), g, ws[0], None, 1e-6, variant="gemv")
+
+
+def test_tuning_roundtrip(tmp_path):
+    kernels.clear_dispatch_cache()
+    try:
+        path = tmp_path / "tune.json"
+        path.write_text('[{"m_bucket": 4, "n": 8, "k": 16, "dtype": "bfloat16", "variant": "gemv",'
+                        ' "config": [16, 128, 4]}]')
+        assert kernels.load_tuning(str(path)) == 1
+        table = kernels.dispatch_table()
+        assert table["M=4,N=8,K=16,bfloat16"]["variant"] == "gemv"
+        kernels.save_tuning(str(tmp_path / "out.json"))
+        assert "gemv" in (tmp_path / "out.json").read_text()
+    finally:
+        kernels.clear_dispatch_cache()
+
+
+_AOT_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusion_pass import kernels
+tgt = GPUTarget("cuda", 90, 32)
+p = "*bf16"
+base = {"x_ptr": p, "r_ptr": p, "g_ptr": p, "w_ptr": p, "b_ptr": p, "y_ptr": p, "h_ptr": p, "M": "i32",
+        "N": "i32", "K": "i32", "eps": "fp32", "HAS_RES": "constexpr", "HAS_BIAS": "constexpr",
+        "WRITE_H": "constexpr", "BM": "constexpr", "BN": "constexpr", "BK": "constexpr"}
+flags = {"HAS_RES": True, "HAS_BIAS": True, "WRITE_H": True}
+gemm_sig = dict(base, GROUP_M="constexpr", IEEE="constexpr")
+jobs = [(kernels._fused_gemv_kernel, base, dict(flags, BM=1, BN=16, BK=512), 4, 1),
+        (kernels._fused_gemv_kernel, base, dict(flags, BM=16, BN=8, BK=64), 4, 1),
+        (kernels._fused_gemm_kernel, gemm_sig, dict(flags, BM=128, BN=128, BK=64, GROUP_M=8, IEEE=False), 8, 3),
+        (kernels._fused_gemm_kernel, dict(gemm_sig, **{k: "*fp32" for k in base if k.endswith("_ptr")}),
+         dict(flags, BM=16, BN=64, BK=128, GROUP_M=8, IEEE=True), 4, 4),
+        (kernels._fused_decode_kernel, dict(base, USE_DOT="constexpr", IEEE="constexpr"),
+         dict(flags, BM=1, BN=4, BK=1024, USE_DOT=False, IEEE=False), 4, 1),
+        (kernels._fused_decode_kernel, dict(base, USE_DOT="constexpr", IEEE="constexpr"),
+         dict(flags, BM=16, BN=32, BK=256, USE_DOT=True, IEEE=False), 4, 3),
+        (kernels._rms_norm_kernel, {"x_ptr": p, "r_ptr": p, "g_ptr": p, "a_ptr": p, "h_ptr": p, "K": "i32",
+                                    "eps": "fp32", "HAS_RES": "constexpr", "WEIGHT_FP32": "constexpr",
+                                    "BLOCK_K": "constexpr"}, dict(HAS_RES=True, WEIGHT_FP32=False, BLOCK_K=1024), 4, 1)]
+for fn, sig, consts, warps, stages in jobs:
+    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=tgt,
+                       options={"num_warps": warps, "num_stages": stages})
+    assert "cubin" in c.asm
+print("AOT-OK")
+"""
+
+
+def test_kernels_compile_for_sm90_ahead_of_time():
+    """Compile the kernels to Hopper cubins without a GPU (in a subprocess without TRITON_INTERPRET): catches
+    GPU-only compile errors that the interpreter hides."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    if p.returncode != 0 and ("ptxas" in p.stderr.lower() or "GPUTarget" in p.stderr):
+        pytest.skip(f"no AOT toolchain: {p.stderr[-300:]}")
+    assert p.returncode == 0 and "AOT-OK" in p.stdout, p.stderr[-3000:]
