@@ -1,0 +1,73 @@
+"""Issue 3 on the engine itself: LLM(compile_fusion=True) compiles the whole forward as one graph with the coconut
+backend; the post-grad graph (dumped by depyf) holds exactly 2L+1 coconut calls, and greedy tokens equal the
+unfused engine's (float32, CPU)."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import pytest
+import torch
+
+import fusion_pass
+from conftest import random_prompts
+from nanovllm import LLM, SamplingParams
+from nanovllm.utils.tiny_model import build_tiny_checkpoint
+
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def ckpt3(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny3")), num_hidden_layers=LAYERS)
+
+
+@pytest.fixture(autouse=True)
+def _no_inductor_cache(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN202 - a cache hit would skip the pass
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    torch._dynamo.reset()
+    fusion_pass.reset_stats()
+    yield
+    torch._dynamo.reset()
+
+
+def count_post_grad(dump_dir: str) -> list[dict[str, int]]:
+    """Per dumped post-grad graph: coconut calls (all, and the residual form) and the mm/addmm left."""
+    files = sorted(glob.glob(os.path.join(dump_dir, "**", "*AFTER_POST_GRAD*.py"), recursive=True))
+    assert files, f"depyf dumped no post-grad graph into {dump_dir}"
+    out = []
+    for f in files:
+        text = open(f).read()
+        out.append({"coconut": len(re.findall(r"= torch\.ops\.coconut\.\w+\.default\(", text)),
+                    "residual": len(re.findall(r"= torch\.ops\.coconut\.add_rms_norm_linear\.default\(", text)),
+                    "mm": len(re.findall(r"= torch\.ops\.aten\.(?:mm|addmm)\.default\(", text)),
+                    "attention": len(re.findall(r"torch\.ops\.nanovllm\.attention\.default\(", text))})
+    return out
+
+
+def test_engine_graph_has_2L_plus_1_fused_sites_and_same_tokens(ckpt3: str, tmp_path) -> None:  # noqa: ANN001
+    import depyf
+
+    prompts = random_prompts([1, 5, 16, 33, 64, 100, 130, 7], seed=21)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    plain = LLM(ckpt3, device="cpu", kvcache_block_size=16, max_model_len=256)
+    ref = [o["token_ids"] for o in plain.generate(prompts, params, use_tqdm=False)]
+
+    dump = str(tmp_path / "depyf")
+    with depyf.prepare_debug(dump):
+        fused = LLM(ckpt3, device="cpu", kvcache_block_size=16, max_model_len=256, compile_fusion=True)
+        outs = fused.generate(prompts, params, use_tqdm=False)
+    assert [o["token_ids"] for o in outs] == ref
+    assert fused.kv_cache_usage() == 0.0
+
+    graphs = count_post_grad(dump)
+    for g in graphs:  # every compiled graph (prefill/decode sizes share one; a 1-token batch may get its own)
+        assert g["attention"] == LAYERS, g  # one graph: no graph break around attention
+        assert g["coconut"] == 2 * LAYERS + 1, g  # input norm -> qkv, post-attention norm -> gate_up, norm -> lm_head
+        assert g["residual"] == 2 * LAYERS, g  # every site but layer 0's input norm has a residual add
+        assert g["mm"] == 2 * LAYERS, g  # only o_proj and down_proj stay plain matmuls
+    assert fusion_pass.last_stats()["sites"] == 2 * LAYERS + 1
