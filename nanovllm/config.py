@@ -12,8 +12,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-# Chosen by measurement on the H200 (benchmarks/bench_attention.py, docs/attention.md): small enough that
-# prefix caching shares most of a common prefix, large enough that decode attention reads long runs of K/V.
+# vLLM's default: prefix-cache hits stay fine-grained, and a block of one KV head is 16 rows of head_dim contiguous
+# values. Not yet confirmed by measurement: benchmarks/bench_attention.py compares block sizes (docs/attention.md).
 DEFAULT_BLOCK_SIZE = 16
 
 
