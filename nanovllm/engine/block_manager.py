@@ -127,6 +127,7 @@ class BlockManager:
                 seq.num_cached_tokens += self.block_size
             seq.block_table.append(block.block_id)
         self.num_cache_hit_tokens += seq.num_cached_tokens
+        seq.num_hashed_blocks = seq.num_cached_tokens // self.block_size
         if seq.num_prefix_hit_tokens is None:
             seq.num_prefix_hit_tokens = seq.num_cached_tokens
 
@@ -139,8 +140,11 @@ class BlockManager:
         chunk is never registered, so no one can hit a block whose KV is not yet computed.
         """
         num_full = min(num_tokens // self.block_size, len(seq.block_table))
-        prev_hash = -1
-        for i in range(num_full):
+        # Blocks before seq.num_hashed_blocks already carry their hash (a block keeps it while a sequence holds
+        # it), so a decode step looks at one block at most instead of the whole table.
+        start = seq.num_hashed_blocks
+        prev_hash = self.blocks[seq.block_table[start - 1]].hash if start > 0 else -1
+        for i in range(start, num_full):
             block = self.blocks[seq.block_table[i]]
             if block.hash == -1:
                 tokens = seq.block(i)
@@ -148,6 +152,7 @@ class BlockManager:
                 block.token_ids = tokens
                 self.hash_to_block_id[block.hash] = block.block_id
             prev_hash = block.hash
+        seq.num_hashed_blocks = max(start, num_full)
 
     def reset_prefix_cache(self) -> None:
         """Forget every hash (after a failed step, whose blocks may hold partly written KV)."""
@@ -166,6 +171,7 @@ class BlockManager:
                 self.free_block_ids[block_id] = None
         seq.block_table = []
         seq.num_cached_tokens = 0
+        seq.num_hashed_blocks = 0
 
     # ---- decode --------------------------------------------------------------------------------------------
     def can_append(self, seq: Sequence) -> bool:

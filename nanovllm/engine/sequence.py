@@ -40,6 +40,7 @@ class Sequence:
         self.block_size = block_size
         self.block_table: list[int] = []
         self.num_cached_tokens = 0
+        self.num_hashed_blocks = 0  # leading blocks of block_table that carry their prefix hash
         self.num_computed_tokens = 0
         self.num_scheduled_tokens = 0
         self.finish_reason: str | None = None
