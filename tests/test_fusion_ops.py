@@ -110,6 +110,8 @@ def test_triton_variants_match_float64(dtype, tol, m, n, k):
                "gemm": [(16, 16, 32, 4, 1), (32, 32, 16, 4, 1)]}
     if m <= 16:
         configs["gemv"] = kernels.gemv_configs(m)[:1] + [(16, 32, 4)]
+        # decode: (BN, BK, warps, stages, use_dot); small BK so that the K loop runs several times
+        configs["decode"] = [(4, 32, 4, 1, 0), (16, 32, 4, 2, 1)] if m <= 2 else [(16, 32, 4, 2, 1), (32, 64, 4, 1, 1)]
     for variant, cfgs in configs.items():
         for cfg in cfgs:
             ys, h = kernels.rms_norm_linear(x, g, ws, bs, eps, variant=variant, config=cfg)
