@@ -134,6 +134,29 @@ if HAS_TRITON:
         tl.store(a_ptr + row * K + cols, a, mask=mask)
 
     @triton.jit
+    def _scaled_input_tile(x_ptr, r_ptr, g_ptr, h_ptr, rm64, rk, m_mask, k_mask, K, store_h, ss,
+                           DT: tl.constexpr, HAS_RES: tl.constexpr, WRITE_H: tl.constexpr):
+        """K step of the gemv/gemm kernels: load the h = x (+ r) tile, add its sum of squares, scale by g.
+
+        Rows rm64 [BM] (int64), columns rk [BK] of the [M, K] row-major x / r / h; m_mask, k_mask: their bounds.
+        With HAS_RES, h = (x + r) rounded to DT, and with WRITE_H it is stored to h_ptr where store_h (a scalar
+        bool: one program column writes it) is true. Returns (h_f32 * g_f32 [BM, BK] float32, ss + sum_k h_f32^2
+        [BM] float32); masked elements count as 0.
+        """
+        xm = m_mask[:, None] & k_mask[None, :]
+        x_off = rm64[:, None] * K + rk[None, :]
+        h = tl.load(x_ptr + x_off, mask=xm, other=0.0)
+        if HAS_RES:
+            r = tl.load(r_ptr + x_off, mask=xm, other=0.0)
+            h = (h.to(tl.float32) + r.to(tl.float32)).to(DT)
+            if WRITE_H:
+                tl.store(h_ptr + x_off, h, mask=xm & store_h)
+        hf = h.to(tl.float32)
+        ss += tl.sum(hf * hf, axis=1)
+        g = tl.load(g_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
+        return hf * g[None, :], ss
+
+    @triton.jit
     def _fused_gemv_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K, eps,
                            HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -156,18 +179,8 @@ if HAS_TRITON:
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             k_mask = rk < K
-            xm = m_mask[:, None] & k_mask[None, :]
-            x_off = rm64[:, None] * K + rk[None, :]
-            h = tl.load(x_ptr + x_off, mask=xm, other=0.0)
-            if HAS_RES:
-                r = tl.load(r_ptr + x_off, mask=xm, other=0.0)
-                h = (h.to(tl.float32) + r.to(tl.float32)).to(dt)
-                if WRITE_H:
-                    tl.store(h_ptr + x_off, h, mask=xm & (pid_n == 0))
-            hf = h.to(tl.float32)
-            ss += tl.sum(hf * hf, axis=1)
-            g = tl.load(g_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
-            a = hf * g[None, :]
+            a, ss = _scaled_input_tile(x_ptr, r_ptr, g_ptr, h_ptr, rm64, rk, m_mask, k_mask, K, pid_n == 0, ss,
+                                       dt, HAS_RES, WRITE_H)
             w = tl.load(w_ptr + rn64[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :],
                         other=0.0).to(tl.float32)
             acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
@@ -208,18 +221,9 @@ if HAS_TRITON:
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             k_mask = rk < K
-            xm = m_mask[:, None] & k_mask[None, :]
-            x_off = rm64[:, None] * K + rk[None, :]
-            h = tl.load(x_ptr + x_off, mask=xm, other=0.0)
-            if HAS_RES:
-                r = tl.load(r_ptr + x_off, mask=xm, other=0.0)
-                h = (h.to(tl.float32) + r.to(tl.float32)).to(dt)
-                if WRITE_H:
-                    tl.store(h_ptr + x_off, h, mask=xm & (pid_n == 0))
-            hf = h.to(tl.float32)
-            ss += tl.sum(hf * hf, axis=1)
-            g = tl.load(g_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
-            a = (hf * g[None, :]).to(dt)
+            a, ss = _scaled_input_tile(x_ptr, r_ptr, g_ptr, h_ptr, rm64, rk, m_mask, k_mask, K, pid_n == 0, ss,
+                                       dt, HAS_RES, WRITE_H)
+            a = a.to(dt)
             # W^T tile [BK, BN] loaded directly (K is the fast axis of both the tile and the memory)
             wt = tl.load(w_ptr + rn64[None, :] * K + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if IEEE:
@@ -518,16 +522,22 @@ def _env_choice(m: int) -> Optional[Choice]:
     raise ValueError(f"COCONUT_FUSION_VARIANT={v!r}; expected auto, unfused, gemv or gemm")
 
 
-def _graph_time_us(fn: Callable[[int], object], reps: int, iters: int = 7) -> float:
-    """Median time per call (us) of fn(i) for i in range(reps), captured in one CUDA graph and replayed."""
-    for i in range(2):
+def _graph_time_us(fn: Callable[[int], object], reps: int, iters: int = 7, warmup_calls: int = 2,
+                   warmup_replays: int = 1) -> float:
+    """Median time per call (us) of fn(i) for i in range(reps), captured in one CUDA graph and replayed.
+
+    fn(0..warmup_calls-1) runs eagerly before the capture (compilation, allocator), and the graph is replayed
+    warmup_replays times untimed before the `iters` timed replays. Needs a CUDA device.
+    """
+    for i in range(warmup_calls):
         fn(i)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for i in range(reps):
             fn(i)
-    g.replay()
+    for _ in range(warmup_replays):
+        g.replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):

@@ -41,3 +41,27 @@ def random_prompts(lengths: list[int], vocab: int = 1024, seed: int = 0) -> list
     """Random token-id prompts of the given lengths (ids in [0, vocab))."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+# --- Shared by the fusion-pass tests (test_fusion_patterns.py, test_fusion_models.py) ---------------------------
+from collections.abc import Iterator  # noqa: E402
+
+
+@pytest.fixture
+def fresh_compile_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No FX-graph / AOT-autograd cache hits (the fusion pass must run to be counted), a fresh Dynamo state before
+    and after the test, and zeroed fusion_pass statistics. Use with ``pytest.mark.usefixtures``."""
+    import fusion_pass  # imported here so that test modules that do not use the fixture never import it
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    torch._dynamo.reset()
+    fusion_pass.reset_stats()
+    yield
+    torch._dynamo.reset()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64, no guard: NaN/inf in either tensor (or ``ref == 0``) gives NaN/inf."""
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()

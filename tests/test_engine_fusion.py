@@ -23,16 +23,7 @@ def ckpt3(tmp_path_factory: pytest.TempPathFactory) -> str:
     return build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny3")), num_hidden_layers=LAYERS)
 
 
-@pytest.fixture(autouse=True)
-def _no_inductor_cache(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN202 - a cache hit would skip the pass
-    from torch._inductor import config as inductor_config
-
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
-    torch._dynamo.reset()
-    fusion_pass.reset_stats()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_compile_state")  # a cache hit would skip the pass
 
 
 def count_post_grad(dump_dir: str) -> list[dict[str, int]]:

@@ -17,25 +17,14 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fusion_pass  # noqa: E402
+from conftest import rel_err  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 LAYERS = 2
 
 
-@pytest.fixture(autouse=True)
-def _fresh(monkeypatch):
-    from torch._inductor import config as ic
-
-    monkeypatch.setattr(ic, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
-    torch._dynamo.reset()
-    fusion_pass.reset_stats()
-    yield
-    torch._dynamo.reset()
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+# Every test: no FX/AOT cache hits (the pass must run to be counted), fresh Dynamo state (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_compile_state")
 
 
 def count_dump(dump_dir: str) -> dict[str, int]:

@@ -11,15 +11,12 @@ if not torch.cuda.is_available():  # must happen before triton is imported (test
 import pytest  # noqa: E402
 
 import fusion_pass  # noqa: E402,F401
+from conftest import rel_err  # noqa: E402
 from fusion_pass import kernels  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (NaN-propagating)."""
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def ref64(x, g, ws, bs, eps, r=None):

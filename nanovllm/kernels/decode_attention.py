@@ -26,10 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .prefill_attention import _check_out
+from .attention_common import LOG2E, check_out, check_paged_attention_args, online_softmax_tile
 from .reference import decode_attention_ref
-
-_LOG2E = 1.4426950408889634
 
 # Tunables (see docs/attention.md and benchmarks/bench_attention.py).
 DECODE_BLOCK_N = 64  # key positions per tile
@@ -63,57 +61,6 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, sm_co
     want = triton.cdiv(DECODE_WAVES * sm_count, programs)
     by_len = max(1, triton.cdiv(max(1, max_context_len), max(DECODE_MIN_PARTITION, block_n)))
     return max(1, min(want, by_len, DECODE_MAX_SPLITS))
-
-
-@triton.jit
-def _decode_tile(
-    acc,
-    m_i,
-    l_i,
-    q,
-    start_n,
-    end,
-    k_cache_ptr,
-    v_cache_ptr,
-    bt_row_ptr,
-    kv_head_off,
-    stride_kb,
-    stride_kt,
-    qk_scale,
-    BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    MASKED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One online-softmax step over key positions ``[start_n, min(start_n + BLOCK_N, end))``."""
-    n = start_n + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, HEAD_DIM)
-    in_range = n < end
-    if BLOCK_N <= BLOCK_SIZE:
-        blk = tl.load(bt_row_ptr + start_n // BLOCK_SIZE).to(tl.int64)
-    else:
-        if MASKED:
-            blk = tl.load(bt_row_ptr + n // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
-        else:
-            blk = tl.load(bt_row_ptr + n // BLOCK_SIZE).to(tl.int64)
-    row_off = blk * stride_kb + (n % BLOCK_SIZE).to(tl.int64) * stride_kt
-    offs = row_off[:, None] + kv_head_off + d[None, :]
-    if MASKED:
-        k = tl.load(k_cache_ptr + offs, mask=in_range[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + offs, mask=in_range[:, None], other=0.0)
-    else:
-        k = tl.load(k_cache_ptr + offs)
-        v = tl.load(v_cache_ptr + offs)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [ROWS, BLOCK_N]
-    if MASKED:
-        qk = tl.where(in_range[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
 
 
 @triton.jit
@@ -173,15 +120,17 @@ def _decode_split_kernel(
     kv_head_off = kv_head.to(tl.int64) * stride_kh
 
     full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
+    # Whole tiles unmasked (MASKED=False), the partial last tile masked at `end` (MASKED=True); CAUSAL=False: the
+    # one query token sees every key < end, so q_pos (0 here) is not read.
     for start_n in range(start, full_end, BLOCK_N):
-        acc, m_i, l_i = _decode_tile(
-            acc, m_i, l_i, q, start_n, end, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
-            stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, DOT_PRECISION,
+        acc, m_i, l_i = online_softmax_tile(
+            acc, m_i, l_i, q, start_n, 0, end, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
+            stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, False, DOT_PRECISION,
         )
     if full_end < end:
-        acc, m_i, l_i = _decode_tile(
-            acc, m_i, l_i, q, full_end, end, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
-            stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, DOT_PRECISION,
+        acc, m_i, l_i = online_softmax_tile(
+            acc, m_i, l_i, q, full_end, 0, end, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
+            stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, False, DOT_PRECISION,
         )
 
     if DIRECT:
@@ -249,7 +198,7 @@ def decode_attention_triton(
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    out = _check_out(out, q)
+    out = check_out(out, q)
     if batch == 0:
         return out
     bn = block_n or DECODE_BLOCK_N
@@ -287,7 +236,7 @@ def decode_attention_triton(
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
-        float(scale) * _LOG2E,
+        float(scale) * LOG2E,
         partition_size,
         NUM_HEADS=num_heads,
         NUM_SPLITS=num_splits,
@@ -323,22 +272,9 @@ def decode_attention_triton(
 def _check_decode_shapes(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
 ) -> None:
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"bad shapes q={tuple(q.shape)} k_cache={tuple(k_cache.shape)} v_cache={tuple(v_cache.shape)}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous")
-    batch, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"head_dim mismatch: q {head_dim}, cache {k_cache.shape[3]}")
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
-    if block_size < 1 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two, got {block_size}")
-    if q.stride(-1) != 1:
-        raise ValueError("q must have a contiguous last dim")
+    """Validate the decode launcher's arguments (see :func:`decode_attention`); raises ValueError."""
+    check_paged_attention_args(q, k_cache, v_cache)
+    batch = q.shape[0]
     if block_tables.dim() != 2 or block_tables.shape[0] < batch or block_tables.dtype != torch.int32:
         raise ValueError("block_tables must be int32 [B, W]")
     if block_tables.stride(-1) != 1:
@@ -389,4 +325,4 @@ def decode_attention(
     o = decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
     if out is None:
         return o
-    return _check_out(out, q).copy_(o)
+    return check_out(out, q).copy_(o)

@@ -22,64 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_common import LOG2E, check_out, check_paged_attention_args, online_softmax_tile
 from .reference import prefill_attention_ref
-
-_LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _prefill_tile(
-    acc,
-    m_i,
-    l_i,
-    q,
-    start_n,
-    q_pos,
-    ctx_len,
-    k_cache_ptr,
-    v_cache_ptr,
-    bt_row_ptr,
-    kv_head_off,
-    stride_kb,
-    stride_kt,
-    qk_scale,
-    BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    MASKED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One online-softmax step over key positions ``[start_n, start_n + BLOCK_N)``."""
-    n = start_n + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, HEAD_DIM)
-    in_ctx = n < ctx_len
-    if BLOCK_N <= BLOCK_SIZE:
-        # start_n is a multiple of BLOCK_N and BLOCK_SIZE a multiple of BLOCK_N: one block per tile.
-        blk = tl.load(bt_row_ptr + start_n // BLOCK_SIZE).to(tl.int64)
-        row_off = blk * stride_kb + (n % BLOCK_SIZE).to(tl.int64) * stride_kt
-    else:
-        if MASKED:
-            blk = tl.load(bt_row_ptr + n // BLOCK_SIZE, mask=in_ctx, other=0).to(tl.int64)
-        else:
-            blk = tl.load(bt_row_ptr + n // BLOCK_SIZE).to(tl.int64)
-        row_off = blk * stride_kb + (n % BLOCK_SIZE).to(tl.int64) * stride_kt
-    offs = row_off[:, None] + kv_head_off + d[None, :]
-    if MASKED:
-        k = tl.load(k_cache_ptr + offs, mask=in_ctx[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + offs, mask=in_ctx[:, None], other=0.0)
-    else:
-        k = tl.load(k_cache_ptr + offs)
-        v = tl.load(v_cache_ptr + offs)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [ROWS, BLOCK_N], log2 domain
-    if MASKED:
-        visible = (n[None, :] <= q_pos[:, None]) & in_ctx[None, :]
-        qk = tl.where(visible, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
 
 
 @triton.jit
@@ -144,15 +88,16 @@ def _prefill_kernel(
     # Keys < prefix + m_start are visible to every row of this tile; keys >= hi to none.
     hi = tl.minimum(ctx_len, prefix + m_start + BLOCK_M)
     full_end = ((prefix + m_start) // BLOCK_N) * BLOCK_N
+    # Tiles below full_end unmasked (MASKED=False), the rest causal-masked (MASKED=True, CAUSAL=True).
     for start_n in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _prefill_tile(
+        acc, m_i, l_i = online_softmax_tile(
             acc, m_i, l_i, q, start_n, q_pos, ctx_len, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
-            stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, DOT_PRECISION,
+            stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, True, DOT_PRECISION,
         )
     for start_n in range(full_end, hi, BLOCK_N):
-        acc, m_i, l_i = _prefill_tile(
+        acc, m_i, l_i = online_softmax_tile(
             acc, m_i, l_i, q, start_n, q_pos, ctx_len, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
-            stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, DOT_PRECISION,
+            stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, True, DOT_PRECISION,
         )
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -197,7 +142,7 @@ def prefill_attention_triton(
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
-    out = _check_out(out, q)
+    out = check_out(out, q)
     batch = cu_seqlens_q.shape[0] - 1
     if num_tokens == 0 or batch == 0 or max_seqlen_q == 0:
         return out
@@ -225,7 +170,7 @@ def prefill_attention_triton(
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
-        float(scale) * _LOG2E,
+        float(scale) * LOG2E,
         GROUP=group,
         GROUP_PAD=group_pad,
         BLOCK_M=bm,
@@ -239,32 +184,9 @@ def prefill_attention_triton(
     return out
 
 
-def _check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
-    """Return ``out`` (validated: same shape/dtype/device as ``q``, contiguous last dim) or a new ``empty_like(q)``."""
-    if out is None:
-        return torch.empty_like(q)
-    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
-        raise ValueError(f"out must match q ({tuple(q.shape)}, {q.dtype}), got {tuple(out.shape)}, {out.dtype}")
-    return out
-
-
 def _check_prefill_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor) -> None:
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"bad shapes q={tuple(q.shape)} k_cache={tuple(k_cache.shape)} v_cache={tuple(v_cache.shape)}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous")
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"head_dim mismatch: q {head_dim}, cache {k_cache.shape[3]}")
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
-    if block_size < 1 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two, got {block_size}")
-    if q.stride(-1) != 1:
-        raise ValueError("q must have a contiguous last dim")
+    """Validate the prefill launcher's arguments (see :func:`prefill_attention`); raises ValueError."""
+    check_paged_attention_args(q, k_cache, v_cache)
     if block_tables.dtype != torch.int32 or block_tables.stride(-1) != 1:
         raise ValueError("block_tables must be int32 with a contiguous last dim")
 
@@ -314,7 +236,7 @@ def prefill_attention(
     )
     if out is None:
         return o
-    return _check_out(out, q).copy_(o)
+    return check_out(out, q).copy_(o)
 
 
 __all__ = ["prefill_attention", "prefill_attention_triton"]
