@@ -150,7 +150,8 @@ if HAS_TRITON:
             r = tl.load(r_ptr + x_off, mask=xm, other=0.0)
             h = (h.to(tl.float32) + r.to(tl.float32)).to(DT)
             if WRITE_H:
-                tl.store(h_ptr + x_off, h, mask=xm & store_h)
+                if store_h:  # a scalar branch: Triton 3.9's interpreter rejects a scalar folded into the mask
+                    tl.store(h_ptr + x_off, h, mask=xm)
         hf = h.to(tl.float32)
         ss += tl.sum(hf * hf, axis=1)
         g = tl.load(g_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)

@@ -42,13 +42,16 @@ def main(argv: list[str] | None = None) -> None:
         model = build_tiny_checkpoint(default_checkpoint_dir())
         print(f"no --model given: using the embedded random-weight Qwen3 at {model}")
     t0 = time.perf_counter()
-    llm = LLM(model, device=args.device, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
-              compile_fusion=args.compile_fusion, enforce_eager=args.enforce_eager, seed=args.seed,
-              max_model_len=1024)
+    try:  # bad flags get one line, not a traceback
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                max_tokens=args.max_tokens)
+        llm = LLM(model, device=args.device, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
+                  compile_fusion=args.compile_fusion, enforce_eager=args.enforce_eager, seed=args.seed,
+                  max_model_len=1024)
+    except (ValueError, TypeError, OSError) as e:
+        parser.error(str(e))
     print(f"engine ready in {time.perf_counter() - t0:.1f} s (device {llm.config.device}, "
           f"{llm.config.num_kvcache_blocks} KV blocks of {llm.config.kvcache_block_size})")
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens)
     prompts = args.prompt or DEFAULT_PROMPTS
     t0 = time.perf_counter()
     if args.chat:

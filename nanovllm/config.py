@@ -88,6 +88,8 @@ class Config:
         self.model = os.fspath(self.model)
         if not os.path.isdir(self.model):
             raise ValueError(f"model: checkpoint folder {self.model!r} does not exist")
+        if not os.path.isfile(os.path.join(self.model, "config.json")):
+            raise ValueError(f"model: {self.model!r} holds no config.json (not a Hugging Face checkpoint folder)")
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size",
                      "kvcache_block_size", "num_kvcache_blocks"):
             value = getattr(self, name)

@@ -62,6 +62,12 @@ class LLM:
         else:
             raise TypeError(f"sampling_params must be a SamplingParams or a list of them, "
                             f"got {type(sampling_params).__name__}")
+        for i, p in enumerate(params):
+            if i == 0 or p is not params[i - 1]:
+                try:
+                    p.validate()  # again: a field may have been changed since construction
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"sampling_params of prompt {i}: {e}") from None
         for i, (ids, p) in enumerate(zip(token_ids, params)):
             engine.validate(i, ids, p)
         seqs = engine.generate(token_ids, params, use_tqdm=use_tqdm)

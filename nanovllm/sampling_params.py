@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -31,15 +32,21 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check (and normalize to Python types) every field; ``LLM.generate`` calls it again, so a field changed
+        after construction is caught too. Raises ValueError / TypeError naming the field."""
         for name in ("temperature", "top_p"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"SamplingParams.{name} must be a number, got {value!r}")
             setattr(self, name, float(value))
         for name in ("top_k", "max_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"SamplingParams.{name} must be an int, got {value!r}")
+            setattr(self, name, int(value))
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"SamplingParams.ignore_eos must be a bool, got {self.ignore_eos!r}")
         if not 0.0 <= self.temperature < math.inf:  # also catches NaN
@@ -54,9 +61,11 @@ class SamplingParams:
             if isinstance(self.stop_token_ids, (str, bytes)) or not hasattr(self.stop_token_ids, "__iter__"):
                 raise TypeError(f"SamplingParams.stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")
             ids = list(self.stop_token_ids)
-            if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+            if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in ids):
                 raise TypeError(f"SamplingParams.stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")
-            self.stop_token_ids = ids
+            if any(t < 0 for t in ids):
+                raise ValueError(f"SamplingParams.stop_token_ids must be token ids >= 0, got {ids}")
+            self.stop_token_ids = [int(t) for t in ids]
 
     @property
     def greedy(self) -> bool:

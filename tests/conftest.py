@@ -48,18 +48,19 @@ from collections.abc import Iterator  # noqa: E402
 
 
 @pytest.fixture
-def fresh_compile_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def fresh_compile_state() -> Iterator[None]:
     """No FX-graph / AOT-autograd cache hits (the fusion pass must run to be counted), a fresh Dynamo state before
     and after the test, and zeroed fusion_pass statistics. Use with ``pytest.mark.usefixtures``."""
     import fusion_pass  # imported here so that test modules that do not use the fixture never import it
     from torch._inductor import config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
-    torch._dynamo.reset()
-    fusion_pass.reset_stats()
-    yield
-    torch._dynamo.reset()
+    # torch's own config.patch, not monkeypatch: pytest >= 9.2 undoes setattr on these config modules with
+    # delattr, which removes the option from torch altogether.
+    with inductor_config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        torch._dynamo.reset()
+        fusion_pass.reset_stats()
+        yield
+        torch._dynamo.reset()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -467,3 +467,34 @@ def test_cuda_graph_batch_not_a_multiple_of_capture_step(tiny_ckpt: str, max_num
     eager = LLM(tiny_ckpt, enforce_eager=True, **kw)
     out_eager = [o["token_ids"] for o in eager.generate(prompts, params, use_tqdm=False)]
     assert out_graphs == out_eager
+
+
+# ---- found by a fresh tester -------------------------------------------------------------------------------
+def test_sampling_params_changed_after_construction_are_checked_again(llm: LLM, healthy) -> None:  # noqa: ANN001
+    params = SamplingParams(temperature=1.0, max_tokens=4)
+    params.top_p = 0.0
+    with pytest.raises(ValueError, match="prompt 1.*top_p"):
+        llm.generate([[5, 6, 7], [8, 9]], [GREEDY8, params], use_tqdm=False)
+    params.top_p, params.max_tokens = 1.0, 0
+    with pytest.raises(ValueError, match="max_tokens"):
+        llm.generate([[5, 6, 7]], params, use_tqdm=False)
+    healthy()
+
+
+def test_numpy_integers_are_token_ids_and_sampling_values(llm: LLM, hf_model) -> None:  # noqa: ANN001
+    import numpy as np
+
+    prompt = random_prompts([12], seed=91)[0]
+    out = llm.generate([np.array(prompt, dtype=np.int64).tolist(), [np.int64(t) for t in prompt]],
+                       SamplingParams(temperature=np.float32(0.0), max_tokens=np.int64(8), ignore_eos=True),
+                       use_tqdm=False)
+    ref = hf_greedy(hf_model, prompt, 8)
+    assert out[0]["token_ids"] == ref and out[1]["token_ids"] == ref
+
+
+def test_pool_sized_from_memory_holds_one_sequence_of_max_model_len(tiny_ckpt: str, hf_model) -> None:  # noqa: ANN001
+    small = LLM(tiny_ckpt, device="cpu", max_num_seqs=1, max_model_len=40, kvcache_block_size=16)
+    assert small.config.num_kvcache_blocks >= 3  # ceil(40 / 16)
+    prompt = random_prompts([30], seed=92)[0]
+    out = small.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
+    assert out["token_ids"] == hf_greedy(hf_model, prompt, 10) and out["finish_reason"] == "length"

@@ -235,14 +235,14 @@ def test_tp2_compile_fusion_equals_tp1(tiny_ckpt: str, prompts, tp1_tokens, monk
 
     # a cache hit would skip the pass on rank 0 and hide its site count (workers inherit the variable)
     monkeypatch.setenv("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
     backend.reset_stats()
-    llm = LLM(tiny_ckpt, tensor_parallel_size=2, compile_fusion=True, **KW)
-    try:
-        outs = llm.generate(prompts, GREEDY, use_tqdm=False)
-        assert [o["token_ids"] for o in outs] == tp1_tokens
-        layers = llm.config.hf_config.num_hidden_layers
-        stats = backend.all_stats()
-        assert stats and all(s["sites"] == 2 * layers + 1 for s in stats), stats
-    finally:
-        llm.shutdown()
+    with inductor_config.patch(fx_graph_cache=False):  # not monkeypatch: pytest >= 9.2 would delattr it
+        llm = LLM(tiny_ckpt, tensor_parallel_size=2, compile_fusion=True, **KW)
+        try:
+            outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+            assert [o["token_ids"] for o in outs] == tp1_tokens
+            layers = llm.config.hf_config.num_hidden_layers
+            stats = backend.all_stats()
+            assert stats and all(s["sites"] == 2 * layers + 1 for s in stats), stats
+        finally:
+            llm.shutdown()

@@ -1,6 +1,7 @@
 """The engine loop: validate requests, add them, step the scheduler and the model until all are done."""
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -63,11 +64,12 @@ class LLMEngine:
             if isinstance(p, str):
                 out.append(self.tokenizer.encode(p) if p else [])
             elif isinstance(p, (list, tuple)):
-                bad = next((j for j, t in enumerate(p) if isinstance(t, bool) or not isinstance(t, int)), None)
+                bad = next((j for j, t in enumerate(p) if isinstance(t, bool) or not isinstance(t, numbers.Integral)),
+                           None)
                 if bad is not None:
                     raise TypeError(f"prompt {i}: token ids must be ints, got {p[bad]!r} "
                                     f"({type(p[bad]).__name__}) at position {bad}")
-                out.append(list(p))
+                out.append([int(t) for t in p])  # numpy integers become Python ints
             else:
                 raise TypeError(f"prompt {i}: expected a string or a list of int token ids, got {type(p).__name__}")
         return out

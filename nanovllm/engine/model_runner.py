@@ -152,8 +152,11 @@ class ModelRunner:
         On the GPU with ``num_kvcache_blocks=-1``: after a profiling pass at the largest step, the blocks fill
         ``gpu_memory_utilization * total - (memory used outside PyTorch's allocator + PyTorch's peak)``.
 
+        On the CPU (sized from memory) the pool holds min(max_num_seqs x max_model_len tokens, 256 MiB), and never
+        less than one sequence of max_model_len.
+
         Raises:
-            ValueError: not even one block fits, or a sequence of max_model_len tokens could not fit.
+            ValueError: on the GPU, the memory left cannot hold one sequence of max_model_len tokens.
         """
         cfg, hf = self.config, self.config.hf_config
         block_bytes = self._block_bytes()
@@ -167,12 +170,16 @@ class ModelRunner:
             # headroom for the CUDA graphs' pool and the decode step's activations
             budget -= 512 << 20
             num_blocks = budget // block_bytes
-            if num_blocks < 1:
-                raise ValueError(f"gpu_memory_utilization={cfg.gpu_memory_utilization} leaves no room for the KV "
-                                 f"cache (model + activations peak at {peak / 2**30:.2f} GiB)")
+            if num_blocks < self.max_blocks_per_seq:
+                raise ValueError(f"gpu_memory_utilization={cfg.gpu_memory_utilization} leaves room for "
+                                 f"{max(num_blocks, 0)} KV blocks, fewer than one sequence of max_model_len="
+                                 f"{cfg.max_model_len} needs ({self.max_blocks_per_seq}); raise "
+                                 f"gpu_memory_utilization or lower max_model_len (model + activations peak at "
+                                 f"{peak / 2**30:.2f} GiB)")
         else:
             tokens = min(cfg.max_num_seqs * cfg.max_model_len, CPU_KV_CACHE_BYTES // (block_bytes // self.block_size))
-            num_blocks = max(1, tokens // self.block_size)
+            # at least one sequence of max_model_len always fits
+            num_blocks = max(self.max_blocks_per_seq, -(-tokens // self.block_size))
         if self.world > 1 and torch.distributed.is_initialized():
             n = torch.tensor([num_blocks], device=self.device if self.device.type == "cuda" else "cpu")
             torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
