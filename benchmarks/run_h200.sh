@@ -43,7 +43,7 @@ DEADLINE_S="${DEADLINE_S:-570}"
 PYTEST_ARGS="${PYTEST_ARGS:--x -q tests}"
 THROUGHPUT_ARGS="${THROUGHPUT_ARGS:-}"
 LATENCY_ARGS="${LATENCY_ARGS:-}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python >/dev/null 2>&1 && echo python || echo python3)}"
 mkdir -p "$OUT"
 START=$(date +%s)
 STAGES=("$@")

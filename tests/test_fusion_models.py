@@ -1,6 +1,6 @@
 """The coconut backend on whole models: exactly 2L+1 sites (counted in depyf's post-grad dump and by the stats
 API) and compiled == eager. HF transformers Qwen3/Llama (tiny, random, fp32) and a local replica of the engine's
-Qwen3 forward (the norm forms of docs/HELPERS.md; merged qkv / gate_up weights; opaque attention stand-in)."""
+Qwen3 forward (the norm forms of docs/contracts.md; merged qkv / gate_up weights; opaque attention stand-in)."""
 from __future__ import annotations
 
 import glob
@@ -80,7 +80,7 @@ def test_hf_model_sites_and_numerics(arch, tmp_path):
     assert rel_err(out, ref) <= 1e-5
 
 
-# ---- a replica of the engine's Qwen3 forward, in the exact norm form of docs/HELPERS.md --------------------------
+# ---- a replica of the engine's Qwen3 forward, in the exact norm form of docs/contracts.md --------------------------
 
 
 class EngineRMSNorm(nn.Module):
