@@ -39,7 +39,8 @@ class Config:
         gpu_memory_utilization: the fraction of the GPU's memory the engine may use (weights, activations and
             the KV cache together), in (0, 1].
         tensor_parallel_size: the number of processes (GPUs) the model is split across.
-        enforce_eager: True runs the model eagerly (no torch.compile, no CUDA graphs).
+        enforce_eager: True runs the model without CUDA graphs, and without torch.compile unless
+            ``compile_fusion`` asks for it.
         kvcache_block_size: tokens per KV block, a power of two.
         num_kvcache_blocks: -1 sizes the KV cache from memory; a positive value is used as given.
         compile_fusion: compile the model with the ``coconut`` backend (RMSNorm -> Linear fusion).

@@ -126,24 +126,36 @@ class ModelRunner:
         cfg = self.config
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        num_tokens = cfg.max_num_batched_tokens
-        seq_len = min(cfg.max_model_len, num_tokens)
-        num_seqs = max(1, min(num_tokens // seq_len, cfg.max_num_seqs))
-        input_ids = torch.zeros(num_seqs * seq_len, dtype=torch.int64, device=self.device)
-        positions = torch.arange(seq_len, device=self.device).repeat(num_seqs)
-        logits_indices = torch.arange(1, num_seqs + 1, device=self.device) * seq_len - 1
+        seq_len = min(cfg.max_model_len, cfg.max_num_batched_tokens)
+        num_seqs = max(1, min(cfg.max_num_batched_tokens // seq_len, cfg.max_num_seqs))
+        lens = [seq_len] * num_seqs
+        rest = cfg.max_num_batched_tokens - num_seqs * seq_len
+        if rest > 0 and num_seqs < cfg.max_num_seqs:
+            lens.append(rest)  # the scheduler fills the whole token budget
+        input_ids = torch.zeros(sum(lens), dtype=torch.int64, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        logits_indices = torch.tensor(lens, device=self.device).cumsum(0) - 1
         set_context(True, max_seqlen_q=seq_len, max_seqlen_k=seq_len)
         with torch.inference_mode():
-            logits = self.model(input_ids, positions, logits_indices)
+            # the compiled forward: its prefill graph is compiled here, before serving, and its memory is counted
+            logits = self.forward(input_ids, positions, logits_indices)
             # the sampler on a full decode batch, with the top-k/top-p path (sorting the vocabulary)
             big = logits.new_empty(cfg.max_num_seqs, logits.shape[-1]).normal_()
             n = cfg.max_num_seqs
             self.sampler(big, torch.ones(n, device=self.device), torch.full((n,), 5, device=self.device),
-                         torch.full((n,), 0.9, device=self.device))
+                         torch.full((n,), 0.9, device=self.device), all_greedy=False, use_top_k=True, use_top_p=True)
             del logits, big
         reset_context()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
+
+    def _agree(self, num_blocks: int) -> int:
+        """The smallest block count over the tensor-parallel ranks (the count itself without TP)."""
+        if self.world > 1 and torch.distributed.is_initialized():
+            n = torch.tensor([num_blocks], device=self.device if self.device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+            return int(n.item())
+        return num_blocks
 
     def allocate_kv_cache(self) -> None:
         """Allocate ``[2, layers, blocks, block_size, kv_heads, head_dim]`` (zero-filled) and hand each layer its K
@@ -169,7 +181,7 @@ class ModelRunner:
             budget = int(total * cfg.gpu_memory_utilization) - outside_torch - peak
             # headroom for the CUDA graphs' pool and the decode step's activations
             budget -= 512 << 20
-            num_blocks = budget // block_bytes
+            num_blocks = self._agree(budget // block_bytes)  # every rank reaches the check below together
             if num_blocks < self.max_blocks_per_seq:
                 raise ValueError(f"gpu_memory_utilization={cfg.gpu_memory_utilization} leaves room for "
                                  f"{max(num_blocks, 0)} KV blocks, fewer than one sequence of max_model_len="
@@ -179,11 +191,7 @@ class ModelRunner:
         else:
             tokens = min(cfg.max_num_seqs * cfg.max_model_len, CPU_KV_CACHE_BYTES // (block_bytes // self.block_size))
             # at least one sequence of max_model_len always fits
-            num_blocks = max(self.max_blocks_per_seq, -(-tokens // self.block_size))
-        if self.world > 1 and torch.distributed.is_initialized():
-            n = torch.tensor([num_blocks], device=self.device if self.device.type == "cuda" else "cpu")
-            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
-            num_blocks = int(n.item())
+            num_blocks = self._agree(max(self.max_blocks_per_seq, -(-tokens // self.block_size)))
         cfg.num_kvcache_blocks = num_blocks
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         # Zeros, not empty: attention may read a slot that was never written (the rest of a sequence's last
@@ -277,7 +285,7 @@ class ModelRunner:
         v["block_tables"].fill_(-1)
         v["block_tables"][:n, :ctx.block_tables.shape[1]] = ctx.block_tables
         self.graphs[size].replay()
-        return v["outputs"][size][:n]
+        return v["logits"][:n]
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int | None]:
@@ -295,7 +303,11 @@ class ModelRunner:
         if self.rank != 0:
             return []
         temperatures, top_ks, top_ps = self.prepare_sample(seqs)
-        token_ids = self.sampler(logits, temperatures, top_ks, top_ps, self.generator).tolist()
+        params = [s.sampling_params for s in seqs]
+        token_ids = self.sampler(logits, temperatures, top_ks, top_ps, self.generator,
+                                 all_greedy=all(p.temperature == 0 for p in params),
+                                 use_top_k=any(p.top_k > 0 for p in params),
+                                 use_top_p=any(p.top_p < 1 for p in params)).tolist()
         if not is_prefill:
             return token_ids
         return [t if s.num_computed_tokens + s.num_scheduled_tokens == len(s) else None
@@ -319,19 +331,19 @@ class ModelRunner:
             "block_tables": torch.full((max_bs, self.max_blocks_per_seq), -1, dtype=torch.int32, device=self.device),
             "logits_indices": torch.arange(max_bs, device=self.device),
         }
-        v["outputs"] = {}
         pool = None
         for size in reversed(graph_batch_sizes(max_bs)):
             set_context(False, slot_mapping=v["slot_mapping"][:size], context_lens=v["context_lens"][:size],
                         block_tables=v["block_tables"][:size], kv_caches=self.kv_caches)
             args = (v["input_ids"][:size], v["positions"][:size], v["logits_indices"][:size])
-            self.forward(*args)  # warm up (and compile) outside the capture
+            out = self.forward(*args)  # warm up (and compile) outside the capture
+            if "logits" not in v:  # one static output for every graph: each graph's own logits go back to the pool
+                v["logits"] = torch.empty(max_bs, out.shape[-1], dtype=out.dtype, device=self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
-                out = self.forward(*args)
+                v["logits"][:size].copy_(self.forward(*args))
             pool = graph.pool()
             self.graphs[size] = graph
-            v["outputs"][size] = out
             torch.cuda.synchronize()
         reset_context()
         self.graph_vars = v

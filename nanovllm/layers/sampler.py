@@ -14,7 +14,8 @@ class Sampler(nn.Module):
     """
 
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, all_greedy: bool | None = None,
+                use_top_k: bool | None = None, use_top_p: bool | None = None) -> torch.Tensor:
         """
         Args:
             logits: ``[B, V]`` any float dtype.
@@ -22,17 +23,22 @@ class Sampler(nn.Module):
             top_ks: int64 ``[B]`` (-1 = off).
             top_ps: float32 ``[B]`` in (0, 1] (1 = off).
             generator: the random generator of the engine (on the logits' device), or None.
+            all_greedy, use_top_k, use_top_p: what the batch needs, when the caller knows it on the host (the model
+                runner does, from the requests); None reads it from the tensors, which waits for the GPU.
 
         Returns:
             int64 ``[B]`` token ids.
         """
+        greedy = temperatures == 0
+        if all_greedy is None:
+            all_greedy = bool(greedy.all())
+        if all_greedy:
+            return logits.argmax(-1)  # no float32 copy of the logits
         logits = logits.float()
         greedy_ids = logits.argmax(-1)
-        greedy = temperatures == 0
-        if bool(greedy.all()):
-            return greedy_ids
         logits = logits / temperatures.clamp_min(1e-5).unsqueeze(-1)
-        use_k, use_p = bool((top_ks > 0).any()), bool((top_ps < 1).any())
+        use_k = bool((top_ks > 0).any()) if use_top_k is None else use_top_k
+        use_p = bool((top_ps < 1).any()) if use_top_p is None else use_top_p
         if use_k or use_p:
             sorted_logits, order = logits.sort(-1, descending=True)
             drop = torch.zeros_like(sorted_logits, dtype=torch.bool)

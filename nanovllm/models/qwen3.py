@@ -17,7 +17,7 @@ from nanovllm.utils.parallel import tp_size
 class Qwen3Attention(nn.Module):
     """qkv projection -> per-head RMSNorm of q and k -> RoPE -> paged attention -> output projection."""
 
-    def __init__(self, config: PretrainedConfig, layer_idx: int) -> None:
+    def __init__(self, config: PretrainedConfig, layer_idx: int, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         tp = tp_size()
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -29,13 +29,11 @@ class Qwen3Attention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        rope_theta = getattr(config, "rope_theta", None)
-        if rope_theta is None:  # transformers 5 keeps it in rope_parameters
-            rope_theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, float(rope_theta))
+        self.rotary_emb = rotary_emb  # one table shared by every layer
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """positions int64 ``[T]``, hidden ``[T, hidden]`` (the normalized input) -> ``[T, hidden]``."""
         qkv = self.qkv_proj(hidden)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], -1)
@@ -56,21 +54,23 @@ class Qwen3MLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[T, hidden]`` -> ``[T, hidden]``."""
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class Qwen3DecoderLayer(nn.Module):
     """Pre-norm block; the residual add is folded into the following RMSNorm."""
 
-    def __init__(self, config: PretrainedConfig, layer_idx: int) -> None:
+    def __init__(self, config: PretrainedConfig, layer_idx: int, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        self.self_attn = Qwen3Attention(config, layer_idx)
+        self.self_attn = Qwen3Attention(config, layer_idx, rotary_emb)
         self.mlp = Qwen3MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden, residual ``[T, hidden]`` (residual None in the first layer) -> (MLP output, new residual)."""
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
@@ -86,7 +86,12 @@ class Qwen3Model(nn.Module):
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rope_theta = getattr(config, "rope_theta", None)
+        if rope_theta is None:  # transformers 5 keeps it in rope_parameters
+            rope_theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, float(rope_theta))
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(config, i, rotary_emb) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
