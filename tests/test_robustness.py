@@ -498,3 +498,30 @@ def test_pool_sized_from_memory_holds_one_sequence_of_max_model_len(tiny_ckpt: s
     prompt = random_prompts([30], seed=92)[0]
     out = small.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
     assert out["token_ids"] == hf_greedy(hf_model, prompt, 10) and out["finish_reason"] == "length"
+
+
+def test_decode_budget_smaller_than_running_set_starves_no_sequence(tiny_ckpt: str, hf_model) -> None:  # noqa: ANN001
+    """max_num_batched_tokens=4 with 8 running sequences: every decode step serves 4, and each sequence is served
+    at least every second decode step; outputs still equal solo runs."""
+    engine_llm = LLM(tiny_ckpt, device="cpu", kvcache_block_size=16, max_num_batched_tokens=4, max_num_seqs=8,
+                     max_model_len=64)
+    prompts = random_prompts([2] * 8, seed=93)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    eng = engine_llm.engine
+    seqs = [eng.add_request(p, params) for p in prompts]
+    last_served = {s.seq_id: 0 for s in seqs}
+    decode_steps = 0
+    while not eng.scheduler.is_finished():
+        before = {s.seq_id: len(s) for s in seqs}
+        _, is_prefill, _ = eng.step()
+        if is_prefill:
+            continue
+        decode_steps += 1
+        for s in seqs:
+            if len(s) > before[s.seq_id]:
+                last_served[s.seq_id] = decode_steps
+            elif not s.is_finished:
+                assert decode_steps - last_served[s.seq_id] < 2, f"sequence {s.seq_id} starved"
+        assert decode_steps < 100
+    assert [s.completion_token_ids for s in seqs] == [hf_greedy(hf_model, p, 6) for p in prompts]
+    assert engine_llm.kv_cache_usage() == 0.0

@@ -100,7 +100,11 @@ class Scheduler:
                 seq.num_scheduled_tokens = 1
                 self.block_manager.commit(seq, len(seq))
                 scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled))
+        if self.running:
+            # the budget left some sequences out: they go first next time (no sequence starves)
+            self.running.extend(scheduled)
+        else:
+            self.running.extendleft(reversed(scheduled))  # admission order kept: the newest is preempted first
         return scheduled
 
     def _release(self, seq: Sequence) -> None:
