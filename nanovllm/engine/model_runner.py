@@ -259,12 +259,17 @@ class ModelRunner:
         return (self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
                 torch.arange(len(seqs), device=self.device))
 
-    def prepare_sample(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-row temperature (float32), top-k (int64) and top-p (float32), each ``[B]``."""
+    def prepare_sample(self, seqs: list[Sequence]) -> dict:
+        """The sampler's keyword arguments: per-row ``temperatures`` (float32), ``top_ks`` (int64), ``top_ps``
+        (float32), each ``[B]`` on the device, and the host-side flags ``all_greedy``, ``use_top_k``, ``use_top_p``
+        (so the sampler never waits for the GPU to learn them)."""
         params = [s.sampling_params for s in seqs]
-        return (self._to_device([p.temperature for p in params], torch.float32),
-                self._to_device([p.top_k for p in params], torch.int64),
-                self._to_device([p.top_p for p in params], torch.float32))
+        return {"temperatures": self._to_device([p.temperature for p in params], torch.float32),
+                "top_ks": self._to_device([p.top_k for p in params], torch.int64),
+                "top_ps": self._to_device([p.top_p for p in params], torch.float32),
+                "all_greedy": all(p.temperature == 0 for p in params),
+                "use_top_k": any(p.top_k > 0 for p in params),
+                "use_top_p": any(p.top_p < 1 for p in params)}
 
     # ---- running -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -272,9 +277,9 @@ class ModelRunner:
                   is_prefill: bool) -> torch.Tensor:
         """Logits ``[B, vocab]`` of the step whose context is set; decode replays a CUDA graph when one fits."""
         n = input_ids.shape[0]
-        if is_prefill or not self.graphs or n > max(self.graphs):
+        if is_prefill or not self.graphs or n > self.config.max_num_seqs:
             return self.forward(input_ids, positions, logits_indices)
-        size = next(b for b in sorted(self.graphs) if b >= n)
+        size = self.graph_size_for[n]
         ctx, v = get_context(), self.graph_vars
         v["input_ids"][:n] = input_ids
         v["positions"][:n] = positions
@@ -302,12 +307,7 @@ class ModelRunner:
         reset_context()
         if self.rank != 0:
             return []
-        temperatures, top_ks, top_ps = self.prepare_sample(seqs)
-        params = [s.sampling_params for s in seqs]
-        token_ids = self.sampler(logits, temperatures, top_ks, top_ps, self.generator,
-                                 all_greedy=all(p.temperature == 0 for p in params),
-                                 use_top_k=any(p.top_k > 0 for p in params),
-                                 use_top_p=any(p.top_p < 1 for p in params)).tolist()
+        token_ids = self.sampler(logits, generator=self.generator, **self.prepare_sample(seqs)).tolist()
         if not is_prefill:
             return token_ids
         return [t if s.num_computed_tokens + s.num_scheduled_tokens == len(s) else None
@@ -347,3 +347,5 @@ class ModelRunner:
             torch.cuda.synchronize()
         reset_context()
         self.graph_vars = v
+        sizes = sorted(self.graphs)  # batch of n rows -> the smallest captured size >= n
+        self.graph_size_for = [0] + [next(b for b in sizes if b >= n) for n in range(1, max_bs + 1)]
