@@ -9,6 +9,9 @@ Inputs (each optional: a missing or malformed file is reported and skipped, neve
 - latency-h200.json (bench_latency.py) -> latency_h200.png: TPOT and TTFT vs batch size per engine mode.
 - throughput-h200.json (bench_throughput.py) -> throughput_h200.png: output tokens/s of each engine mode, the
   transformers peer and the bandwidth floor.
+- decode-profile-h200.json (profile_decode.py) -> decode_profile_h200.png: one stacked bar per (mode, batch):
+  GPU kernel time per category plus the host-overhead estimate (wall - GPU busy), ms per decode step, with the
+  step's roofline floor marked; a second panel shows the same as shares of the bar.
 
 Usage::
 
@@ -216,10 +219,83 @@ def plot_throughput(data: Any, out: str, plt: Any) -> bool:
     return True
 
 
+DECODE_CATEGORIES: list[tuple[str, str, str]] = [  # (key in the JSON, label, colour), bottom to top
+    ("fused_norm_linear", "fused norm+linear (coconut Triton)", "tab:green"),
+    ("gemm", "GEMM (cuBLAS)", "tab:blue"),
+    ("attention", "attention", "tab:red"),
+    ("kv_store", "KV store", "tab:pink"),
+    ("inductor", "Inductor elementwise / norms", "tab:cyan"),
+    ("sampler", "sampler", "tab:orange"),
+    ("memcpy", "memcpy / memset / copies", "tab:brown"),
+    ("other", "other kernels", "tab:olive"),
+]
+
+
+def plot_decode_profile(data: Any, out: str, plt: Any) -> bool:
+    """Stacked bars, one per (mode, batch): kernel ms per category + host overhead; the step floor as a black tick.
+
+    Returns True if a PNG was written.
+    """
+    if not isinstance(data, dict):
+        return False
+    bars: list[tuple[str, dict[str, Any]]] = []
+    for mode, m in (data.get("modes") or {}).items():
+        batches = (m or {}).get("batches") or {}
+        for b, case in sorted(batches.items(), key=lambda kv: int(kv[0])):
+            if isinstance(case, dict) and "error" not in case and _num(case.get("wall_ms")):
+                bars.append((f"{mode}\nB={b}", case))
+    if not bars:
+        print("[plot] decode profile: no (mode, batch) case with figures")
+        return False
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(2 * max(6.5, 0.95 * len(bars) + 2.5), 5.2))
+    xs = list(range(len(bars)))
+    for ax, share in ((a1, False), (a2, True)):
+        bottom = [0.0] * len(bars)
+        segments = [(lab, col, [float(((c.get("categories") or {}).get(key) or {}).get("ms") or 0.0) for _, c in bars])
+                     for key, lab, col in DECODE_CATEGORIES]
+        segments.append(("host overhead (wall - GPU busy, estimate)", "lightgray",
+                         [max(float(c.get("host_ms") or 0.0), 0.0) for _, c in bars]))
+        totals = [sum(seg[2][i] for seg in segments) or 1.0 for i in xs]
+        for lab, col, vals in segments:
+            ys = [v / totals[i] * 100 if share else v for i, v in enumerate(vals)]
+            if any(y > 0 for y in ys):
+                ax.bar(xs, ys, bottom=bottom, color=col, label=lab, width=0.7,
+                       hatch="//" if col == "lightgray" else None, edgecolor="white", linewidth=0.5)
+            bottom = [b + y for b, y in zip(bottom, ys)]
+        if not share:
+            for i, (_, c) in enumerate(bars):
+                floor = _num(c.get("floor_ms"))
+                if floor:
+                    ax.hlines(floor, i - 0.42, i + 0.42, colors="black", linewidth=2.2,
+                              label="roofline floor of the step" if i == 0 else None)
+                frac = _num(c.get("fraction_of_floor"))
+                ax.text(i, bottom[i], f"{float(c['wall_ms']):.2f} ms" + (f"\n{frac:.0%} of floor" if frac else ""),
+                        ha="center", va="bottom", fontsize=7)
+            ax.set_ylabel("ms per decode step")
+            ax.set_ylim(0, max(bottom) * 1.15)
+            ax.set_title("time per decode step (kernel time by category + host overhead)", fontsize=10)
+        else:
+            ax.set_ylabel("% of the bar")
+            ax.set_ylim(0, 100)
+            ax.set_title("shares", fontsize=10)
+        ax.set_xticks(xs, [lab for lab, _ in bars], fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    handles, labels = a1.get_legend_handles_labels()
+    fig.legend(handles[::-1], labels[::-1], loc="center right", fontsize=8)
+    model = os.path.basename(str(data.get("model", "")).rstrip("/"))
+    fig.suptitle(f"{model}: decode step profile, prompt {data.get('prompt_len')} tokens, {data.get('steps')} steps "
+                 f"{_gpu(data)}".strip())
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
+
+
 PLOTS: list[tuple[str, str, Callable[[Any, str, Any], bool]]] = [
     ("fusion-kernel-h200.json", "fusion_kernel_h200.png", plot_fusion_kernel),
     ("latency-h200.json", "latency_h200.png", plot_latency),
     ("throughput-h200.json", "throughput_h200.png", plot_throughput),
+    ("decode-profile-h200.json", "decode_profile_h200.png", plot_decode_profile),
 ]
 
 

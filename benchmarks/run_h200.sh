@@ -11,6 +11,8 @@
 #   smoke       python -m nanovllm --model $CKPT --max-tokens 16                          (~1 min)
 #   throughput  python benchmarks/bench_throughput.py --modes fusion,nofusion --peer      (~3-4 min)
 #   latency     python benchmarks/bench_latency.py  (fusion, nofusion, eager; 1..256)     (~5-6 min)
+#   profile     python benchmarks/profile_decode.py --model $CKPT  (torch.profiler of decode steps: fusion,
+#               nofusion x batch 1, 64, 256; optional, not in the default list)          (~4-6 min)
 #   plot        python benchmarks/plot_results.py (PNGs into docs/img; they are not copied back)
 # Stages that need it first build the random Qwen3-0.6B-shaped checkpoint at $CKPT (default /tmp/qwen3-0.6b;
 # kept if it already exists; a few seconds).
@@ -23,13 +25,15 @@
 # Output in $OUT (default /tmp/h200-out), at most 8 files:
 #   summary.txt          GPU and versions, one line per stage: status, exit code, seconds (rewritten after each)
 #   logs.tar.gz          every stage's full log (<stage>.log)
-#   <name>.json          benchmarks/results/{throughput,latency,fusion-kernel,attention}-h200.json written by this run
+#   <name>.json          benchmarks/results/{throughput,latency,fusion-kernel,attention,decode-profile}-h200.json
+#                        written by this run
 #   results-other.tar    any other JSON that appeared in benchmarks/results/ during this run
 # While a stage runs, its log is $OUT/<stage>.log (so a run killed from outside still returns it);
 # logs.tar is gzipped only at the very end.
 #
-# Environment: CKPT, OUT, DEADLINE_S, PYTEST_ARGS (default "-x -q tests"), THROUGHPUT_ARGS, LATENCY_ARGS
-# (extra flags appended to the bench command lines).
+# Environment: CKPT, OUT, DEADLINE_S, PYTEST_ARGS (default "-x -q tests"), THROUGHPUT_ARGS, LATENCY_ARGS,
+# PROFILE_ARGS (extra flags appended to the bench command lines; the profile stage passes --budget-s so that it
+# starts no new case within 120 s of DEADLINE_S, and a --budget-s in PROFILE_ARGS overrides it).
 
 set -u
 set -o pipefail
@@ -43,6 +47,7 @@ DEADLINE_S="${DEADLINE_S:-570}"
 PYTEST_ARGS="${PYTEST_ARGS:--x -q tests}"
 THROUGHPUT_ARGS="${THROUGHPUT_ARGS:-}"
 LATENCY_ARGS="${LATENCY_ARGS:-}"
+PROFILE_ARGS="${PROFILE_ARGS:-}"
 PY="${PYTHON:-$(command -v python >/dev/null 2>&1 && echo python || echo python3)}"
 mkdir -p "$OUT"
 START=$(date +%s)
@@ -53,7 +58,7 @@ SUMMARY="$OUT/summary.txt"
 LOGTAR="$OUT/logs.tar"
 OTHER_TAR="$OUT/results-other.tar"
 MARK="$(mktemp /tmp/run_h200.start.XXXXXX)"   # results newer than this were written by this run
-KEEP_JSON="throughput-h200.json latency-h200.json fusion-kernel-h200.json attention-h200.json"
+KEEP_JSON="throughput-h200.json latency-h200.json fusion-kernel-h200.json attention-h200.json decode-profile-h200.json"
 declare -a RESULTS=()
 
 HEADER="$(mktemp /tmp/run_h200.header.XXXXXX)"
@@ -119,7 +124,7 @@ run_stage() {
 
 needs_ckpt=0
 for s in "${STAGES[@]}"; do
-  case "$s" in throughput|latency|smoke|engine) needs_ckpt=1 ;; esac
+  case "$s" in throughput|latency|smoke|engine|profile) needs_ckpt=1 ;; esac
 done
 if [ $needs_ckpt -eq 1 ]; then
   if [ -f "$CKPT/config.json" ] && ls "$CKPT"/*.safetensors >/dev/null 2>&1; then
@@ -141,8 +146,9 @@ for s in "${STAGES[@]}"; do
     smoke)      run_stage smoke 30 "$PY -m nanovllm --model $CKPT --max-tokens 16" ;;
     throughput) run_stage throughput 120 "$PY benchmarks/bench_throughput.py --model $CKPT --modes fusion,nofusion --peer $THROUGHPUT_ARGS" ;;
     latency)    run_stage latency 180 "$PY benchmarks/bench_latency.py --model $CKPT $LATENCY_ARGS" ;;
+    profile)    run_stage profile 180 "$PY benchmarks/profile_decode.py --model $CKPT --budget-s $(( DEADLINE_S - $(elapsed) - 120 )) $PROFILE_ARGS" ;;
     plot)       run_stage plot 10 "$PY benchmarks/plot_results.py" ;;
-    *)          RESULTS+=("$(printf '%-11s UNKNOWN  (stages: kernels engine tests smoke throughput latency plot)' "$s")") ;;
+    *)          RESULTS+=("$(printf '%-11s UNKNOWN  (stages: kernels engine tests smoke throughput latency profile plot)' "$s")") ;;
   esac
 done
 
