@@ -209,7 +209,7 @@ def test_decode_attention(dtype: torch.dtype, block_size: int, heads: tuple[int,
 
 
 def test_decode_max_context_len_hint_and_padding_rows() -> None:
-    """max_context_len tightens the partitions; a row with context 0 (batch padding) yields zeros, not NaN."""
+    """max_context_len bounds the split count; a row with context 0 (batch padding) yields zeros, not NaN."""
     gen = torch.Generator().manual_seed(3)
     ctx_lens = [40, 200, 129]
     k_cache, v_cache, bt = make_paged(ctx_lens, 16, 2, 32, torch.float32, gen, extra_cols=10)
@@ -219,7 +219,8 @@ def test_decode_max_context_len_hint_and_padding_rows() -> None:
     dense = dense_attention_f64(q[:3], k_cache, v_cache, bt, [1, 1, 1], ctx_lens, 0.2)
     ref = decode_attention_ref(q, k_cache, v_cache, bt, lens, 0.2)
     assert torch.equal(ref[3], torch.zeros_like(ref[3]))
-    for splits, hint in [(None, 200), (4, 200), (1, None), (5, None)]:
+    # 5 and 13 splits: more splits than a short row has tiles, and tiles dealt unevenly over the splits
+    for splits, hint in [(None, 200), (4, 200), (1, None), (5, None), (13, None)]:
         out = torch.full_like(q, float("nan"))
         decode_attention(q, k_cache, v_cache, bt, lens, 0.2, force_triton=True, num_splits=splits, max_context_len=hint, out=out)
         assert torch.isfinite(out).all()
@@ -228,12 +229,15 @@ def test_decode_max_context_len_hint_and_padding_rows() -> None:
 
 
 def test_choose_num_splits() -> None:
-    # Batch 1, long context: split until the SMs are busy, bounded by the minimum partition length.
-    assert choose_num_splits(1, 8, 4096, 132) == 16
+    # Batch 1, long context: split until the SMs are busy (4 waves of 132 SMs over 8 kv heads = 66), bounded by
+    # the number of 64-token tiles (64) and DECODE_MAX_SPLITS (64).
+    assert choose_num_splits(1, 8, 4096, 132) == 64
+    assert choose_num_splits(8, 8, 4096, 132) == 9
     # Big batch: one program per (sequence, kv head) is already several waves.
     assert choose_num_splits(256, 8, 4096, 132) == 1
-    # Short context: never split below the minimum partition.
-    assert choose_num_splits(1, 8, 100, 132) == 1
+    # Short context: never more splits than tiles.
+    assert choose_num_splits(1, 8, 100, 132) == 2
+    assert choose_num_splits(1, 8, 64, 132) == 1
     assert all(choose_num_splits(b, 8, c, 132) >= 1 for b in (1, 3, 64) for c in (1, 17, 10_000))
 
 
@@ -361,7 +365,7 @@ def compile_one(fn, ptr, consts, warps, stages, want_mma):
             sig[n] = "*i32" if n in INT_PTRS else "*fp32" if n in F32_PTRS else ptr
         else:
             sig[n] = "fp32" if n == "qk_scale" else "i32"
-        if n.endswith("_ptr") or (n.startswith("stride_") and n != "stride_bt") or n == "partition_size":
+        if n.endswith("_ptr") or (n.startswith("stride_") and n != "stride_bt"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
@@ -375,8 +379,8 @@ for ptr, prec, bn, mma in (("*bf16", "tf32", 64, True), ("*fp32", "ieee", 32, Fa
 for bs, direct in ((16, False), (256, True)):
     compile_one(da._decode_split_kernel, "*bf16", dict(NUM_HEADS=16, NUM_SPLITS=1 if direct else 8, GROUP=2,
                 ROWS=16, BLOCK_N=64, BLOCK_SIZE=bs, HEAD_DIM=128, DIRECT=direct, DOT_PRECISION="tf32"), 4, 3, True)
-compile_one(da._decode_reduce_kernel, "*bf16", dict(NUM_HEADS=16, NUM_SPLITS=8, SPLITS_PAD=8, HEAD_DIM=128), 4, 1,
-            False)
+compile_one(da._decode_reduce_kernel, "*bf16", dict(NUM_HEADS=16, NUM_SPLITS=8, SPLITS_PAD=8, BLOCK_N=64,
+                                                    HEAD_DIM=128), 4, 1, False)
 print("AOT-OK")
 """
 

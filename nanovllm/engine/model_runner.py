@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from nanovllm.config import Config
+from nanovllm.engine.input_buffers import StepInputBuffers
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
@@ -70,7 +71,11 @@ class ModelRunner:
             self._pretune_fusion()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.allocate_kv_cache()
+        self.buffers = StepInputBuffers(config.max_num_seqs, self.max_blocks_per_seq, self.block_size, self.device)
+        self._sampling_flags: dict = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_logits: torch.Tensor | None = None
+        self.graph_size_for: list[int] = []
         if self.device.type == "cuda" and not config.enforce_eager:
             self.capture_cudagraphs()
 
@@ -246,51 +251,42 @@ class ModelRunner:
                 self._to_device(logits_indices, torch.int64))
 
     def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One new token per sequence (its last); set the decode context. Returns like :meth:`prepare_prefill`."""
-        bs = self.block_size
-        input_ids = [s.last_token for s in seqs]
-        positions = [len(s) - 1 for s in seqs]
-        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
-        lens = [len(s) for s in seqs]
-        width = max(len(s.block_table) for s in seqs)
-        set_context(False, slot_mapping=self._to_device(slots, torch.int32),
-                    context_lens=self._to_device(lens, torch.int32), block_tables=self._block_tables(seqs, width),
-                    kv_caches=self.kv_caches)
-        return (self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
-                torch.arange(len(seqs), device=self.device))
+        """One new token per sequence (its last); set the decode context. Returns like :meth:`prepare_prefill`.
 
-    def prepare_sample(self, seqs: list[Sequence]) -> dict:
+        The inputs go through the persistent :class:`StepInputBuffers` (numpy on the host, one asynchronous copy
+        per dtype), padded up to the CUDA graph's batch size when a graph will run the step.
+        """
+        n = len(seqs)
+        rows = self.graph_size_for[n] if self.graphs and n <= self.config.max_num_seqs else n
+        buf = self.buffers
+        buf.fill_decode(seqs, rows)
+        self._sampling_flags = buf.fill_sampling(seqs)
+        buf.upload(rows)
+        set_context(False, slot_mapping=buf.slot_mapping[:rows], context_lens=buf.context_lens[:rows],
+                    block_tables=buf.block_tables[:rows], kv_caches=self.kv_caches)
+        return buf.input_ids[:rows], buf.positions[:rows], buf.row_index[:rows]
+
+    def prepare_sample(self, seqs: list[Sequence], is_prefill: bool = True) -> dict:
         """The sampler's keyword arguments: per-row ``temperatures`` (float32), ``top_ks`` (int64), ``top_ps``
         (float32), each ``[B]`` on the device, and the host-side flags ``all_greedy``, ``use_top_k``, ``use_top_p``
-        (so the sampler never waits for the GPU to learn them)."""
-        params = [s.sampling_params for s in seqs]
-        return {"temperatures": self._to_device([p.temperature for p in params], torch.float32),
-                "top_ks": self._to_device([p.top_k for p in params], torch.int64),
-                "top_ps": self._to_device([p.top_p for p in params], torch.float32),
-                "all_greedy": all(p.temperature == 0 for p in params),
-                "use_top_k": any(p.top_k > 0 for p in params),
-                "use_top_p": any(p.top_p < 1 for p in params)}
+        (so the sampler never waits for the GPU to learn them). A decode step staged them in
+        :meth:`prepare_decode` already."""
+        if is_prefill:
+            self._sampling_flags = self.buffers.fill_sampling(seqs)
+            self.buffers.upload(0)
+        return {**self.buffers.sampler_args(len(seqs)), **self._sampling_flags}
 
     # ---- running -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor,
                   is_prefill: bool) -> torch.Tensor:
-        """Logits ``[B, vocab]`` of the step whose context is set; decode replays a CUDA graph when one fits."""
-        n = input_ids.shape[0]
-        if is_prefill or not self.graphs or n > self.config.max_num_seqs:
+        """Logits ``[B, vocab]`` of the step whose context is set; a decode step replays the CUDA graph of its
+        padded size when there is one (its inputs are already in the graph's static buffers)."""
+        rows = input_ids.shape[0]
+        if is_prefill or rows not in self.graphs:
             return self.forward(input_ids, positions, logits_indices)
-        size = self.graph_size_for[n]
-        ctx, v = get_context(), self.graph_vars
-        v["input_ids"][:n] = input_ids
-        v["positions"][:n] = positions
-        v["slot_mapping"].fill_(-1)
-        v["slot_mapping"][:n] = ctx.slot_mapping
-        v["context_lens"].zero_()
-        v["context_lens"][:n] = ctx.context_lens
-        v["block_tables"].fill_(-1)
-        v["block_tables"][:n, :ctx.block_tables.shape[1]] = ctx.block_tables
-        self.graphs[size].replay()
-        return v["logits"][:n]
+        self.graphs[rows].replay()
+        return self.graph_logits[:rows]
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int | None]:
@@ -303,11 +299,11 @@ class ModelRunner:
             input_ids, positions, logits_indices = self.prepare_prefill(seqs)
         else:
             input_ids, positions, logits_indices = self.prepare_decode(seqs)
-        logits = self.run_model(input_ids, positions, logits_indices, is_prefill)
+        logits = self.run_model(input_ids, positions, logits_indices, is_prefill)[:len(seqs)]
         reset_context()
         if self.rank != 0:
             return []
-        token_ids = self.sampler(logits, generator=self.generator, **self.prepare_sample(seqs)).tolist()
+        token_ids = self.sampler(logits, generator=self.generator, **self.prepare_sample(seqs, is_prefill)).tolist()
         if not is_prefill:
             return token_ids
         return [t if s.num_computed_tokens + s.num_scheduled_tokens == len(s) else None
@@ -317,35 +313,27 @@ class ModelRunner:
     def capture_cudagraphs(self) -> None:
         """Capture one decode graph per size of :func:`graph_batch_sizes`, largest first, sharing one pool.
 
-        Static inputs: input ids, positions, slot mapping, context lengths and block tables wide enough for
-        max_model_len. A smaller batch is padded up to the next captured size (slot -1, context length 0).
+        Static inputs: the device views of :class:`StepInputBuffers` (input ids, positions, slot mapping, context
+        lengths, block tables as wide as max_model_len needs); static output: one ``[max_num_seqs, vocab]``
+        logits buffer shared by every graph. A smaller batch is padded up to the next captured size (slot -1,
+        context length 0).
         """
-        cfg = self.config
-        max_bs = cfg.max_num_seqs
-        z = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=self.device)  # noqa: E731
-        v: dict = {
-            "input_ids": z(max_bs, dtype=torch.int64),
-            "positions": z(max_bs, dtype=torch.int64),
-            "slot_mapping": torch.full((max_bs,), -1, dtype=torch.int32, device=self.device),
-            "context_lens": z(max_bs, dtype=torch.int32),
-            "block_tables": torch.full((max_bs, self.max_blocks_per_seq), -1, dtype=torch.int32, device=self.device),
-            "logits_indices": torch.arange(max_bs, device=self.device),
-        }
+        buf = self.buffers
         pool = None
-        for size in reversed(graph_batch_sizes(max_bs)):
-            set_context(False, slot_mapping=v["slot_mapping"][:size], context_lens=v["context_lens"][:size],
-                        block_tables=v["block_tables"][:size], kv_caches=self.kv_caches)
-            args = (v["input_ids"][:size], v["positions"][:size], v["logits_indices"][:size])
+        for size in reversed(graph_batch_sizes(self.config.max_num_seqs)):
+            set_context(False, slot_mapping=buf.slot_mapping[:size], context_lens=buf.context_lens[:size],
+                        block_tables=buf.block_tables[:size], kv_caches=self.kv_caches)
+            args = (buf.input_ids[:size], buf.positions[:size], buf.row_index[:size])
             out = self.forward(*args)  # warm up (and compile) outside the capture
-            if "logits" not in v:  # one static output for every graph: each graph's own logits go back to the pool
-                v["logits"] = torch.empty(max_bs, out.shape[-1], dtype=out.dtype, device=self.device)
+            if self.graph_logits is None:  # one static output for every graph: each graph's own output is freed
+                self.graph_logits = torch.empty(self.config.max_num_seqs, out.shape[-1], dtype=out.dtype,
+                                                device=self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
-                v["logits"][:size].copy_(self.forward(*args))
+                self.graph_logits[:size].copy_(self.forward(*args))
             pool = graph.pool()
             self.graphs[size] = graph
             torch.cuda.synchronize()
         reset_context()
-        self.graph_vars = v
         sizes = sorted(self.graphs)  # batch of n rows -> the smallest captured size >= n
-        self.graph_size_for = [0] + [next(b for b in sizes if b >= n) for n in range(1, max_bs + 1)]
+        self.graph_size_for = [0] + [next(b for b in sizes if b >= n) for n in range(1, self.config.max_num_seqs + 1)]

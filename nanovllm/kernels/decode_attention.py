@@ -1,22 +1,26 @@
 """Single-token decode attention over the paged KV cache with split-KV (Triton kernels + dispatch).
 
 Algorithm: flash-decoding (Dao, Haziza, Massa, Sizov, 2023, "Flash-Decoding for long-context inference").
-The context of each sequence is cut into ``num_splits`` partitions of ``partition_size`` tokens (a multiple of
-``BLOCK_N``). Kernel 1, grid ``(B, Hkv, num_splits)``: each program handles one partition for all ``G = H // Hkv``
-query heads of one kv head (so each K/V tile is loaded once for the whole group; the ``G`` rows are padded to
-at least 16 for ``tl.dot``), runs an online softmax (base 2, float32) over its tokens and writes the partial
-``(max m_s, sum l_s, unnormalized acc_s)``. Kernel 2, grid ``(B, H)``: combines the partials of the non-empty
-partitions,
+The context of each sequence is cut into ``BLOCK_N``-token tiles, dealt round-robin to ``num_splits`` splits:
+split ``s`` takes tiles ``s, s + num_splits, s + 2 num_splits, ...``. Kernel 1, grid ``(B, Hkv, num_splits)``:
+each program runs one split for all ``G = H // Hkv`` query heads of one kv head (so each K/V tile is loaded once
+for the whole group; the ``G`` rows are padded to at least 16 for ``tl.dot``), with an online softmax (base 2,
+float32) over its tiles, and writes the partial ``(max m_s, sum l_s, unnormalized acc_s)``. Kernel 2, grid
+``(B, H)``: combines the partials of the non-empty splits,
 
     M = max_s m_s,  w_s = 2^(m_s - M),  o = sum_s w_s acc_s / sum_s w_s l_s,
 
-which is exact (the same rescaling identity as the online softmax). With ``num_splits == 1`` kernel 1 writes
-the normalized output directly and kernel 2 is skipped.
+which is exact (the same rescaling identity as the online softmax; the order of the tiles does not matter).
+With ``num_splits == 1`` kernel 1 writes the normalized output directly and kernel 2 is skipped.
 
 The number of splits depends only on static quantities (``B``, ``Hkv``, the SM count and the context bound
 ``W * block_size`` from the block-table width, or ``max_context_len`` if given), never on ``context_lens``'
-values, so the launch needs no device->host sync and can be captured in a CUDA graph. Partitions that start
-past a sequence's context length exit at once and are ignored by the reduction.
+values, so the launch needs no device->host sync and can be captured in a CUDA graph. Dealing tiles
+round-robin (rather than cutting the bound into ``num_splits`` contiguous partitions) keeps every split busy
+whatever the actual context length: a CUDA graph captured for ``max_model_len = 4096`` that decodes a
+512-token context still spreads its 8 tiles over 8 splits, where contiguous partitions would give all 8 tiles
+to split 0. Splits with no tile (``s * BLOCK_N >= context length``) exit at once and are ignored by the
+reduction.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from .reference import decode_attention_ref
 
 # Tunables (see docs/attention.md and benchmarks/bench_attention.py).
 DECODE_BLOCK_N = 64  # key positions per tile
-DECODE_MIN_PARTITION = 256  # never split a context into pieces shorter than this (tokens)
+DECODE_MIN_TILES_PER_SPLIT = 1  # a split covers at least this many tiles of the context bound
 DECODE_WAVES = 4  # aim for about this many programs per SM
 DECODE_MAX_SPLITS = 64
 
@@ -44,8 +48,9 @@ def _sm_count(device_index: int) -> int:
 def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, sm_count: int, block_n: int = DECODE_BLOCK_N) -> int:
     """Number of KV partitions per sequence for split-KV decode.
 
-    Enough ``(sequence, kv head, split)`` programs to give every SM about ``DECODE_WAVES`` of them, but no
-    partition shorter than ``DECODE_MIN_PARTITION`` tokens and at most ``DECODE_MAX_SPLITS`` partitions.
+    Enough ``(sequence, kv head, split)`` programs to give every SM about ``DECODE_WAVES`` of them, but no more
+    splits than tiles in the context bound (over ``DECODE_MIN_TILES_PER_SPLIT``) and at most
+    ``DECODE_MAX_SPLITS``.
 
     Args:
         batch: number of sequences ``B``.
@@ -59,7 +64,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, sm_co
     """
     programs = max(1, batch * num_kv_heads)
     want = triton.cdiv(DECODE_WAVES * sm_count, programs)
-    by_len = max(1, triton.cdiv(max(1, max_context_len), max(DECODE_MIN_PARTITION, block_n)))
+    by_len = max(1, triton.cdiv(max(1, max_context_len), DECODE_MIN_TILES_PER_SPLIT * block_n))
     return max(1, min(want, by_len, DECODE_MAX_SPLITS))
 
 
@@ -83,7 +88,6 @@ def _decode_split_kernel(
     stride_kh,
     stride_bt,
     qk_scale,
-    partition_size,
     NUM_HEADS: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     GROUP: tl.constexpr,
@@ -98,11 +102,9 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx_len = tl.load(ctx_ptr + seq)
-    start = split * partition_size
-    # Empty partitions exit; split 0 always runs so a padding row (ctx_len == 0) still gets a defined 0 output.
-    if (split > 0) & (start >= ctx_len):
+    # Splits without a tile exit; split 0 always runs so a padding row (ctx_len == 0) still gets a defined 0 output.
+    if (split > 0) & (split * BLOCK_N >= ctx_len):
         return
-    end = tl.minimum(start + partition_size, ctx_len)
 
     r = tl.arange(0, ROWS)
     row_ok = r < GROUP
@@ -119,17 +121,18 @@ def _decode_split_kernel(
     bt_row_ptr = bt_ptr + seq.to(tl.int64) * stride_bt
     kv_head_off = kv_head.to(tl.int64) * stride_kh
 
-    full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
-    # Whole tiles unmasked (MASKED=False), the partial last tile masked at `end` (MASKED=True); CAUSAL=False: the
-    # one query token sees every key < end, so q_pos (0 here) is not read.
-    for start_n in range(start, full_end, BLOCK_N):
+    num_full = ctx_len // BLOCK_N
+    # This split's whole tiles, unmasked (MASKED=False): tiles split, split + NUM_SPLITS, ... CAUSAL=False: the
+    # one query token sees every key < ctx_len, so q_pos (0 here) is not read.
+    for tile in range(split, num_full, NUM_SPLITS):
         acc, m_i, l_i = online_softmax_tile(
-            acc, m_i, l_i, q, start_n, 0, end, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
+            acc, m_i, l_i, q, tile * BLOCK_N, 0, ctx_len, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
             stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, False, DOT_PRECISION,
         )
-    if full_end < end:
+    # The partial last tile (masked at ctx_len) belongs to the split whose turn it is.
+    if (num_full * BLOCK_N < ctx_len) & (num_full % NUM_SPLITS == split):
         acc, m_i, l_i = online_softmax_tile(
-            acc, m_i, l_i, q, full_end, 0, end, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
+            acc, m_i, l_i, q, num_full * BLOCK_N, 0, ctx_len, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
             stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, False, DOT_PRECISION,
         )
 
@@ -157,16 +160,16 @@ def _decode_reduce_kernel(
     acc_part_ptr,
     stride_ob,
     stride_oh,
-    partition_size,
     NUM_HEADS: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     ctx_len = tl.load(ctx_ptr + seq)
-    used = tl.cdiv(ctx_len, partition_size)  # partitions that hold at least one token
+    used = tl.cdiv(ctx_len, BLOCK_N)  # splits s < used hold at least one tile
     s = tl.arange(0, SPLITS_PAD)
     s_ok = (s < used) & (s < NUM_SPLITS)
     base = (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS
@@ -209,7 +212,6 @@ def decode_attention_triton(
         sms = _sm_count(q.device.index or 0) if q.is_cuda else 132
         num_splits = choose_num_splits(batch, num_kv_heads, bound, sms, bn)
     num_splits = max(1, int(num_splits))
-    partition_size = triton.cdiv(triton.cdiv(max(1, bound), num_splits), bn) * bn
     direct = num_splits == 1
     if direct:
         m_part = l_part = acc_part = out  # unused
@@ -237,7 +239,6 @@ def decode_attention_triton(
         k_cache.stride(2),
         block_tables.stride(0),
         float(scale) * LOG2E,
-        partition_size,
         NUM_HEADS=num_heads,
         NUM_SPLITS=num_splits,
         GROUP=group,
@@ -259,10 +260,10 @@ def decode_attention_triton(
             acc_part,
             out.stride(0),
             out.stride(1),
-            partition_size,
             NUM_HEADS=num_heads,
             NUM_SPLITS=num_splits,
             SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            BLOCK_N=bn,
             HEAD_DIM=head_dim,
             num_warps=4 if head_dim >= 128 else 2,
         )
