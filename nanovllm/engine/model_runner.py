@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import numpy as np
@@ -107,7 +108,10 @@ class ModelRunner:
 
     def _pretune_fusion(self) -> None:
         """Time the fused op's variants for this model's three sites (qkv, gate_up, lm_head) at the decode batch
-        sizes, before the KV cache takes the memory the timing needs; larger prefill sizes are timed on first use."""
+        sizes, before the KV cache takes the memory the timing needs; larger prefill sizes are timed on first use.
+
+        With the environment variable ``COCONUT_TUNING_FILE`` set, decisions saved there by an earlier run (same
+        GPU and versions) are loaded first and not measured again, and all decisions are written back."""
         import fusion_pass
 
         hf = self.config.hf_config
@@ -117,8 +121,14 @@ class ModelRunner:
                  -(-hf.vocab_size // self.world)]
         sizes = sorted({1 << i for i in range(0, 14) if (1 << i) <= max(graph_batch_sizes(self.config.max_num_seqs))}
                        | {max(graph_batch_sizes(self.config.max_num_seqs))})
+        # COCONUT_TUNING_FILE: reuse the decisions of an earlier run on the same GPU (and keep the new ones)
+        path = os.environ.get("COCONUT_TUNING_FILE")
+        if path and os.path.exists(path):
+            fusion_pass.load_tuning(path)
         fusion_pass.pretune([(m, n, hf.hidden_size) for n in sites for m in sizes], dtype=self.dtype,
                             device=self.device)
+        if path and self.rank == 0:
+            fusion_pass.save_tuning(path)
 
     def _block_bytes(self) -> int:
         hf = self.config.hf_config
