@@ -35,6 +35,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -96,11 +97,31 @@ def parse_reps(spec: str | None, batches: list[int]) -> dict[int, int]:
     return reps
 
 
+def llm_kwargs(args: argparse.Namespace, mode: str, batches: list[int]) -> dict[str, Any]:
+    """Keyword arguments of ``LLM(model, **kwargs)`` for one mode (max_num_seqs = the largest batch)."""
+    kw: dict[str, Any] = dict(dtype=args.dtype, max_model_len=args.max_model_len,
+                              max_num_seqs=max(max(batches), 1), max_num_batched_tokens=args.max_num_batched_tokens,
+                              gpu_memory_utilization=args.gpu_memory_utilization,
+                              tensor_parallel_size=args.tensor_parallel_size, seed=args.seed, **MODES[mode])
+    if args.device:
+        kw["device"] = args.device
+    return kw
+
+
 def measure_mode(mode: str, args: argparse.Namespace, batches: list[int], reps: dict[int, int],
-                 deadline: float = float("inf")) -> dict[str, Any]:
+                 deadline: float = float("inf"), llm: Any = None, engine_kwargs: dict[str, Any] | None = None,
+                 init_s: float | None = None, on_batch: Callable[[dict[str, Any]], None] | None = None
+                 ) -> dict[str, Any]:
     """Build one engine, time TTFT / TPOT at every batch size, release the engine.
 
     After ``deadline`` (a ``time.perf_counter()`` value) every remaining batch size gets one repetition.
+
+    Args:
+        llm: a prebuilt engine of this ``mode`` (its max_num_seqs at least max(batches)); when given, it is
+            neither built nor shut down here, ``engine_kwargs`` (the keywords it was built with) are recorded in
+            ``engine_config``, ``init_s`` is the caller's build time of that engine (None if not given; the build
+            is shared with the caller's other measurements) and ``prebuilt_engine`` is True.
+        on_batch: called with the mode's result so far after every batch size (to save partial results).
 
     Returns:
         dict: init_s, engine_config, and ``batches``: {str(B): {ttft_ms, tpot_ms (medians), t1_s, tT_s (raw
@@ -113,18 +134,23 @@ def measure_mode(mode: str, args: argparse.Namespace, batches: list[int], reps: 
     """
     from nanovllm import LLM, SamplingParams
 
-    kw: dict[str, Any] = dict(dtype=args.dtype, max_model_len=args.max_model_len,
-                              max_num_seqs=max(max(batches), 1), max_num_batched_tokens=args.max_num_batched_tokens,
-                              gpu_memory_utilization=args.gpu_memory_utilization,
-                              tensor_parallel_size=args.tensor_parallel_size, seed=args.seed, **MODES[mode])
-    if args.device:
-        kw["device"] = args.device
-    print(f"\n=== mode {mode}: LLM({args.model!r}, {kw})", flush=True)
-    t0 = time.perf_counter()
-    llm = LLM(args.model, **kw)
-    res: dict[str, Any] = {"mode": mode, "llm_kwargs": MODES[mode], "init_s": round(time.perf_counter() - t0, 2),
-                           "batches": {}}
-    print(f"[{mode}] engine built in {res['init_s']} s", flush=True)
+    own = llm is None
+    if own:
+        kw = llm_kwargs(args, mode, batches)
+        print(f"\n=== mode {mode}: LLM({args.model!r}, {kw})", flush=True)
+        t0 = time.perf_counter()
+        llm = LLM(args.model, **kw)
+        res: dict[str, Any] = {"mode": mode, "llm_kwargs": MODES[mode], "init_s": round(time.perf_counter() - t0, 2),
+                               "batches": {}}
+        print(f"[{mode}] engine built in {res['init_s']} s", flush=True)
+    else:
+        kw = dict(engine_kwargs or {})
+        res = {"mode": mode, "llm_kwargs": MODES[mode], "init_s": None if init_s is None else round(init_s, 2),
+               "prebuilt_engine": True, "batches": {}}
+        print(f"\n=== mode {mode}: latency on the prebuilt engine", flush=True)
+        cap = getattr(getattr(llm, "config", None), "max_num_seqs", None)
+        if isinstance(cap, int) and cap < max(batches):
+            raise ValueError(f"the prebuilt engine's max_num_seqs {cap} < the largest batch {max(batches)}")
     T = args.max_tokens
 
     def stats() -> dict[str, Any] | None:
@@ -185,12 +211,15 @@ def measure_mode(mode: str, args: argparse.Namespace, batches: list[int], reps: 
                   f"(engine steps: prefill {row.get('ttft_steps_ms', '-')} ms, decode step "
                   f"{row.get('decode_step_ms', '-')} ms; {n_reps} reps, {time.perf_counter() - t_start:.0f} s so far)",
                   flush=True)
+            if on_batch is not None:
+                on_batch(res)
         res["measure_s"] = round(time.perf_counter() - t_start, 1)
         res["engine_config"] = common.engine_config(llm, kw)
     finally:
-        common.shutdown_engine(llm)
-        del llm
-        common.free_accelerator_memory(report=True)
+        if own:
+            common.shutdown_engine(llm)
+            del llm
+            common.free_accelerator_memory(report=True)
     return res
 
 
@@ -211,6 +240,52 @@ def speedups(modes: dict[str, Any], batches: list[int]) -> dict[str, Any]:
     return out
 
 
+def new_result(args: argparse.Namespace, batches: list[int], reps: dict[int, int],
+               meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON document before any mode is measured (``meta``: default :func:`common.run_metadata`)."""
+    return {
+        "benchmark": "latency",
+        "model": args.model,
+        "method": "TTFT = median wall time of generate(B prompts, max_tokens=1); TPOT = (median time(max_tokens=T) "
+                  "- TTFT) / (T - 1); fresh random prompts per call (no prefix-cache hits), ignore_eos, "
+                  f"temperature {TEMPERATURE}",
+        "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "batch_sizes": batches,
+        "reps": {str(b): n for b, n in reps.items()},
+        "modes": {}, "speedups": {}, "batch1_tpot_speedup": None,
+        "meta": common.run_metadata() if meta is None else meta,
+    }
+
+
+def update_speedups(result: dict[str, Any]) -> None:
+    """Recompute ``speedups`` and ``batch1_tpot_speedup`` from the modes measured so far."""
+    result["speedups"] = speedups(result["modes"], result["batch_sizes"])
+    b1 = result["speedups"].get("nofusion_over_fusion", {}).get("1")
+    result["batch1_tpot_speedup"] = b1["tpot"] if b1 else None
+
+
+def print_summary(result: dict[str, Any], modes: list[str]) -> None:
+    """The latency table (TTFT / TPOT per batch and mode, nofusion/fusion ratios) and one line per mode."""
+    rows = []
+    for b in result["batch_sizes"]:
+        row: list[Any] = [b]
+        for m in modes:
+            mb = result["modes"].get(m, {}).get("batches", {}).get(str(b), {})
+            row += [mb.get("ttft_ms"), mb.get("tpot_ms")]
+        sp = result["speedups"].get("nofusion_over_fusion", {}).get(str(b), {})
+        row += [sp.get("tpot"), sp.get("ttft")]
+        rows.append(row)
+    headers = ["batch"] + [f"{m} {x}" for m in modes for x in ("TTFT ms", "TPOT ms")] + \
+              ["TPOT off/on", "TTFT off/on"]
+    common.print_table(headers, rows, title=f"Latency, prompt {result['prompt_len']}, T={result['max_tokens']}, "
+                                            f"{result['meta']['gpu']['name']}")
+    for m in modes:
+        r = result["modes"].get(m, {})
+        err = f"  ERROR {r['error']}" if "error" in r else ""
+        skip = f"  SKIPPED ({r.get('note', '')})" if r.get("skipped") else ""
+        print(f"{m}: init {r.get('init_s')} s, measure {r.get('measure_s')} s{err}{skip}")
+    print(f"batch1_tpot_speedup (TPOT off / on): {result['batch1_tpot_speedup']}; total {result.get('total_s')} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure every mode, write the JSON (after each mode, so a crash keeps what was measured), print a table."""
     args = parse_args(argv)
@@ -220,17 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown mode(s) {bad}; choose from {sorted(MODES)}")
     batches = [int(b) for b in args.batches.split(",")]
     reps = parse_reps(args.reps, batches)
-    result: dict[str, Any] = {
-        "benchmark": "latency",
-        "model": args.model,
-        "method": "TTFT = median wall time of generate(B prompts, max_tokens=1); TPOT = (median time(max_tokens=T) "
-                  "- TTFT) / (T - 1); fresh random prompts per call (no prefix-cache hits), ignore_eos, "
-                  f"temperature {TEMPERATURE}",
-        "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "batch_sizes": batches,
-        "reps": {str(b): n for b, n in reps.items()},
-        "modes": {}, "speedups": {}, "batch1_tpot_speedup": None,
-        "meta": common.run_metadata(),
-    }
+    result = new_result(args, batches, reps)
     t0 = time.perf_counter()
     failures = []
     for mode in modes:
@@ -242,30 +307,11 @@ def main(argv: list[str] | None = None) -> int:
             result["modes"][mode] = {"mode": mode, "error": f"{type(e).__name__}: {e}"}
             failures.append(mode)
             common.free_accelerator_memory()
-        result["speedups"] = speedups(result["modes"], batches)
-        b1 = result["speedups"].get("nofusion_over_fusion", {}).get("1")
-        result["batch1_tpot_speedup"] = b1["tpot"] if b1 else None
+        update_speedups(result)
         result["total_s"] = round(time.perf_counter() - t0, 1)
         path = common.write_json(args.out, result)
 
-    rows = []
-    for b in batches:
-        row: list[Any] = [b]
-        for m in modes:
-            mb = result["modes"].get(m, {}).get("batches", {}).get(str(b), {})
-            row += [mb.get("ttft_ms"), mb.get("tpot_ms")]
-        sp = result["speedups"].get("nofusion_over_fusion", {}).get(str(b), {})
-        row += [sp.get("tpot"), sp.get("ttft")]
-        rows.append(row)
-    headers = ["batch"] + [f"{m} {x}" for m in modes for x in ("TTFT ms", "TPOT ms")] + \
-              ["TPOT off/on", "TTFT off/on"]
-    common.print_table(headers, rows, title=f"Latency, prompt {args.prompt_len}, T={args.max_tokens}, "
-                                            f"{result['meta']['gpu']['name']}")
-    for m in modes:
-        r = result["modes"][m]
-        err = f"  ERROR {r['error']}" if "error" in r else ""
-        print(f"{m}: init {r.get('init_s')} s, measure {r.get('measure_s')} s{err}")
-    print(f"batch1_tpot_speedup (TPOT off / on): {result['batch1_tpot_speedup']}; total {result['total_s']} s")
+    print_summary(result, modes)
     print(f"wrote {path}")
     return 1 if failures else 0
 

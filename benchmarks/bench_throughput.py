@@ -29,7 +29,11 @@ Usage (GPU)::
 CPU smoke test::
 
     python benchmarks/bench_throughput.py --model /tmp/tiny --device cpu --enforce-eager --num-seqs 4 \\
-        --max-input-len 64 --max-output-len 16 --peer --peer-num-seqs 2 --out /tmp/tp.json
+        --min-input-len 16 --max-input-len 64 --min-output-len 4 --max-output-len 16 --peer --peer-num-seqs 2 \\
+        --out /tmp/tp.json
+
+(/tmp/tiny: a checkpoint whose vocabulary holds the workload's token ids, up to 10000, e.g.
+``nanovllm.utils.tiny_model.build_tiny_checkpoint('/tmp/tiny', vocab_size=10240)``.)
 """
 from __future__ import annotations
 
@@ -67,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--num-seqs", type=int, default=256)
     ap.add_argument("--max-input-len", type=int, default=1024, help="prompt lengths are randint(100, this)")
     ap.add_argument("--max-output-len", type=int, default=1024, help="max_tokens are randint(100, this)")
+    ap.add_argument("--min-input-len", type=int, default=100,
+                    help="the 100 of randint(100, max_input_len) (smaller only for test workloads)")
+    ap.add_argument("--min-output-len", type=int, default=100,
+                    help="the 100 of randint(100, max_output_len) (smaller only for test workloads)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="timed generate calls per mode (median reported); each repetition changes every prompt's "
                          "first token id so that the prefix cache cannot reuse the previous one")
@@ -86,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "a file in the temp folder, so CPU test runs never overwrite the committed GPU results)")
     args = ap.parse_args(argv)
     args.out = args.out or common.default_out("throughput")
+    if not 1 <= args.min_input_len <= args.max_input_len or not 1 <= args.min_output_len <= args.max_output_len:
+        ap.error("need 1 <= --min-input-len <= --max-input-len and 1 <= --min-output-len <= --max-output-len")
     return args
 
 
@@ -148,8 +158,16 @@ def engine_stats(llm: Any) -> dict[str, Any] | None:
         return None
 
 
-def run_mode(mode: str, args: argparse.Namespace, prompts: list[list[int]], max_tokens: list[int]) -> dict[str, Any]:
+def run_mode(mode: str, args: argparse.Namespace, prompts: list[list[int]], max_tokens: list[int],
+             llm: Any = None, engine_kwargs: dict[str, Any] | None = None, init_s: float | None = None
+             ) -> dict[str, Any]:
     """Build one engine, warm it up, time the workload (and the prefill-only run); release the engine.
+
+    Args:
+        llm: a prebuilt engine of this ``mode``; when given, it is neither built nor shut down here,
+            ``engine_kwargs`` (the keywords it was built with) are recorded in ``engine_config``, ``init_s`` is
+            the caller's build time of that engine (None if not given; the build is shared with the caller's other
+            measurements) and ``prebuilt_engine`` is True.
 
     Returns:
         dict: output_tokens_per_s (median over repetitions), seconds, seconds_all, output_tokens, init_s,
@@ -162,13 +180,20 @@ def run_mode(mode: str, args: argparse.Namespace, prompts: list[list[int]], max_
     """
     from nanovllm import LLM, SamplingParams
 
-    kw = llm_kwargs(args, mode)
-    print(f"\n=== mode {mode}: LLM({args.model!r}, {kw})", flush=True)
-    t0 = time.perf_counter()
-    llm = LLM(args.model, **kw)
-    init_s = time.perf_counter() - t0
-    print(f"[{mode}] engine built in {init_s:.1f} s", flush=True)
-    res: dict[str, Any] = {"mode": mode, "llm_kwargs": MODES[mode], "init_s": round(init_s, 2)}
+    own = llm is None
+    if own:
+        kw = llm_kwargs(args, mode)
+        print(f"\n=== mode {mode}: LLM({args.model!r}, {kw})", flush=True)
+        t0 = time.perf_counter()
+        llm = LLM(args.model, **kw)
+        init_s = time.perf_counter() - t0
+        print(f"[{mode}] engine built in {init_s:.1f} s", flush=True)
+        res: dict[str, Any] = {"mode": mode, "llm_kwargs": MODES[mode], "init_s": round(init_s, 2)}
+    else:
+        kw = dict(engine_kwargs or {})
+        print(f"\n=== mode {mode}: throughput on the prebuilt engine", flush=True)
+        res = {"mode": mode, "llm_kwargs": MODES[mode], "init_s": None if init_s is None else round(init_s, 2),
+               "prebuilt_engine": True}
     try:
         res["warmup_s"] = round(warm_up(llm, SamplingParams, args.max_input_len), 2)
         print(f"[{mode}] warm-up {res['warmup_s']} s", flush=True)
@@ -224,9 +249,10 @@ def run_mode(mode: str, args: argparse.Namespace, prompts: list[list[int]], max_
             pass
         res["engine_config"] = common.engine_config(llm, kw)
     finally:
-        common.shutdown_engine(llm)
-        del llm
-        common.free_accelerator_memory(report=True)
+        if own:
+            common.shutdown_engine(llm)
+            del llm
+            common.free_accelerator_memory(report=True)
     return res
 
 
@@ -292,15 +318,25 @@ def run_peer(args: argparse.Namespace, prompts: list[list[int]], max_tokens: lis
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the selected modes (and the peer), write the JSON, print the table. Returns the exit status."""
-    args = parse_args(argv)
-    modes = selected_modes(args)
-    prompts, max_tokens = common.nano_vllm_workload(args.num_seqs, args.seed, args.max_input_len, args.max_output_len)
+def workload(args: argparse.Namespace) -> tuple[list[list[int]], list[int]]:
+    """The workload of ``args`` (see :func:`common.nano_vllm_workload`).
+
+    Raises:
+        SystemExit: the checkpoint's vocabulary does not hold the workload's token ids (up to 10000).
+    """
     hf_cfg = common.load_hf_config(args.model)
     if hf_cfg and int(hf_cfg.get("vocab_size", 10**9)) <= 10000:
         raise SystemExit(f"{args.model}: vocab_size {hf_cfg['vocab_size']} <= 10000, but the workload's token ids "
                          "go up to 10000; build a checkpoint with a larger vocabulary")
+    return common.nano_vllm_workload(args.num_seqs, args.seed, args.max_input_len, args.max_output_len,
+                                     args.min_input_len, args.min_output_len)
+
+
+def new_result(args: argparse.Namespace, modes: list[str], prompts: list[list[int]], max_tokens: list[int],
+               meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON document before any mode runs: workload, model config, floor (``meta``: default
+    :func:`common.run_metadata`)."""
+    hf_cfg = common.load_hf_config(args.model)
     sizes = common.qwen3_sizes(hf_cfg) if hf_cfg else {}
     tp = args.tensor_parallel_size
     floor = common.bandwidth_floor([len(p) for p in prompts], max_tokens,
@@ -327,8 +363,64 @@ def main(argv: list[str] | None = None) -> int:
         "modes": {},
         "floor": floor,
         "peer": None,
-        "meta": common.run_metadata(),
+        "meta": common.run_metadata() if meta is None else meta,
     }
+    for key in ("min_input_len", "min_output_len"):  # recorded only when not nano-vLLM's 100
+        if getattr(args, key) != 100:
+            result["workload"][key] = getattr(args, key)
+    return result
+
+
+def update_derived(result: dict[str, Any]) -> None:
+    """(Re)compute the headline figure and the derived ratios: each mode's fraction_of_floor and
+    speedup_vs_peer, and fusion_speedup (fusion / nofusion tokens/s) when both modes ran."""
+    floor = result["floor"]
+    head = result["modes"].get(result["headline_mode"], {})
+    result["output_tokens_per_s"] = head.get("output_tokens_per_s")
+    peer_tps = (result["peer"] or {}).get("output_tokens_per_s")
+    for m in result["modes"].values():
+        tps = m.get("output_tokens_per_s")
+        if tps:
+            m["fraction_of_floor"] = round(tps / floor["output_tokens_per_s"], 4)
+            if peer_tps:
+                m["speedup_vs_peer"] = round(tps / peer_tps, 2)
+    if "fusion" in result["modes"] and "nofusion" in result["modes"]:
+        a = result["modes"]["fusion"].get("output_tokens_per_s")
+        b = result["modes"]["nofusion"].get("output_tokens_per_s")
+        if a and b:
+            result["fusion_speedup"] = round(a / b, 4)
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    """The throughput table: every mode, the peer, the floor; and the fusion on / off ratio."""
+    floor = result["floor"]
+    rows = []
+    for name, m in result["modes"].items():
+        rows.append([f"nano-vllm-coconut ({name})", m.get("output_tokens_per_s"), m.get("seconds"),
+                     m.get("prefill_s"), m.get("decode_s"), m.get("output_tokens"), m.get("fraction_of_floor"),
+                     m.get("error", "") or ("skipped" if m.get("skipped") else "")])
+    if result["peer"]:
+        p = result["peer"]
+        rows.append([f"transformers generate (first {p.get('num_seqs', '?')} req.)", p.get("output_tokens_per_s"),
+                     p.get("seconds"), None, None, p.get("useful_output_tokens"),
+                     (p.get("output_tokens_per_s") or 0) / floor["output_tokens_per_s"] if p.get("output_tokens_per_s")
+                     else None, p.get("error", "") or ("skipped" if p.get("skipped") else "")])
+    rows.append(["bandwidth floor (probes/floor.py)", floor["output_tokens_per_s"], floor["floor_s"],
+                 floor["prefill_floor_s"], floor["decode_floor_s"], floor["output_tokens"], 1.0, ""])
+    common.print_table(["engine", "output tok/s", "total s", "prefill s", "decode s", "output tokens",
+                        "of floor", "error"], rows,
+                       title=f"Throughput, {result['workload']['num_seqs']} requests, {result['meta']['gpu']['name']}")
+    if "fusion_speedup" in result:
+        print(f"fusion on / off: {result['fusion_speedup']:.3f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected modes (and the peer), write the JSON, print the table. Returns the exit status."""
+    args = parse_args(argv)
+    modes = selected_modes(args)
+    prompts, max_tokens = workload(args)
+    result = new_result(args, modes, prompts, max_tokens)
+    floor = result["floor"]
     print(f"workload: {args.num_seqs} requests, {result['workload']['prompt_tokens']:,} prompt tokens, "
           f"{result['workload']['output_tokens']:,} output tokens; floor {floor['output_tokens_per_s']:,.0f} tok/s",
           flush=True)
@@ -353,39 +445,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             result["peer"] = {"error": f"{type(e).__name__}: {e}"}
             failures.append("peer")
-    # derived ratios
-    peer_tps = (result["peer"] or {}).get("output_tokens_per_s")
-    for m in result["modes"].values():
-        tps = m.get("output_tokens_per_s")
-        if tps:
-            m["fraction_of_floor"] = round(tps / floor["output_tokens_per_s"], 4)
-            if peer_tps:
-                m["speedup_vs_peer"] = round(tps / peer_tps, 2)
-    if "fusion" in result["modes"] and "nofusion" in result["modes"]:
-        a = result["modes"]["fusion"].get("output_tokens_per_s")
-        b = result["modes"]["nofusion"].get("output_tokens_per_s")
-        if a and b:
-            result["fusion_speedup"] = round(a / b, 4)
+    update_derived(result)
     path = common.write_json(args.out, result)
-
-    rows = []
-    for name, m in result["modes"].items():
-        rows.append([f"nano-vllm-coconut ({name})", m.get("output_tokens_per_s"), m.get("seconds"),
-                     m.get("prefill_s"), m.get("decode_s"), m.get("output_tokens"), m.get("fraction_of_floor"),
-                     m.get("error", "")])
-    if result["peer"]:
-        p = result["peer"]
-        rows.append([f"transformers generate (first {p.get('num_seqs', '?')} req.)", p.get("output_tokens_per_s"),
-                     p.get("seconds"), None, None, p.get("useful_output_tokens"),
-                     (p.get("output_tokens_per_s") or 0) / floor["output_tokens_per_s"] if p.get("output_tokens_per_s")
-                     else None, p.get("error", "")])
-    rows.append(["bandwidth floor (probes/floor.py)", floor["output_tokens_per_s"], floor["floor_s"],
-                 floor["prefill_floor_s"], floor["decode_floor_s"], floor["output_tokens"], 1.0, ""])
-    common.print_table(["engine", "output tok/s", "total s", "prefill s", "decode s", "output tokens",
-                        "of floor", "error"], rows,
-                       title=f"Throughput, {args.num_seqs} requests, {result['meta']['gpu']['name']}")
-    if "fusion_speedup" in result:
-        print(f"fusion on / off: {result['fusion_speedup']:.3f}x")
+    print_summary(result)
     print(f"wrote {path}")
     return 1 if failures else 0
 

@@ -615,22 +615,44 @@ def profile_case(llm: Any, mode: str, batch: int, args: argparse.Namespace, shap
     return res
 
 
-def run_mode(mode: str, batches: list[int], args: argparse.Namespace, shape_of: Callable[[Any], ModelShape],
-             deadline: float, on_case: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Build one engine for ``mode``, profile every batch size (until ``deadline``), release the engine."""
-    from nanovllm import LLM
-
+def llm_kwargs(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """Keyword arguments of ``LLM(model, **kwargs)`` for one mode."""
     kw: dict[str, Any] = dict(dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_num_batched_tokens,
                               gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, **MODES[mode])
     if args.device:
         kw["device"] = args.device
-    print(f"\n=== mode {mode}: LLM({args.model!r}, {kw})", flush=True)
-    t0 = time.perf_counter()
-    llm = LLM(args.model, **kw)
-    res: dict[str, Any] = {"mode": mode, "llm_kwargs": MODES[mode], "init_s": round(time.perf_counter() - t0, 2),
-                           "batches": {}, "skipped": []}
-    print(f"[{mode}] engine built in {res['init_s']} s", flush=True)
+    return kw
+
+
+def run_mode(mode: str, batches: list[int], args: argparse.Namespace, shape_of: Callable[[Any], ModelShape],
+             deadline: float, on_case: Callable[[dict[str, Any]], None], llm: Any = None,
+             engine_kwargs: dict[str, Any] | None = None, init_s: float | None = None) -> dict[str, Any]:
+    """Build one engine for ``mode``, profile every batch size (until ``deadline``), release the engine.
+
+    Args:
+        llm: a prebuilt engine of this ``mode`` (its max_num_seqs should be ``args.max_num_seqs``: larger batches
+            are skipped); when given, it is neither built nor shut down here, ``engine_kwargs`` (the keywords it
+            was built with) are recorded in ``engine_config``, ``init_s`` is the caller's build time of that engine
+            (None if not given; the build is shared with the caller's other measurements) and ``prebuilt_engine``
+            is True.
+    """
+    from nanovllm import LLM
+
+    own = llm is None
+    if own:
+        kw = llm_kwargs(args, mode)
+        print(f"\n=== mode {mode}: LLM({args.model!r}, {kw})", flush=True)
+        t0 = time.perf_counter()
+        llm = LLM(args.model, **kw)
+        res: dict[str, Any] = {"mode": mode, "llm_kwargs": MODES[mode], "init_s": round(time.perf_counter() - t0, 2),
+                               "batches": {}, "skipped": []}
+        print(f"[{mode}] engine built in {res['init_s']} s", flush=True)
+    else:
+        kw = dict(engine_kwargs or {})
+        print(f"\n=== mode {mode}: decode profile on the prebuilt engine", flush=True)
+        res = {"mode": mode, "llm_kwargs": MODES[mode], "init_s": None if init_s is None else round(init_s, 2),
+               "prebuilt_engine": True, "batches": {}, "skipped": []}
     try:
         res["engine_config"] = common.engine_config(llm, kw)
         shape = shape_of(llm)
@@ -658,9 +680,10 @@ def run_mode(mode: str, batches: list[int], args: argparse.Namespace, shape_of: 
                       f"({case['case_s']} s)", flush=True)
             on_case(res)
     finally:
-        common.shutdown_engine(llm)
-        del llm
-        common.free_accelerator_memory(report=True)
+        if own:
+            common.shutdown_engine(llm)
+            del llm
+            common.free_accelerator_memory(report=True)
     return res
 
 
@@ -694,26 +717,20 @@ def print_report(result: dict[str, Any], top: int = 8) -> None:
         print("host phases (profiled, ms/step): " + ", ".join(f"{p} {v:.3f}" for p, v in c["host_phases_ms"].items()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Profile every (mode, batch), write the JSON after each case, print the tables."""
-    t_start = time.perf_counter()
-    args = parse_args(argv)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        raise SystemExit(f"unknown mode(s) {bad}; choose from {sorted(MODES)}")
-    batches = [int(b) for b in args.batches.split(",") if b.strip()]
-    args.model = ensure_checkpoint(args.model)
-    hf = common.load_hf_config(args.model)
-    shapes: dict[str, Any] = {}
-
+def shape_getter(hf: dict[str, Any], store: dict[str, Any]) -> Callable[[Any], ModelShape]:
+    """``shape_of(llm)``: the :class:`ModelShape` of config.json ``hf`` at the engine's element size; it also puts
+    its description under ``store["model_shape"]`` (merged into the result JSON)."""
     def shape_of(llm: Any) -> ModelShape:
         itemsize = int(getattr(llm.config.torch_dtype, "itemsize", 2))
         s = ModelShape.from_hf(hf, itemsize)
-        shapes["model_shape"] = s.describe()
+        store["model_shape"] = s.describe()
         return s
+    return shape_of
 
-    result: dict[str, Any] = {
+
+def new_result(args: argparse.Namespace, batches: list[int], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON document before any case runs (``meta``: default :func:`common.run_metadata`)."""
+    return {
         "benchmark": "decode-profile",
         "model": args.model,
         "method": "torch.profiler (CPU + CUDA) over --steps engine decode steps per (mode, batch), one engine per "
@@ -728,8 +745,28 @@ def main(argv: list[str] | None = None) -> int:
         "peak_flop_per_s": common.H200_PEAK_BF16_FLOP_PER_S,
         "categories": CATEGORIES,
         "modes": {},
-        "meta": common.run_metadata(),
+        "meta": common.run_metadata() if meta is None else meta,
     }
+
+
+def skipped_mode(mode: str, batches: list[int], note: str) -> dict[str, Any]:
+    """The entry of a mode whose engine was not built."""
+    return {"mode": mode, "skipped": list(batches), "batches": {}, "note": note}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Profile every (mode, batch), write the JSON after each case, print the tables."""
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"unknown mode(s) {bad}; choose from {sorted(MODES)}")
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    args.model = ensure_checkpoint(args.model)
+    shapes: dict[str, Any] = {}
+    shape_of = shape_getter(common.load_hf_config(args.model), shapes)
+    result = new_result(args, batches)
     deadline = t_start + args.budget_s
     failures: list[str] = []
     path = ""
@@ -745,8 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         if time.perf_counter() > deadline:
             print(f"mode {mode}: skipped (--budget-s {args.budget_s} passed)", flush=True)
-            result["modes"][mode] = {"mode": mode, "skipped": batches, "batches": {},
-                                     "note": "not built: --budget-s passed"}
+            result["modes"][mode] = skipped_mode(mode, batches, "not built: --budget-s passed")
             save()
             continue
         try:

@@ -13,6 +13,10 @@
 #   latency     python benchmarks/bench_latency.py  (fusion, nofusion, eager; 1..256)     (~5-6 min)
 #   profile     python benchmarks/profile_decode.py --model $CKPT  (torch.profiler of decode steps: fusion,
 #               nofusion x batch 1, 64, 256; optional, not in the default list)          (~4-6 min)
+#   e2e         python benchmarks/bench_e2e.py --model $CKPT --peer: latency (fusion, nofusion, eager),
+#               throughput + peer (fusion, nofusion) and profile (fusion, nofusion) with ONE engine build per
+#               mode instead of 7; writes the same three JSONs; optional, not in the default list
+#               (as long as the budget allows; parts that cannot start in time are recorded as skipped)
 #   plot        python benchmarks/plot_results.py (PNGs into docs/img; they are not copied back)
 # Stages that need it first build the random Qwen3-0.6B-shaped checkpoint at $CKPT (default /tmp/qwen3-0.6b;
 # kept if it already exists; a few seconds).
@@ -26,14 +30,16 @@
 #   summary.txt          GPU and versions, one line per stage: status, exit code, seconds (rewritten after each)
 #   logs.tar.gz          every stage's full log (<stage>.log)
 #   <name>.json          benchmarks/results/{throughput,latency,fusion-kernel,attention,decode-profile}-h200.json
-#                        written by this run
+#                        written by this run (the e2e stage writes throughput, latency and decode-profile)
 #   results-other.tar    any other JSON that appeared in benchmarks/results/ during this run
 # While a stage runs, its log is $OUT/<stage>.log (so a run killed from outside still returns it);
 # logs.tar is gzipped only at the very end.
 #
 # Environment: CKPT, OUT, DEADLINE_S, PYTEST_ARGS (default "-x -q tests"), THROUGHPUT_ARGS, LATENCY_ARGS,
-# PROFILE_ARGS (extra flags appended to the bench command lines; the profile stage passes --budget-s so that it
-# starts no new case within 120 s of DEADLINE_S, and a --budget-s in PROFILE_ARGS overrides it).
+# PROFILE_ARGS, E2E_ARGS (extra flags appended to the bench command lines; the profile stage passes --budget-s so
+# that it starts no new case within 120 s of DEADLINE_S, the e2e stage so that it starts no new engine or part
+# within 60 s of DEADLINE_S; a --budget-s in PROFILE_ARGS / E2E_ARGS overrides it, and E2E_ARGS=--no-peer drops
+# the peer), e.g. E2E_ARGS="--modes fusion,nofusion --what throughput,profile".
 
 set -u
 set -o pipefail
@@ -48,6 +54,7 @@ PYTEST_ARGS="${PYTEST_ARGS:--x -q tests}"
 THROUGHPUT_ARGS="${THROUGHPUT_ARGS:-}"
 LATENCY_ARGS="${LATENCY_ARGS:-}"
 PROFILE_ARGS="${PROFILE_ARGS:-}"
+E2E_ARGS="${E2E_ARGS:-}"
 PY="${PYTHON:-$(command -v python >/dev/null 2>&1 && echo python || echo python3)}"
 mkdir -p "$OUT"
 START=$(date +%s)
@@ -124,7 +131,7 @@ run_stage() {
 
 needs_ckpt=0
 for s in "${STAGES[@]}"; do
-  case "$s" in throughput|latency|smoke|engine|profile) needs_ckpt=1 ;; esac
+  case "$s" in throughput|latency|smoke|engine|profile|e2e) needs_ckpt=1 ;; esac
 done
 if [ $needs_ckpt -eq 1 ]; then
   if [ -f "$CKPT/config.json" ] && ls "$CKPT"/*.safetensors >/dev/null 2>&1; then
@@ -147,8 +154,9 @@ for s in "${STAGES[@]}"; do
     throughput) run_stage throughput 120 "$PY benchmarks/bench_throughput.py --model $CKPT --modes fusion,nofusion --peer $THROUGHPUT_ARGS" ;;
     latency)    run_stage latency 180 "$PY benchmarks/bench_latency.py --model $CKPT $LATENCY_ARGS" ;;
     profile)    run_stage profile 180 "$PY benchmarks/profile_decode.py --model $CKPT --budget-s $(( DEADLINE_S - $(elapsed) - 120 )) $PROFILE_ARGS" ;;
+    e2e)        run_stage e2e 240 "$PY benchmarks/bench_e2e.py --model $CKPT --peer --budget-s $(( DEADLINE_S - $(elapsed) - 60 )) $E2E_ARGS" ;;
     plot)       run_stage plot 10 "$PY benchmarks/plot_results.py" ;;
-    *)          RESULTS+=("$(printf '%-11s UNKNOWN  (stages: kernels engine tests smoke throughput latency profile plot)' "$s")") ;;
+    *)          RESULTS+=("$(printf '%-11s UNKNOWN  (stages: kernels engine tests smoke throughput latency profile e2e plot)' "$s")") ;;
   esac
 done
 
