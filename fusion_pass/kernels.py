@@ -19,6 +19,10 @@ Variants (all compute the same function):
   "unfused" : a one-pass Triton RMSNorm kernel (writes a and h) + F.linear (cuBLAS on CUDA).
   "gemv"    : fused, decode-shaped: one program per (BN rows of W, BM rows of x); a [BM, BN, BK] broadcast-multiply
               and reduce over K (no tl.dot, no padding of M to 16), wide loads along K of W.
+  "decode"  : fused, one program per BN columns and all M <= 16 rows; W tile streamed once (M <= 2), or tl.dot
+              with M padded to 16.
+  "multirow": fused, register-blocked GEMV for 3 <= M <= 16: one program per BN rows of W, the W tile loaded once
+              and kept in registers while a static loop over the M rows computes each row's dot products.
   "gemm"    : fused, tiled tl.dot GEMM with grouped program order for L2 reuse; for large M.
 The dispatcher ("auto") picks, per (M bucket, N, K, dtype), the fastest of the candidates BY MEASUREMENT on CUDA
 (timed inside a CUDA graph, weights rotated beyond L2), caches the choice, never measures while the current stream
@@ -50,7 +54,7 @@ except Exception:  # pragma: no cover - exercised only on machines without trito
 
 log = logging.getLogger("fusion_pass")
 
-VARIANTS: tuple[str, ...] = ("torch", "unfused", "gemv", "decode", "gemm")
+VARIANTS: tuple[str, ...] = ("torch", "unfused", "gemv", "decode", "multirow", "gemm")
 
 # Tests and benchmarks/check_fusion_gpu.py set this (or COCONUT_POISON=1) so that every output buffer the Triton
 # paths allocate starts as NaN: an element a kernel forgets to write shows up as NaN instead of stale memory.
@@ -62,7 +66,7 @@ def _new_buffer(shape: tuple[int, ...], like: Tensor) -> Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
     return torch.empty(shape, dtype=like.dtype, device=like.device)
-_FUSED = ("gemv", "decode", "gemm")
+_FUSED = ("gemv", "decode", "multirow", "gemm")
 
 # --------------------------------------------------------------------------------------------------------------
 # PyTorch reference
@@ -300,6 +304,103 @@ if HAS_TRITON:
         tl.store(y_ptr + rm64[:, None] * N + rn64[None, :], acc.to(dt), mask=m_mask[:, None] & n_mask[None, :])
 
 
+    @triton.jit
+    def _multirow_h(x, r, h_ptr, off, mask, store_h,
+                    DT: tl.constexpr, HAS_RES: tl.constexpr, WRITE_H: tl.constexpr):
+        """One row slice of h = x (+ r) for the multirow kernel, returned as float32.
+
+        x, r: [BK] tiles already loaded from the [M, K] row-major x / r (r unused without HAS_RES); off: their
+        [BK] element offsets, mask: their bounds. With HAS_RES, h = (x + r) rounded to DT, and stored to h_ptr
+        when WRITE_H and store_h (a scalar bool, true in one program only).
+        """
+        if HAS_RES:
+            h = (x.to(tl.float32) + r.to(tl.float32)).to(DT)
+            if WRITE_H:
+                if store_h:  # a scalar branch, as in _scaled_input_tile
+                    tl.store(h_ptr + off, h, mask=mask)
+        else:
+            h = x
+        return h.to(tl.float32)
+
+    @triton.jit
+    def _fused_multirow_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K, eps,
+                               HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr,
+                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE_TILE: tl.constexpr,
+                               EVEN_K: tl.constexpr):
+        """Register-blocked fused GEMV for a few rows (M <= BM <= 16): y[:, pid*BN:+BN] for ALL M rows.
+
+        x, r, h: [M, K] row-major (fp16/bf16/fp32); g: [K]; W: [N, K] row-major; b: [N]; y: [M, N]; the
+        accumulation is fp32. The program loads its W tile [BN, BK] (contiguous along K) once per K step, scales it
+        by g once (W_nk * g_k, fp32) and keeps it in registers while a static loop over the BM rows streams them
+        past it: per row it loads h = x (+ r) [BK] (tiny, L1/L2-resident), adds sum_k h^2 and computes the [BN]
+        dot products sum_k h_k * (g_k W_nk) with tl.sum over K. No 3-D [BM, BN, BK] product (which spills at
+        BM >= 4), no tl.dot, and W is read from HBM exactly once. 1/rms(h) is applied in the epilogue (FlashNorm).
+        Rows M..BM-1 re-read row M - 1 (in bounds, so the row loads need no mask) and are not stored.
+        ONE_TILE (BK >= K): no K loop; the next row's x (+ r) is requested before the current row's reductions
+        (its latency overlaps them) and each row's result is finished and stored at once (no accumulator).
+        EVEN_K (BK == K): the K mask is all-true at compile time. Otherwise (K > BK) the per-row partial sums
+        live in acc [BM, BN] and ss [BM] across the K steps.
+        h = x + r is written by program 0 only (pid == 0), once per element.
+        """
+        pid = tl.program_id(0)
+        rn = pid * BN + tl.arange(0, BN)
+        n_mask = rn < N
+        rn64 = rn.to(tl.int64)
+        dt = y_ptr.dtype.element_ty
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros((BN,), dtype=tl.float32)
+        if ONE_TILE:
+            rk = tl.arange(0, BK)
+            k_mask = rk < (BK if EVEN_K else K)  # all-true, known at compile time, when K == BK
+            # the W tile is requested first: it is the long-latency HBM read; x, r and g come from L1/L2.
+            # g is folded into it once (W_nk * g_k), so the rows need no scaling.
+            w = tl.load(w_ptr + rn64[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                        other=0.0, eviction_policy="evict_first").to(tl.float32)
+            w = w * tl.load(g_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            # rows >= M re-read row M - 1 (always in bounds, no row mask on the loads); their results are not stored
+            x_next = tl.load(x_ptr + rk, mask=k_mask, other=0.0)  # row 0 (M >= 1)
+            r_next = x_next
+            if HAS_RES:
+                r_next = tl.load(r_ptr + rk, mask=k_mask, other=0.0)
+            for m in tl.static_range(BM):
+                x_m = x_next
+                r_m = r_next
+                if m + 1 < BM:  # prefetch row m + 1: its latency overlaps this row's reductions
+                    nxt = tl.minimum(M - 1, m + 1) * K + rk
+                    x_next = tl.load(x_ptr + nxt, mask=k_mask, other=0.0)
+                    if HAS_RES:
+                        r_next = tl.load(r_ptr + nxt, mask=k_mask, other=0.0)
+                hf = _multirow_h(x_m, r_m, h_ptr, m * K + rk, k_mask, (pid == 0) & (m < M), dt, HAS_RES, WRITE_H)
+                inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / K + eps)
+                y = tl.sum(w * hf[None, :], axis=1) * inv + bias
+                tl.store(y_ptr + m * N + rn64, y.to(dt), mask=n_mask & (m < M))
+        else:
+            rm = tl.arange(0, BM)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            ss = tl.zeros((BM,), dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                rk = k0 + tl.arange(0, BK)
+                k_mask = rk < K
+                w = tl.load(w_ptr + rn64[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                            other=0.0, eviction_policy="evict_first").to(tl.float32)
+                w = w * tl.load(g_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+                for m in tl.static_range(BM):
+                    off = tl.minimum(M - 1, m) * K + rk
+                    x_m = tl.load(x_ptr + off, mask=k_mask, other=0.0)
+                    r_m = x_m
+                    if HAS_RES:
+                        r_m = tl.load(r_ptr + off, mask=k_mask, other=0.0)
+                    hf = _multirow_h(x_m, r_m, h_ptr, off, k_mask, (pid == 0) & (m < M), dt, HAS_RES, WRITE_H)
+                    ss = tl.where(rm == m, ss + tl.sum(hf * hf, axis=0), ss)
+                    acc = tl.where(rm[:, None] == m, acc + tl.sum(w * hf[None, :], axis=1)[None, :], acc)
+            inv = 1.0 / tl.sqrt(ss / K + eps)
+            y = acc * inv[:, None] + bias[None, :]
+            tl.store(y_ptr + rm.to(tl.int64)[:, None] * N + rn64[None, :], y.to(dt),
+                     mask=(rm < M)[:, None] & n_mask[None, :])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Configurations
 # --------------------------------------------------------------------------------------------------------------
@@ -328,6 +429,18 @@ DECODE_CONFIGS: dict[int, list[tuple[int, int, int, int, int]]] = {
     8: [(16, 256, 4, 3, 1), (32, 256, 4, 3, 1), (16, 512, 4, 2, 1)],
     16: [(16, 256, 4, 3, 1), (32, 256, 4, 3, 1), (32, 128, 4, 4, 1)],
 }
+# MULTIROW: (BN, BK, num_warps) per M bucket 4..16 (M = 3..16); BM = bucket(M); BK is capped at next_pow2(K), and
+# BK >= K loads whole W rows in one tile (no K loop; K = 1024 for the Qwen3-0.6B sites), a smaller BK loops over K.
+# The W tile stays in registers as fp32: BN * BK / (32 * num_warps) per thread. One warp per program measured
+# fastest on the H200 (no cross-warp reductions, hence no barriers between the rows); 4 and 8 warps lost everywhere.
+# Measured (bf16, us, qkv N=4096 / gate_up N=6144, K=1024; Triton norm + cuBLAS in brackets):
+#   [4,1024,1]: M=4 6.77 [6.94] / 8.12 [8.07]; M=8 8.49 [7.23] / 10.6 [8.07]; M=16 11.9 [7.32] / 19.4 [8.11].
+# Only measured wins are ever dispatched, so the M = 8 / 16 configs cost pretune time and nothing else.
+MULTIROW_CONFIGS: dict[int, list[tuple[int, int, int]]] = {
+    4: [(4, 1024, 1), (2, 1024, 1), (8, 1024, 2)],
+    8: [(4, 1024, 1), (2, 1024, 1), (8, 1024, 2)],
+    16: [(4, 1024, 1), (2, 1024, 1)],
+}
 
 
 def m_bucket(m: int) -> int:
@@ -345,6 +458,12 @@ def decode_configs(m: int) -> list[tuple[int, int, int, int, int]]:
     """Decode configs (BN, BK, num_warps, num_stages, use_dot) for M rows; empty when M > GEMV_MAX_M."""
     b = m_bucket(m)
     return list(DECODE_CONFIGS.get(b, [])) if b <= GEMV_MAX_M else []
+
+
+def multirow_configs(m: int) -> list[tuple[int, int, int]]:
+    """Multirow configs (BN, BK, num_warps) for M rows; empty unless 3 <= M <= GEMV_MAX_M (buckets 4, 8, 16)."""
+    b = m_bucket(m)
+    return list(MULTIROW_CONFIGS.get(b, [])) if b <= GEMV_MAX_M else []
 
 
 def gemm_configs(m: int) -> list[tuple[int, int, int, int, int]]:
@@ -394,9 +513,11 @@ def fused_linear(x2d: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
     Args:
         x2d, residual2d: [M, K] contiguous, same dtype. weight: [N, K] contiguous. bias: [N] or None. g: [K].
         h_out: [M, K] buffer that receives h = x + r (only with residual2d), or None to skip writing it.
-        variant: "gemv" or "gemm". config: a tuple from gemv_configs / gemm_configs, or None for the first one.
+        variant: "gemv", "decode", "multirow" or "gemm". config: a tuple from gemv_configs / decode_configs /
+            multirow_configs / gemm_configs, or None for the first one.
     Raises:
-        ValueError on an unknown variant, or "gemv" with M > GEMV_MAX_M without an explicit config.
+        ValueError on an unknown variant, "gemv"/"decode" with M > GEMV_MAX_M without an explicit config, or
+        "multirow" with M > GEMV_MAX_M (or M < 3 without an explicit config).
     """
     _check_triton()
     M, K = x2d.shape
@@ -436,6 +557,21 @@ def fused_linear(x2d: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
             HAS_RES=has_res, HAS_BIAS=bias is not None, WRITE_H=write_h,
             BM=bm, BN=bn, BK=bk, USE_DOT=bool(use_dot), IEEE=x2d.dtype == torch.float32,
             num_warps=warps, num_stages=stages)
+    elif variant == "multirow":
+        if config is None:
+            cfgs = multirow_configs(M)
+            if not cfgs:
+                raise ValueError(f"multirow variant needs 3 <= M <= {GEMV_MAX_M} (got {M}) or an explicit config")
+            config = cfgs[0]
+        bn, bk, warps = config
+        bk = min(bk, triton.next_power_of_2(K))
+        bm = m_bucket(M)
+        if bm > GEMV_MAX_M:
+            raise ValueError(f"multirow variant handles at most {GEMV_MAX_M} rows, got M={M}")
+        _fused_multirow_kernel[(triton.cdiv(N, bn),)](
+            x2d, r, norm_weight, weight, b, y, hb, M, N, K, float(eps),
+            HAS_RES=has_res, HAS_BIAS=bias is not None, WRITE_H=write_h,
+            BM=bm, BN=bn, BK=bk, ONE_TILE=bk >= K, EVEN_K=bk == K, num_warps=warps)
     elif variant == "gemm":
         if config is None:
             config = gemm_configs(M)[0]
@@ -457,7 +593,7 @@ def fused_linear(x2d: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
 
 @dataclass(frozen=True)
 class Choice:
-    """A dispatch decision: variant in ("unfused", "gemv", "gemm") and its config tuple (() for unfused).
+    """A dispatch decision: variant in ("unfused",) + _FUSED and its config tuple (() for unfused).
 
     times_us: the measured time per call of each candidate (microseconds), empty for heuristic choices.
     source: "measured", "heuristic", "loaded" or "env".
@@ -558,6 +694,7 @@ def candidates(m: int) -> list[tuple[str, tuple[int, ...]]]:
     out: list[tuple[str, tuple[int, ...]]] = [("unfused", ())]
     out += [("gemv", c) for c in gemv_configs(m)]
     out += [("decode", c) for c in decode_configs(m)]
+    out += [("multirow", c) for c in multirow_configs(m)]
     out += [("gemm", c) for c in gemm_configs(m)]
     return out
 
@@ -679,8 +816,9 @@ def rms_norm_linear(
         x2d: [M, K] activations (fp32/bf16/fp16); residual2d: [M, K] same dtype or None.
         norm_weight: [K]; weights: list of [N_i, K]; biases: list of [N_i] or None (same length as weights).
         eps: float added to mean(h^2). weight_in_fp32: see `reference_rms_norm`.
-        variant: "auto" (CUDA: dispatcher; CPU: "torch"), "torch", "unfused", "gemv", "gemm". A Triton variant
-            on CPU tensors runs in the Triton interpreter (TRITON_INTERPRET=1 must be set before triton import).
+        variant: "auto" (CUDA: dispatcher; CPU: "torch"), "torch", "unfused", "gemv", "decode", "multirow",
+            "gemm". A Triton variant on CPU tensors runs in the Triton interpreter (TRITON_INTERPRET=1 must be
+            set before triton import).
         config: kernel config for a forced fused variant (None = first of its list).
     Raises:
         ValueError: mismatched shapes/dtypes or unknown variant.

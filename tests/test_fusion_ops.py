@@ -122,6 +122,34 @@ def test_triton_variants_match_float64(dtype, tol, m, n, k):
                 assert rel_err(y, yr) <= tol, (variant, cfg, rel_err(y, yr))
 
 
+# multirow (register-blocked GEMV, M = 3..16): K below, not a multiple of and equal to the 1024-wide tile of the
+# registered configs, N not a multiple of BN; the chunked-K path (BK < K) with a partial last chunk too.
+MULTIROW_CASES = [(3, 13, 96), (4, 10, 1000), (5, 13, 1024), (8, 6, 96), (13, 5, 1000), (16, 9, 1024)]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("m,n,k", MULTIROW_CASES)
+def test_multirow_variant_matches_reference(dtype, tol, m, n, k):
+    x, r, g, ws, bs = make(m, k, [n, 7], dtype, seed=m + k)
+    eps = 1e-6
+    registered = kernels.multirow_configs(m)
+    assert registered
+    chunked = (4, 32, 2) if k < 1000 else (4, 256, 4)  # BK < K: the K loop, last chunk partial
+    for cfg in [registered[0], (16, 1024, 8), chunked]:
+        for res in (None, r):
+            ys, h = kernels.rms_norm_linear(x, g, ws, bs, eps, residual2d=res, variant="multirow", config=cfg)
+            ref, h_ref = kernels.reference_rms_norm_linear(x, g, ws, bs, eps, res)
+            assert (h is None) == (res is None)
+            if res is not None:
+                assert torch.equal(h, h_ref), cfg  # written exactly once (program 0), NaN-poisoned before
+            for y, yr in zip(ys, ref):
+                assert y.shape == yr.shape and not torch.isnan(y).any(), cfg
+                assert rel_err(y, yr) < tol, (cfg, res is None, rel_err(y, yr))
+    with pytest.raises(ValueError):
+        kernels.fused_linear(torch.zeros(17, k, dtype=dtype, device=DEV), g, ws[0], None, eps, variant="multirow",
+                             config=registered[0])
+
+
 def test_triton_norm_kernel_weight_in_fp32_form():
     x, r, g, ws, bs = make(4, 40, [8], torch.float16)
     a, h = kernels.triton_rms_norm(x, g, 1e-5, r, weight_in_fp32=True)
@@ -137,6 +165,12 @@ def test_dispatch_helpers():
     assert kernels.gemv_configs(17) == [] and kernels.gemv_configs(3)
     assert kernels.candidates(1)[0] == ("unfused", ())
     assert all(v == "gemm" for v, _ in kernels.candidates(64)[1:])
+    # multirow: M = 3..16 only (buckets 4, 8, 16), at most 6 configs per bucket (GPU pretune time)
+    assert kernels.multirow_configs(2) == [] and kernels.multirow_configs(17) == []
+    for m in (3, 4, 5, 8, 9, 16):
+        assert 0 < len(kernels.multirow_configs(m)) <= 6
+        assert [c for v, c in kernels.candidates(m) if v == "multirow"] == kernels.multirow_configs(m)
+    assert not any(v == "multirow" for v, _ in kernels.candidates(1) + kernels.candidates(2) + kernels.candidates(32))
     # the CPU path never measures: "auto" on CPU is the reference
     x, r, g, ws, bs = make(2, 16, [8], torch.float32)
     ys, _ = kernels.rms_norm_linear(x, g, ws, bs, 1e-6)
@@ -206,6 +240,50 @@ def test_kernels_compile_for_sm90_ahead_of_time():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    if p.returncode != 0 and ("ptxas" in p.stderr.lower() or "GPUTarget" in p.stderr):
+        pytest.skip(f"no AOT toolchain: {p.stderr[-300:]}")
+    assert p.returncode == 0 and "AOT-OK" in p.stdout, p.stderr[-3000:]
+
+
+_MULTIROW_AOT_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusion_pass import kernels
+p = "*bf16"
+sig = {"x_ptr": p, "r_ptr": p, "g_ptr": p, "w_ptr": p, "b_ptr": p, "y_ptr": p, "h_ptr": p, "M": "i32", "N": "i32",
+       "K": "i32", "eps": "fp32", "HAS_RES": "constexpr", "HAS_BIAS": "constexpr", "WRITE_H": "constexpr",
+       "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "ONE_TILE": "constexpr", "EVEN_K": "constexpr"}
+names = list(sig)
+attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n in ("N", "K")}
+n = 0
+for bm, cfgs in kernels.MULTIROW_CONFIGS.items():
+    for bn, bk, warps in cfgs:
+        # K == BK (the Qwen3-0.6B sites), K < BK (masked), K > BK (the K loop); residual, bias and h output on
+        for one_tile, even_k, res in ((True, True, True), (True, True, False), (True, False, True), (False, False, True)):
+            consts = dict(HAS_RES=res, HAS_BIAS=True, WRITE_H=res, BM=bm, BN=bn, BK=bk, ONE_TILE=one_tile,
+                          EVEN_K=even_k)
+            c = triton.compile(ASTSource(fn=kernels._fused_multirow_kernel, signature=sig, constexprs=consts,
+                                         attrs=attrs),
+                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+            assert "cubin" in c.asm, (bm, bn, bk, warps, consts)
+            n += 1
+print("AOT-OK", n)
+"""
+
+
+def test_multirow_kernel_compiles_for_sm90_ahead_of_time():
+    """The registered multirow configs (bf16; K == BK, K < BK and K > BK; with residual + bias) compile to Hopper
+    cubins without a GPU (subprocess without TRITON_INTERPRET)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-c", _MULTIROW_AOT_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=600)
     if p.returncode != 0 and ("ptxas" in p.stderr.lower() or "GPUTarget" in p.stderr):
         pytest.skip(f"no AOT toolchain: {p.stderr[-300:]}")
     assert p.returncode == 0 and "AOT-OK" in p.stdout, p.stderr[-3000:]
