@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.kernels.gemv import ACTS, apply_act
+from nanovllm.layers import gemv_op  # noqa: F401  (registers torch.ops.nanovllm.linear_small_m)
 from nanovllm.utils.parallel import all_reduce, tp_rank, tp_size
 
 
@@ -89,10 +91,21 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Splits the input features: x ``[T, in / tp]`` -> y ``[T, out]``, summed over the ranks (all-reduce)."""
+    """Splits the input features: x ``[T, in / tp]`` -> y ``[T, out]``, summed over the ranks (all-reduce).
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    ``input_act="silu_mul"`` applies SwiGLU to the input first: x is then ``[T, 2 * in / tp]`` laid out as
+    gate | up (the output of a MergedColumnParallelLinear with ``out_sizes = [in, in]``) and the layer computes
+    ``(silu(gate) * up) @ W^T``. On CUDA the local matmul (with the activation) is the custom op
+    ``torch.ops.nanovllm.linear_small_m`` (the Triton GEMV at decode sizes, cuBLAS otherwise, see
+    layers/gemv_op.py); on the CPU it is the plain ``F.linear`` (after ``silu(gate) * up``), as Inductor and the
+    fusion pass expect. The all-reduce and the bias (added once, after it) stay outside the op.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, input_act: str = "none") -> None:
+        if input_act not in ACTS:
+            raise ValueError(f"input_act must be one of {ACTS}, got {input_act!r}")
         super().__init__(_divide(in_features, tp_size(), "in_features"), out_features, bias)
+        self.input_act = input_act
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if param.dim() == 1:  # the bias is not split; it is added once, after the reduction
@@ -102,5 +115,12 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(1, self.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))
+        if x.is_cuda:  # static under torch.compile: the GPU graph holds the op, the CPU graph plain aten ops
+            x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+            y = torch.ops.nanovllm.linear_small_m(x2d, self.weight, None, self.input_act)
+            if x.dim() != 2:
+                y = y.view(*x.shape[:-1], y.shape[-1])
+        else:
+            y = F.linear(apply_act(x, self.input_act), self.weight)
+        y = all_reduce(y)
         return y + self.bias if self.bias is not None else y

@@ -1,0 +1,88 @@
+"""``torch.ops.nanovllm.linear_small_m``: a linear layer (with an optional SwiGLU on its input) that runs the
+small-M Triton GEMV of :mod:`nanovllm.kernels.gemv` at decode sizes on the GPU.
+
+    y = torch.ops.nanovllm.linear_small_m(x, weight, bias, act)      # = act(x) @ weight^T (+ bias)
+
+Dispatch (at run time, on the concrete tensors):
+
+- CUDA, ``1 <= M <= GEMV_MAX_M``, fp16/bf16/fp32 with one dtype: the Triton GEMV (one kernel; the activation is
+  computed in its prologue; no host sync, no allocation besides the output, so it can be captured in a CUDA graph);
+- otherwise (larger ``M``, CPU, other dtypes): the plain PyTorch path, ``F.linear(apply_act(x, act), weight, bias)``.
+
+The op is opaque to ``torch.compile`` (a fake implementation gives the output's shape; ``M`` may be symbolic), so a
+model compiled with ``fullgraph=True, dynamic=True`` keeps one graph for every batch size and the choice between
+the two paths is made per call. The engine's model uses it only on the GPU (see ``RowParallelLinear``): the CPU
+model keeps plain ``aten`` ops.
+
+``GEMV_MAX_M`` (default 4) is read once, at import, from the environment variable ``NANOVLLM_GEMV_MAX_M``
+(an integer in ``[0, MAX_M]``; 0 disables the GEMV), so the crossover with cuBLAS can be measured on the target
+GPU (benchmarks/bench_gemv.py). It is looked up at each call, so tests may also patch the module attribute.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from nanovllm.kernels.gemv import GEMV_DTYPES, MAX_M, _check_shapes, apply_act, gemv_triton
+
+DEFAULT_GEMV_MAX_M = 4
+ENV_GEMV_MAX_M = "NANOVLLM_GEMV_MAX_M"
+
+
+def max_m_from_env(value: str | None) -> int:
+    """Parse the value of ``NANOVLLM_GEMV_MAX_M``: unset or empty -> :data:`DEFAULT_GEMV_MAX_M`.
+
+    Raises:
+        ValueError: not an integer, or outside ``[0, MAX_M]`` (the largest M the kernel takes).
+    """
+    if value is None or not value.strip():
+        return DEFAULT_GEMV_MAX_M
+    try:
+        m = int(value)
+    except ValueError:
+        raise ValueError(f"{ENV_GEMV_MAX_M} must be an integer, got {value!r}") from None
+    if not 0 <= m <= MAX_M:
+        raise ValueError(f"{ENV_GEMV_MAX_M} must be in [0, {MAX_M}], got {m}")
+    return m
+
+
+GEMV_MAX_M: int = max_m_from_env(os.environ.get(ENV_GEMV_MAX_M))
+
+
+def uses_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether :func:`linear_small_m` runs the Triton GEMV for these (concrete) tensors."""
+    return (x.is_cuda and 1 <= x.shape[0] <= GEMV_MAX_M and x.dtype in GEMV_DTYPES and weight.dtype == x.dtype
+            and (bias is None or bias.dtype == x.dtype))
+
+
+@torch.library.custom_op("nanovllm::linear_small_m", mutates_args=())
+def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+    """``act(x) @ weight^T (+ bias)``.
+
+    Args:
+        x: ``[M, K]`` (``act="none"``) or ``[M, 2K]`` laid out as gate | up (``act="silu_mul"``).
+        weight: ``[N, K]`` (nn.Linear layout); contiguous for the GEMV path.
+        bias: ``[N]`` or None.
+        act: ``"none"`` or ``"silu_mul"`` (``silu(gate) * up``).
+
+    Returns:
+        ``[M, N]`` in ``x.dtype``. The GEMV path computes the activation and accumulates in float32 and rounds
+        once; the PyTorch path rounds the activation to ``x.dtype`` before the matmul (as the eager model does).
+
+    Raises:
+        ValueError: inconsistent shapes or an unknown ``act``.
+    """
+    _check_shapes(x, weight, bias, act)
+    if uses_gemv(x, weight, bias):
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        return gemv_triton(x, weight.contiguous(), None if bias is None else bias.contiguous(), act)
+    return F.linear(apply_act(x, act), weight, bias)
+
+
+@linear_small_m.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+    _check_shapes(x, weight, bias, act)
+    return x.new_empty((x.shape[0], weight.shape[0]))
