@@ -4,6 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nanovllm.kernels.sampling import sample_tokens_triton
+
+_SEED_MOD = 2**31 - 1  # Philox keys and call counters are int32 kernel arguments
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 class Sampler(nn.Module):
     """Picks one token per row of logits, each row with its own settings.
@@ -11,7 +16,40 @@ class Sampler(nn.Module):
     Rows with temperature 0 take the argmax. Other rows divide by their temperature, keep their top-k tokens
     and their top-p nucleus (Holtzman et al. 2019, arXiv 1904.09751), and draw from the softmax with the
     exponential-race trick: ``argmax(p / E)`` with ``E ~ Exp(1)`` is a draw from ``p``.
+
+    Paths (kernels per call on the GPU):
+
+    - every row greedy: ``logits.argmax(-1)`` (1 kernel, no float32 copy);
+    - CUDA logits (or ``force_triton``) and no row with top-k / top-p: the one-pass Triton kernel of
+      :mod:`nanovllm.kernels.sampling` (Gumbel-max on a Philox stream; 2 kernels, a split scan and a tiny
+      reduction, below ``B = 8 * SMs`` rows, 1 above);
+    - otherwise (a top-k / top-p row, or CPU logits): the torch path below (a float32 copy, softmax, the
+      generator's exponential noise, and a sort for top-k / top-p; about 8 kernels without the sort).
+
+    The Triton path takes its randomness from a host-side Philox key and call counter, so it never reads the
+    GPU: the key is ``generator.initial_seed()`` folded into 31 bits when a generator is given (an engine with
+    ``seed=`` is reproducible run to run), else one draw of torch's CPU generator at the first call; the counter
+    counts this sampler's Triton calls. The generator's own state is neither read nor advanced by that path.
     """
+
+    def __init__(self, force_triton: bool = False) -> None:
+        """``force_triton``: take the Triton path for CPU logits too (``TRITON_INTERPRET=1`` tests)."""
+        super().__init__()
+        self.force_triton = force_triton
+        self._calls = 0  # Triton calls so far: the Philox counter of the next one
+        self._own_key: int | None = None  # the key when no generator is given
+
+    def next_philox_seed(self, generator: torch.Generator | None) -> tuple[int, int]:
+        """``(key, counter)`` for the next Triton call, both in ``[0, 2^31)``; host-only (no GPU access)."""
+        if generator is not None:
+            key = generator.initial_seed() % _SEED_MOD
+        else:
+            if self._own_key is None:
+                self._own_key = int(torch.randint(0, _SEED_MOD, (), device="cpu"))
+            key = self._own_key
+        counter = self._calls
+        self._calls = (self._calls + 1) % _SEED_MOD
+        return key, counter
 
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
                 generator: torch.Generator | None = None, all_greedy: bool | None = None,
@@ -34,11 +72,13 @@ class Sampler(nn.Module):
             all_greedy = bool(greedy.all())
         if all_greedy:
             return logits.argmax(-1)  # no float32 copy of the logits
+        use_k = bool((top_ks > 0).any()) if use_top_k is None else use_top_k
+        use_p = bool((top_ps < 1).any()) if use_top_p is None else use_top_p
+        if not (use_k or use_p) and (logits.is_cuda or self.force_triton) and logits.dtype in _TRITON_DTYPES:
+            return sample_tokens_triton(logits, temperatures, *self.next_philox_seed(generator))
         logits = logits.float()
         greedy_ids = logits.argmax(-1)
         logits = logits / temperatures.clamp_min(1e-5).unsqueeze(-1)
-        use_k = bool((top_ks > 0).any()) if use_top_k is None else use_top_k
-        use_p = bool((top_ps < 1).any()) if use_top_p is None else use_top_p
         if use_k or use_p:
             sorted_logits, order = logits.sort(-1, descending=True)
             drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
