@@ -91,7 +91,8 @@ class StepInputBuffers:
             raise ValueError(f"decode batch of {n} rows padded to {rows}; at most {self.max_rows} rows")
         self._wait_for_last_upload()
         bs = self.block_size
-        lens = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=n)
+        # len(s) and s.last_token only: a tensor-parallel worker gets a view of each sequence without its tokens
+        lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=n)
         num_blocks = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=n)
         if n and int(num_blocks.max()) > self.width:
             raise ValueError(f"a block table has {int(num_blocks.max())} blocks; the buffers hold {self.width}")
@@ -102,7 +103,7 @@ class StepInputBuffers:
                            count=int(num_blocks.sum()))
         table[:n][self._arange_width[None, :] < num_blocks[:, None]] = flat
         pos = lens - 1
-        self.np_input_ids[:n] = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=n)
+        self.np_input_ids[:n] = np.fromiter((s.last_token for s in seqs), dtype=np.int64, count=n)
         self.np_positions[:n] = pos
         self.np_context_lens[:n] = lens
         self.np_slot_mapping[:n] = table[np.arange(n), pos // bs].astype(np.int64) * bs + pos % bs

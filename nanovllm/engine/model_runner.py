@@ -270,7 +270,8 @@ class ModelRunner:
         rows = self.graph_size_for[n] if self.graphs and n <= self.config.max_num_seqs else n
         buf = self.buffers
         buf.fill_decode(seqs, rows)
-        self._sampling_flags = buf.fill_sampling(seqs)
+        if self.rank == 0:  # only rank 0 samples (a worker's sequence views carry no sampling parameters)
+            self._sampling_flags = buf.fill_sampling(seqs)
         buf.upload(rows)
         set_context(False, slot_mapping=buf.slot_mapping[:rows], context_lens=buf.context_lens[:rows],
                     block_tables=buf.block_tables[:rows], kv_caches=self.kv_caches)

@@ -130,7 +130,9 @@ def _scan_row(row_ptr, lo, hi, row, seed, offset, inv_t, SAMPLE: tl.constexpr, B
     return m, i
 
 
-@triton.jit(do_not_specialize=["seed", "offset"])
+# The split count and the seed are runtime arguments (not specialized): the split count follows the batch size,
+# which changes nearly every step as requests finish, and a constexpr would compile a new kernel for each value.
+@triton.jit(do_not_specialize=["seed", "offset", "num_splits"])
 def _sample_split_kernel(
     logits_ptr,
     temp_ptr,
@@ -141,7 +143,7 @@ def _sample_split_kernel(
     split_size,
     seed,
     offset,
-    NUM_SPLITS: tl.constexpr,
+    num_splits,
     BLOCK_Q: tl.constexpr,
     DIRECT: tl.constexpr,
     FAST_LOG: tl.constexpr,
@@ -159,20 +161,20 @@ def _sample_split_kernel(
         m, i = _scan_row(row_ptr, lo, hi, row, seed, offset, 1.0, False, BLOCK_Q, FAST_LOG)
     if DIRECT:
         tl.store(out_ptr + row, i.to(tl.int64))
-    else:  # partials: float32 [B, 2, NUM_SPLITS], the scores then the token ids (int32 bits)
-        base = part_ptr + row * (2 * NUM_SPLITS) + split
+    else:  # partials: float32 [B, 2, num_splits], the scores then the token ids (int32 bits)
+        base = part_ptr + row * (2 * num_splits) + split
         tl.store(base, m)
-        tl.store(base + NUM_SPLITS, i.to(tl.float32, bitcast=True))
+        tl.store(base + num_splits, i.to(tl.float32, bitcast=True))
 
 
-@triton.jit
-def _sample_reduce_kernel(out_ptr, part_ptr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+@triton.jit(do_not_specialize=["num_splits"])
+def _sample_reduce_kernel(out_ptr, part_ptr, num_splits, SPLITS_PAD: tl.constexpr):
     row = tl.program_id(0)
     s = tl.arange(0, SPLITS_PAD)
-    ok = s < NUM_SPLITS
-    base = part_ptr + row * (2 * NUM_SPLITS) + s
+    ok = s < num_splits
+    base = part_ptr + row * (2 * num_splits) + s
     v = tl.load(base, mask=ok, other=float("-inf"))
-    i = tl.load(base + NUM_SPLITS, mask=ok, other=0.0).to(tl.int32, bitcast=True)
+    i = tl.load(base + num_splits, mask=ok, other=0.0).to(tl.int32, bitcast=True)
     m = tl.max(v, 0)
     tl.store(out_ptr + row, tl.min(tl.where(ok & (v == m), i, _NO_INDEX), 0).to(tl.int64))
 
@@ -219,15 +221,16 @@ def sample_tokens_triton(
         split_size,
         seed,
         offset,
-        NUM_SPLITS=num_splits,
+        num_splits,
         BLOCK_Q=blk // 4,
         DIRECT=direct,
         FAST_LOG=logits.is_cuda if fast_log is None else fast_log,
         num_warps=num_warps or SAMPLE_NUM_WARPS,
     )
     if not direct:
-        _sample_reduce_kernel[(batch,)](out, part, NUM_SPLITS=num_splits,
-                                        SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=1)
+        # SPLITS_PAD is fixed (not next_power_of_2(num_splits)) so that one compiled kernel serves every batch size
+        pad = max(2, triton.next_power_of_2(max(num_splits, SAMPLE_MAX_SPLITS)))
+        _sample_reduce_kernel[(batch,)](out, part, num_splits, SPLITS_PAD=pad, num_warps=1)
     return out
 
 
