@@ -704,7 +704,9 @@ def measure(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device | s
     """Time every candidate for an [m, k] x [n, k]^T site on `device` (a CUDA device) and return the fastest.
 
     Weights are rotated over enough copies to exceed `l2_bytes` (2x the H200's 60 MB L2) so they come from HBM,
-    as in the real model. Each candidate is timed inside a CUDA graph of `reps` calls (median of 7 replays).
+    as in the real model. Each candidate is timed inside a CUDA graph of `reps` calls (median of 7 replays), with
+    a residual input and the h = x + r output, the form of every site of a decoder but its first (measured on the
+    H200: a variant can tie without the residual and lose by 14 % with it, e.g. multirow for gate_up at M = 4).
     A candidate that fails to compile or run is skipped (logged). Raises RuntimeError when called while the
     current stream is capturing a CUDA graph.
     """
@@ -714,6 +716,8 @@ def measure(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device | s
     mb = m_bucket(m)
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(mb, k, device=dev, dtype=dtype, generator=gen)
+    r = torch.randn(mb, k, device=dev, dtype=dtype, generator=gen)
+    h = torch.empty_like(x)
     g = 1.0 + 0.1 * torch.randn(k, device=dev, dtype=dtype, generator=gen)
     copies = max(1, min(16, math.ceil(l2_bytes / max(1, n * k * x.element_size()))))
     ws: list[Tensor] = []
@@ -732,11 +736,12 @@ def measure(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device | s
         try:
             if variant == "unfused":
                 def fn(i: int) -> object:
-                    a, _ = triton_rms_norm(x, g, 1e-6)
+                    a, _ = triton_rms_norm(x, g, 1e-6, residual2d=r)
                     return F.linear(a, ws[i % copies])
             else:
                 def fn(i: int, variant: str = variant, cfg: tuple[int, ...] = cfg) -> object:
-                    return fused_linear(x, g, ws[i % copies], None, 1e-6, variant=variant, config=cfg)
+                    return fused_linear(x, g, ws[i % copies], None, 1e-6, residual2d=r, h_out=h, variant=variant,
+                                        config=cfg)
             t = _graph_time_us(fn, reps)
         except Exception as e:  # a config that does not compile (e.g. shared memory) is simply not a candidate
             log.warning("coconut: candidate %s failed for M=%d N=%d K=%d: %s", name, mb, n, k, e)

@@ -143,6 +143,8 @@ class BlockManager:
         # Blocks before seq.num_hashed_blocks already carry their hash (a block keeps it while a sequence holds
         # it), so a decode step looks at one block at most instead of the whole table.
         start = seq.num_hashed_blocks
+        if num_full <= start:
+            return  # nothing new is full (most decode steps)
         prev_hash = self.blocks[seq.block_table[start - 1]].hash if start > 0 else -1
         for i in range(start, num_full):
             block = self.blocks[seq.block_table[i]]
