@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nPrompt: {prompt!r}\nCompletion ({out['finish_reason']}, {len(out['token_ids'])} tokens): "
               f"{out['text']!r}")
     n = sum(len(o["token_ids"]) for o in outputs)
-    print(f"\n{len(prompts)} requests, {n} output tokens in {dt:.2f} s ({n / dt:.1f} tokens/s)")
+    print(f"\n{len(prompts)} request{'' if len(prompts) == 1 else 's'}, {n} output tokens in {dt:.2f} s ({n / dt:.1f} tokens/s)")
     llm.shutdown()
 
 
