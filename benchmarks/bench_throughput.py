@@ -49,11 +49,7 @@ import common  # noqa: E402
 common.add_repo_to_path()
 
 # Engine modes: name -> LLM keywords.
-MODES: dict[str, dict[str, bool]] = {
-    "fusion": {"compile_fusion": True, "enforce_eager": False},    # coconut backend + CUDA graphs
-    "nofusion": {"compile_fusion": False, "enforce_eager": False},  # Inductor + CUDA graphs
-    "eager": {"compile_fusion": False, "enforce_eager": True},      # no compile, no CUDA graphs
-}
+MODES: dict[str, dict[str, bool]] = common.ENGINE_MODES
 TEMPERATURE = 0.6
 
 

@@ -28,6 +28,14 @@ H200_BANDWIDTH_BYTES_PER_S: float = 4.3e12   # device-to-device copy bandwidth
 H200_PEAK_BF16_FLOP_PER_S: float = 790e12    # dense bf16 matrix throughput
 
 
+# The engine settings each benchmark mode stands for (LLM keyword arguments).
+ENGINE_MODES: dict[str, dict[str, bool]] = {
+    "fusion": {"compile_fusion": True, "enforce_eager": False},    # coconut backend + CUDA graphs
+    "nofusion": {"compile_fusion": False, "enforce_eager": False},  # Inductor + CUDA graphs
+    "eager": {"compile_fusion": False, "enforce_eager": True},      # no compile, no CUDA graphs
+}
+
+
 def add_repo_to_path() -> None:
     """Put the repository root first on ``sys.path`` so ``import nanovllm`` works without installing it."""
     if REPO_ROOT not in sys.path:

@@ -91,11 +91,7 @@ import common  # noqa: E402
 
 common.add_repo_to_path()
 
-MODES: dict[str, dict[str, bool]] = {
-    "fusion": {"compile_fusion": True, "enforce_eager": False},
-    "nofusion": {"compile_fusion": False, "enforce_eager": False},
-    "eager": {"compile_fusion": False, "enforce_eager": True},
-}
+MODES: dict[str, dict[str, bool]] = common.ENGINE_MODES
 DEFAULT_CKPT = "/tmp/qwen3-0.6b"
 
 CATEGORIES: list[str] = ["fused_norm_linear", "gemm", "attention", "kv_store", "inductor", "sampler", "memcpy",
