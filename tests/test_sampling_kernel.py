@@ -248,6 +248,22 @@ def test_sampler_paths() -> None:
     assert Sampler(force_triton=True)(x.double(), *_sampler_args(batch, 1.0)).shape == (batch,)
 
 
+def test_tiny_temperature_is_near_greedy_on_every_path() -> None:
+    """A temperature so small that 1 / T overflows float32 (T = 1e-39, a float32 subnormal) must still act as a
+    near-greedy draw, as the torch path does (it clamps T at 1e-5): without a clamp the Triton path scales every
+    logit to +-inf and returns the first token of the row (all-negative logits), not the argmax."""
+    x = (-1.0 - torch.arange(64.0).flip(0)).unsqueeze(0).to(DEVICE)  # all negative, argmax = 63
+    x = torch.cat([x, x.roll(20, -1)])  # row 1: argmax = 19
+    want = x.argmax(-1).tolist()
+    for temp in (1e-39, 1e-30, 1e-6):
+        t = torch.full((2,), temp, device=DEVICE)
+        assert sample_tokens_triton(x, t, 1, 0).tolist() == want, temp
+        assert sample_tokens(x, t, 1, 0).tolist() == want, temp
+        assert sample_tokens_ref(x, t, sample_uniforms_ref(2, 64, 1, 0, DEVICE)).tolist() == want, temp
+        for s in (Sampler(), Sampler(force_triton=True)):
+            assert s(x, t, torch.full((2,), -1, device=DEVICE), torch.ones(2, device=DEVICE)).tolist() == want
+
+
 def test_choose_sample_splits() -> None:
     assert choose_sample_splits(1, 151936, 132) == 64  # capped
     assert choose_sample_splits(256, 151936, 132) == 5

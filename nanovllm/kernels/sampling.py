@@ -53,6 +53,9 @@ SAMPLE_WAVES = 8  # aim for about this many programs per SM
 SAMPLE_MAX_SPLITS = 64
 
 PHILOX_ROUNDS = tl.constexpr(10)  # Triton's default
+# Temperatures below this are raised to it (as the Sampler's torch path does with clamp_min): 1 / T stays finite
+MIN_TEMPERATURE_F = 1e-5
+MIN_TEMPERATURE = tl.constexpr(MIN_TEMPERATURE_F)
 _NO_INDEX = tl.constexpr(2**31 - 1)  # above every token id (int32)
 _INT32_MAX = 2**31 - 1
 
@@ -155,7 +158,9 @@ def _sample_split_kernel(
     row_ptr = logits_ptr + row.to(tl.int64) * stride_lb
     t = tl.load(temp_ptr + row).to(tl.float32)
     if t > 0.0:
-        inv_t = tl.math.div_rn(1.0, t)  # IEEE 1/T, the same float32 as the reference's
+        # IEEE 1/T, the same float32 as the reference's; T is clamped at MIN_TEMPERATURE (as the torch path does):
+        # 1/T of a tiny T overflows to inf, and inf * logits makes every score +-inf (or NaN at 0)
+        inv_t = tl.math.div_rn(1.0, tl.maximum(t, MIN_TEMPERATURE))
         m, i = _scan_row(row_ptr, lo, hi, row, seed, offset, inv_t, True, BLOCK_Q, FAST_LOG)
     else:
         m, i = _scan_row(row_ptr, lo, hi, row, seed, offset, 1.0, False, BLOCK_Q, FAST_LOG)
@@ -290,11 +295,12 @@ def sample_tokens_ref(logits: torch.Tensor, temperatures: torch.Tensor, uniforms
         uniforms: float32 ``[B, V]`` in (0, 1), e.g. :func:`sample_uniforms_ref` (the kernel's stream).
 
     Returns:
-        int64 ``[B]``: greedy rows ``logits.argmax(-1)``, the others ``argmax(x * (1 / T) - log(-log U))``.
+        int64 ``[B]``: greedy rows ``logits.argmax(-1)``, the others ``argmax(x * (1 / T) - log(-log U))`` with
+        ``T`` clamped at ``MIN_TEMPERATURE`` (1e-5).
     """
     greedy_ids = logits.argmax(-1)  # no float32 copy for the greedy rows
     t = temperatures.float()
-    inv_t = 1.0 / torch.where(t > 0, t, 1.0)
+    inv_t = 1.0 / torch.where(t > 0, t.clamp_min(MIN_TEMPERATURE_F), 1.0)
     scores = logits.float() * inv_t.unsqueeze(-1) - torch.log(-torch.log(uniforms))
     return torch.where(t > 0, scores.argmax(-1), greedy_ids)
 
@@ -318,7 +324,8 @@ def _check_sample_args(logits: torch.Tensor, temperatures: torch.Tensor, seed: i
 
 def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, seed: int, offset: int = 0,
                   force_triton: bool = False) -> torch.Tensor:
-    """One token per row: greedy where ``temperatures <= 0``, else a draw from ``softmax(logits / T)``.
+    """One token per row: greedy where ``temperatures <= 0``, else a draw from ``softmax(logits / T)`` (``T`` clamped
+    at 1e-5, as the Sampler's torch path does, so that ``1 / T`` stays finite).
 
     No top-k / top-p (the sampler keeps its sorting path for those). On CUDA (or with ``force_triton``) one
     Triton kernel, or two at small ``B`` (split vocabulary + a tiny reduction); elsewhere the PyTorch reference on
