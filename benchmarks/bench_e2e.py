@@ -323,14 +323,7 @@ class Driver:
         return res
 
     def engine_kwargs(self, mode: str) -> dict[str, Any]:
-        a = self.args
-        kw: dict[str, Any] = dict(dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=self.max_num_seqs,
-                                  max_num_batched_tokens=a.max_num_batched_tokens,
-                                  gpu_memory_utilization=a.gpu_memory_utilization,
-                                  tensor_parallel_size=a.tensor_parallel_size, seed=a.seed, **MODES[mode])
-        if a.device:
-            kw["device"] = a.device
-        return kw
+        return common.engine_kwargs(self.args, mode, self.max_num_seqs)
 
     def run_mode(self, mode: str) -> None:
         """Build the mode's engine, run its parts, shut it down."""

@@ -95,13 +95,7 @@ def parse_reps(spec: str | None, batches: list[int]) -> dict[int, int]:
 
 def llm_kwargs(args: argparse.Namespace, mode: str, batches: list[int]) -> dict[str, Any]:
     """Keyword arguments of ``LLM(model, **kwargs)`` for one mode (max_num_seqs = the largest batch)."""
-    kw: dict[str, Any] = dict(dtype=args.dtype, max_model_len=args.max_model_len,
-                              max_num_seqs=max(max(batches), 1), max_num_batched_tokens=args.max_num_batched_tokens,
-                              gpu_memory_utilization=args.gpu_memory_utilization,
-                              tensor_parallel_size=args.tensor_parallel_size, seed=args.seed, **MODES[mode])
-    if args.device:
-        kw["device"] = args.device
-    return kw
+    return common.engine_kwargs(args, mode, max(max(batches), 1))
 
 
 def measure_mode(mode: str, args: argparse.Namespace, batches: list[int], reps: dict[int, int],

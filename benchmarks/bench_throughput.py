@@ -110,13 +110,7 @@ def selected_modes(args: argparse.Namespace) -> list[str]:
 
 def llm_kwargs(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """Keyword arguments of ``LLM(model, **kwargs)`` for one mode."""
-    kw: dict[str, Any] = dict(dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                              max_num_batched_tokens=args.max_num_batched_tokens,
-                              gpu_memory_utilization=args.gpu_memory_utilization,
-                              tensor_parallel_size=args.tensor_parallel_size, seed=args.seed, **MODES[mode])
-    if args.device:
-        kw["device"] = args.device
-    return kw
+    return common.engine_kwargs(args, mode, args.max_num_seqs)
 
 
 def shifted(prompts: list[list[int]], k: int) -> list[list[int]]:

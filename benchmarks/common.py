@@ -36,6 +36,20 @@ ENGINE_MODES: dict[str, dict[str, bool]] = {
 }
 
 
+def engine_kwargs(args: Any, mode: str, max_num_seqs: int) -> dict[str, Any]:
+    """Keyword arguments of ``LLM(model, **kwargs)`` for one mode of :data:`ENGINE_MODES`, from a benchmark's
+    parsed flags (dtype, max_model_len, max_num_batched_tokens, gpu_memory_utilization, seed; tensor_parallel_size
+    and device when the script has them)."""
+    kw: dict[str, Any] = dict(dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=args.max_num_batched_tokens,
+                              gpu_memory_utilization=args.gpu_memory_utilization,
+                              tensor_parallel_size=getattr(args, "tensor_parallel_size", 1), seed=args.seed,
+                              **ENGINE_MODES[mode])
+    if getattr(args, "device", None):
+        kw["device"] = args.device
+    return kw
+
+
 def add_repo_to_path() -> None:
     """Put the repository root first on ``sys.path`` so ``import nanovllm`` works without installing it."""
     if REPO_ROOT not in sys.path:
