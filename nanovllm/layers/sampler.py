@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanovllm.kernels.sampling import sample_tokens_triton
+from nanovllm.kernels.sampling import MIN_TEMPERATURE_F, sample_tokens_triton
 
 _SEED_MOD = 2**31 - 1  # Philox keys and call counters are int32 kernel arguments
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -78,7 +78,7 @@ class Sampler(nn.Module):
             return sample_tokens_triton(logits, temperatures, *self.next_philox_seed(generator))
         logits = logits.float()
         greedy_ids = logits.argmax(-1)
-        logits = logits / temperatures.clamp_min(1e-5).unsqueeze(-1)
+        logits = logits / temperatures.clamp_min(MIN_TEMPERATURE_F).unsqueeze(-1)
         if use_k or use_p:
             sorted_logits, order = logits.sort(-1, descending=True)
             drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
