@@ -222,6 +222,24 @@ def test_row_parallel_layer_on_cpu_is_the_plain_path() -> None:
         RowParallelLinear(16, 8, input_act="gelu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_silu_mul_triton_matches_reference(dtype: torch.dtype) -> None:
+    """The op's one-pass SwiGLU (large-M path on the GPU): float64 reference, K not a multiple of the block,
+    rows strided inside a wider buffer, NaN never written."""
+    gen = torch.Generator().manual_seed(5)
+    k = 1500
+    wide = (torch.randn(7, 2 * k + 8, generator=gen) * 4).to(dtype).to(DEVICE)
+    x = wide[:, : 2 * k]  # row stride 2k + 8
+    y = G.silu_mul_triton(x)
+    x64 = x.double().cpu()
+    ref = F.silu(x64[:, :k]) * x64[:, k:]
+    assert y.shape == (7, k) and y.dtype == dtype and torch.isfinite(y).all()
+    assert rel_err(y.double().cpu(), ref) < (1e-6 if dtype == torch.float32 else 1e-3)
+    with pytest.raises(ValueError, match="silu_mul"):
+        G.silu_mul_triton(torch.zeros(2, 5, dtype=dtype, device=DEVICE))
+    assert G.silu_mul_triton(torch.zeros(0, 8, dtype=dtype, device=DEVICE)).shape == (0, 4)
+
+
 # ---------------------------------------------------------------------------------------- AOT compile for sm_90
 # The rule's picks at bf16 for the Qwen3-0.6B shapes (and a K-loop shape), as a launch on an H200 specializes them
 # (pointers, K and row strides divisible by 16): every (rows per program, num_warps) config of the rule is among
@@ -269,6 +287,12 @@ for act, n, k in (("none", 1024, 2048), ("silu_mul", 1024, 3072), ("none", 4096,
         assert s == 0, (act, n, k, bm, cfg, s)
         seen.add((cfg.block_n, cfg.num_warps))
 assert seen == set(G.CONFIG_CHOICES), seen  # every config of the rule is compiled at least once
+fn = G._silu_mul_kernel  # the op's one-pass SwiGLU for large M
+sig = {n: ("*bf16" if n.endswith("_ptr") else "i32") for n in fn.arg_names if n != "BLOCK"}
+sig["BLOCK"] = "constexpr"
+c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs={"BLOCK": 1024}),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+assert "cubin" in c.asm
 print("AOT-OK")
 """
 

@@ -250,6 +250,39 @@ def _gemv_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------- launcher
+@triton.jit
+def _silu_mul_kernel(x_ptr, y_ptr, K, stride_xm, BLOCK: tl.constexpr):
+    """y[row, cols] = silu(gate) * up for one ``BLOCK`` of columns of one row (x = [gate | up])."""
+    row = tl.program_id(0).to(tl.int64)
+    rk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = rk < K
+    first, second = _load_x(x_ptr, row * stride_xm, rk, mask, K, "silu_mul")
+    tl.store(y_ptr + row * K + rk, _act(first, second, "silu_mul").to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul_triton(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's ``silu(gate) * up`` in one pass (float32 math, one rounding to ``x.dtype``), for the op's large-M
+    path on the GPU: the PyTorch ops would take two kernels and an intermediate ``[M, K]`` tensor.
+
+    Args:
+        x: ``[M, 2K]`` laid out as gate | up, columns contiguous, fp16/bf16/fp32.
+
+    Returns:
+        ``[M, K]`` contiguous, in ``x.dtype``.
+
+    Raises:
+        ValueError: not 2-D, an odd last dim, or non-contiguous columns.
+    """
+    if x.dim() != 2 or x.shape[1] % 2 or x.stride(1) != 1:
+        raise ValueError(f"silu_mul needs a [M, 2K] input with contiguous columns, got {tuple(x.shape)}")
+    m, k = x.shape[0], x.shape[1] // 2
+    y = torch.empty((m, k), dtype=x.dtype, device=x.device)
+    if m and k:
+        block = 1024
+        _silu_mul_kernel[(m, triton.cdiv(k, block))](x, y, k, x.stride(0), BLOCK=block, num_warps=4)
+    return y
+
+
 def gemv_triton(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -7,7 +7,8 @@ Dispatch (at run time, on the concrete tensors):
 
 - CUDA, ``1 <= M <= GEMV_MAX_M``, fp16/bf16/fp32 with one dtype: the Triton GEMV (one kernel; the activation is
   computed in its prologue; no host sync, no allocation besides the output, so it can be captured in a CUDA graph);
-- otherwise (larger ``M``, CPU, other dtypes): the plain PyTorch path, ``F.linear(apply_act(x, act), weight, bias)``.
+- otherwise (larger ``M``, CPU, other dtypes): ``F.linear(apply_act(x, act), weight, bias)``; on CUDA the
+  ``silu_mul`` activation then runs as one Triton pass (:func:`nanovllm.kernels.gemv.silu_mul_triton`).
 
 The op is opaque to ``torch.compile`` (a fake implementation gives the output's shape; ``M`` may be symbolic), so a
 model compiled with ``fullgraph=True, dynamic=True`` keeps one graph for every batch size and the choice between
@@ -25,7 +26,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from nanovllm.kernels.gemv import GEMV_DTYPES, MAX_M, _check_shapes, apply_act, gemv_triton
+from nanovllm.kernels.gemv import GEMV_DTYPES, MAX_M, _check_shapes, apply_act, gemv_triton, silu_mul_triton
 
 DEFAULT_GEMV_MAX_M = 4
 ENV_GEMV_MAX_M = "NANOVLLM_GEMV_MAX_M"
@@ -79,6 +80,9 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         if x.stride(1) != 1:
             x = x.contiguous()
         return gemv_triton(x, weight.contiguous(), None if bias is None else bias.contiguous(), act)
+    if act == "silu_mul" and x.is_cuda and x.dtype in GEMV_DTYPES and x.stride(1) == 1:
+        # one pass instead of silu, then mul (Inductor fuses them when the activation is outside the op)
+        return F.linear(silu_mul_triton(x), weight, bias)
     return F.linear(apply_act(x, act), weight, bias)
 
 
