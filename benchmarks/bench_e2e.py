@@ -10,7 +10,9 @@ on it, in the order of ``--what``, each selected part through that script's own 
 - ``profile``:    ``profile_decode.run_mode(..., llm=engine)`` (torch.profiler of decode steps)
 
 A part runs for a mode only when the mode is in that part's mode list (``--latency-modes``, default
-fusion,nofusion,eager; ``--throughput-modes`` and ``--profile-modes``, default fusion,nofusion). An engine is
+fusion,nofusion,eager,fusion-ms8,nofusion-ms8; ``--throughput-modes``, default fusion,nofusion,fusion-ms8,
+nofusion-ms8; ``--profile-modes``, default fusion,nofusion). Modes that differ only in ``num_scheduler_steps``
+(``fusion`` and ``fusion-ms8``) share one engine build (``common.build_key``). An engine is
 built only for a mode that some selected part needs. After the last engine, ``--peer`` times the transformers
 peer once (bench_throughput.run_peer). Between modes the engine is shut down and the GPU memory released.
 
@@ -70,7 +72,7 @@ import bench_latency  # noqa: E402
 import bench_throughput  # noqa: E402
 import profile_decode  # noqa: E402
 
-MODES: dict[str, dict[str, bool]] = bench_latency.MODES
+MODES: dict[str, dict[str, Any]] = bench_latency.MODES
 PARTS: tuple[str, ...] = ("latency", "throughput", "profile")
 FILES: dict[str, str] = {"latency": "latency-h200.json", "throughput": "throughput-h200.json",
                          "profile": "decode-profile-h200.json"}
@@ -99,8 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"engine modes, built one after the other in this order (of {sorted(MODES)})")
     ap.add_argument("--what", default="latency,throughput,profile",
                     help=f"parts to run on each mode's engine, in this order (of {list(PARTS)})")
-    ap.add_argument("--latency-modes", default="fusion,nofusion,eager", help="modes that run the latency part")
-    ap.add_argument("--throughput-modes", default="fusion,nofusion",
+    ap.add_argument("--latency-modes", default="fusion,nofusion,eager,fusion-ms8,nofusion-ms8",
+                    help="modes that run the latency part")
+    ap.add_argument("--throughput-modes", default="fusion,nofusion,fusion-ms8,nofusion-ms8",
                     help="modes that run the throughput part (the first one run is the headline figure)")
     ap.add_argument("--profile-modes", default="fusion,nofusion", help="modes that run the decode profile part")
     ap.add_argument("--budget-s", type=float, default=540.0,
@@ -325,61 +328,79 @@ class Driver:
     def engine_kwargs(self, mode: str) -> dict[str, Any]:
         return common.engine_kwargs(self.args, mode, self.max_num_seqs)
 
-    def run_mode(self, mode: str) -> None:
-        """Build the mode's engine, run its parts, shut it down."""
-        parts = [p for p in self.what if mode in self.part_modes[p]]
-        if not parts:
+    def run_group(self, modes: list[str]) -> None:
+        """Build one engine for modes that differ only in ``num_scheduler_steps`` (:func:`common.build_key`), run
+        each mode's parts on it (setting the engine's ``num_scheduler_steps`` per mode), shut it down."""
+        parts = {m: [p for p in self.what if m in self.part_modes[p]] for m in modes}
+        modes = [m for m in modes if parts[m]]
+        if not modes:
             return
+        label = "+".join(modes)
         if self.left() < self.args.min_mode_s:
             note = (f"engine not built: {max(self.left(), 0):.0f} s left of --budget-s {self.args.budget_s:g} "
                     f"(--min-mode-s {self.args.min_mode_s:g})")
-            print(f"\n=== mode {mode}: skipped ({note})", flush=True)
-            for p in parts:
-                self.record(p, mode, self.skipped_entry(p, mode, note), "skipped", None, note)
+            print(f"\n=== mode {label}: skipped ({note})", flush=True)
+            for m in modes:
+                for p in parts[m]:
+                    self.record(p, m, self.skipped_entry(p, m, note), "skipped", None, note)
             return
         from nanovllm import LLM
 
-        kw = self.engine_kwargs(mode)
-        self.info["engine_kwargs"][mode] = common._jsonable(kw)
-        print(f"\n=== mode {mode}: LLM({self.model!r}, {kw}) for {', '.join(parts)} "
-              f"({self.left():.0f} s left of the budget)", flush=True)
+        kws = {m: self.engine_kwargs(m) for m in modes}
+        build_kw = kws[modes[0]] | {"num_scheduler_steps": max(k["num_scheduler_steps"] for k in kws.values())}
+        for m in modes:
+            self.info["engine_kwargs"][m] = common._jsonable(kws[m])
+        print(f"\n=== mode {label}: LLM({self.model!r}, {build_kw}) for "
+              f"{'; '.join(f'{m}: ' + ', '.join(parts[m]) for m in modes)} ({self.left():.0f} s left of the budget)",
+              flush=True)
         t0 = time.perf_counter()
         try:
-            llm = LLM(self.model, **kw)
+            llm = LLM(self.model, **build_kw)
         except Exception as e:  # noqa: BLE001 - record and go on with the next mode
             traceback.print_exc()
             err = f"engine build failed: {type(e).__name__}: {e}"
-            for p in parts:
-                entry = {"mode": mode, "error": err} | ({"batches": {}} if p == "profile" else {})
-                self.record(p, mode, entry, "error", None, err)
+            for m in modes:
+                for p in parts[m]:
+                    entry = {"mode": m, "error": err} | ({"batches": {}} if p == "profile" else {})
+                    self.record(p, m, entry, "error", None, err)
             common.free_accelerator_memory(report=True)
             return
         init_s = time.perf_counter() - t0
-        self.info["build_s"][mode] = round(init_s, 2)
-        print(f"[{mode}] engine built in {init_s:.1f} s", flush=True)
+        phases = getattr(getattr(llm.engine, "model_runner", None), "init_seconds", {})
+        for m in modes:
+            self.info["build_s"][m] = round(init_s, 2)
+            self.info.setdefault("build_phases_s", {})[m] = {k: round(v, 2) for k, v in phases.items()}
+        print(f"[{label}] engine built in {init_s:.1f} s "
+              f"({', '.join(f'{k} {v:.1f} s' for k, v in phases.items())})", flush=True)
         try:
-            for p in parts:
-                if self.left() <= 0:
-                    note = f"not started: --budget-s {self.args.budget_s:g} passed"
-                    print(f"[{mode}] {p}: skipped ({note})", flush=True)
-                    self.record(p, mode, self.skipped_entry(p, mode, note), "skipped", None, note)
-                    continue
-                t1 = time.perf_counter()
-                try:
-                    entry, status = self.run_part(p, mode, llm, kw, init_s), "ok"
-                except Exception as e:  # noqa: BLE001 - record and go on with the next part
-                    traceback.print_exc()
-                    entry = {"mode": mode, "error": f"{type(e).__name__}: {e}"}
-                    if p == "profile":  # as profile_decode.py records a failed mode
-                        entry["batches"] = {}
-                    status = "error"
-                self.record(p, mode, entry, status, time.perf_counter() - t1)
-                print(f"[{mode}] {p}: {status} in {time.perf_counter() - t1:.1f} s "
-                      f"({self.left():.0f} s left of the budget)", flush=True)
+            for m in modes:
+                llm.engine.config.num_scheduler_steps = kws[m]["num_scheduler_steps"]
+                self._run_parts(m, parts[m], llm, kws[m], init_s)
         finally:
             common.shutdown_engine(llm)
             del llm
             common.free_accelerator_memory(report=True)
+
+    def _run_parts(self, mode: str, parts: list[str], llm: Any, kw: dict[str, Any], init_s: float) -> None:
+        """The mode's parts, one after the other, on the built engine."""
+        for p in parts:
+            if self.left() <= 0:
+                note = f"not started: --budget-s {self.args.budget_s:g} passed"
+                print(f"[{mode}] {p}: skipped ({note})", flush=True)
+                self.record(p, mode, self.skipped_entry(p, mode, note), "skipped", None, note)
+                continue
+            t1 = time.perf_counter()
+            try:
+                entry, status = self.run_part(p, mode, llm, kw, init_s), "ok"
+            except Exception as e:  # noqa: BLE001 - record and go on with the next part
+                traceback.print_exc()
+                entry = {"mode": mode, "error": f"{type(e).__name__}: {e}"}
+                if p == "profile":  # as profile_decode.py records a failed mode
+                    entry["batches"] = {}
+                status = "error"
+            self.record(p, mode, entry, status, time.perf_counter() - t1)
+            print(f"[{mode}] {p}: {status} in {time.perf_counter() - t1:.1f} s "
+                  f"({self.left():.0f} s left of the budget)", flush=True)
 
     def peer(self) -> None:
         """The transformers peer, once, into the throughput document."""
@@ -410,8 +431,11 @@ class Driver:
             w = self.tp["workload"]
             print(f"throughput workload: {w['num_seqs']} requests, {w['prompt_tokens']:,} prompt tokens, "
                   f"{w['output_tokens']:,} output tokens", flush=True)
+        groups: dict[tuple, list[str]] = {}  # modes sharing one engine build, in the order of --modes
         for mode in self.modes:
-            self.run_mode(mode)
+            groups.setdefault(common.build_key(mode), []).append(mode)
+        for modes in groups.values():
+            self.run_group(modes)
         if self.run_peer:
             self.peer()
         self.save()

@@ -49,7 +49,7 @@ import common  # noqa: E402
 common.add_repo_to_path()
 
 # Engine modes: name -> LLM keywords.
-MODES: dict[str, dict[str, bool]] = common.ENGINE_MODES
+MODES: dict[str, dict[str, Any]] = common.ENGINE_MODES
 TEMPERATURE = 0.6
 
 

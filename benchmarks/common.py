@@ -28,12 +28,21 @@ H200_BANDWIDTH_BYTES_PER_S: float = 4.3e12   # device-to-device copy bandwidth
 H200_PEAK_BF16_FLOP_PER_S: float = 790e12    # dense bf16 matrix throughput
 
 
-# The engine settings each benchmark mode stands for (LLM keyword arguments).
-ENGINE_MODES: dict[str, dict[str, bool]] = {
-    "fusion": {"compile_fusion": True, "enforce_eager": False},    # coconut backend + CUDA graphs
-    "nofusion": {"compile_fusion": False, "enforce_eager": False},  # Inductor + CUDA graphs
-    "eager": {"compile_fusion": False, "enforce_eager": True},      # no compile, no CUDA graphs
+# The engine settings each benchmark mode stands for (LLM keyword arguments). "-ms8": multi-step decode, rounds
+# of 8 decode steps per scheduling step (num_scheduler_steps=8); the others run one step per round.
+ENGINE_MODES: dict[str, dict[str, Any]] = {
+    "fusion": {"compile_fusion": True, "enforce_eager": False, "num_scheduler_steps": 1},  # coconut + CUDA graphs
+    "nofusion": {"compile_fusion": False, "enforce_eager": False, "num_scheduler_steps": 1},  # Inductor + graphs
+    "eager": {"compile_fusion": False, "enforce_eager": True, "num_scheduler_steps": 1},  # no compile, no graphs
+    "fusion-ms8": {"compile_fusion": True, "enforce_eager": False, "num_scheduler_steps": 8},
+    "nofusion-ms8": {"compile_fusion": False, "enforce_eager": False, "num_scheduler_steps": 8},
 }
+
+
+def build_key(mode: str) -> tuple:
+    """Modes with equal keys differ only in ``num_scheduler_steps``, a runtime setting: one engine built with the
+    largest of their values serves them all (``llm.engine.config.num_scheduler_steps`` is set per mode)."""
+    return tuple(sorted((k, v) for k, v in ENGINE_MODES[mode].items() if k != "num_scheduler_steps"))
 
 
 def engine_kwargs(args: Any, mode: str, max_num_seqs: int) -> dict[str, Any]:

@@ -91,7 +91,7 @@ import common  # noqa: E402
 
 common.add_repo_to_path()
 
-MODES: dict[str, dict[str, bool]] = common.ENGINE_MODES
+MODES: dict[str, dict[str, Any]] = common.ENGINE_MODES
 DEFAULT_CKPT = "/tmp/qwen3-0.6b"
 
 CATEGORIES: list[str] = ["fused_norm_linear", "gemm", "attention", "kv_store", "inductor", "sampler", "memcpy",

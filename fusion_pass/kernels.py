@@ -755,7 +755,8 @@ def measure(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device | s
 
 
 def choose(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> Choice:
-    """The dispatch decision for a CUDA site; measures on first use unless a CUDA graph is being captured.
+    """The dispatch decision for a CUDA site; measures on first use unless a CUDA graph is being captured (and
+    then rewrites the file named by the environment variable ``COCONUT_TUNING_FILE``, when set).
 
     Order: COCONUT_FUSION_VARIANT env override; cached (measured/pre-tuned/loaded) decision; measurement (not while
     capturing; COCONUT_AUTOTUNE=0 disables it); otherwise the heuristic "unfused" (the safe default: a fused
@@ -777,6 +778,12 @@ def choose(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> 
         c = Choice("unfused", (), "heuristic")
     _CACHE[key] = c
     log.info("coconut: M<=%d N=%d K=%d %s -> %s %s %s", key[0], n, k, key[3], c.variant, c.config, c.times_us)
+    path = os.environ.get("COCONUT_TUNING_FILE")
+    if path and c.source == "measured":  # keep the decisions measured on first use too (prefill sizes)
+        try:
+            save_tuning(path)
+        except OSError as e:
+            log.warning("coconut: could not save the tuning file %s: %s", path, e)
     return c
 
 

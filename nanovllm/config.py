@@ -16,6 +16,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 # 16-token blocks is within 3 % of the best of 16..256 at every batch/context measured (32 is 0-3 % faster, 64-256
 # are 6-9 % slower at batch >= 128), and 16 keeps prefix-cache hits fine-grained.
 DEFAULT_BLOCK_SIZE = 16
+MAX_SCHEDULER_STEPS = 64  # the most decode steps of one multi-step round (the runner's token buffer holds this many)
 
 
 def _as_id_list(value: Any) -> list[int]:
@@ -46,6 +47,13 @@ class Config:
         num_kvcache_blocks: -1 sizes the KV cache from memory; a positive value is used as given.
         compile_fusion: compile the model with the ``coconut`` backend (RMSNorm -> Linear fusion).
         seed: seed of the sampler's random generator (None: nondeterministic sampling).
+        num_scheduler_steps: decode steps run back to back per scheduling round (multi-step decode, vLLM's
+            keyword of the same name). With more than 1, the scheduler gives every running sequence KV blocks
+            for that many tokens, the runner chains the steps on the device (each step's sampled tokens are the
+            next step's input ids, without a round trip to the host) and the host reads all the tokens once, so
+            its per-step work (scheduling, batch preparation, stop checks) overlaps the GPU's. A sequence that
+            stops inside a round (EOS, max_tokens) discards the round's remaining tokens. Greedy outputs are
+            the same for every value. 1 = one step per round. Tensor parallelism always runs 1.
 
     Derived (not keywords): ``hf_config``; ``eos_token_ids``, every id that ends a request (unless
     ``ignore_eos``): the union of ``eos_token_id`` in config.json and in generation_config.json, each an int
@@ -69,6 +77,7 @@ class Config:
     num_kvcache_blocks: int = -1
     compile_fusion: bool = False
     seed: int | None = None
+    num_scheduler_steps: int = 1
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
     eos_token_id: int = -1  # the first EOS id (-1: none); every id that ends a request is in eos_token_ids
     eos_token_ids: frozenset[int] = frozenset()
@@ -93,7 +102,7 @@ class Config:
         if not os.path.isfile(os.path.join(self.model, "config.json")):
             raise ValueError(f"model: {self.model!r} holds no config.json (not a Hugging Face checkpoint folder)")
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size",
-                     "kvcache_block_size", "num_kvcache_blocks"):
+                     "kvcache_block_size", "num_kvcache_blocks", "num_scheduler_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {value!r}")
@@ -120,6 +129,8 @@ class Config:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if not 0.0 < float(self.gpu_memory_utilization) <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not 1 <= self.num_scheduler_steps <= MAX_SCHEDULER_STEPS:
+            raise ValueError(f"num_scheduler_steps must be in [1, {MAX_SCHEDULER_STEPS}], got {self.num_scheduler_steps}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.device == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():

@@ -74,6 +74,7 @@ class StepChecker:
         self.engine, self.bound, self.label = llm.engine, bound, label
         self.steps = 0
         self.max_step_tokens = 0
+        self.multi_step_rounds = 0
         self.inner = llm.engine.step
         llm.engine.step = self  # type: ignore[method-assign]
 
@@ -86,7 +87,9 @@ class StepChecker:
         assert self.steps <= self.bound, f"{self.label}: no end after {self.bound} steps (hang?)"
         out = self.inner()
         _finished, _is_prefill, tokens = out
-        self.max_step_tokens = max(self.max_step_tokens, tokens)
+        num_steps = self.engine.last_num_steps  # a multi-step round: tokens of all its steps
+        self.multi_step_rounds += num_steps > 1
+        self.max_step_tokens = max(self.max_step_tokens, -(-tokens // num_steps))
         self.check()
         return out
 
@@ -161,6 +164,8 @@ def test_random_scheduling_matches_solo_runs(tiny_ckpt: str, hf_model) -> None: 
         max_model_len = rng.choice([2 * bs + 3, 4 * bs, 128])
         cfg = dict(kvcache_block_size=bs, num_kvcache_blocks=num_blocks, max_model_len=max_model_len,
                    max_num_seqs=rng.randrange(1, 9), max_num_batched_tokens=rng.choice([7, 16, 33, 64, 512]))
+        # multi-step decode in a third of the trials (its own RNG: the other draws stay as they were)
+        cfg["num_scheduler_steps"] = random.Random(trial).choice([1, 1, 1, 1, 2, 3, 4, 8])
         label = f"trial {trial} {cfg}"
         llm = LLM(tiny_ckpt, device="cpu", seed=trial, **cfg)
 
@@ -207,9 +212,11 @@ def test_random_scheduling_matches_solo_runs(tiny_ckpt: str, hf_model) -> None: 
         totals["cache_hit_tokens"] += stats["prefix_cache_hit_tokens"]
         totals["chunked"] += any(len(q) > cfg["max_num_batched_tokens"] for q in prompts)
         totals["steps"] += checker.steps
+        totals["multi_step_rounds"] += checker.multi_step_rounds
 
     # the draw must have exercised what the test is about (fixed by the seeds; guards against a silent change)
-    for key in ("preemptions", "cache_hit_tokens", "chunked", "stopped", "refused", "capped_by_model_len"):
+    for key in ("preemptions", "cache_hit_tokens", "chunked", "stopped", "refused", "capped_by_model_len",
+                "multi_step_rounds"):
         assert totals[key] > 0, f"no trial exercised {key}: {dict(totals)}"
     assert totals["greedy_checked"] >= 300, dict(totals)
 

@@ -185,6 +185,23 @@ class BlockManager:
         if len(seq.block_table) < seq.num_blocks:
             seq.block_table.append(self._take_fresh().block_id)
 
+    def blocks_missing(self, seq: Sequence, num_tokens: int) -> int:
+        """How many more blocks ``seq`` needs to hold the KV of ``num_tokens`` tokens."""
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    def reserve(self, seq: Sequence, num_tokens: int) -> None:
+        """Give ``seq`` fresh blocks until its table covers ``num_tokens`` tokens (multi-step decode writes the
+        KV of tokens the host has not seen yet).
+
+        Raises:
+            RuntimeError: fewer free blocks than needed (the caller checks :meth:`blocks_missing` first).
+        """
+        missing = self.blocks_missing(seq, num_tokens)
+        if missing > self.num_free_blocks:
+            raise RuntimeError(f"reserve: {missing} blocks needed, {self.num_free_blocks} free")
+        for _ in range(missing):
+            seq.block_table.append(self._take_fresh().block_id)
+
     # ---- checks ----------------------------------------------------------------------------------------------
     def check_invariants(self) -> None:
         """Raise AssertionError if a pool invariant is broken (see the module docstring)."""

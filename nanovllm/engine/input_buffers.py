@@ -13,6 +13,11 @@ device with two ``copy_`` calls per step:
   are float32 bit patterns (viewed as float32 on both sides); the block tables come last, row-major
   ``[max_rows, width]``, so a step with ``n`` rows copies one contiguous prefix.
 
+Multi-step decode (``num_scheduler_steps`` = k > 1) adds staging rows for the later steps of a round: the
+positions (``i64`` ``[k - 1, max_rows]``) and the slot mapping with the context lengths (``i32``
+``[k - 1, 2 * max_rows]``), uploaded with the first step's inputs; before step ``j`` the device copies row
+``j - 1`` into the static views and the tokens that step ``j - 1`` sampled into ``input_ids``.
+
 On the GPU the host side is pinned memory and the copies are asynchronous; the device views are what the CUDA
 graphs were captured with (static inputs). On the CPU host and device are the same tensors and the copies
 are skipped.
@@ -35,14 +40,16 @@ class StepInputBuffers:
         width: block-table width in blocks (``ceil(max_model_len / block_size)``).
         block_size: tokens per KV block.
         device: where the model runs.
+        max_steps: the most decode steps of one multi-step round (``num_scheduler_steps``; 1: no staging).
 
     Attributes (device views, each ``[max_rows]`` unless said):
         input_ids, positions, top_ks: int64.
         slot_mapping, context_lens: int32; block_tables: int32 ``[max_rows, width]``.
         temperatures, top_ps: float32.
+        step_tokens: int64 ``[max_steps, max_rows]``, the tokens sampled by each step of a round.
     """
 
-    def __init__(self, max_rows: int, width: int, block_size: int, device: torch.device) -> None:
+    def __init__(self, max_rows: int, width: int, block_size: int, device: torch.device, max_steps: int = 1) -> None:
         self.max_rows, self.width, self.block_size, self.device = max_rows, width, block_size, device
         self.on_gpu = device.type == "cuda"
         n64, n32 = 3 * max_rows, 4 * max_rows + max_rows * width
@@ -68,6 +75,15 @@ class StepInputBuffers:
         self.row_index = torch.arange(r, device=device)  # logits_indices of a decode step
         self._arange_width = np.arange(width)
         self._uploaded: torch.cuda.Event | None = None
+        # multi-step staging: row j - 1 holds step j's positions / [slot mapping | context lengths]
+        self.max_steps = max_steps
+        extra = max(max_steps - 1, 0)
+        self.host_step64 = torch.zeros(extra, r, dtype=torch.int64, pin_memory=self.on_gpu)
+        self.host_step32 = torch.zeros(extra, 2 * r, dtype=torch.int32, pin_memory=self.on_gpu)
+        self.dev_step64 = torch.zeros(extra, r, dtype=torch.int64, device=device) if self.on_gpu else self.host_step64
+        self.dev_step32 = torch.zeros(extra, 2 * r, dtype=torch.int32, device=device) if self.on_gpu else self.host_step32
+        self.step_tokens = torch.zeros(max_steps, r, dtype=torch.int64, device=device)
+        self._step_rows = 0  # staging rows filled for the current round
         self.np_slot_mapping.fill(-1)
         self.np_block_tables.fill(-1)
         self.upload(0)
@@ -112,6 +128,43 @@ class StepInputBuffers:
         self.np_context_lens[n:rows] = 0
         self.np_slot_mapping[n:rows] = -1
 
+    def fill_decode_steps(self, seqs: list[Sequence], rows: int, num_steps: int) -> None:
+        """After :meth:`fill_decode`, stage steps ``1 .. num_steps - 1`` of a multi-step round: step ``j`` of a
+        sequence of length L (before the round) sits at position ``L - 1 + j`` with ``L + j`` tokens of context;
+        padding rows get position 0, slot -1 and context 0.
+
+        Raises:
+            ValueError: ``num_steps`` above ``max_steps``, or a block table that does not cover the round (the
+                scheduler reserves the blocks first: :meth:`Scheduler.extend_decode`).
+        """
+        if not 1 <= num_steps <= self.max_steps:
+            raise ValueError(f"num_steps={num_steps}; the buffers stage 1 to {self.max_steps} steps")
+        n, bs, r = len(seqs), self.block_size, self.max_rows
+        self._step_rows = num_steps - 1
+        if num_steps == 1:
+            return
+        lens = self.np_context_lens[:n].astype(np.int64)  # written by fill_decode
+        pos = lens[None, :] - 1 + np.arange(1, num_steps)[:, None]  # [k - 1, n]
+        blocks = self.np_block_tables[np.arange(n)[None, :], pos // bs].astype(np.int64)
+        if (blocks < 0).any():
+            raise ValueError(f"a block table does not cover the {num_steps} steps of the round")
+        p64, p32 = self.host_step64.numpy(), self.host_step32.numpy()
+        p64[:num_steps - 1, :n] = pos
+        p64[:num_steps - 1, n:rows] = 0
+        p32[:num_steps - 1, :n] = blocks * bs + pos % bs
+        p32[:num_steps - 1, n:rows] = -1
+        p32[:num_steps - 1, r:r + n] = pos + 1
+        p32[:num_steps - 1, r + n:r + rows] = 0
+
+    def load_step(self, j: int, n: int) -> None:
+        """Before step ``j >= 1`` of a round (on the device, in stream order): the staged positions, slot
+        mapping and context lengths into the static views, and the ``n`` tokens sampled by step ``j - 1`` into
+        ``input_ids``."""
+        r = self.max_rows
+        self.positions.copy_(self.dev_step64[j - 1])
+        self.dev32[2 * r:4 * r].copy_(self.dev_step32[j - 1])
+        self.input_ids[:n].copy_(self.step_tokens[j - 1, :n])
+
     def fill_sampling(self, seqs: list[Sequence]) -> dict:
         """Write each row's sampling settings; return the host-side flags of the batch.
 
@@ -134,12 +187,18 @@ class StepInputBuffers:
 
     def upload(self, block_table_rows: int) -> None:
         """Copy the host side to the device: all of ``i64`` and the ``i32`` prefix that ends after
-        ``block_table_rows`` block-table rows (asynchronous on the GPU; nothing to do on the CPU)."""
+        ``block_table_rows`` block-table rows, and the multi-step staging rows that :meth:`fill_decode_steps`
+        filled since the last upload (asynchronous on the GPU; nothing to do on the CPU)."""
         if not self.on_gpu:
             return
         end32 = 4 * self.max_rows + block_table_rows * self.width
         self.dev64.copy_(self.host64, non_blocking=True)
         self.dev32[:end32].copy_(self.host32[:end32], non_blocking=True)
+        if self._step_rows:
+            k = self._step_rows
+            self.dev_step64[:k].copy_(self.host_step64[:k], non_blocking=True)
+            self.dev_step32[:k].copy_(self.host_step32[:k], non_blocking=True)
+            self._step_rows = 0
         self._uploaded = torch.cuda.Event()
         self._uploaded.record()
 

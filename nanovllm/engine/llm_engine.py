@@ -23,7 +23,9 @@ class StepStats:
     prefill_seconds: float = 0.0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
-    steps: int = 0
+    decode_steps: int = 0  # model steps of decode (a multi-step round counts each of its steps)
+    decode_rounds: int = 0  # step() calls that decoded (a multi-step round counts once)
+    steps: int = 0  # calls of LLMEngine.step (a multi-step round is one)
     step_log: list[tuple[bool, int, float]] = field(default_factory=list)  # (is_prefill, tokens, seconds)
 
 
@@ -47,6 +49,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.stats = StepStats()
         self.record_steps = False
+        self.last_num_steps = 1  # model steps run by the last call of step()
 
     # ---- requests --------------------------------------------------------------------------------------------
     def tokenize(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
@@ -104,12 +107,23 @@ class LLMEngine:
 
     # ---- stepping --------------------------------------------------------------------------------------------------
     def step(self) -> tuple[list[Sequence], bool, int]:
-        """Schedule and run one step. Returns (finished sequences, is_prefill, tokens processed)."""
+        """Schedule and run one step (a round of ``num_scheduler_steps`` decode steps when multi-step decode is
+        on and the blocks allow it). Returns (finished sequences, is_prefill, tokens processed)."""
         t0 = time.perf_counter()
         seqs, is_prefill = self.scheduler.schedule()
-        tokens = sum(s.num_scheduled_tokens for s in seqs)
-        token_ids = self.model_runner.run(seqs, is_prefill)
-        finished = self.scheduler.postprocess(seqs, token_ids)
+        num_steps = 1
+        if not is_prefill and self.config.num_scheduler_steps > 1 and getattr(self.model_runner,
+                                                                               "supports_multi_step", False):
+            num_steps = self.scheduler.extend_decode(seqs, self.config.num_scheduler_steps)
+        if num_steps > 1:
+            before = sum(len(s) for s in seqs)
+            token_ids = self.model_runner.run_decode_steps(seqs, num_steps)
+            finished = self.scheduler.postprocess(seqs, token_ids)
+            tokens = sum(len(s) for s in seqs) - before  # the tokens kept (a stop drops the rest of the round)
+        else:
+            tokens = sum(s.num_scheduled_tokens for s in seqs)
+            token_ids = self.model_runner.run(seqs, is_prefill)
+            finished = self.scheduler.postprocess(seqs, token_ids)
         dt = time.perf_counter() - t0
         st = self.stats
         st.steps += 1
@@ -119,6 +133,9 @@ class LLMEngine:
         else:
             st.decode_tokens += tokens
             st.decode_seconds += dt
+            st.decode_steps += num_steps
+            st.decode_rounds += 1
+        self.last_num_steps = num_steps
         if self.record_steps:
             st.step_log.append((is_prefill, tokens, dt))
         return finished, is_prefill, tokens

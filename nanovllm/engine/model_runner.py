@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Callable
 
 import numpy as np
@@ -49,6 +50,9 @@ class ModelRunner:
         else:
             self.device = torch.device("cpu")
         self.max_blocks_per_seq = math.ceil(config.max_model_len / self.block_size)
+        # seconds spent in each phase of the build (benchmarks print them; device time is scarce)
+        self.init_seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
 
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
@@ -67,18 +71,31 @@ class ModelRunner:
             self.generator = torch.Generator(self.device)
             self.generator.manual_seed(config.seed)
 
+        self.init_seconds["load"] = time.perf_counter() - t0
         self.forward = self._build_forward()
         if config.compile_fusion and self.device.type == "cuda":
+            t0 = time.perf_counter()
             self._pretune_fusion()
+            self.init_seconds["pretune"] = time.perf_counter() - t0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.allocate_kv_cache()
-        self.buffers = StepInputBuffers(config.max_num_seqs, self.max_blocks_per_seq, self.block_size, self.device)
+        t0 = time.perf_counter()
+        self.allocate_kv_cache()  # on the GPU this runs (and compiles) the largest prefill first
+        self.init_seconds["kv_cache"] = time.perf_counter() - t0
+        self.buffers = StepInputBuffers(config.max_num_seqs, self.max_blocks_per_seq, self.block_size, self.device,
+                                        max_steps=config.num_scheduler_steps if self.supports_multi_step else 1)
         self._sampling_flags: dict = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_logits: torch.Tensor | None = None
         self.graph_size_for: list[int] = []
         if self.device.type == "cuda" and not config.enforce_eager:
+            t0 = time.perf_counter()
             self.capture_cudagraphs()
+            self.init_seconds["cudagraphs"] = time.perf_counter() - t0
+
+    @property
+    def supports_multi_step(self) -> bool:
+        """Whether :meth:`run_decode_steps` may run (one process: tensor-parallel workers step one at a time)."""
+        return self.world == 1
 
     # ---- setup ---------------------------------------------------------------------------------------------
     def _build_forward(self):  # noqa: ANN202 - a callable with the model's forward signature
@@ -319,6 +336,45 @@ class ModelRunner:
             return token_ids
         return [t if s.num_computed_tokens + s.num_scheduled_tokens == len(s) else None
                 for s, t in zip(seqs, token_ids)]
+
+    @torch.inference_mode()
+    def run_decode_steps(self, seqs: list[Sequence], num_steps: int) -> list[list[int]]:
+        """Run a multi-step decode round: ``num_steps`` decode steps back to back on the device, each step's
+        sampled tokens feeding the next step's input ids, and read every token once at the end.
+
+        The scheduler reserved the KV blocks of the whole round (:meth:`Scheduler.extend_decode`). The host
+        prepares all the steps' inputs in one go (positions, slot mapping, context lengths per step), so while the
+        GPU runs the round the host only launches graph replays and the sampler: its per-step work moves off the
+        critical path. Each step is exactly the single-step computation (same graph, same sampler), so greedy
+        tokens equal those of one step at a time.
+
+        Returns:
+            For each sequence, the ``num_steps`` tokens sampled for it, in order (the scheduler drops those after
+            a stop).
+
+        Raises:
+            RuntimeError: on a tensor-parallel rank (workers only follow single steps).
+        """
+        if not self.supports_multi_step:
+            raise RuntimeError("multi-step decode runs only without tensor parallelism")
+        n = len(seqs)
+        rows = self.graph_size_for[n] if self.graphs and n <= self.config.max_num_seqs else n
+        buf = self.buffers
+        buf.fill_decode(seqs, rows)
+        buf.fill_decode_steps(seqs, rows, num_steps)
+        flags = buf.fill_sampling(seqs)
+        buf.upload(rows)
+        sample_args = {**buf.sampler_args(n), **flags}
+        for j in range(num_steps):
+            if j:
+                buf.load_step(j, n)
+            set_context(False, slot_mapping=buf.slot_mapping[:rows], context_lens=buf.context_lens[:rows],
+                        block_tables=buf.block_tables[:rows], kv_caches=self.kv_caches)
+            logits = self.run_model(buf.input_ids[:rows], buf.positions[:rows], buf.row_index[:rows], False)[:n]
+            buf.step_tokens[j, :n].copy_(self.sampler(logits, generator=self.generator, **sample_args))
+        reset_context()
+        per_step = buf.step_tokens[:num_steps, :n].tolist()
+        return [list(t) for t in zip(*per_step)]
 
     @torch.inference_mode()
     def capture_cudagraphs(self) -> None:

@@ -107,6 +107,33 @@ class Scheduler:
             self.running.extendleft(reversed(scheduled))  # admission order kept: the newest is preempted first
         return scheduled
 
+    def extend_decode(self, seqs: list[Sequence], max_steps: int) -> int:
+        """Turn the decode step just scheduled for ``seqs`` into a round of up to ``max_steps`` steps
+        (multi-step decode, ``num_scheduler_steps``).
+
+        The round runs ``k`` steps: no more than the most tokens any of ``seqs`` may still generate, and few
+        enough that no sequence passes ``max_model_len``. Every sequence gets the KV blocks for
+        ``len(seq) + k - 1`` tokens (step ``j`` writes the KV of position ``len(seq) - 1 + j``); when the free
+        blocks do not suffice ``k`` is halved until they do. Nothing is preempted for a longer round.
+
+        Returns:
+            k >= 1; 1 means a plain decode step (no block was reserved).
+        """
+        if max_steps <= 1 or not seqs:
+            return 1
+        room = min(self.max_model_len - len(s) + 1 for s in seqs)  # positions stay below max_model_len
+        wanted = max(min(s.sampling_params.max_tokens - s.num_completion_tokens, self.max_model_len - len(s))
+                     for s in seqs)
+        k = min(max_steps, room, wanted)
+        bm = self.block_manager
+        while k > 1 and sum(bm.blocks_missing(s, len(s) + k - 1) for s in seqs) > bm.num_free_blocks:
+            k //= 2
+        if k <= 1:
+            return 1
+        for s in seqs:
+            bm.reserve(s, len(s) + k - 1)
+        return k
+
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
@@ -120,36 +147,45 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     # ---- after the model ran ---------------------------------------------------------------------------------
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int | None]) -> list[Sequence]:
+    def postprocess(self, seqs: list[Sequence], token_ids: list) -> list[Sequence]:
         """Record the step's results: advance progress, append sampled tokens, finish and free sequences.
 
         Args:
             seqs: the sequences of the step, as returned by :meth:`schedule`.
-            token_ids: one sampled token per sequence; None for a prefill chunk that did not reach the end of
-                its prompt (no token is produced).
+            token_ids: per sequence, one sampled token (int); None for a prefill chunk that did not reach the
+                end of its prompt (no token is produced); or, after a multi-step round, the list of the round's
+                tokens in order (the tokens after the one that finishes the sequence are dropped).
 
         Returns:
             The sequences that finished in this step.
         """
         finished = []
-        for seq, token_id in zip(seqs, token_ids):
+        for seq, tokens in zip(seqs, token_ids):
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
-            if token_id is None:
+            if tokens is None:
                 continue
-            seq.append_token(token_id)
-            params = seq.sampling_params
-            if ((token_id in self.eos_ids and not params.ignore_eos)
-                    or (params.stop_token_ids and token_id in params.stop_token_ids)):
-                seq.finish_reason = "stop"
-            elif seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
-                seq.finish_reason = "length"
-            if seq.finish_reason is not None:
-                seq.status = SequenceStatus.FINISHED
-                self.block_manager.free(seq)
-                self.running.remove(seq)
-                finished.append(seq)
+            for j, token_id in enumerate(tokens if isinstance(tokens, list) else (tokens,)):
+                if j:  # each later step of a round wrote the KV of the token sampled by the step before
+                    seq.num_computed_tokens += 1
+                seq.append_token(token_id)
+                if self._finish_reason(seq, token_id) is not None:
+                    seq.status = SequenceStatus.FINISHED
+                    self.block_manager.free(seq)
+                    self.running.remove(seq)
+                    finished.append(seq)
+                    break
         return finished
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+        """Set and return ``seq.finish_reason`` after ``token_id`` was appended (None: it goes on)."""
+        params = seq.sampling_params
+        if ((token_id in self.eos_ids and not params.ignore_eos)
+                or (params.stop_token_ids and token_id in params.stop_token_ids)):
+            seq.finish_reason = "stop"
+        elif seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+            seq.finish_reason = "length"
+        return seq.finish_reason
 
     def abort_all(self) -> None:
         """Drop every pending request and free its blocks (used after an error inside a step)."""
