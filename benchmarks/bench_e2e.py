@@ -234,7 +234,8 @@ class Driver:
             raise SystemExit(f"--max-num-seqs {self.max_num_seqs} < the largest latency batch {max(self.lat_batches)}")
         self.prof_args = profile_decode.parse_args(prof_argv + ["--max-num-seqs", str(self.max_num_seqs)])
         self.prof_batches = prof_batches
-        tm = self.part_modes["throughput"]
+        # the headline throughput figure is the first mode of --throughput-modes (its order, not --modes')
+        tm = [m for m in _names(a.throughput_modes, MODES, "--throughput-modes") if m in self.part_modes["throughput"]]
         self.tp_args = bench_throughput.parse_args(
             flags + tp + ["--out", self.paths["throughput"], "--max-num-seqs", str(self.max_num_seqs)]
             + _opt("--modes", ",".join(tm) or None) + _opt("--num-seqs", a.num_seqs) + _opt("--repeat", a.repeat)

@@ -377,9 +377,9 @@ for ptr, prec, bn, mma in (("*bf16", "tf32", 64, True), ("*fp32", "ieee", 32, Fa
         compile_one(pa._prefill_kernel, ptr, dict(GROUP=2, GROUP_PAD=2, BLOCK_M=64, BLOCK_N=bn, BLOCK_SIZE=bs,
                                                   HEAD_DIM=128, DOT_PRECISION=prec), 8, 2, mma)
 for bs, direct in ((16, False), (256, True)):
-    compile_one(da._decode_split_kernel, "*bf16", dict(NUM_HEADS=16, NUM_SPLITS=1 if direct else 8, GROUP=2,
+    compile_one(da._decode_split_kernel, "*bf16", dict(NUM_HEADS=16, GROUP=2,
                 ROWS=16, BLOCK_N=64, BLOCK_SIZE=bs, HEAD_DIM=128, DIRECT=direct, DOT_PRECISION="tf32"), 4, 3, True)
-compile_one(da._decode_reduce_kernel, "*bf16", dict(NUM_HEADS=16, NUM_SPLITS=8, SPLITS_PAD=8, BLOCK_N=64,
+compile_one(da._decode_reduce_kernel, "*bf16", dict(NUM_HEADS=16, SPLITS_PAD=8, BLOCK_N=64,
                                                     HEAD_DIM=128), 4, 1, False)
 print("AOT-OK")
 """
@@ -398,3 +398,21 @@ def test_attention_kernels_compile_for_sm90_ahead_of_time() -> None:
     if p.returncode != 0 and ("ptxas" in p.stderr.lower() or "GPUTarget" in p.stderr):
         pytest.skip(f"no AOT toolchain: {p.stderr[-300:]}")
     assert p.returncode == 0 and "AOT-OK" in p.stdout, p.stderr[-3000:]
+
+
+def test_decode_split_count_is_a_runtime_argument() -> None:
+    """The split count follows the batch size (:func:`choose_num_splits`); as a compile-time constant it compiled
+    one kernel variant per CUDA-graph size at engine start and one per new batch size with ``enforce_eager``."""
+    import importlib
+    import inspect
+
+    da = importlib.import_module("nanovllm.kernels.decode_attention")  # the package re-exports a function so named
+    for fn in (da._decode_split_kernel, da._decode_reduce_kernel):
+        py = fn.fn  # the Python function under both @triton.jit and the interpreter
+        ann = inspect.signature(py).parameters["num_splits"].annotation
+        assert "constexpr" not in str(ann), fn
+        assert "NUM_SPLITS" not in inspect.getsource(py), fn
+    # and not specialized on its value (1, multiples of 16) either: one variant per (DIRECT, dtype, shape)
+    src = inspect.getsource(da)
+    for name in ("_decode_split_kernel", "_decode_reduce_kernel"):
+        assert f'@triton.jit(do_not_specialize=["num_splits"])\ndef {name}(' in src, name

@@ -68,7 +68,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, sm_co
     return max(1, min(want, by_len, DECODE_MAX_SPLITS))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -88,8 +88,8 @@ def _decode_split_kernel(
     stride_kh,
     stride_bt,
     qk_scale,
+    num_splits,
     NUM_HEADS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     GROUP: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -122,15 +122,15 @@ def _decode_split_kernel(
     kv_head_off = kv_head.to(tl.int64) * stride_kh
 
     num_full = ctx_len // BLOCK_N
-    # This split's whole tiles, unmasked (MASKED=False): tiles split, split + NUM_SPLITS, ... CAUSAL=False: the
+    # This split's whole tiles, unmasked (MASKED=False): tiles split, split + num_splits, ... CAUSAL=False: the
     # one query token sees every key < ctx_len, so q_pos (0 here) is not read.
-    for tile in range(split, num_full, NUM_SPLITS):
+    for tile in range(split, num_full, num_splits):
         acc, m_i, l_i = online_softmax_tile(
             acc, m_i, l_i, q, tile * BLOCK_N, 0, ctx_len, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
             stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, False, DOT_PRECISION,
         )
     # The partial last tile (masked at ctx_len) belongs to the split whose turn it is.
-    if (num_full * BLOCK_N < ctx_len) & (num_full % NUM_SPLITS == split):
+    if (num_full * BLOCK_N < ctx_len) & (num_full % num_splits == split):
         acc, m_i, l_i = online_softmax_tile(
             acc, m_i, l_i, q, num_full * BLOCK_N, 0, ctx_len, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
             stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, False, DOT_PRECISION,
@@ -144,14 +144,14 @@ def _decode_split_kernel(
             mask=row_ok[:, None],
         )
     else:
-        # Partials are contiguous [B, H, NUM_SPLITS] (m, l) and [B, H, NUM_SPLITS, D] (acc).
-        part = (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split
+        # Partials are contiguous [B, H, num_splits] (m, l) and [B, H, num_splits, D] (acc).
+        part = (seq.to(tl.int64) * NUM_HEADS + head) * num_splits + split
         tl.store(m_part_ptr + part, m_i, mask=row_ok)
         tl.store(l_part_ptr + part, l_i, mask=row_ok)
         tl.store(acc_part_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     ctx_ptr,
     o_ptr,
@@ -160,8 +160,8 @@ def _decode_reduce_kernel(
     acc_part_ptr,
     stride_ob,
     stride_oh,
+    num_splits,
     NUM_HEADS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -171,8 +171,8 @@ def _decode_reduce_kernel(
     ctx_len = tl.load(ctx_ptr + seq)
     used = tl.cdiv(ctx_len, BLOCK_N)  # splits s < used hold at least one tile
     s = tl.arange(0, SPLITS_PAD)
-    s_ok = (s < used) & (s < NUM_SPLITS)
-    base = (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS
+    s_ok = (s < used) & (s < num_splits)
+    base = (seq.to(tl.int64) * NUM_HEADS + head) * num_splits
     m = tl.load(m_part_ptr + base + s, mask=s_ok, other=-1.0e30)
     l = tl.load(l_part_ptr + base + s, mask=s_ok, other=0.0)
     m_max = tl.max(m, 0)
@@ -239,8 +239,8 @@ def decode_attention_triton(
         k_cache.stride(2),
         block_tables.stride(0),
         float(scale) * LOG2E,
+        num_splits,
         NUM_HEADS=num_heads,
-        NUM_SPLITS=num_splits,
         GROUP=group,
         ROWS=rows,
         BLOCK_N=bn,
@@ -260,8 +260,8 @@ def decode_attention_triton(
             acc_part,
             out.stride(0),
             out.stride(1),
+            num_splits,
             NUM_HEADS=num_heads,
-            NUM_SPLITS=num_splits,
             SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
             BLOCK_N=bn,
             HEAD_DIM=head_dim,
