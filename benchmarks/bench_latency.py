@@ -172,9 +172,13 @@ def measure_mode(mode: str, args: argparse.Namespace, batches: list[int], reps: 
 
     try:
         t_start = time.perf_counter()
+        # Warm-up, untimed, every batch size before any timing: first uses compile shape variants and time the
+        # fused op's prefill sizes (tens of seconds), and the engine is left in its serving state for every mode.
+        # Seeds: distinct per (batch, rep, T) and identical across modes; the warm-up uses its own.
         for b in batches:
-            # seeds: distinct per (batch, rep, T) and identical across modes; the warm-up uses its own
-            run(b, 2, seed=args.seed * 1_000_003 + 10_000_000 + b)  # warm-up, untimed
+            run(b, 2, seed=args.seed * 1_000_003 + 10_000_000 + b)
+        print(f"[{mode}] warm-up of every batch size: {time.perf_counter() - t_start:.1f} s", flush=True)
+        for b in batches:
             t1s, tTs, pre_steps, dec_steps = [], [], [], []
             n_reps = reps[b] if time.perf_counter() < deadline else 1
             for r in range(n_reps):
