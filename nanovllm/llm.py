@@ -102,7 +102,8 @@ class LLM:
         return self.engine.block_manager.usage()
 
     def stats(self) -> dict[str, float]:
-        """Engine counters: prefix-cache hit tokens, preemptions, prefill/decode tokens and seconds."""
+        """Engine counters: prefix-cache hit tokens, preemptions, prefill/decode tokens and seconds, decode steps
+        (model steps) and decode rounds (``step()`` calls; fewer than the steps with ``num_scheduler_steps > 1``)."""
         st = self.engine.stats
         return {
             "prefix_cache_hit_tokens": self.engine.block_manager.num_cache_hit_tokens,
@@ -112,6 +113,8 @@ class LLM:
             "prefill_seconds": st.prefill_seconds,
             "decode_tokens": st.decode_tokens,
             "decode_seconds": st.decode_seconds,
+            "decode_steps": st.decode_steps,
+            "decode_rounds": st.decode_rounds,
         }
 
     def shutdown(self) -> None:

@@ -67,6 +67,7 @@ def test_rounds_cut_the_number_of_engine_steps(tiny_ckpt: str, hf_model) -> None
     assert one.engine.stats.steps == 33 and one.engine.stats.decode_steps == 32
     assert eight.engine.stats.steps == 5 and eight.engine.stats.decode_steps == 32
     assert eight.engine.stats.decode_tokens == one.engine.stats.decode_tokens == 3 * 32
+    assert eight.stats()["decode_steps"] == 32 and eight.stats()["decode_rounds"] == 4
 
 
 def test_max_model_len_caps_a_round(tiny_ckpt: str, hf_model) -> None:  # noqa: ANN001
@@ -88,6 +89,20 @@ def test_sampled_rows_are_seeded_and_greedy_rows_exact(tiny_ckpt: str, hf_model)
     assert runs[0] == runs[1]  # same seed, same tokens
     assert runs[0][0] == hf_greedy(hf_model, prompts[0], 12) and runs[0][2] == hf_greedy(hf_model, prompts[2], 12)
     assert all(len(r) == 12 for r in runs[0])
+
+
+@pytest.mark.parametrize("k", [1, 8, 64])
+def test_blocks_filled_inside_a_round_are_cached(tiny_ckpt: str, hf_model, k: int) -> None:  # noqa: ANN001
+    """A request that stops inside a round still leaves the blocks the round filled in the prefix cache (found by
+    a reviewer: they were registered only at the sequence's next decode step, which never came)."""
+    prompt = random_prompts([16], seed=9)[0]
+    llm = engine(tiny_ckpt, k, kvcache_block_size=4, num_kvcache_blocks=80, max_model_len=128)
+    first = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)[0]
+    follow = prompt + first["token_ids"][:36]  # 52 tokens: 13 full blocks whose KV the first request wrote
+    out = llm.generate([follow], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
+    assert out["num_cached_tokens"] == 52
+    assert out["token_ids"] == hf_greedy(hf_model, follow, 4)
+    llm.engine.block_manager.check_invariants()
 
 
 @pytest.mark.parametrize("value, exc", [(0, ValueError), (65, ValueError), (-1, ValueError), ("4", TypeError),

@@ -140,11 +140,13 @@ class StepInputBuffers:
         if not 1 <= num_steps <= self.max_steps:
             raise ValueError(f"num_steps={num_steps}; the buffers stage 1 to {self.max_steps} steps")
         n, bs, r = len(seqs), self.block_size, self.max_rows
-        self._step_rows = num_steps - 1
+        self._step_rows = 0
         if num_steps == 1:
             return
         lens = self.np_context_lens[:n].astype(np.int64)  # written by fill_decode
         pos = lens[None, :] - 1 + np.arange(1, num_steps)[:, None]  # [k - 1, n]
+        if n and int(pos.max()) // bs >= self.width:
+            raise ValueError(f"the {num_steps} steps of the round reach past the block tables' width ({self.width})")
         blocks = self.np_block_tables[np.arange(n)[None, :], pos // bs].astype(np.int64)
         if (blocks < 0).any():
             raise ValueError(f"a block table does not cover the {num_steps} steps of the round")
@@ -155,6 +157,7 @@ class StepInputBuffers:
         p32[:num_steps - 1, n:rows] = -1
         p32[:num_steps - 1, r:r + n] = pos + 1
         p32[:num_steps - 1, r + n:r + rows] = 0
+        self._step_rows = num_steps - 1  # uploaded with the next upload()
 
     def load_step(self, j: int, n: int) -> None:
         """Before step ``j >= 1`` of a round (on the device, in stream order): the staged positions, slot

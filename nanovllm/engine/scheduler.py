@@ -165,16 +165,22 @@ class Scheduler:
             seq.num_scheduled_tokens = 0
             if tokens is None:
                 continue
-            for j, token_id in enumerate(tokens if isinstance(tokens, list) else (tokens,)):
+            is_round = isinstance(tokens, list)
+            for j, token_id in enumerate(tokens if is_round else (tokens,)):
                 if j:  # each later step of a round wrote the KV of the token sampled by the step before
                     seq.num_computed_tokens += 1
                 seq.append_token(token_id)
                 if self._finish_reason(seq, token_id) is not None:
-                    seq.status = SequenceStatus.FINISHED
-                    self.block_manager.free(seq)
-                    self.running.remove(seq)
-                    finished.append(seq)
                     break
+            if is_round:
+                # register the blocks the round filled now: a sequence that stopped inside the round is freed
+                # below (its blocks keep their hash, cached), and a prefill scheduled next may hit them
+                self.block_manager.commit(seq, seq.num_computed_tokens)
+            if seq.finish_reason is not None:
+                seq.status = SequenceStatus.FINISHED
+                self.block_manager.free(seq)
+                self.running.remove(seq)
+                finished.append(seq)
         return finished
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
