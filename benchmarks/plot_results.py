@@ -33,6 +33,8 @@ MODE_STYLE: dict[str, dict[str, Any]] = {
     "fusion": {"label": "compile_fusion=True (coconut)", "color": "tab:green", "marker": "o"},
     "nofusion": {"label": "compile_fusion=False (Inductor)", "color": "tab:blue", "marker": "s"},
     "eager": {"label": "enforce_eager=True", "color": "tab:gray", "marker": "^"},
+    "fusion-ms8": {"label": "coconut, num_scheduler_steps=8", "color": "darkgreen", "marker": "o", "linestyle": "--"},
+    "nofusion-ms8": {"label": "Inductor, num_scheduler_steps=8", "color": "navy", "marker": "s", "linestyle": "--"},
 }
 
 
@@ -294,6 +296,7 @@ def plot_decode_profile(data: Any, out: str, plt: Any) -> bool:
 PLOTS: list[tuple[str, str, Callable[[Any, str, Any], bool]]] = [
     ("fusion-kernel-h200.json", "fusion_kernel_h200.png", plot_fusion_kernel),
     ("latency-h200.json", "latency_h200.png", plot_latency),
+    ("latency-h200-round1.json", "latency_h200_round1.png", plot_latency),
     ("latency-h200-round2.json", "latency_h200_round2.png", plot_latency),
     ("throughput-h200.json", "throughput_h200.png", plot_throughput),
     ("decode-profile-h200.json", "decode_profile_h200.png", plot_decode_profile),
