@@ -86,11 +86,13 @@ def test_tp2_equals_tp1_then_second_engine(tiny_ckpt: str, prompts, tp1_tokens) 
     assert not dist.is_initialized()
     llm.shutdown()  # idempotent
 
-    # one after another in the same process: a fresh rendezvous on a fresh port, same tokens
-    llm2 = LLM(tiny_ckpt, tensor_parallel_size=2, **KW)
+    # one after another in the same process: a fresh rendezvous on a fresh port, same tokens; multi-step decode is
+    # accepted and runs one step per round under TP (the workers follow single steps)
+    llm2 = LLM(tiny_ckpt, tensor_parallel_size=2, num_scheduler_steps=4, **KW)
     pids2 = _worker_pids(llm2)
     assert set(pids2).isdisjoint(pids)
     assert [o["token_ids"] for o in llm2.generate(prompts[::-1], GREEDY, use_tqdm=False)] == tp1_tokens[::-1]
+    assert llm2.stats()["decode_steps"] == llm2.stats()["decode_rounds"] > 0
     del llm2  # __del__ shuts it down too
     assert _wait_gone(pids2) == []
     assert not dist.is_initialized()
