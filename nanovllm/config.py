@@ -13,10 +13,10 @@ from transformers import AutoConfig, PretrainedConfig
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # Measured on the H200 (benchmarks/bench_attention.py, docs/attention.md "Block size"): decode attention with
-# 16-token blocks is within 3 % of the best of 16..256 at every batch/context measured (32 is 0-3 % faster, 64-256
-# are 6-9 % slower at batch >= 128), and 16 keeps prefix-cache hits fine-grained.
+# 16-token blocks is within 1 % of the best of 16..256 at batch >= 128 and within 7 % at every batch/context measured
+# (64-256 are 6-9 % slower at batch >= 128), and 16 keeps prefix-cache hits fine-grained.
 DEFAULT_BLOCK_SIZE = 16
-MAX_SCHEDULER_STEPS = 64  # the most decode steps of one multi-step round (the runner's token buffer holds this many)
+MAX_SCHEDULER_STEPS = 64  # the largest num_scheduler_steps accepted (the runner sizes its buffers to the value given)
 
 
 def _as_id_list(value: Any) -> list[int]:
@@ -47,13 +47,16 @@ class Config:
         num_kvcache_blocks: -1 sizes the KV cache from memory; a positive value is used as given.
         compile_fusion: compile the model with the ``coconut`` backend (RMSNorm -> Linear fusion).
         seed: seed of the sampler's random generator (None: nondeterministic sampling).
-        num_scheduler_steps: decode steps run back to back per scheduling round (multi-step decode, vLLM's
-            keyword of the same name). With more than 1, the scheduler gives every running sequence KV blocks
-            for that many tokens, the runner chains the steps on the device (each step's sampled tokens are the
-            next step's input ids, without a round trip to the host) and the host reads all the tokens once, so
-            its per-step work (scheduling, batch preparation, stop checks) overlaps the GPU's. A sequence that
-            stops inside a round (EOS, max_tokens) discards the round's remaining tokens. Greedy outputs are
-            the same for every value. 1 = one step per round. Tensor parallelism always runs 1.
+        num_scheduler_steps: the most decode steps run back to back per scheduling round (multi-step decode,
+            vLLM's keyword of the same name), in [1, 64]. With k > 1, a round runs up to k steps (fewer when no
+            running sequence may produce that many tokens, near max_model_len, or when free KV blocks are short:
+            see ``Scheduler.extend_decode``); every sequence gets the blocks for ``len + k - 1`` tokens, the
+            runner chains the steps on the device (each step's sampled tokens are the next step's input ids,
+            without a round trip to the host) and the host reads all the tokens once. So the host's work
+            (scheduling, batch preparation, stop checks) happens once per round instead of once per step; only
+            the launches of the later steps run while the GPU works. A sequence that stops inside a round (EOS,
+            max_tokens) drops the round's remaining tokens. Greedy outputs are the same for every value.
+            1 = one step per round. Tensor parallelism always runs 1.
 
     Derived (not keywords): ``hf_config``; ``eos_token_ids``, every id that ends a request (unless
     ``ignore_eos``): the union of ``eos_token_id`` in config.json and in generation_config.json, each an int

@@ -37,7 +37,7 @@ def engine(ckpt: str, k: int, **kw) -> LLM:  # noqa: ANN003
 # ---- end to end --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("k", [2, 5, 8])
 def test_greedy_tokens_equal_transformers_under_preemption(tiny_ckpt: str, hf_model, k: int) -> None:  # noqa: ANN001
-    """Ten prompts in a pool of 14 blocks (preemption), max_tokens not multiples of k, EOS on for some rows."""
+    """Ten prompts in a pool of 14 blocks (preemption), max_tokens 1-40 (several not multiples of k), EOS on for some rows."""
     lengths = [3, 9, 17, 24, 31, 40, 48, 64, 90, 120]
     prompts = random_prompts(lengths, seed=80)
     max_tokens = [40, 3, 17, 40, 9, 40, 1, 33, 40, 23]

@@ -164,7 +164,7 @@ def test_random_scheduling_matches_solo_runs(tiny_ckpt: str, hf_model) -> None: 
         max_model_len = rng.choice([2 * bs + 3, 4 * bs, 128])
         cfg = dict(kvcache_block_size=bs, num_kvcache_blocks=num_blocks, max_model_len=max_model_len,
                    max_num_seqs=rng.randrange(1, 9), max_num_batched_tokens=rng.choice([7, 16, 33, 64, 512]))
-        # multi-step decode in a third of the trials (its own RNG: the other draws stay as they were)
+        # multi-step decode in half of the trials (its own RNG: the other draws stay as they were)
         cfg["num_scheduler_steps"] = random.Random(trial).choice([1, 1, 1, 1, 2, 3, 4, 8])
         label = f"trial {trial} {cfg}"
         llm = LLM(tiny_ckpt, device="cpu", seed=trial, **cfg)

@@ -6,7 +6,7 @@ these every step costs a tensor construction, a pinned-memory allocation and a h
 (measured on the H200: ~0.5 ms per step at batch 1 and ~2.5 ms at batch 256, while the GPU waits).
 
 Here they live in two flat buffers that are allocated once, filled with numpy on the host and sent to the
-device with two ``copy_`` calls per step:
+device with two ``copy_`` calls per step (four per multi-step round, see below):
 
 - ``i64``: ``[input_ids | positions | top_ks]``, each ``max_rows`` long;
 - ``i32``: ``[temperatures | top_ps | slot_mapping | context_lens | block_tables]``; temperatures and top_ps

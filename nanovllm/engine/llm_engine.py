@@ -115,8 +115,9 @@ class LLMEngine:
 
     # ---- stepping --------------------------------------------------------------------------------------------------
     def step(self) -> tuple[list[Sequence], bool, int]:
-        """Schedule and run one step (a round of ``num_scheduler_steps`` decode steps when multi-step decode is
-        on and the blocks allow it). Returns (finished sequences, is_prefill, tokens processed)."""
+        """Schedule and run one step: a prefill step, a decode step, or (``num_scheduler_steps`` > 1, one process)
+        a round of up to that many decode steps sized by :meth:`Scheduler.extend_decode`. Returns (finished
+        sequences, is_prefill, tokens processed; for a round, the tokens kept)."""
         t0 = time.perf_counter()
         seqs, is_prefill = self.scheduler.schedule()
         num_steps = 1

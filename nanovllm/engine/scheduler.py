@@ -15,7 +15,8 @@ class Scheduler:
     - A step is either a *prefill* step or a *decode* step. Prefill goes first: waiting sequences are admitted
       in order while blocks, ``max_num_seqs`` and the ``max_num_batched_tokens`` budget allow; the last one
       admitted may be cut into a chunk (chunked prefill) and continues in the next prefill step.
-    - A decode step computes one token for every running sequence. If a sequence needs a block and none is
+    - A decode step computes one token for every running sequence (:meth:`extend_decode` can turn it into a
+      round of several steps: multi-step decode). If a sequence needs a block and none is
       free, the most recently admitted running sequence is preempted: its blocks are freed and it goes back
       to the front of the waiting queue to be recomputed later (preemption by recompute).
     - The scheduler never spins: every request fits the empty pool alone (checked at submission), so a step
