@@ -27,7 +27,8 @@ which is valid because each step waits for the GPU before it returns). Kernels a
 - ``gemm``: cuBLAS / CUTLASS (gemm, gemv, cutlass, xmma, nvjet, splitKreduce, cublas)
 - ``attention``: ``_decode_split_kernel``, ``_decode_reduce_kernel``, ``_prefill_kernel``
 - ``kv_store``: ``_store_kvcache*``
-- ``inductor``: Inductor-generated kernels (names starting ``triton_``: norms, RoPE, SiLU*mul, residual adds)
+- ``inductor``: Inductor-generated kernels (names starting ``triton_``: norms, RoPE, SiLU*mul, residual adds), and
+  ``_qk_norm_rope_kernel``, which replaces the q/k norm + RoPE ones when ``NANOVLLM_FUSED_QK_NORM_ROPE=1``
 - ``sampler``: every kernel launched inside ``Sampler.forward``, else by name (softmax, argmax, exponential, ...)
 - ``memcpy``: memcpy / memset activities and copy / fill kernels (the host-to-device inputs, the graph's static
   input staging, the ``.tolist()`` read-back)
@@ -134,7 +135,7 @@ def categorize(name: str, activity: str = "kernel", phase: str | None = None) ->
         return "sampler"
     if "memcpy" in activity.lower() or "memset" in activity.lower():
         return "memcpy"
-    if name.startswith("triton_"):
+    if name.startswith("triton_") or "_qk_norm_rope_kernel" in name:
         return "inductor"
     if _GEMM_RE.search(name):
         return "gemm"

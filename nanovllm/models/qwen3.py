@@ -9,6 +9,7 @@ from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nanovllm.layers.qk_norm_rope_op import FUSED_QK_NORM_ROPE
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 from nanovllm.utils.parallel import tp_size
 
@@ -30,15 +31,22 @@ class Qwen3Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.rotary_emb = rotary_emb  # one table shared by every layer
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx)
+        # opt-in, unmeasured: q/k norm + RoPE as one Triton kernel on the GPU (layers/qk_norm_rope_op.py)
+        self.fused_qk_norm_rope = FUSED_QK_NORM_ROPE
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """positions int64 ``[T]``, hidden ``[T, hidden]`` (the normalized input) -> ``[T, hidden]``."""
         qkv = self.qkv_proj(hidden)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], -1)
-        q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
-        q, k = self.rotary_emb(positions, q, k)
+        if self.fused_qk_norm_rope and qkv.is_cuda:
+            q, k = torch.ops.nanovllm.qk_norm_rope(qkv, self.q_norm.weight, self.k_norm.weight,
+                                                   self.rotary_emb.cos_sin_cache, positions, self.num_heads,
+                                                   self.num_kv_heads, self.q_norm.eps)
+        else:
+            q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
+            k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
+            q, k = self.rotary_emb(positions, q, k)
         o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
         return self.o_proj(o)
 

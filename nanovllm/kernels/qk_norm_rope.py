@@ -1,0 +1,140 @@
+"""Per-head RMSNorm of q and k followed by RoPE, in one Triton kernel (Qwen3's attention prologue).
+
+Qwen3 normalizes every query and key head (RMSNorm over ``head_dim``, its own weight for q and for k) and then
+rotates both by the token's position (RoPE, RoFormer: Su et al. 2021, arXiv 2104.09864; the "rotate half"
+layout: ``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]`` with ``cos, sin`` of ``pos * base^(-2i/D)``).
+Compiled by Inductor these become four to six small kernels per layer (reductions for the two norms, the
+normalize-and-rotate passes, copies); at decode each is a 1-2 us launch that moves a few kilobytes. Here one
+program per token reads the token's q and k heads straight from the fused ``qkv`` projection output, normalizes
+and rotates them in registers and writes ``q`` and ``k``.
+
+Rounding follows the PyTorch path (``nanovllm.layers.layernorm.RMSNorm`` then
+``nanovllm.layers.rotary_embedding.RotaryEmbedding``): statistics and the rotation in float32, the normalized
+head rounded to the model dtype before the weight multiply, the product rounded again, the rotated head rounded
+once at the end.
+
+Status: **opt-in and not yet measured on a GPU** (``NANOVLLM_FUSED_QK_NORM_ROPE=1``; tested in the Triton
+interpreter against the PyTorch path, fp32/fp16). The engine uses it only when the variable is set.
+
+Public API: :func:`qk_norm_rope` (Triton on CUDA / ``force_triton``, reference otherwise),
+:func:`qk_norm_rope_ref`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def qk_norm_rope_ref(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos_sin: torch.Tensor,
+                     positions: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch path: RMSNorm of each q / k head, then RoPE. Same contract as :func:`qk_norm_rope`."""
+    head_dim = q_weight.shape[0]
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[:, :q_size].reshape(-1, num_heads, head_dim)
+    k = qkv[:, q_size:q_size + kv_size].reshape(-1, num_kv_heads, head_dim)
+
+    def norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return xf.to(x.dtype) * w
+
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, -1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+    cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, -1)
+    return rotate(norm(q, q_weight), cos, sin), rotate(norm(k, k_weight), cos, sin)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(qkv_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr, q_ptr, k_ptr, stride_t, stride_cs, eps,
+                         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, ROWS: tl.constexpr,
+                         HALF: tl.constexpr):
+    """One token: rows ``[0, NUM_HEADS)`` are its q heads, ``[NUM_HEADS, NUM_HEADS + NUM_KV_HEADS)`` its k heads,
+    each split in two halves of ``HALF`` columns; q is written ``[T, NUM_HEADS, 2 HALF]``, k likewise."""
+    t = tl.program_id(0)
+    r = tl.arange(0, ROWS)
+    c = tl.arange(0, HALF)
+    is_q = r < NUM_HEADS
+    row_ok = r < NUM_HEADS + NUM_KV_HEADS
+    D = 2 * HALF
+    base = qkv_ptr + t.to(tl.int64) * stride_t + r[:, None] * D + c[None, :]
+    m = row_ok[:, None]
+    x1 = tl.load(base, mask=m, other=0.0)
+    x2 = tl.load(base + HALF, mask=m, other=0.0)
+    dt = x1.dtype
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    inv = 1.0 / tl.sqrt((tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / D + eps)
+    # the norm weight: q's for q rows, k's for k rows
+    wq1 = tl.load(qw_ptr + c)
+    wq2 = tl.load(qw_ptr + HALF + c)
+    wk1 = tl.load(kw_ptr + c)
+    wk2 = tl.load(kw_ptr + HALF + c)
+    w1 = tl.where(is_q[:, None], wq1[None, :], wk1[None, :])
+    w2 = tl.where(is_q[:, None], wq2[None, :], wk2[None, :])
+    # rounded like the PyTorch path: normalized head in the model dtype, times the weight in the model dtype
+    n1 = ((f1 * inv[:, None]).to(dt) * w1).to(dt).to(tl.float32)
+    n2 = ((f2 * inv[:, None]).to(dt) * w2).to(dt).to(tl.float32)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    cos = tl.load(cs_ptr + pos * stride_cs + c)[None, :]
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + c)[None, :]
+    o1 = (n1 * cos - n2 * sin).to(dt)
+    o2 = (n2 * cos + n1 * sin).to(dt)
+    q_off = q_ptr + t.to(tl.int64) * (NUM_HEADS * D) + r[:, None] * D + c[None, :]
+    tl.store(q_off, o1, mask=is_q[:, None])
+    tl.store(q_off + HALF, o2, mask=is_q[:, None])
+    kr = r - NUM_HEADS
+    is_k = (r >= NUM_HEADS) & row_ok
+    k_off = k_ptr + t.to(tl.int64) * (NUM_KV_HEADS * D) + kr[:, None] * D + c[None, :]
+    tl.store(k_off, o1, mask=is_k[:, None])
+    tl.store(k_off + HALF, o2, mask=is_k[:, None])
+
+
+def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos_sin: torch.Tensor,
+                 positions: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float,
+                 force_triton: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of every q and k head (own weights), then RoPE at each token's position.
+
+    Args:
+        qkv: ``[T, (H + 2 Hkv) D]`` (the fused projection's output: q heads, k heads, v heads), last dim
+            contiguous; fp16/bf16/fp32.
+        q_weight, k_weight: ``[D]`` norm weights, ``qkv``'s dtype; ``D`` a power of two >= 2.
+        cos_sin: float32 ``[P, D]``, ``[cos | sin]`` of ``pos * base^(-2i/D)`` for ``i < D / 2`` (the
+            ``cos_sin_cache`` of :class:`nanovllm.layers.rotary_embedding.RotaryEmbedding`).
+        positions: int ``[T]``, each in ``[0, P)``.
+        num_heads, num_kv_heads: ``H`` and ``Hkv``.
+        eps: added to the mean square.
+        force_triton: run the kernel on CPU tensors (``TRITON_INTERPRET=1`` tests).
+
+    Returns:
+        ``(q [T, H, D], k [T, Hkv, D])``, new contiguous tensors in ``qkv.dtype``.
+
+    Raises:
+        ValueError: inconsistent shapes or dtypes.
+    """
+    head_dim = q_weight.shape[0]
+    if qkv.dim() != 2 or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or qkv.stride(1) != 1:
+        raise ValueError(f"qkv must be [T, (H + 2 Hkv) D] with a contiguous last dim, got {tuple(qkv.shape)} for "
+                         f"H={num_heads}, Hkv={num_kv_heads}, D={head_dim}")
+    if k_weight.shape != (head_dim,) or head_dim < 2 or head_dim & (head_dim - 1):
+        raise ValueError(f"q/k norm weights must both be [D] with D a power of two, got {tuple(q_weight.shape)} "
+                         f"and {tuple(k_weight.shape)}")
+    if cos_sin.dim() != 2 or cos_sin.shape[1] != head_dim or cos_sin.dtype != torch.float32:
+        raise ValueError(f"cos_sin must be float32 [P, {head_dim}], got {cos_sin.dtype} {tuple(cos_sin.shape)}")
+    if positions.shape != (qkv.shape[0],):
+        raise ValueError(f"positions must be [{qkv.shape[0]}], got {tuple(positions.shape)}")
+    if not (qkv.is_cuda or force_triton):
+        return qk_norm_rope_ref(qkv, q_weight, k_weight, cos_sin, positions, num_heads, num_kv_heads, eps)
+    t = qkv.shape[0]
+    q = torch.empty((t, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((t, num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if t == 0:
+        return q, k
+    cs = cos_sin.contiguous()
+    _qk_norm_rope_kernel[(t,)](qkv, q_weight.contiguous(), k_weight.contiguous(), cs, positions, q, k,
+                               qkv.stride(0), cs.stride(0), float(eps), NUM_HEADS=num_heads,
+                               NUM_KV_HEADS=num_kv_heads, ROWS=triton.next_power_of_2(num_heads + num_kv_heads),
+                               HALF=head_dim // 2, num_warps=4)
+    return q, k

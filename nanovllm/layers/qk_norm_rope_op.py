@@ -1,0 +1,52 @@
+"""``torch.ops.nanovllm.qk_norm_rope``: Qwen3's per-head q/k RMSNorm + RoPE as one opaque op (one Triton kernel on
+the GPU, :mod:`nanovllm.kernels.qk_norm_rope`; the PyTorch path elsewhere).
+
+    q, k = torch.ops.nanovllm.qk_norm_rope(qkv, q_weight, k_weight, cos_sin, positions, num_heads, num_kv_heads, eps)
+
+Opt-in and not yet measured on a GPU: the model uses it only on CUDA and only when the environment variable
+``NANOVLLM_FUSED_QK_NORM_ROPE`` is ``1`` at import (:data:`FUSED_QK_NORM_ROPE`); otherwise the model keeps the
+plain PyTorch chain, which Inductor compiles into several small kernels per layer.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from nanovllm.kernels.qk_norm_rope import qk_norm_rope as _qk_norm_rope
+
+ENV_FUSED_QK_NORM_ROPE = "NANOVLLM_FUSED_QK_NORM_ROPE"
+
+
+def flag_from_env(value: str | None) -> bool:
+    """Parse ``NANOVLLM_FUSED_QK_NORM_ROPE``: unset, empty or ``0`` -> False, ``1`` -> True.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if value is None or value.strip() in ("", "0"):
+        return False
+    if value.strip() == "1":
+        return True
+    raise ValueError(f"{ENV_FUSED_QK_NORM_ROPE} must be 0 or 1, got {value!r}")
+
+
+FUSED_QK_NORM_ROPE: bool = flag_from_env(os.environ.get(ENV_FUSED_QK_NORM_ROPE))
+
+
+@torch.library.custom_op("nanovllm::qk_norm_rope", mutates_args=())
+def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos_sin: torch.Tensor,
+                 positions: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q [T, H, D], k [T, Hkv, D])``: every q / k head of ``qkv [T, (H + 2 Hkv) D]`` RMS-normalized with its own
+    weight and rotated by RoPE at ``positions``. See :func:`nanovllm.kernels.qk_norm_rope.qk_norm_rope` (contract,
+    rounding, errors)."""
+    return _qk_norm_rope(qkv, q_weight, k_weight, cos_sin, positions, num_heads, num_kv_heads, eps)
+
+
+@qk_norm_rope.register_fake
+def _(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos_sin: torch.Tensor,
+      positions: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    d = q_weight.shape[0]
+    t = qkv.shape[0]
+    return qkv.new_empty((t, num_heads, d)), qkv.new_empty((t, num_kv_heads, d))
