@@ -123,22 +123,11 @@ def measure_mode(mode: str, args: argparse.Namespace, batches: list[int], reps: 
     Raises:
         RuntimeError: a request returned a number of tokens other than max_tokens.
     """
-    from nanovllm import LLM, SamplingParams
+    from nanovllm import SamplingParams
 
-    own = llm is None
-    if own:
-        kw = llm_kwargs(args, mode, batches)
-        print(f"\n=== mode {mode}: LLM({args.model!r}, {kw})", flush=True)
-        t0 = time.perf_counter()
-        llm = LLM(args.model, **kw)
-        res: dict[str, Any] = {"mode": mode, "llm_kwargs": MODES[mode], "init_s": round(time.perf_counter() - t0, 2),
-                               "batches": {}}
-        print(f"[{mode}] engine built in {res['init_s']} s", flush=True)
-    else:
-        kw = dict(engine_kwargs or {})
-        res = {"mode": mode, "llm_kwargs": MODES[mode], "init_s": None if init_s is None else round(init_s, 2),
-               "prebuilt_engine": True, "batches": {}}
-        print(f"\n=== mode {mode}: latency on the prebuilt engine", flush=True)
+    llm, kw, res, own = common.mode_engine(mode, args.model, "latency", lambda: llm_kwargs(args, mode, batches), llm,
+                                           engine_kwargs, init_s, batches={})
+    if not own:
         cap = getattr(getattr(llm, "config", None), "max_num_seqs", None)
         if isinstance(cap, int) and cap < max(batches):
             raise ValueError(f"the prebuilt engine's max_num_seqs {cap} < the largest batch {max(batches)}")

@@ -168,22 +168,10 @@ def run_mode(mode: str, args: argparse.Namespace, prompts: list[list[int]], max_
         RuntimeError: the engine returned a different number of tokens than requested (ignore_eos is set, so
         each request must produce exactly its max_tokens).
     """
-    from nanovllm import LLM, SamplingParams
+    from nanovllm import SamplingParams
 
-    own = llm is None
-    if own:
-        kw = llm_kwargs(args, mode)
-        print(f"\n=== mode {mode}: LLM({args.model!r}, {kw})", flush=True)
-        t0 = time.perf_counter()
-        llm = LLM(args.model, **kw)
-        init_s = time.perf_counter() - t0
-        print(f"[{mode}] engine built in {init_s:.1f} s", flush=True)
-        res: dict[str, Any] = {"mode": mode, "llm_kwargs": MODES[mode], "init_s": round(init_s, 2)}
-    else:
-        kw = dict(engine_kwargs or {})
-        print(f"\n=== mode {mode}: throughput on the prebuilt engine", flush=True)
-        res = {"mode": mode, "llm_kwargs": MODES[mode], "init_s": None if init_s is None else round(init_s, 2),
-               "prebuilt_engine": True}
+    llm, kw, res, own = common.mode_engine(mode, args.model, "throughput", lambda: llm_kwargs(args, mode), llm,
+                                           engine_kwargs, init_s)
     try:
         res["warmup_s"] = round(warm_up(llm, SamplingParams, args.max_input_len), 2)
         print(f"[{mode}] warm-up {res['warmup_s']} s", flush=True)

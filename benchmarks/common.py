@@ -279,6 +279,39 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
+def mode_engine(mode: str, model: str, part: str, build_kwargs: Any, llm: Any = None,
+                engine_kwargs: dict[str, Any] | None = None, init_s: float | None = None,
+                **entry: Any) -> tuple[Any, dict[str, Any], dict[str, Any], bool]:
+    """The engine a benchmark part measures one mode on: built here (``llm`` None) or the caller's prebuilt one.
+
+    Args:
+        mode: a key of :data:`ENGINE_MODES`; model: the checkpoint folder; part: its name in the log line.
+        build_kwargs: called without arguments for ``LLM(model, **kwargs)`` when the engine is built here.
+        llm, engine_kwargs, init_s: a prebuilt engine, the keywords it was built with and its build time in
+            seconds (None if unknown).
+        entry: more keys of the returned result entry (e.g. ``batches={}``).
+
+    Returns:
+        (llm, kwargs, entry, own): ``entry`` holds mode, llm_kwargs, init_s (and ``prebuilt_engine: True`` for a
+        prebuilt engine); ``own`` is True when the engine was built here, so the caller shuts it down
+        (:func:`shutdown_engine`, then ``del`` its reference, then :func:`free_accelerator_memory`).
+    """
+    if llm is None:
+        from nanovllm import LLM
+
+        kw = build_kwargs()
+        print(f"\n=== mode {mode}: LLM({model!r}, {kw})", flush=True)
+        t0 = time.perf_counter()
+        llm = LLM(model, **kw)
+        built_s = time.perf_counter() - t0
+        print(f"[{mode}] engine built in {built_s:.1f} s", flush=True)
+        return llm, kw, {"mode": mode, "llm_kwargs": ENGINE_MODES[mode], "init_s": round(built_s, 2), **entry}, True
+    print(f"\n=== mode {mode}: {part} on the prebuilt engine", flush=True)
+    res = {"mode": mode, "llm_kwargs": ENGINE_MODES[mode], "init_s": None if init_s is None else round(init_s, 2),
+           "prebuilt_engine": True, **entry}
+    return llm, dict(engine_kwargs or {}), res, False
+
+
 def shutdown_engine(llm: Any) -> None:
     """Release an ``LLM`` and its GPU memory: call its exit/shutdown method if it has one, then
     ``gc.collect()``, ``torch.cuda.empty_cache()`` and ``torch._dynamo.reset()`` (so the next engine in this

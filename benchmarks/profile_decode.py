@@ -629,22 +629,8 @@ def run_mode(mode: str, batches: list[int], args: argparse.Namespace, shape_of: 
             (None if not given; the build is shared with the caller's other measurements) and ``prebuilt_engine``
             is True.
     """
-    from nanovllm import LLM
-
-    own = llm is None
-    if own:
-        kw = llm_kwargs(args, mode)
-        print(f"\n=== mode {mode}: LLM({args.model!r}, {kw})", flush=True)
-        t0 = time.perf_counter()
-        llm = LLM(args.model, **kw)
-        res: dict[str, Any] = {"mode": mode, "llm_kwargs": MODES[mode], "init_s": round(time.perf_counter() - t0, 2),
-                               "batches": {}, "skipped": []}
-        print(f"[{mode}] engine built in {res['init_s']} s", flush=True)
-    else:
-        kw = dict(engine_kwargs or {})
-        print(f"\n=== mode {mode}: decode profile on the prebuilt engine", flush=True)
-        res = {"mode": mode, "llm_kwargs": MODES[mode], "init_s": None if init_s is None else round(init_s, 2),
-               "prebuilt_engine": True, "batches": {}, "skipped": []}
+    llm, kw, res, own = common.mode_engine(mode, args.model, "decode profile", lambda: llm_kwargs(args, mode), llm,
+                                           engine_kwargs, init_s, batches={}, skipped=[])
     try:
         res["engine_config"] = common.engine_config(llm, kw)
         shape = shape_of(llm)

@@ -277,16 +277,21 @@ class ModelRunner:
         return (self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
                 self._to_device(logits_indices, torch.int64))
 
-    def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def prepare_decode(self, seqs: list[Sequence], num_steps: int = 1
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One new token per sequence (its last); set the decode context. Returns like :meth:`prepare_prefill`.
 
         The inputs go through the persistent :class:`StepInputBuffers` (numpy on the host, one asynchronous copy
-        per dtype), padded up to the CUDA graph's batch size when a graph will run the step.
+        per dtype), padded up to the CUDA graph's batch size when a graph will run the step. With ``num_steps``
+        > 1 the later steps of a multi-step round are staged and uploaded too (:meth:`run_decode_steps`); the
+        context then serves every step of the round (its tensors are the static views that each step refills).
         """
         n = len(seqs)
         rows = self.graph_size_for[n] if self.graphs and n <= self.config.max_num_seqs else n
         buf = self.buffers
         buf.fill_decode(seqs, rows)
+        if num_steps > 1:
+            buf.fill_decode_steps(seqs, rows, num_steps)
         if self.rank == 0:  # only rank 0 samples (a worker's sequence views carry no sampling parameters)
             self._sampling_flags = buf.fill_sampling(seqs)
         buf.upload(rows)
@@ -358,19 +363,13 @@ class ModelRunner:
         if not self.supports_multi_step:
             raise RuntimeError("multi-step decode runs only without tensor parallelism")
         n = len(seqs)
-        rows = self.graph_size_for[n] if self.graphs and n <= self.config.max_num_seqs else n
         buf = self.buffers
-        buf.fill_decode(seqs, rows)
-        buf.fill_decode_steps(seqs, rows, num_steps)
-        flags = buf.fill_sampling(seqs)
-        buf.upload(rows)
-        sample_args = {**buf.sampler_args(n), **flags}
+        input_ids, positions, logits_indices = self.prepare_decode(seqs, num_steps)
+        sample_args = self.prepare_sample(seqs, is_prefill=False)
         for j in range(num_steps):
             if j:
                 buf.load_step(j, n)
-            set_context(False, slot_mapping=buf.slot_mapping[:rows], context_lens=buf.context_lens[:rows],
-                        block_tables=buf.block_tables[:rows], kv_caches=self.kv_caches)
-            logits = self.run_model(buf.input_ids[:rows], buf.positions[:rows], buf.row_index[:rows], False)[:n]
+            logits = self.run_model(input_ids, positions, logits_indices, False)[:n]
             buf.step_tokens[j, :n].copy_(self.sampler(logits, generator=self.generator, **sample_args))
         reset_context()
         per_step = buf.step_tokens[:num_steps, :n].tolist()

@@ -25,27 +25,22 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.layers.layernorm import rms_norm
+from nanovllm.layers.rotary_embedding import RotaryEmbedding
+
 
 def qk_norm_rope_ref(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos_sin: torch.Tensor,
                      positions: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PyTorch path: RMSNorm of each q / k head, then RoPE. Same contract as :func:`qk_norm_rope`."""
+    """The PyTorch path, with the model's own functions: RMSNorm of each q / k head, then RoPE. Same contract as
+    :func:`qk_norm_rope`."""
     head_dim = q_weight.shape[0]
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     q = qkv[:, :q_size].reshape(-1, num_heads, head_dim)
     k = qkv[:, q_size:q_size + kv_size].reshape(-1, num_kv_heads, head_dim)
-
-    def norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        return xf.to(x.dtype) * w
-
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, -1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
-
     cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, -1)
-    return rotate(norm(q, q_weight), cos, sin), rotate(norm(k, k_weight), cos, sin)
+    return (RotaryEmbedding._rotate(rms_norm(q, q_weight, eps), cos, sin),
+            RotaryEmbedding._rotate(rms_norm(k, k_weight, eps), cos, sin))
 
 
 @triton.jit
