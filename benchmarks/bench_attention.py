@@ -37,6 +37,8 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
+import importlib  # noqa: E402
+
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
@@ -45,11 +47,15 @@ from nanovllm.kernels import (  # noqa: E402
     choose_num_splits,
     decode_attention,
     decode_attention_ref,
+    decode_attention_triton,
     prefill_attention,
     prefill_attention_ref,
     store_kvcache,
     store_kvcache_ref,
 )
+
+# the module (the package re-exports a function of the same name): DECODE_FUSED_REDUCE, reserve_decode_locks
+DA = importlib.import_module("nanovllm.kernels.decode_attention")
 
 try:  # shared helpers of the benchmark scripts (owned by the lead); fall back to local minimal versions
     import common as _common  # type: ignore
@@ -184,35 +190,46 @@ def check_decode(ctx_lens: list[int], block_size: int, heads: tuple[int, int], h
     k_cache, v_cache, bt = make_cache(ctx_lens, block_size, num_kv, head_dim, gen)
     q = torch.randn(len(ctx_lens), num_heads, head_dim, device="cuda", dtype=DTYPE, generator=gen)
     lens = torch.tensor(ctx_lens, dtype=torch.int32, device="cuda")
-    out = torch.full_like(q, float("nan"))
-    decode_attention(q, k_cache, v_cache, bt, lens, head_dim**-0.5, num_splits=num_splits, out=out)
     ref = decode_attention_ref(q, k_cache, v_cache, bt, lens, head_dim**-0.5)
-    err = rel_err(out, ref)
-    all_written = bool(torch.isfinite(out).all())
-    return {"rel_err": err, "all_written": all_written, "ok": err <= TOL and all_written}
+    res: dict[str, Any] = {}
+    for fused in (False, True):  # two launches, and the fused last-program reduction
+        out = torch.full_like(q, float("nan"))
+        decode_attention_triton(q, k_cache, v_cache, bt, lens, head_dim**-0.5, num_splits=num_splits, out=out,
+                                fused_reduce=fused)
+        res["fused_reduce" if fused else "two_launches"] = {"rel_err": rel_err(out, ref),
+                                                            "all_written": bool(torch.isfinite(out).all())}
+    err = max(v["rel_err"] for v in res.values())
+    all_written = all(v["all_written"] for v in res.values())
+    return {"rel_err": err, "all_written": all_written, "ok": err <= TOL and all_written, **res}
 
 
 def check_decode_graph(block_size: int, seed: int) -> dict[str, Any]:
-    """Capture decode in a CUDA graph at max context, replay with other lengths, compare with the reference."""
+    """Capture decode in a CUDA graph at max context, replay with other lengths, compare with the reference; both
+    reduction paths (the fused one's counters must be back at 0 after every replay)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     batch, max_ctx = 8, 4096
     k_cache, v_cache, bt = make_cache([max_ctx] * batch, block_size, HKV, D, gen)
     q = torch.randn(batch, H, D, device="cuda", dtype=DTYPE, generator=gen)
     lens = torch.full((batch,), max_ctx, dtype=torch.int32, device="cuda")
-    out = torch.empty_like(q)
-    decode_attention(q, k_cache, v_cache, bt, lens, D**-0.5, out=out)  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        decode_attention(q, k_cache, v_cache, bt, lens, D**-0.5, out=out)
     worst = 0.0
-    for trial in range(3):
-        new_lens = torch.randint(1, max_ctx + 1, (batch,), device="cuda", generator=gen, dtype=torch.int32)
-        lens.copy_(new_lens)
-        q.copy_(torch.randn(batch, H, D, device="cuda", dtype=DTYPE, generator=gen))
-        graph.replay()
+    for fused in (False, True):
+        out = torch.empty_like(q)
+        lens.fill_(max_ctx)
+        decode_attention_triton(q, k_cache, v_cache, bt, lens, D**-0.5, out=out, fused_reduce=fused)  # compile first
         torch.cuda.synchronize()
-        worst = max(worst, rel_err(out, decode_attention_ref(q, k_cache, v_cache, bt, lens, D**-0.5)))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            decode_attention_triton(q, k_cache, v_cache, bt, lens, D**-0.5, out=out, fused_reduce=fused)
+        for trial in range(3):
+            new_lens = torch.randint(1, max_ctx + 1, (batch,), device="cuda", generator=gen, dtype=torch.int32)
+            lens.copy_(new_lens)
+            q.copy_(torch.randn(batch, H, D, device="cuda", dtype=DTYPE, generator=gen))
+            graph.replay()
+            torch.cuda.synchronize()
+            worst = max(worst, rel_err(out, decode_attention_ref(q, k_cache, v_cache, bt, lens, D**-0.5)))
+        if fused:
+            locks = DA.reserve_decode_locks(q.device, 0)
+            worst = max(worst, float(locks.abs().sum()))  # a counter not reset would show up here
     return {"rel_err": worst, "ok": worst <= TOL}
 
 
@@ -293,16 +310,20 @@ def bench_decode(batch: int, ctx: int, block_size: int, padded: bool) -> dict[st
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     splits = choose_num_splits(batch, HKV, bt.shape[1] * block_size, sms)
     counter = [0]
+    res: dict[str, Any] = {}
+    for fused in (False, True):  # "us": the default path; us_two_launches / us_fused_reduce: each forced
+        def step(fused: bool = fused) -> None:
+            kc, vc = caches[counter[0] % sets]
+            counter[0] += 1
+            decode_attention_triton(q, kc, vc, bt, lens, D**-0.5, out=out, fused_reduce=fused)
 
-    def step() -> None:
-        kc, vc = caches[counter[0] % sets]
-        counter[0] += 1
-        decode_attention(q, kc, vc, bt, lens, D**-0.5, out=out)
-
-    ms, how = bench_ms(step)
+        ms, how = bench_ms(step)
+        res["us_fused_reduce" if fused else "us_two_launches"] = ms * 1e3
+    ms = (res["us_fused_reduce"] if DA.DECODE_FUSED_REDUCE and splits > 1 else res["us_two_launches"]) * 1e-3
     bw = kv_bytes / (ms * 1e-3)
     return {"num_splits": splits, "us": ms * 1e3, "kv_MB": kv_bytes / 1e6, "TB_s": bw / 1e12,
-            "pct_peak": 100 * bw / PEAK_BW, "timer": how, "l2_rotation_sets": sets}
+            "pct_peak": 100 * bw / PEAK_BW, "timer": how, "l2_rotation_sets": sets, **res,
+            "fused_reduce_speedup": res["us_two_launches"] / res["us_fused_reduce"]}
 
 
 def section_decode(r: Runner, quick: bool) -> None:

@@ -23,6 +23,11 @@ Variants (all compute the same function):
               with M padded to 16.
   "multirow": fused, register-blocked GEMV for 3 <= M <= 16: one program per BN rows of W, the W tile loaded once
               and kept in registers while a static loop over the M rows computes each row's dot products.
+  "stream"  : fused, for M = 1-2: each program owns BN whole rows of W (one [BN, next_pow2(K)] load) and loops over
+              tiles with a persistent grid (c programs per SM), the next tile's W requested before the current one
+              is reduced (register double buffering); measured on the H200 at M = 1 (benchmarks/
+              sweep_decode_linear.py): qkv 4.5 us, gate_up 5.5 us, lm_head 75 us, against 5.4 / 7.0 / - for
+              "decode" and 7.0 / 7.7 / 81 for the unfused path.
   "gemm"    : fused, tiled tl.dot GEMM with grouped program order for L2 reuse; for large M.
 The dispatcher ("auto") picks, per (M bucket, N, K, dtype), the fastest of the candidates BY MEASUREMENT on CUDA
 (timed inside a CUDA graph, weights rotated beyond L2), caches the choice, never measures while the current stream
@@ -30,6 +35,7 @@ is capturing a CUDA graph (then it uses a pre-tuned choice, or "unfused"), and c
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -54,7 +60,7 @@ except Exception:  # pragma: no cover - exercised only on machines without trito
 
 log = logging.getLogger("fusion_pass")
 
-VARIANTS: tuple[str, ...] = ("torch", "unfused", "gemv", "decode", "multirow", "gemm")
+VARIANTS: tuple[str, ...] = ("torch", "unfused", "gemv", "decode", "multirow", "stream", "gemm")
 
 # Tests and benchmarks/check_fusion_gpu.py set this (or COCONUT_POISON=1) so that every output buffer the Triton
 # paths allocate starts as NaN: an element a kernel forgets to write shows up as NaN instead of stale memory.
@@ -66,7 +72,7 @@ def _new_buffer(shape: tuple[int, ...], like: Tensor) -> Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
     return torch.empty(shape, dtype=like.dtype, device=like.device)
-_FUSED = ("gemv", "decode", "multirow", "gemm")
+_FUSED = ("gemv", "decode", "multirow", "stream", "gemm")
 
 # --------------------------------------------------------------------------------------------------------------
 # PyTorch reference
@@ -401,6 +407,57 @@ if HAS_TRITON:
                      mask=(rm < M)[:, None] & n_mask[None, :])
 
 
+    @triton.jit
+    def _fused_stream_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, eps,
+                             K: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr, BKP: tl.constexpr):
+        """Fused GEMV with whole-row W tiles and a persistent grid, for M <= BM (a few) rows.
+
+        Program p handles the tiles t = p, p + P, p + 2P, ... (P programs; tile t = W rows [t*BN, t*BN + BN)). Each
+        tile is ONE [BN, BKP] load of whole W rows (BKP = next_power_of_2(K), K a compile-time constant), issued for
+        tile t + P before tile t is reduced (register double buffering; past the last tile the load is fully
+        masked). Per row m: h = x (+ r) [BKP] (L1/L2-resident), sum of squares, y = sum_k W_nk (h_k g_k) * 1/rms(h)
+        (FlashNorm epilogue) + b. Program 0 writes h = x + r on its first tile. x, r, h: [M, K] row-major; g: [K];
+        W: [N, K] row-major; b: [N]; y: [M, N]. fp32 accumulation.
+        """
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        num_tiles = tl.cdiv(N, BN)
+        rk = tl.arange(0, BKP)
+        k_mask = rk < K
+        rn0 = tl.arange(0, BN)
+        dt = y_ptr.dtype.element_ty
+        rn = pid * BN + rn0
+        w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :], mask=(rn < N)[:, None] & k_mask[None, :],
+                    other=0.0, eviction_policy="evict_first")
+        g = tl.load(g_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
+        for t in range(pid, num_tiles, nprog):
+            rn = t * BN + rn0
+            n_mask = rn < N
+            rn_next = (t + nprog) * BN + rn0
+            w_next = tl.load(w_ptr + rn_next.to(tl.int64)[:, None] * K + rk[None, :],
+                             mask=(rn_next < N)[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
+            wf = w.to(tl.float32)
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+            for m in tl.static_range(BM):
+                if m < M:
+                    h = tl.load(x_ptr + m * K + rk, mask=k_mask, other=0.0)
+                    if HAS_RES:
+                        h = (h.to(tl.float32) + tl.load(r_ptr + m * K + rk, mask=k_mask, other=0.0)
+                             .to(tl.float32)).to(dt)
+                        if WRITE_H:
+                            if (t == pid) & (pid == 0):
+                                tl.store(h_ptr + m * K + rk, h, mask=k_mask)
+                    hf = h.to(tl.float32)
+                    inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / K + eps)
+                    y = tl.sum(wf * (hf * g)[None, :], axis=1) * inv
+                    if HAS_BIAS:
+                        y += bias
+                    tl.store(y_ptr + m * N + rn, y.to(dt), mask=n_mask)
+            w = w_next
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Configurations
 # --------------------------------------------------------------------------------------------------------------
@@ -436,6 +493,14 @@ DECODE_CONFIGS: dict[int, list[tuple[int, int, int, int, int]]] = {
 # Measured (bf16, us, qkv N=4096 / gate_up N=6144, K=1024; Triton norm + cuBLAS in brackets):
 #   [4,1024,1]: M=4 6.77 [6.94] / 8.12 [8.07]; M=8 8.49 [7.23] / 10.6 [8.07]; M=16 11.9 [7.32] / 19.4 [8.11].
 # Only measured wins are ever dispatched, so the M = 8 / 16 configs cost pretune time and nothing else.
+# STREAM: (BN, num_warps, programs per SM; 0 = one program per tile) per M bucket. The fastest launch shapes of the
+# H200 sweep at M = 1 (benchmarks/sweep_decode_linear.py; us, qkv / gate_up / lm_head): (4, 4, 4) 4.51 / 5.49 / 87.1;
+# (2, 2, 8) 4.56 / 5.55 / 82.5; (4, 2, 8) - / 6.05 / 75.2. At M = 4 it lost to cuBLAS (7.6-9.8 us against
+# 5.5-6.1), so it is not a candidate there; M = 2 is unmeasured and shares the M = 1 list.
+STREAM_CONFIGS: dict[int, list[tuple[int, int, int]]] = {
+    1: [(4, 4, 4), (2, 2, 8), (4, 2, 8)],
+    2: [(4, 4, 4), (2, 2, 8), (4, 2, 8)],
+}
 MULTIROW_CONFIGS: dict[int, list[tuple[int, int, int]]] = {
     4: [(4, 1024, 1), (2, 1024, 1), (8, 1024, 2)],
     8: [(4, 1024, 1), (2, 1024, 1), (8, 1024, 2)],
@@ -466,6 +531,11 @@ def multirow_configs(m: int) -> list[tuple[int, int, int]]:
     return list(MULTIROW_CONFIGS.get(b, [])) if b <= GEMV_MAX_M else []
 
 
+def stream_configs(m: int) -> list[tuple[int, int, int]]:
+    """Stream configs (BN, num_warps, programs per SM or 0) for M rows; empty unless M <= 2."""
+    return list(STREAM_CONFIGS.get(m_bucket(m), []))
+
+
 def gemm_configs(m: int) -> list[tuple[int, int, int, int, int]]:
     """GEMM configs (BM, BN, BK, num_warps, num_stages) for M rows."""
     for limit, cfgs in GEMM_CONFIGS:
@@ -477,6 +547,12 @@ def gemm_configs(m: int) -> list[tuple[int, int, int, int, int]]:
 # --------------------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H200)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _check_triton() -> None:
@@ -513,8 +589,8 @@ def fused_linear(x2d: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
     Args:
         x2d, residual2d: [M, K] contiguous, same dtype. weight: [N, K] contiguous. bias: [N] or None. g: [K].
         h_out: [M, K] buffer that receives h = x + r (only with residual2d), or None to skip writing it.
-        variant: "gemv", "decode", "multirow" or "gemm". config: a tuple from gemv_configs / decode_configs /
-            multirow_configs / gemm_configs, or None for the first one.
+        variant: "gemv", "decode", "multirow", "stream" or "gemm". config: a tuple from gemv_configs /
+            decode_configs / multirow_configs / stream_configs / gemm_configs, or None for the first one.
     Raises:
         ValueError on an unknown variant, "gemv"/"decode" with M > GEMV_MAX_M without an explicit config, or
         "multirow" with M > GEMV_MAX_M (or M < 3 without an explicit config).
@@ -572,6 +648,22 @@ def fused_linear(x2d: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
             x2d, r, norm_weight, weight, b, y, hb, M, N, K, float(eps),
             HAS_RES=has_res, HAS_BIAS=bias is not None, WRITE_H=write_h,
             BM=bm, BN=bn, BK=bk, ONE_TILE=bk >= K, EVEN_K=bk == K, num_warps=warps)
+    elif variant == "stream":
+        if config is None:
+            cfgs = stream_configs(M)
+            if not cfgs:
+                raise ValueError(f"stream variant needs M <= 2 (got {M}) or an explicit config")
+            config = cfgs[0]
+        bn, warps, per_sm = config
+        bm = m_bucket(M)
+        if bm > GEMV_MAX_M:
+            raise ValueError(f"stream variant handles at most {GEMV_MAX_M} rows, got M={M}")
+        tiles = triton.cdiv(N, bn)
+        grid = tiles if per_sm <= 0 or not x2d.is_cuda else min(tiles, per_sm * _sm_count(x2d.device))
+        _fused_stream_kernel[(grid,)](
+            x2d, r, norm_weight, weight, b, y, hb, M, N, float(eps), K=K,
+            HAS_RES=has_res, HAS_BIAS=bias is not None, WRITE_H=write_h,
+            BM=bm, BN=bn, BKP=triton.next_power_of_2(K), num_warps=warps, num_stages=1)
     elif variant == "gemm":
         if config is None:
             config = gemm_configs(M)[0]
@@ -695,6 +787,7 @@ def candidates(m: int) -> list[tuple[str, tuple[int, ...]]]:
     out += [("gemv", c) for c in gemv_configs(m)]
     out += [("decode", c) for c in decode_configs(m)]
     out += [("multirow", c) for c in multirow_configs(m)]
+    out += [("stream", c) for c in stream_configs(m)]
     out += [("gemm", c) for c in gemm_configs(m)]
     return out
 
@@ -829,7 +922,7 @@ def rms_norm_linear(
         norm_weight: [K]; weights: list of [N_i, K]; biases: list of [N_i] or None (same length as weights).
         eps: float added to mean(h^2). weight_in_fp32: see `reference_rms_norm`.
         variant: "auto" (CUDA: dispatcher; CPU: "torch"), "torch", "unfused", "gemv", "decode", "multirow",
-            "gemm". A Triton variant on CPU tensors runs in the Triton interpreter (TRITON_INTERPRET=1 must be
+            "stream", "gemm". A Triton variant on CPU tensors runs in the Triton interpreter (TRITON_INTERPRET=1 must be
             set before triton import).
         config: kernel config for a forced fused variant (None = first of its list).
     Raises:

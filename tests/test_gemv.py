@@ -287,6 +287,16 @@ for act, n, k in (("none", 1024, 2048), ("silu_mul", 1024, 3072), ("none", 4096,
         assert s == 0, (act, n, k, bm, cfg, s)
         seen.add((cfg.block_n, cfg.num_warps))
 assert seen == set(G.CONFIG_CHOICES), seen  # every config of the rule is compiled at least once
+for act, k in (("none", 2048), ("silu_mul", 3072)):  # the M = 1 row kernel at the Qwen3-0.6B shapes
+    bn, warps = G.row_config(k)
+    fn = G._gemv_row_kernel
+    consts = dict(K=k, ACT=act, HAS_BIAS=False, BLOCK_N=bn, BKP=triton.next_power_of_2(k))
+    sig = {n: ("constexpr" if n in consts else "*bf16" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")}
+    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+    assert re.search(r"ld\.global[\w:.]*\.v4\.b32", c.asm["ptx"]), "weight loads are not 16-byte vectors"
+    assert spills(c) == 0, (act, k)
 fn = G._silu_mul_kernel  # the op's one-pass SwiGLU for large M
 sig = {n: ("*bf16" if n.endswith("_ptr") else "i32") for n in fn.arg_names if n != "BLOCK"}
 sig["BLOCK"] = "constexpr"

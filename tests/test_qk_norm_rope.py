@@ -76,7 +76,7 @@ def test_bad_arguments_raise() -> None:
         qk_norm_rope(qkv, qw, kw, cs, positions[:2], 4, 2, 1e-6)
 
 
-@pytest.mark.parametrize("value, want", [(None, False), ("", False), ("0", False), ("1", True), ("yes", None)])
+@pytest.mark.parametrize("value, want", [(None, True), ("", True), ("0", False), ("1", True), ("yes", None)])
 def test_flag_parsing(value: str | None, want: bool | None) -> None:
     if want is None:
         with pytest.raises(ValueError, match="NANOVLLM_FUSED_QK_NORM_ROPE"):

@@ -13,6 +13,7 @@ import torch
 from nanovllm.config import Config
 from nanovllm.engine.input_buffers import StepInputBuffers
 from nanovllm.engine.sequence import Sequence
+from nanovllm.kernels.decode_attention import reserve_decode_locks
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import reset_context, set_context
@@ -386,6 +387,8 @@ class ModelRunner:
         """
         buf = self.buffers
         pool = None
+        # the decode attention's fused-reduction counters, allocated here: never inside a capture
+        reserve_decode_locks(self.device, self.config.max_num_seqs * self.config.hf_config.num_key_value_heads)
         for size in reversed(graph_batch_sizes(self.config.max_num_seqs)):
             set_context(False, slot_mapping=buf.slot_mapping[:size], context_lens=buf.context_lens[:size],
                         block_tables=buf.block_tables[:size], kv_caches=self.kv_caches)

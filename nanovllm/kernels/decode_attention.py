@@ -13,6 +13,16 @@ float32) over its tiles, and writes the partial ``(max m_s, sum l_s, unnormalize
 which is exact (the same rescaling identity as the online softmax; the order of the tiles does not matter).
 With ``num_splits == 1`` kernel 1 writes the normalized output directly and kernel 2 is skipped.
 
+Fused reduction (``fused_reduce=True``, one launch instead of two): after writing its partials, each split
+program of a ``(sequence, kv head)`` increments that pair's counter in a small int32 buffer (an acquire-release
+atomic, after a CTA barrier so every thread's partial stores are ordered before it); the program that sees the
+count reach the number of non-empty splits is the last one, so every partial is visible to it: it combines them
+for its ``G`` heads with the formula above (loads that bypass L1) and resets the counter to 0 for the next launch.
+This is the "last block does the reduction" pattern of CUDA's threadFenceReduction sample (CUDA Programming
+Guide, memory fence functions). The counters are allocated once per device (:func:`reserve_decode_locks`, called
+by the engine before it captures CUDA graphs); a launch that finds no large enough buffer while a graph is being
+captured falls back to the two kernels.
+
 The number of splits depends only on static quantities (``B``, ``Hkv``, the SM count and the context bound
 ``W * block_size`` from the block-table width, or ``max_context_len`` if given), never on ``context_lens``'
 values, so the launch needs no device->host sync and can be captured in a CUDA graph. Dealing tiles
@@ -25,6 +35,7 @@ reduction.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -38,6 +49,47 @@ DECODE_BLOCK_N = 64  # key positions per tile
 DECODE_MIN_TILES_PER_SPLIT = 1  # a split covers at least this many tiles of the context bound
 DECODE_WAVES = 4  # aim for about this many programs per SM
 DECODE_MAX_SPLITS = 64
+ENV_FUSED_REDUCE = "NANOVLLM_DECODE_FUSED_REDUCE"
+
+
+def fused_reduce_from_env(value: str | None) -> bool:
+    """Parse ``NANOVLLM_DECODE_FUSED_REDUCE``: unset, empty or ``1`` -> True, ``0`` -> False.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if value is None or value.strip() in ("", "1"):
+        return True
+    if value.strip() == "0":
+        return False
+    raise ValueError(f"{ENV_FUSED_REDUCE} must be 0 or 1, got {value!r}")
+
+
+# One launch (split + last-program reduction) instead of two (module docstring); read once, at import.
+DECODE_FUSED_REDUCE: bool = fused_reduce_from_env(os.environ.get(ENV_FUSED_REDUCE))
+_LOCKS: dict[tuple[str, int], torch.Tensor] = {}
+_MIN_LOCKS = 8192
+
+
+def reserve_decode_locks(device: torch.device | str, count: int) -> torch.Tensor:
+    """The int32 zero-initialized counters of the fused reduction on ``device``, at least ``count`` of them (one per
+    ``(sequence, kv head)`` of a launch), allocated on first use and grown when needed, never shrunk.
+
+    Call it outside CUDA-graph capture (the engine does before capturing): an allocation during capture would
+    belong to the graph's memory pool.
+
+    Raises:
+        RuntimeError: a new buffer is needed while the current stream is capturing a CUDA graph.
+    """
+    dev = torch.device(device)
+    key = (dev.type, dev.index or 0)
+    buf = _LOCKS.get(key)
+    if buf is None or buf.numel() < count:
+        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("reserve_decode_locks: cannot allocate while a CUDA graph is being captured")
+        buf = torch.zeros(max(count, _MIN_LOCKS), dtype=torch.int32, device=dev)
+        _LOCKS[key] = buf
+    return buf
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,6 +131,7 @@ def _decode_split_kernel(
     m_part_ptr,
     l_part_ptr,
     acc_part_ptr,
+    lock_ptr,
     stride_qb,
     stride_qh,
     stride_ob,
@@ -97,6 +150,8 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr,
     DIRECT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -149,6 +204,40 @@ def _decode_split_kernel(
         tl.store(m_part_ptr + part, m_i, mask=row_ok)
         tl.store(l_part_ptr + part, l_i, mask=row_ok)
         tl.store(acc_part_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
+        if FUSED_REDUCE:
+            # every thread's partial stores happen before the (release) atomic of this program
+            tl.debug_barrier()
+            used = tl.maximum(tl.minimum(tl.cdiv(ctx_len, BLOCK_N), num_splits), 1)  # programs that got here
+            lock = lock_ptr + seq.to(tl.int64) * tl.num_programs(1) + kv_head
+            done = tl.atomic_add(lock, 1, sem="acq_rel")
+            if done == used - 1:  # the last split of this (sequence, kv head): all partials are visible
+                for g in tl.static_range(GROUP):
+                    _combine_splits(ctx_len, o_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, seq, kv_head * GROUP + g,
+                                    stride_ob, stride_oh, num_splits, NUM_HEADS, SPLITS_PAD, BLOCK_N, HEAD_DIM,
+                                    ".cg")
+                tl.atomic_xchg(lock, 0)
+
+
+@triton.jit
+def _combine_splits(ctx_len, o_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, seq, head, stride_ob, stride_oh,
+                    num_splits, NUM_HEADS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, CACHE: tl.constexpr):
+    """o[seq, head] = the softmax-weighted combination of the head's non-empty split partials (module docstring).
+    CACHE: the load cache modifier (".cg" bypasses L1, for partials written by other programs of this launch)."""
+    used = tl.cdiv(ctx_len, BLOCK_N)  # splits s < used hold at least one tile
+    s = tl.arange(0, SPLITS_PAD)
+    s_ok = (s < used) & (s < num_splits)
+    base = (seq.to(tl.int64) * NUM_HEADS + head) * num_splits
+    m = tl.load(m_part_ptr + base + s, mask=s_ok, other=-1.0e30, cache_modifier=CACHE)
+    l = tl.load(l_part_ptr + base + s, mask=s_ok, other=0.0, cache_modifier=CACHE)
+    m_max = tl.max(m, 0)
+    w = tl.where(s_ok, tl.exp2(m - m_max), 0.0)
+    denom = tl.sum(w * l, 0)
+    d = tl.arange(0, HEAD_DIM)
+    acc = tl.load(acc_part_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0,
+                  cache_modifier=CACHE)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(o_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -169,19 +258,8 @@ def _decode_reduce_kernel(
     seq = tl.program_id(0)
     head = tl.program_id(1)
     ctx_len = tl.load(ctx_ptr + seq)
-    used = tl.cdiv(ctx_len, BLOCK_N)  # splits s < used hold at least one tile
-    s = tl.arange(0, SPLITS_PAD)
-    s_ok = (s < used) & (s < num_splits)
-    base = (seq.to(tl.int64) * NUM_HEADS + head) * num_splits
-    m = tl.load(m_part_ptr + base + s, mask=s_ok, other=-1.0e30)
-    l = tl.load(l_part_ptr + base + s, mask=s_ok, other=0.0)
-    m_max = tl.max(m, 0)
-    w = tl.where(s_ok, tl.exp2(m - m_max), 0.0)
-    denom = tl.sum(w * l, 0)
-    d = tl.arange(0, HEAD_DIM)
-    acc = tl.load(acc_part_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)
-    out = tl.sum(w[:, None] * acc, 0) / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(o_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + d, out.to(o_ptr.dtype.element_ty))
+    _combine_splits(ctx_len, o_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, seq, head, stride_ob, stride_oh,
+                    num_splits, NUM_HEADS, SPLITS_PAD, BLOCK_N, HEAD_DIM, "")
 
 
 def decode_attention_triton(
@@ -195,8 +273,10 @@ def decode_attention_triton(
     max_context_len: int | None = None,
     block_n: int | None = None,
     out: torch.Tensor | None = None,
+    fused_reduce: bool | None = None,
 ) -> torch.Tensor:
-    """Triton version of :func:`decode_attention` (same contract plus tuning overrides)."""
+    """Triton version of :func:`decode_attention` (same contract plus tuning overrides; ``fused_reduce``: one launch
+    with the last-program reduction instead of two, default :data:`DECODE_FUSED_REDUCE`)."""
     _check_decode_shapes(q, k_cache, v_cache, block_tables, context_lens)
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -213,6 +293,19 @@ def decode_attention_triton(
         num_splits = choose_num_splits(batch, num_kv_heads, bound, sms, bn)
     num_splits = max(1, int(num_splits))
     direct = num_splits == 1
+    fused = (DECODE_FUSED_REDUCE if fused_reduce is None else bool(fused_reduce)) and not direct
+    locks = out  # unused unless fused
+    if fused:
+        key = (q.device.type, q.device.index or 0)
+        have = _LOCKS.get(key)
+        need = batch * num_kv_heads
+        if have is not None and have.numel() >= need:
+            locks = have
+        elif q.is_cuda and torch.cuda.is_current_stream_capturing():
+            fused = False  # no counters reserved before the capture: two launches
+        else:
+            locks = reserve_decode_locks(q.device, need)
+    splits_pad = max(2, triton.next_power_of_2(num_splits))
     if direct:
         m_part = l_part = acc_part = out  # unused
     else:
@@ -230,6 +323,7 @@ def decode_attention_triton(
         m_part,
         l_part,
         acc_part,
+        locks,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -248,10 +342,12 @@ def decode_attention_triton(
         HEAD_DIM=head_dim,
         DIRECT=direct,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FUSED_REDUCE=fused,
+        SPLITS_PAD=splits_pad,
         num_warps=4,
         num_stages=3,
     )
-    if not direct:
+    if not direct and not fused:
         _decode_reduce_kernel[(batch, num_heads)](
             context_lens,
             out,
@@ -262,7 +358,7 @@ def decode_attention_triton(
             out.stride(1),
             num_splits,
             NUM_HEADS=num_heads,
-            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            SPLITS_PAD=splits_pad,
             BLOCK_N=bn,
             HEAD_DIM=head_dim,
             num_warps=4 if head_dim >= 128 else 2,

@@ -31,7 +31,7 @@ class Qwen3Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.rotary_emb = rotary_emb  # one table shared by every layer
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx)
-        # opt-in, unmeasured: q/k norm + RoPE as one Triton kernel on the GPU (layers/qk_norm_rope_op.py)
+        # q/k norm + RoPE as one Triton kernel on the GPU (layers/qk_norm_rope_op.py; NANOVLLM_FUSED_QK_NORM_ROPE=0: off)
         self.fused_qk_norm_rope = FUSED_QK_NORM_ROPE
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,334 @@
+"""Sweep of decode-shaped (M <= 4) linear kernels on the GPU: which launch shape streams a weight fastest?
+
+An experiment, not a library path: it times one parametrized Triton kernel, ``_stream_kernel``, over a grid of
+launch shapes for each linear site of a Qwen3-0.6B decode step, beside the kernels the engine runs today, so the
+next kernel can be chosen from data.
+
+``_stream_kernel`` computes ``y[m, n] = sum_k act(x)[m, k] * W[n, k]`` for M <= BM rows, where act is
+
+    MODE 0 (plain):    x                                   (o_proj)
+    MODE 1 (norm):     (x + r) * g, times 1/rms(x + r)       (qkv, gate_up, lm_head: FlashNorm epilogue,
+                                                             Graef et al. 2024, arXiv 2407.09577)
+    MODE 2 (silu_mul): silu(gate) * up, x = [gate | up]    (down_proj)
+
+and each program owns BN whole rows of W (one ``[BN, BKP]`` load, BKP = next_power_of_2(K), 16-byte vectors along
+K). The grid is either one program per tile (``grid=tiles``) or persistent (``grid=<c>xSM``: c programs per SM,
+each looping over tiles with the next tile's W requested before the current one is reduced: register double
+buffering). The launch shapes swept: BN in 1..16 rows per program, 1-8 warps, and the grid.
+
+Timed like bench_gemv.py (CUDA graphs, weights rotated over > 2x the L2, median of rounds), against:
+  cublas      F.linear on the precomputed activation
+  unfused     norm sites: Triton RMSNorm (+ residual) kernel then F.linear (the coconut op's unfused path)
+  current     what the engine runs now: the coconut fused "decode"/"multirow" kernel (norm sites) or
+              nanovllm.kernels.gemv (plain / silu_mul sites)
+
+Usage: python benchmarks/sweep_decode_linear.py [--sites qkv,gate_up] [--ms 1,4] [--out PATH]
+Writes JSON (meta + rows) to benchmarks/results/sweep-decode-linear-h200.json and prints the best configs.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+import common  # noqa: E402
+
+# name: (N, K, MODE, HAS_RES)
+SITES: dict[str, tuple[int, int, int, bool]] = {
+    "qkv": (4096, 1024, 1, True),
+    "gate_up": (6144, 1024, 1, True),
+    "o_proj": (1024, 2048, 0, False),
+    "down_proj": (1024, 3072, 2, False),
+    "lm_head": (151936, 1024, 1, False),
+}
+BNS = (1, 2, 4, 8, 16)
+WARPS = (1, 2, 4, 8)
+GRIDS = ("tiles", "1xSM", "2xSM", "4xSM", "8xSM")
+MAX_ELEMS = 128  # W elements per thread of one slab
+MIN_ELEMS = 8
+L2_BYTES = 60 << 20
+EPS = 1e-6
+
+
+@triton.jit
+def _stream_kernel(x_ptr, r_ptr, g_ptr, w_ptr, y_ptr, h_ptr, M, N, eps,
+                   K: tl.constexpr, MODE: tl.constexpr, HAS_RES: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BKP: tl.constexpr):
+    """See the module docstring. x: [M, K] (MODE 2: [M, 2K]); r, h: [M, K]; g: [K]; W: [N, K]; y: [M, N]."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    num_tiles = tl.cdiv(N, BN)
+    rk = tl.arange(0, BKP)
+    k_mask = rk < K
+    rn0 = tl.arange(0, BN)
+    dt = y_ptr.dtype.element_ty
+    XS: tl.constexpr = 2 * K if MODE == 2 else K
+    rn = pid * BN + rn0
+    w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :], mask=(rn < N)[:, None] & k_mask[None, :],
+                other=0.0, eviction_policy="evict_first")
+    if MODE == 1:
+        g = tl.load(g_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
+    for t in range(pid, num_tiles, nprog):
+        rn = t * BN + rn0
+        n_mask = rn < N
+        tn = t + nprog
+        rn_next = tn * BN + rn0
+        w_next = tl.load(w_ptr + rn_next.to(tl.int64)[:, None] * K + rk[None, :],
+                         mask=(rn_next < N)[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
+        wf = w.to(tl.float32)
+        for m in tl.static_range(BM):
+            if m < M:
+                xv = tl.load(x_ptr + m * XS + rk, mask=k_mask, other=0.0)
+                if MODE == 1:
+                    if HAS_RES:
+                        xv = (xv.to(tl.float32) + tl.load(r_ptr + m * K + rk, mask=k_mask, other=0.0)
+                              .to(tl.float32)).to(dt)
+                        if t == pid:
+                            if pid == 0:
+                                tl.store(h_ptr + m * K + rk, xv, mask=k_mask)
+                    hf = xv.to(tl.float32)
+                    inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / K + eps)
+                    y = tl.sum(wf * (hf * g)[None, :], axis=1) * inv
+                elif MODE == 2:
+                    up = tl.load(x_ptr + m * XS + K + rk, mask=k_mask, other=0.0).to(tl.float32)
+                    gate = xv.to(tl.float32)
+                    y = tl.sum(wf * (gate / (1.0 + tl.exp(-gate)) * up)[None, :], axis=1)
+                else:
+                    y = tl.sum(wf * xv.to(tl.float32)[None, :], axis=1)
+                tl.store(y_ptr + m * N + rn, y.to(dt), mask=n_mask)
+        w = w_next
+
+
+def num_sms() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count
+
+
+def grid_size(grid: str, n: int, bn: int) -> int:
+    tiles = triton.cdiv(n, bn)
+    if grid == "tiles":
+        return tiles
+    return min(tiles, int(grid.split("x")[0]) * num_sms())
+
+
+def stream(x: torch.Tensor, r: torch.Tensor | None, g: torch.Tensor | None, w: torch.Tensor, y: torch.Tensor,
+           h: torch.Tensor | None, mode: int, bn: int, warps: int, grid: str) -> torch.Tensor:
+    m = y.shape[0]
+    n, k = w.shape
+    _stream_kernel[(grid_size(grid, n, bn),)](
+        x, r if r is not None else x, g if g is not None else w, w, y, h if h is not None else y, m, n, EPS,
+        K=k, MODE=mode, HAS_RES=r is not None, BM=triton.next_power_of_2(m), BN=bn,
+        BKP=triton.next_power_of_2(k), num_warps=warps, num_stages=1)
+    return y
+
+
+def configs(k: int) -> list[tuple[int, int]]:
+    kp = triton.next_power_of_2(k)
+    return [(bn, wp) for bn in BNS for wp in WARPS if MIN_ELEMS <= bn * kp // (32 * wp) <= MAX_ELEMS]
+
+
+def make_inputs(site: str, m: int, copies: int, gen: torch.Generator) -> dict[str, Any]:
+    n, k, mode, has_res = SITES[site]
+    dev, dt = "cuda", torch.bfloat16
+    kx = 2 * k if mode == 2 else k
+    return {
+        "x": torch.randn(m, kx, device=dev, dtype=dt, generator=gen),
+        "r": torch.randn(m, k, device=dev, dtype=dt, generator=gen) if has_res else None,
+        "g": (1.0 + 0.1 * torch.randn(k, device=dev, dtype=dt, generator=gen)) if mode == 1 else None,
+        "ws": [torch.randn(n, k, device=dev, dtype=dt, generator=gen) * k ** -0.5 for _ in range(copies)],
+        "y": torch.empty(m, n, device=dev, dtype=dt),
+        "h": torch.empty(m, k, device=dev, dtype=dt) if has_res else None,
+    }
+
+
+def reference(site: str, inp: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float32 reference of y (and of h = x + r in the activation dtype)."""
+    n, k, mode, has_res = SITES[site]
+    x = inp["x"].float()
+    w = inp["ws"][0].float()
+    h = None
+    if mode == 1:
+        hb = (x + inp["r"].float()).to(torch.bfloat16) if has_res else inp["x"]
+        h = hb if has_res else None
+        hf = hb.float()
+        a = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + EPS) * inp["g"].float()
+    elif mode == 2:
+        gate, up = x.chunk(2, -1)
+        a = F.silu(gate) * up
+    else:
+        a = x
+    return a @ w.t(), h
+
+
+def _precompile(job: tuple[str, int, int, int]) -> str:
+    site, m, bn, warps = job
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    inp = make_inputs(site, m, 1, gen)
+    stream(inp["x"], inp["r"], inp["g"], inp["ws"][0], inp["y"], inp["h"], SITES[site][2], bn, warps, "tiles")
+    torch.cuda.synchronize()
+    return f"{site} {m} {bn} {warps}"
+
+
+def precompile(jobs: list[tuple[str, int, int, int]], workers: int) -> float:
+    t0 = time.time()
+    if workers > 0 and len(jobs) > 1:
+        import multiprocessing as mp
+
+        try:
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
+                list(ex.map(_precompile, jobs))
+        except Exception as e:  # noqa: BLE001 - the timing loop compiles whatever is missing
+            print(f"[precompile] workers failed ({type(e).__name__}: {e})", flush=True)
+    return time.time() - t0
+
+
+def baselines(site: str, m: int, inp: dict[str, Any], copies: int, time_fn: Callable[..., float]
+              ) -> dict[str, float]:
+    """cuBLAS alone, the unfused norm path (norm sites) and the kernel the engine runs today."""
+    from fusion_pass import kernels as FK
+    from nanovllm.kernels import gemv as G
+
+    n, k, mode, has_res = SITES[site]
+    x, r, g, ws, h = inp["x"], inp["r"], inp["g"], inp["ws"], inp["h"]
+    out: dict[str, float] = {}
+    if mode == 1:
+        a, _ = FK.triton_rms_norm(x, g, EPS, residual2d=r)
+    elif mode == 2:
+        a = G.apply_act(x, "silu_mul")
+    else:
+        a = x
+    out["cublas"] = time_fn(lambda i: F.linear(a, ws[i]))
+    if mode == 1:
+        out["unfused"] = time_fn(lambda i: F.linear(FK.triton_rms_norm(x, g, EPS, residual2d=r)[0], ws[i]))
+        if site != "lm_head":
+            variant, cfg = ("decode", (4, 1024, 4, 1, 0)) if m <= 2 else ("multirow", (4, 1024, 1))
+            out["current"] = time_fn(lambda i: FK.fused_linear(x, g, ws[i], None, EPS, residual2d=r, h_out=h,
+                                                               variant=variant, config=cfg))
+    else:
+        act = "silu_mul" if mode == 2 else "none"
+        out["current"] = time_fn(lambda i: G.gemv_triton(x, ws[i], None, act))
+    return {kk: round(v, 3) for kk, v in out.items()}
+
+
+def bench_site(site: str, ms: list[int], args: argparse.Namespace, t0: float) -> list[dict[str, Any]]:
+    import bench_gemv
+
+    n, k, mode, has_res = SITES[site]
+    w_bytes = n * k * 2
+    reps = args.reps
+    copies = max(reps, math.ceil(math.ceil(2 * L2_BYTES / w_bytes) / reps) * reps)
+    if site == "lm_head":
+        reps, copies = 1, 2  # 311 MB per copy: two copies exceed the L2 ten times over
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for m in ms:
+        if time.time() - t0 > args.budget_s:
+            rows.append({"site": site, "M": m, "error": "skipped: time budget"})
+            continue
+        inp = make_inputs(site, m, copies, gen)
+
+        def time_fn(fn: Callable[[int], Any]) -> float:
+            return bench_gemv.graph_time_us(fn, copies, reps, args.rounds)
+
+        row: dict[str, Any] = {"site": site, "M": m, "N": n, "K": k, "mode": mode, "has_res": has_res,
+                               "floor_us": round(w_bytes / common.H200_BANDWIDTH_BYTES_PER_S * 1e6, 3)}
+        try:
+            row["baselines_us"] = baselines(site, m, inp, copies, time_fn)
+        except Exception as e:  # noqa: BLE001
+            row["baseline_error"] = f"{type(e).__name__}: {e}"
+        ref, href = reference(site, inp)
+        times: dict[str, float] = {}
+        errs: dict[str, float] = {}
+        for bn, warps in configs(k):
+            for grid in GRIDS:
+                if grid != "tiles" and grid_size(grid, n, bn) >= triton.cdiv(n, bn):
+                    continue  # the same launch as "tiles"
+                name = f"bn{bn}w{warps}/{grid}"
+                try:
+                    fn = (lambda i, bn=bn, warps=warps, grid=grid:
+                          stream(inp["x"], inp["r"], inp["g"], inp["ws"][i], inp["y"], inp["h"], mode, bn, warps,
+                                 grid))
+                    times[name] = round(time_fn(fn), 3)
+                    inp["y"].fill_(float("nan"))
+                    fn(0)
+                    e = float(((inp["y"].float() - ref).norm() / ref.norm()).item())
+                    if href is not None:
+                        e = max(e, float((inp["h"].float() - href.float()).abs().max().item()))
+                    errs[name] = e
+                except Exception as ex:  # noqa: BLE001
+                    times[name] = float("nan")
+                    errs[name] = float("nan")
+                    print(f"  {site} M={m} {name}: {type(ex).__name__}: {str(ex)[:200]}", flush=True)
+        ok = {kk: v for kk, v in times.items() if v == v and errs[kk] < 1e-2}
+        best = min(ok, key=ok.get) if ok else None
+        row.update({"stream_us": times, "stream_rel_err": errs, "best": best,
+                    "best_us": ok.get(best) if best else None,
+                    "bad_configs": sorted(kk for kk in times if not (errs[kk] < 1e-2))})
+        b = row.get("baselines_us", {})
+        if best:
+            for kk, v in b.items():
+                row[f"speedup_vs_{kk}"] = round(v / ok[best], 3)
+        print(f"{site:9} M={m}  floor {row['floor_us']}  baselines {b}  best {best} {row['best_us']}  "
+              f"bad {len(row['bad_configs'])}", flush=True)
+        top = sorted(ok.items(), key=lambda kv: kv[1])[:8]
+        print("   top: " + ", ".join(f"{kk} {v}" for kk, v in top), flush=True)
+        rows.append(row)
+        del inp
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sites", default=",".join(SITES))
+    p.add_argument("--ms", default="1,4")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--workers", type=int, default=12)
+    p.add_argument("--budget-s", type=float, default=240.0)
+    p.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "sweep-decode-linear-h200.json"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sweep_decode_linear.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    sites = [s for s in args.sites.split(",") if s]
+    ms = [int(v) for v in args.ms.split(",") if v]
+    jobs, seen = [], set()
+    for s in sites:
+        for m in ms:
+            if s == "lm_head" and m > 1:
+                continue
+            for bn, wp in configs(SITES[s][1]):
+                key = (SITES[s][1:], triton.next_power_of_2(m), bn, wp)  # the kernel's specialization
+                if key not in seen:
+                    seen.add(key)
+                    jobs.append((s, m, bn, wp))
+    cs = precompile(jobs, args.workers)
+    print(f"precompiled {len(jobs)} kernels in {cs:.1f} s", flush=True)
+    rows: list[dict[str, Any]] = []
+    for s in sites:
+        rows += bench_site(s, [m for m in ms if not (s == "lm_head" and m > 1)], args, t0)
+    meta = common.run_metadata(None if argv is None else [sys.argv[0], *argv])
+    meta.update({"num_sms": num_sms(), "precompile_s": round(cs, 1), "wall_s": round(time.time() - t0, 1),
+                 "reps_per_graph": args.reps, "rounds": args.rounds})
+    path = common.write_json(args.out, {"meta": meta, "rows": rows})
+    print(f"wrote {path} in {meta['wall_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
