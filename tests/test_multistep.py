@@ -112,6 +112,15 @@ def test_bad_num_scheduler_steps_is_named(tiny_ckpt: str, value: object, exc: ty
         LLM(tiny_ckpt, device="cpu", num_scheduler_steps=value)
 
 
+def test_default_is_one_step_on_the_cpu_and_eight_on_one_gpu(tiny_ckpt: str) -> None:
+    from nanovllm.config import GPU_DEFAULT_SCHEDULER_STEPS, default_num_scheduler_steps
+
+    assert LLM(tiny_ckpt, device="cpu").config.num_scheduler_steps == 1
+    assert LLM(tiny_ckpt, device="cpu", num_scheduler_steps=None).config.num_scheduler_steps == 1
+    assert default_num_scheduler_steps("cuda", 1) == GPU_DEFAULT_SCHEDULER_STEPS == 8
+    assert default_num_scheduler_steps("cuda", 2) == 1 and default_num_scheduler_steps("cpu", 1) == 1
+
+
 # ---- scheduler and buffers ---------------------------------------------------------------------------------------
 class _Cfg:
     max_num_seqs, max_num_batched_tokens, max_model_len, eos_token_ids = 8, 64, 64, frozenset({EOS})
