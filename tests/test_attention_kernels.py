@@ -234,7 +234,7 @@ def test_decode_max_context_len_hint_and_padding_rows() -> None:
             assert torch.equal(out[3], torch.zeros_like(out[3]))
 
 
-@pytest.mark.parametrize("value, want", [(None, True), ("", True), ("1", True), ("0", False), ("on", None)])
+@pytest.mark.parametrize("value, want", [(None, False), ("", False), ("1", True), ("0", False), ("on", None)])
 def test_fused_reduce_flag_parsing(value: str | None, want: bool | None) -> None:
     import importlib
 
@@ -391,7 +391,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 pa = importlib.import_module("nanovllm.kernels.prefill_attention")
 da = importlib.import_module("nanovllm.kernels.decode_attention")
-INT_PTRS = {"bt_ptr", "cu_q_ptr", "cu_k_ptr", "ctx_ptr", "lock_ptr"}
+INT_PTRS = {"bt_ptr", "cu_q_ptr", "cu_k_ptr", "ctx_ptr", "lock_ptr", "slot_ptr"}
 F32_PTRS = {"m_part_ptr", "l_part_ptr", "acc_part_ptr"}
 
 def compile_one(fn, ptr, consts, warps, stages, want_mma):
@@ -415,10 +415,14 @@ for ptr, prec, bn, mma in (("*bf16", "tf32", 64, True), ("*fp32", "ieee", 32, Fa
     for bs in (16, 256):
         compile_one(pa._prefill_kernel, ptr, dict(GROUP=2, GROUP_PAD=2, BLOCK_M=64, BLOCK_N=bn, BLOCK_SIZE=bs,
                                                   HEAD_DIM=128, DOT_PRECISION=prec), 8, 2, mma)
-for bs, direct, fused in ((16, False, False), (256, True, False), (16, False, True)):
+for bs, direct, fused, pdl in ((16, False, False, False), (256, True, False, True), (16, False, True, True)):
     compile_one(da._decode_split_kernel, "*bf16", dict(NUM_HEADS=16, GROUP=2,
                 ROWS=16, BLOCK_N=64, BLOCK_SIZE=bs, HEAD_DIM=128, DIRECT=direct, DOT_PRECISION="tf32",
-                FUSED_REDUCE=fused, SPLITS_PAD=64), 4, 3, True)
+                FUSED_REDUCE=fused, SPLITS_PAD=64, USE_PDL=pdl), 4, 3, True)
+ks = importlib.import_module("nanovllm.kernels.kv_store")
+for pdl in (False, True):
+    compile_one(ks._store_kvcache_kernel, "*bf16", dict(NUM_KV_HEADS=8, HEAD_DIM=128, HEADS_PAD=8, DIM_PAD=128,
+                                                        USE_PDL=pdl), 4, 1, False)
 compile_one(da._decode_reduce_kernel, "*bf16", dict(NUM_HEADS=16, SPLITS_PAD=8, BLOCK_N=64,
                                                     HEAD_DIM=128), 4, 1, False)
 print("AOT-OK")

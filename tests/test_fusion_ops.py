@@ -321,18 +321,21 @@ from fusion_pass import kernels
 p = "*bf16"
 sig = {"x_ptr": p, "r_ptr": p, "g_ptr": p, "w_ptr": p, "b_ptr": p, "y_ptr": p, "h_ptr": p, "M": "i32", "N": "i32",
        "eps": "fp32", "K": "constexpr", "HAS_RES": "constexpr", "HAS_BIAS": "constexpr", "WRITE_H": "constexpr",
-       "BM": "constexpr", "BN": "constexpr", "BKP": "constexpr"}
+       "BM": "constexpr", "BN": "constexpr", "BKP": "constexpr", "USE_PDL": "constexpr"}
 names = list(sig)
 attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n == "N"}
 n = 0
 for bm, cfgs in kernels.STREAM_CONFIGS.items():
     for bn, warps, _ in cfgs:
-        for k, res in ((1024, True), (1024, False), (3072, True)):
-            consts = dict(K=k, HAS_RES=res, HAS_BIAS=False, WRITE_H=res, BM=bm, BN=bn, BKP=triton.next_power_of_2(k))
+        for k, res, pdl in ((1024, True, False), (1024, False, True), (3072, True, False)):
+            consts = dict(K=k, HAS_RES=res, HAS_BIAS=False, WRITE_H=res, BM=bm, BN=bn, BKP=triton.next_power_of_2(k),
+                          USE_PDL=pdl)
             c = triton.compile(ASTSource(fn=kernels._fused_stream_kernel, signature=sig, constexprs=consts,
                                          attrs=attrs),
-                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+                               target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": warps, "num_stages": 1, "launch_pdl": pdl})
             assert "cubin" in c.asm, (bm, bn, warps, consts)
+            assert ("griddepcontrol.wait" in c.asm["ptx"]) == pdl
             n += 1
 print("AOT-OK", n)
 """

@@ -290,12 +290,14 @@ assert seen == set(G.CONFIG_CHOICES), seen  # every config of the rule is compil
 for act, k in (("none", 2048), ("silu_mul", 3072)):  # the M = 1 row kernel at the Qwen3-0.6B shapes
     bn, warps = G.row_config(k)
     fn = G._gemv_row_kernel
-    consts = dict(K=k, ACT=act, HAS_BIAS=False, BLOCK_N=bn, BKP=triton.next_power_of_2(k))
+    consts = dict(K=k, ACT=act, HAS_BIAS=False, BLOCK_N=bn, BKP=triton.next_power_of_2(k), USE_PDL=act == "none")
     sig = {n: ("constexpr" if n in consts else "*bf16" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")}
     c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1,
+                                                                  "launch_pdl": consts["USE_PDL"]})
     assert re.search(r"ld\.global[\w:.]*\.v4\.b32", c.asm["ptx"]), "weight loads are not 16-byte vectors"
+    assert ("griddepcontrol.wait" in c.asm["ptx"]) == consts["USE_PDL"]
     assert spills(c) == 0, (act, k)
 fn = G._silu_mul_kernel  # the op's one-pass SwiGLU for large M
 sig = {n: ("*bf16" if n.endswith("_ptr") else "i32") for n in fn.arg_names if n != "BLOCK"}
@@ -367,3 +369,26 @@ def test_bench_gemv_logic_on_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     cross = bench_gemv.crossover(rows)
     assert set(cross) == {"o_proj", "down_proj", "qkv", "suggested_NANOVLLM_GEMV_MAX_M"}
     bench_gemv.print_rows(rows + [{"shape": "qkv", "M": 2, "floor_us": 1.0, "error": "boom"}])
+
+
+@pytest.mark.parametrize("value, want", [(None, True), ("", True), ("0", False), ("1", True), ("true", None)])
+def test_pdl_flag_parsing(value: str | None, want: bool | None) -> None:
+    from nanovllm.kernels import pdl
+
+    if want is None:
+        with pytest.raises(ValueError, match="NANOVLLM_PDL"):
+            pdl.pdl_from_env(value)
+    else:
+        assert pdl.pdl_from_env(value) is want
+
+
+def test_pdl_is_never_used_off_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even when enabled, a CPU tensor (the Triton interpreter) gets no PDL launch option: the interpreter would
+    take ``launch_pdl`` for a kernel argument."""
+    from nanovllm.kernels import pdl
+
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    x = torch.zeros(1, 8)
+    assert not pdl.use_pdl(x) and pdl.pdl_launch_options(x) == {}
+    w = torch.randn(4, 8)
+    assert torch.allclose(G.gemv(x + 1, w, force_triton=True), (x + 1) @ w.t(), atol=1e-5)

@@ -21,7 +21,8 @@ for its ``G`` heads with the formula above (loads that bypass L1) and resets the
 This is the "last block does the reduction" pattern of CUDA's threadFenceReduction sample (CUDA Programming
 Guide, memory fence functions). The counters are allocated once per device (:func:`reserve_decode_locks`, called
 by the engine before it captures CUDA graphs); a launch that finds no large enough buffer while a graph is being
-captured falls back to the two kernels.
+captured falls back to the two kernels. Correct on the H200 (48/48 cases of bench_attention's correctness section,
+CUDA-graph replays included) but slower there, so it is off unless ``NANOVLLM_DECODE_FUSED_REDUCE=1``.
 
 The number of splits depends only on static quantities (``B``, ``Hkv``, the SM count and the context bound
 ``W * block_size`` from the block-table width, or ``max_context_len`` if given), never on ``context_lens``'
@@ -41,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_launch_options, use_pdl
 from .attention_common import LOG2E, check_out, check_paged_attention_args, online_softmax_tile
 from .reference import decode_attention_ref
 
@@ -53,19 +55,22 @@ ENV_FUSED_REDUCE = "NANOVLLM_DECODE_FUSED_REDUCE"
 
 
 def fused_reduce_from_env(value: str | None) -> bool:
-    """Parse ``NANOVLLM_DECODE_FUSED_REDUCE``: unset, empty or ``1`` -> True, ``0`` -> False.
+    """Parse ``NANOVLLM_DECODE_FUSED_REDUCE``: unset, empty or ``0`` -> False, ``1`` -> True.
 
     Raises:
         ValueError: any other value.
     """
-    if value is None or value.strip() in ("", "1"):
-        return True
-    if value.strip() == "0":
+    if value is None or value.strip() in ("", "0"):
         return False
+    if value.strip() == "1":
+        return True
     raise ValueError(f"{ENV_FUSED_REDUCE} must be 0 or 1, got {value!r}")
 
 
-# One launch (split + last-program reduction) instead of two (module docstring); read once, at import.
+# One launch (split + last-program reduction) instead of two (module docstring); read once, at import. Off by default:
+# on the H200 it was 5-14 % SLOWER than the two launches at batch 1-64 (bench_attention's decode timing, e.g. batch 1,
+# 512 tokens: 7.09 us against 6.52; benchmarks/results/attention-fused-reduce-h200.json): the last program's serial
+# combine and the atomics cost more than the second launch saves inside a CUDA graph.
 DECODE_FUSED_REDUCE: bool = fused_reduce_from_env(os.environ.get(ENV_FUSED_REDUCE))
 _LOCKS: dict[tuple[str, int], torch.Tensor] = {}
 _MIN_LOCKS = 8192
@@ -152,10 +157,14 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if USE_PDL:  # q and the newest K/V come from the previous kernels (kernels/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     ctx_len = tl.load(ctx_ptr + seq)
     # Splits without a tile exit; split 0 always runs so a padding row (ctx_len == 0) still gets a defined 0 output.
     if (split > 0) & (split * BLOCK_N >= ctx_len):
@@ -344,8 +353,10 @@ def decode_attention_triton(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FUSED_REDUCE=fused,
         SPLITS_PAD=splits_pad,
+        USE_PDL=use_pdl(q),
         num_warps=4,
         num_stages=3,
+        **pdl_launch_options(q),
     )
     if not direct and not fused:
         _decode_reduce_kernel[(batch, num_heads)](

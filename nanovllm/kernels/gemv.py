@@ -51,6 +51,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .pdl import pdl_launch_options, use_pdl
+
 ACTS = ("none", "silu_mul")
 MAX_M = 16  # the most rows one launch takes (BLOCK_M = next_power_of_2(M) <= 16 unrolled rows)
 GEMV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -258,7 +260,7 @@ def _gemv_kernel(
 
 @triton.jit
 def _gemv_row_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BKP: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BKP: tl.constexpr, USE_PDL: tl.constexpr = False):
     """y[0, pid*BLOCK_N : +BLOCK_N] = act(x[0]) @ W^T (+ b) for ONE row of x: the whole [BLOCK_N, K] slab of W in one
     load (BKP = next_power_of_2(K) columns, K a compile-time constant), then one tl.sum over K per output."""
     pid = tl.program_id(0)
@@ -268,6 +270,9 @@ def _gemv_row_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K: tl.constexpr, ACT: tl.con
     k_mask = rk < K
     w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                 eviction_policy="evict_first")
+    if USE_PDL:  # the weights are read before the previous kernel ends; x after (kernels/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     first, second = _load_x(x_ptr, 0, rk, k_mask, K, ACT)
     y = tl.sum(w.to(tl.float32) * _act(first, second, ACT)[None, :], axis=1)
     if HAS_BIAS:
@@ -358,9 +363,11 @@ def gemv_triton(
         return out
     if m == 1 and config is None and k <= MAX_ROW_K:
         bn, warps = row_config(k)
+        pdl = use_pdl(x)
         _gemv_row_kernel[(triton.cdiv(n, bn),)](x, weight, bias if bias is not None else weight, out, n, K=k, ACT=act,
                                                 HAS_BIAS=bias is not None, BLOCK_N=bn,
-                                                BKP=triton.next_power_of_2(k), num_warps=warps, num_stages=1)
+                                                BKP=triton.next_power_of_2(k), USE_PDL=pdl, num_warps=warps,
+                                                num_stages=1, **pdl_launch_options(x))
         return out
     cfg = config if config is not None else choose_config(m, n, k)
     if cfg.block_k & (cfg.block_k - 1) or cfg.block_n & (cfg.block_n - 1):

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_launch_options, use_pdl
 from .reference import _check_store_shapes, store_kvcache_ref
 
 
@@ -27,8 +28,12 @@ def _store_kvcache_kernel(
     HEAD_DIM: tl.constexpr,
     HEADS_PAD: tl.constexpr,
     DIM_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     token = tl.program_id(0)
+    if USE_PDL:  # everything depends on the previous kernels (kernels/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot < 0:
         return
@@ -72,7 +77,9 @@ def store_kvcache_triton(
         HEAD_DIM=head_dim,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         DIM_PAD=triton.next_power_of_2(head_dim),
+        USE_PDL=use_pdl(key),
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
+        **pdl_launch_options(key),
     )
 
 

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.pdl import pdl_launch_options, use_pdl
 from nanovllm.layers.layernorm import rms_norm
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 
@@ -49,10 +50,13 @@ def qk_norm_rope_ref(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.
 @triton.jit
 def _qk_norm_rope_kernel(qkv_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr, q_ptr, k_ptr, stride_t, stride_cs, eps,
                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, ROWS: tl.constexpr,
-                         HALF: tl.constexpr):
+                         HALF: tl.constexpr, USE_PDL: tl.constexpr = False):
     """One token: rows ``[0, NUM_HEADS)`` are its q heads, ``[NUM_HEADS, NUM_HEADS + NUM_KV_HEADS)`` its k heads,
     each split in two halves of ``HALF`` columns; q is written ``[T, NUM_HEADS, 2 HALF]``, k likewise."""
     t = tl.program_id(0)
+    if USE_PDL:  # everything below depends on the previous kernel (kernels/pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     r = tl.arange(0, ROWS)
     c = tl.arange(0, HALF)
     is_q = r < NUM_HEADS
@@ -134,5 +138,6 @@ def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tens
     _qk_norm_rope_kernel[(t,)](qkv, q_weight.contiguous(), k_weight.contiguous(), cs, positions, q, k,
                                qkv.stride(0), cs.stride(0), float(eps), NUM_HEADS=num_heads,
                                NUM_KV_HEADS=num_kv_heads, ROWS=triton.next_power_of_2(num_heads + num_kv_heads),
-                               HALF=head_dim // 2, num_warps=4)
+                               HALF=head_dim // 2, USE_PDL=use_pdl(qkv), num_warps=4,
+                               **pdl_launch_options(qkv))
     return q, k

@@ -1,0 +1,174 @@
+"""Time the batch-1 decode chain of our kernels with and without programmatic dependent launch (PDL).
+
+One decode step of a Qwen3-0.6B-shaped model made of the kernels the engine runs at batch 1 (bf16, 28 layers, each
+with its own weights, 840 MB in all, so every GEMV reads from HBM), captured in one CUDA graph:
+
+    fused residual + RMSNorm + qkv ("stream")  ->  q/k norm + RoPE  ->  KV store  ->  split-KV decode attention
+    ->  o_proj row GEMV  ->  fused residual + RMSNorm + gate_up ("stream")  ->  down_proj row GEMV with SwiGLU
+
+PDL (nanovllm/kernels/pdl.py) lets each kernel start while the previous one runs and load its weights before
+waiting. The graph is captured twice, PDL off and on (module flags set before each capture), replayed `--rounds`
+times each in alternation; reported: median ms per step, the ratio, and whether both outputs are bitwise equal.
+
+Usage (GPU): python benchmarks/bench_pdl_chain.py [--ctx 512] [--out PATH]
+Writes JSON to benchmarks/results/pdl-chain-h200.json.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import statistics
+import sys
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+
+LAYERS, HIDDEN, H, HKV, D, INTER, BLOCK = 28, 1024, 16, 8, 128, 3072, 16
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=50)
+    p.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "pdl-chain-h200.json"))
+    p.add_argument("--layers", type=int, default=LAYERS)
+    p.add_argument("--check-cpu", action="store_true", help="run the chain once on the CPU (TRITON_INTERPRET=1) "
+                   "against a float32 PyTorch model of the same layers, then exit (a test of this script)")
+    args = p.parse_args(argv)
+    if args.check_cpu:
+        return check_cpu(args)
+    if not torch.cuda.is_available():
+        print("bench_pdl_chain.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from fusion_pass import kernels as FK
+    from nanovllm.kernels import decode_attention, qk_norm_rope, store_kvcache
+    from nanovllm.kernels import gemv as G
+    from nanovllm.layers.rotary_embedding import RotaryEmbedding
+    pdl = importlib.import_module("nanovllm.kernels.pdl")
+
+    dev, dt, eps = "cuda", torch.bfloat16, 1e-6
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, device=dev, generator=gen) * scale).to(dt)
+
+    L = [dict(wqkv=rnd((H + 2 * HKV) * D, HIDDEN, scale=HIDDEN ** -0.5), wo=rnd(HIDDEN, H * D, scale=(H * D) ** -0.5),
+              wgu=rnd(2 * INTER, HIDDEN, scale=HIDDEN ** -0.5), wd=rnd(HIDDEN, INTER, scale=INTER ** -0.5),
+              g1=1 + rnd(HIDDEN, scale=0.1), g2=1 + rnd(HIDDEN, scale=0.1), qw=1 + rnd(D, scale=0.1),
+              kw=1 + rnd(D, scale=0.1)) for _ in range(args.layers)]
+    nblk = (args.ctx + BLOCK - 1) // BLOCK + 1
+    kc = [rnd(nblk, BLOCK, HKV, D) for _ in range(args.layers)]
+    vc = [rnd(nblk, BLOCK, HKV, D) for _ in range(args.layers)]
+    bt = torch.arange(nblk, device=dev, dtype=torch.int32)[None, :]
+    lens = torch.tensor([args.ctx], device=dev, dtype=torch.int32)
+    slot = torch.tensor([args.ctx - 1], device=dev, dtype=torch.int64)
+    pos = torch.tensor([args.ctx - 1], device=dev, dtype=torch.int64)
+    cs = RotaryEmbedding(D, 4096, 1_000_000.0).to(dev).cos_sin_cache
+    x0 = rnd(1, HIDDEN)
+    r0 = rnd(1, HIDDEN)
+
+    def step() -> torch.Tensor:
+        x, res = x0, r0
+        for lw, k_cache, v_cache in zip(L, kc, vc):
+            h = torch.empty_like(x)
+            qkv = FK.fused_linear(x, lw["g1"], lw["wqkv"], None, eps, residual2d=res, h_out=h, variant="stream",
+                                  config=(4, 4, 4))
+            q, k = qk_norm_rope(qkv, lw["qw"], lw["kw"], cs, pos, H, HKV, eps)
+            v = qkv[:, (H + HKV) * D:].view(1, HKV, D)
+            store_kvcache(k, v, k_cache, v_cache, slot)
+            o = decode_attention(q, k_cache, v_cache, bt, lens, D ** -0.5)
+            a = G.gemv(o.view(1, H * D), lw["wo"])
+            h2 = torch.empty_like(x)
+            gu = FK.fused_linear(a, lw["g2"], lw["wgu"], None, eps, residual2d=h, h_out=h2, variant="stream",
+                                 config=(4, 4, 4))
+            x, res = G.gemv(gu, lw["wd"], act="silu_mul"), h2
+        return x + res
+
+    results: dict[str, Any] = {}
+    graphs, outs = {}, {}
+    for mode in ("off", "on"):
+        pdl.ENABLED = FK.PDL_ENABLED = mode == "on"
+        step()  # compile this mode's kernel variants outside the capture
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs[mode] = step()
+        graphs[mode] = g
+    pdl.ENABLED = FK.PDL_ENABLED = False
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    for mode in ("off", "on"):
+        for _ in range(3):
+            graphs[mode].replay()
+    torch.cuda.synchronize()
+    for _ in range(args.rounds):
+        for mode in ("off", "on"):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graphs[mode].replay()
+            b.record()
+            b.synchronize()
+            times[mode].append(a.elapsed_time(b))
+    eager_ref = step()
+    results = {"ctx": args.ctx, "layers": args.layers,
+               "ms_pdl_off": statistics.median(times["off"]), "ms_pdl_on": statistics.median(times["on"]),
+               "outputs_equal": bool(torch.equal(outs["off"], outs["on"])),
+               "graph_equals_eager": bool(torch.equal(outs["off"], eager_ref))}
+    results["speedup"] = results["ms_pdl_off"] / results["ms_pdl_on"]
+    print(results, flush=True)
+    meta = common.run_metadata(None if argv is None else [sys.argv[0], *argv])
+    path = common.write_json(args.out, {"meta": meta, **results})
+    print(f"wrote {path}")
+    return 0 if results["outputs_equal"] else 1
+
+
+def check_cpu(args: argparse.Namespace) -> int:
+    """The chain's kernels in the Triton interpreter (fp32, one small layer) against plain PyTorch ops."""
+    import torch.nn.functional as F
+
+    from fusion_pass import kernels as FK
+    from nanovllm.kernels import decode_attention_triton, qk_norm_rope, qk_norm_rope_ref, store_kvcache
+    from nanovllm.kernels import gemv as G
+
+    gen = torch.Generator().manual_seed(0)
+    n_h, n_kv, d, hid, inter, ctx = 4, 2, 16, 64, 96, 20
+    w = lambda *s: torch.randn(*s, generator=gen) * s[-1] ** -0.5  # noqa: E731
+    x, r, g = torch.randn(1, hid, generator=gen), torch.randn(1, hid, generator=gen), 1 + 0.1 * torch.randn(hid)
+    wqkv, wo = w((n_h + 2 * n_kv) * d, hid), w(hid, n_h * d)
+    h = torch.empty_like(x)
+    qkv = FK.fused_linear(x, g, wqkv, None, 1e-6, residual2d=r, h_out=h, variant="stream", config=(4, 4, 4))
+    ref_h = x + r
+    ref = F.linear(ref_h * torch.rsqrt(ref_h.pow(2).mean(-1, keepdim=True) + 1e-6) * g, wqkv)
+    ok = torch.allclose(qkv, ref, atol=1e-4) and torch.equal(h, ref_h)
+    cs = torch.randn(64, d)
+    pos = torch.tensor([ctx - 1])
+    q, k = qk_norm_rope(qkv, torch.ones(d), torch.ones(d), cs, pos, n_h, n_kv, 1e-6, force_triton=True)
+    qr, kr = qk_norm_rope_ref(qkv, torch.ones(d), torch.ones(d), cs, pos, n_h, n_kv, 1e-6)
+    ok &= torch.allclose(q, qr, atol=1e-5) and torch.allclose(k, kr, atol=1e-5)
+    kc, vc = torch.randn(4, BLOCK, n_kv, d), torch.randn(4, BLOCK, n_kv, d)
+    v = qkv[:, (n_h + n_kv) * d:].view(1, n_kv, d)
+    store_kvcache(k, v, kc, vc, torch.tensor([ctx - 1]))
+    bt = torch.arange(4, dtype=torch.int32)[None, :]
+    o = decode_attention_triton(q, kc, vc, bt, torch.tensor([ctx], dtype=torch.int32), d ** -0.5)
+    kk, vv = kc.view(-1, n_kv, d)[:ctx], vc.view(-1, n_kv, d)[:ctx]
+    att = torch.softmax(torch.einsum("hd,thd->ht", q[0], kk.repeat_interleave(n_h // n_kv, 1)) * d ** -0.5, -1)
+    o_ref = torch.einsum("ht,thd->hd", att, vv.repeat_interleave(n_h // n_kv, 1))
+    ok &= torch.allclose(o[0], o_ref, atol=1e-4)
+    a = G.gemv(o.view(1, n_h * d), wo, force_triton=True)
+    ok &= torch.allclose(a, F.linear(o.view(1, n_h * d), wo), atol=1e-4)
+    wd = w(hid, inter)
+    gu = torch.randn(1, 2 * inter, generator=gen)
+    y = G.gemv(gu, wd, act="silu_mul", force_triton=True)
+    ok &= torch.allclose(y, F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], wd), atol=1e-4)
+    print("check-cpu", "OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
