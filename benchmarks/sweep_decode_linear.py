@@ -1,20 +1,21 @@
 """Sweep of decode-shaped (M <= 4) linear kernels on the GPU: which launch shape streams a weight fastest?
 
-An experiment, not a library path: it times one parametrized Triton kernel, ``_stream_kernel``, over a grid of
-launch shapes for each linear site of a Qwen3-0.6B decode step, beside the kernels the engine runs today, so the
-next kernel can be chosen from data.
-
-``_stream_kernel`` computes ``y[m, n] = sum_k act(x)[m, k] * W[n, k]`` for M <= BM rows, where act is
+It times the whole-row GEMV design over a grid of launch shapes for each linear site of a Qwen3-0.6B decode step,
+beside the kernels the engine ran before, so the kernels could be chosen from data. Each program owns BN whole rows
+of W (one ``[BN, next_power_of_2(K)]`` load, 16-byte vectors along K) and computes ``y = act(x) @ W^T`` where act is
 
     MODE 0 (plain):    x                                   (o_proj)
     MODE 1 (norm):     (x + r) * g, times 1/rms(x + r)       (qkv, gate_up, lm_head: FlashNorm epilogue,
                                                              Graef et al. 2024, arXiv 2407.09577)
     MODE 2 (silu_mul): silu(gate) * up, x = [gate | up]    (down_proj)
 
-and each program owns BN whole rows of W (one ``[BN, BKP]`` load, BKP = next_power_of_2(K), 16-byte vectors along
-K). The grid is either one program per tile (``grid=tiles``) or persistent (``grid=<c>xSM``: c programs per SM,
-each looping over tiles with the next tile's W requested before the current one is reduced: register double
-buffering). The launch shapes swept: BN in 1..16 rows per program, 1-8 warps, and the grid.
+The grid is one program per tile (``grid=tiles``) or persistent (``grid=<c>xSM``: c programs per SM, each looping
+over tiles with the next tile's W requested before the current one is reduced). The launch shapes swept: BN in
+1..16 rows per program, 1-8 warps, and the grid. The kernels are the library's: fusion_pass's "stream" variant for
+MODE 1 (every grid, M <= 4) and nanovllm.kernels.gemv's M = 1 row kernel for MODE 0 / 2 (one program per tile). (The
+committed results/sweep-decode-linear-h200.json was measured with this script's first version, commit cf43532,
+which carried one kernel with all three modes and also tried persistent grids and M = 4 for MODE 0 / 2: the
+persistent grids did not win there, and at M = 4 cuBLAS or the register-blocked kernel won.)
 
 Timed like bench_gemv.py (CUDA graphs, weights rotated over > 2x the L2, median of rounds), against:
   cublas      F.linear on the precomputed activation
@@ -43,7 +44,6 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 import common  # noqa: E402
 
@@ -64,55 +64,6 @@ L2_BYTES = 60 << 20
 EPS = 1e-6
 
 
-@triton.jit
-def _stream_kernel(x_ptr, r_ptr, g_ptr, w_ptr, y_ptr, h_ptr, M, N, eps,
-                   K: tl.constexpr, MODE: tl.constexpr, HAS_RES: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BKP: tl.constexpr):
-    """See the module docstring. x: [M, K] (MODE 2: [M, 2K]); r, h: [M, K]; g: [K]; W: [N, K]; y: [M, N]."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    num_tiles = tl.cdiv(N, BN)
-    rk = tl.arange(0, BKP)
-    k_mask = rk < K
-    rn0 = tl.arange(0, BN)
-    dt = y_ptr.dtype.element_ty
-    XS: tl.constexpr = 2 * K if MODE == 2 else K
-    rn = pid * BN + rn0
-    w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :], mask=(rn < N)[:, None] & k_mask[None, :],
-                other=0.0, eviction_policy="evict_first")
-    if MODE == 1:
-        g = tl.load(g_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
-    for t in range(pid, num_tiles, nprog):
-        rn = t * BN + rn0
-        n_mask = rn < N
-        tn = t + nprog
-        rn_next = tn * BN + rn0
-        w_next = tl.load(w_ptr + rn_next.to(tl.int64)[:, None] * K + rk[None, :],
-                         mask=(rn_next < N)[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
-        wf = w.to(tl.float32)
-        for m in tl.static_range(BM):
-            if m < M:
-                xv = tl.load(x_ptr + m * XS + rk, mask=k_mask, other=0.0)
-                if MODE == 1:
-                    if HAS_RES:
-                        xv = (xv.to(tl.float32) + tl.load(r_ptr + m * K + rk, mask=k_mask, other=0.0)
-                              .to(tl.float32)).to(dt)
-                        if t == pid:
-                            if pid == 0:
-                                tl.store(h_ptr + m * K + rk, xv, mask=k_mask)
-                    hf = xv.to(tl.float32)
-                    inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / K + eps)
-                    y = tl.sum(wf * (hf * g)[None, :], axis=1) * inv
-                elif MODE == 2:
-                    up = tl.load(x_ptr + m * XS + K + rk, mask=k_mask, other=0.0).to(tl.float32)
-                    gate = xv.to(tl.float32)
-                    y = tl.sum(wf * (gate / (1.0 + tl.exp(-gate)) * up)[None, :], axis=1)
-                else:
-                    y = tl.sum(wf * xv.to(tl.float32)[None, :], axis=1)
-                tl.store(y_ptr + m * N + rn, y.to(dt), mask=n_mask)
-        w = w_next
-
-
 def num_sms() -> int:
     return torch.cuda.get_device_properties(0).multi_processor_count
 
@@ -124,15 +75,32 @@ def grid_size(grid: str, n: int, bn: int) -> int:
     return min(tiles, int(grid.split("x")[0]) * num_sms())
 
 
-def stream(x: torch.Tensor, r: torch.Tensor | None, g: torch.Tensor | None, w: torch.Tensor, y: torch.Tensor,
-           h: torch.Tensor | None, mode: int, bn: int, warps: int, grid: str) -> torch.Tensor:
-    m = y.shape[0]
+def stream(x: torch.Tensor, r: torch.Tensor | None, g: torch.Tensor | None, w: torch.Tensor, h: torch.Tensor | None,
+           mode: int, bn: int, warps: int, grid: str) -> torch.Tensor:
+    """One launch of the library kernel for this site and launch shape: fusion_pass's "stream" variant (norm sites,
+    any grid) or nanovllm.kernels.gemv's M = 1 row kernel (plain / SwiGLU sites, one program per tile). Returns y."""
+    from fusion_pass import kernels as FK
+    from nanovllm.kernels import gemv as G
+
+    m = x.shape[0]
     n, k = w.shape
-    _stream_kernel[(grid_size(grid, n, bn),)](
-        x, r if r is not None else x, g if g is not None else w, w, y, h if h is not None else y, m, n, EPS,
-        K=k, MODE=mode, HAS_RES=r is not None, BM=triton.next_power_of_2(m), BN=bn,
-        BKP=triton.next_power_of_2(k), num_warps=warps, num_stages=1)
+    if mode == 1:
+        per_sm = 0 if grid == "tiles" else int(grid.split("x")[0])
+        return FK.fused_linear(x, g, w, None, EPS, residual2d=r, h_out=h, variant="stream",
+                               config=(bn, warps, per_sm))
+    if m != 1 or grid != "tiles":
+        raise ValueError("the row kernel takes one row and one program per tile")
+    y = torch.empty(1, n, device=x.device, dtype=x.dtype)
+    G._gemv_row_kernel[(triton.cdiv(n, bn),)](x, w, w, y, n, K=k, ACT="silu_mul" if mode == 2 else "none",
+                                              HAS_BIAS=False, BLOCK_N=bn, BKP=triton.next_power_of_2(k),
+                                              num_warps=warps, num_stages=1)
     return y
+
+
+def applicable(mode: int, m: int, grid: str) -> bool:
+    """Launch shapes the library kernels offer: any grid for the norm sites; one row and one program per tile for
+    the plain / SwiGLU sites."""
+    return mode == 1 or (m == 1 and grid == "tiles")
 
 
 def configs(k: int) -> list[tuple[int, int]]:
@@ -149,7 +117,6 @@ def make_inputs(site: str, m: int, copies: int, gen: torch.Generator) -> dict[st
         "r": torch.randn(m, k, device=dev, dtype=dt, generator=gen) if has_res else None,
         "g": (1.0 + 0.1 * torch.randn(k, device=dev, dtype=dt, generator=gen)) if mode == 1 else None,
         "ws": [torch.randn(n, k, device=dev, dtype=dt, generator=gen) * k ** -0.5 for _ in range(copies)],
-        "y": torch.empty(m, n, device=dev, dtype=dt),
         "h": torch.empty(m, k, device=dev, dtype=dt) if has_res else None,
     }
 
@@ -177,7 +144,7 @@ def _precompile(job: tuple[str, int, int, int]) -> str:
     site, m, bn, warps = job
     gen = torch.Generator(device="cuda").manual_seed(0)
     inp = make_inputs(site, m, 1, gen)
-    stream(inp["x"], inp["r"], inp["g"], inp["ws"][0], inp["y"], inp["h"], SITES[site][2], bn, warps, "tiles")
+    stream(inp["x"], inp["r"], inp["g"], inp["ws"][0], inp["h"], SITES[site][2], bn, warps, "tiles")
     torch.cuda.synchronize()
     return f"{site} {m} {bn} {warps}"
 
@@ -256,15 +223,15 @@ def bench_site(site: str, ms: list[int], args: argparse.Namespace, t0: float) ->
             for grid in GRIDS:
                 if grid != "tiles" and grid_size(grid, n, bn) >= triton.cdiv(n, bn):
                     continue  # the same launch as "tiles"
+                if not applicable(mode, m, grid):
+                    continue
                 name = f"bn{bn}w{warps}/{grid}"
                 try:
                     fn = (lambda i, bn=bn, warps=warps, grid=grid:
-                          stream(inp["x"], inp["r"], inp["g"], inp["ws"][i], inp["y"], inp["h"], mode, bn, warps,
-                                 grid))
+                          stream(inp["x"], inp["r"], inp["g"], inp["ws"][i], inp["h"], mode, bn, warps, grid))
                     times[name] = round(time_fn(fn), 3)
-                    inp["y"].fill_(float("nan"))
-                    fn(0)
-                    e = float(((inp["y"].float() - ref).norm() / ref.norm()).item())
+                    y = fn(0)
+                    e = float(((y.float() - ref).norm() / ref.norm()).item())
                     if href is not None:
                         e = max(e, float((inp["h"].float() - href.float()).abs().max().item()))
                     errs[name] = e
@@ -313,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             if s == "lm_head" and m > 1:
                 continue
             for bn, wp in configs(SITES[s][1]):
+                if not applicable(SITES[s][2], m, "tiles"):
+                    continue
                 key = (SITES[s][1:], triton.next_power_of_2(m), bn, wp)  # the kernel's specialization
                 if key not in seen:
                     seen.add(key)
