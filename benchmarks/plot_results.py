@@ -301,6 +301,7 @@ PLOTS: list[tuple[str, str, Callable[[Any, str, Any], bool]]] = [
     ("latency-h200-round2.json", "latency_h200_round2.png", plot_latency),
     ("throughput-h200.json", "throughput_h200.png", plot_throughput),
     ("decode-profile-h200.json", "decode_profile_h200.png", plot_decode_profile),
+    ("decode-profile-h200-s2.json", "decode_profile_h200_s2.png", plot_decode_profile),
 ]
 
 
