@@ -549,6 +549,13 @@ def gemm_configs(m: int) -> list[tuple[int, int, int, int, int]]:
     return list(GEMM_CONFIGS[-1][1])  # pragma: no cover
 
 
+# The config list of each M-bucketed fused variant (fused_linear's default is the first) and its range of M.
+_CONFIG_LISTS: dict[str, Callable[[int], list]] = {"gemv": gemv_configs, "decode": decode_configs,
+                                                   "multirow": multirow_configs, "stream": stream_configs}
+_CONFIG_RANGE = {"gemv": f"M <= {GEMV_MAX_M}", "decode": f"M <= {GEMV_MAX_M}", "multirow": f"3 <= M <= {GEMV_MAX_M}",
+                 "stream": "M <= 2"}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------------------
@@ -615,8 +622,8 @@ def fused_linear(x2d: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
         variant: "gemv", "decode", "multirow", "stream" or "gemm". config: a tuple from gemv_configs /
             decode_configs / multirow_configs / stream_configs / gemm_configs, or None for the first one.
     Raises:
-        ValueError on an unknown variant, "gemv"/"decode" with M > GEMV_MAX_M without an explicit config, or
-        "multirow" with M > GEMV_MAX_M (or M < 3 without an explicit config).
+        ValueError on an unknown variant, or no config given for an M outside the variant's list (gemv / decode:
+        M > GEMV_MAX_M; multirow: M < 3 or M > GEMV_MAX_M; stream: M > 2), or more rows than a config takes.
     """
     _check_triton()
     M, K = x2d.shape
@@ -629,24 +636,22 @@ def fused_linear(x2d: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
     r = residual2d if has_res else x2d
     b = bias if bias is not None else weight
     hb = h_out if write_h else y
+    if config is None and variant != "gemm":
+        cfgs = _CONFIG_LISTS[variant](M) if variant in _CONFIG_LISTS else None
+        if cfgs is None:
+            raise ValueError(f"unknown fused variant {variant!r}; expected one of {_FUSED}")
+        if not cfgs:
+            raise ValueError(f"{variant} variant has no configuration for M = {M} ({_CONFIG_RANGE[variant]}); "
+                             "pass an explicit config")
+        config = cfgs[0]
     if variant == "gemv":
         bm = min(m_bucket(M), GEMV_MAX_M)
-        if config is None:
-            cfgs = gemv_configs(M)
-            if not cfgs:
-                raise ValueError(f"gemv variant needs M <= {GEMV_MAX_M} (got {M}) or an explicit config")
-            config = cfgs[0]
         bn, bk, warps = config
         grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
         _fused_gemv_kernel[grid](x2d, r, norm_weight, weight, b, y, hb, M, N, K, float(eps),
                                  HAS_RES=has_res, HAS_BIAS=bias is not None, WRITE_H=write_h,
                                  BM=bm, BN=bn, BK=bk, num_warps=warps)
     elif variant == "decode":
-        if config is None:
-            cfgs = decode_configs(M)
-            if not cfgs:
-                raise ValueError(f"decode variant needs M <= {GEMV_MAX_M} (got {M}) or an explicit config")
-            config = cfgs[0]
         bn, bk, warps, stages, use_dot = config
         bm = 16 if use_dot else min(m_bucket(M), GEMV_MAX_M)
         if M > bm:
@@ -657,11 +662,6 @@ def fused_linear(x2d: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
             BM=bm, BN=bn, BK=bk, USE_DOT=bool(use_dot), IEEE=x2d.dtype == torch.float32,
             num_warps=warps, num_stages=stages)
     elif variant == "multirow":
-        if config is None:
-            cfgs = multirow_configs(M)
-            if not cfgs:
-                raise ValueError(f"multirow variant needs 3 <= M <= {GEMV_MAX_M} (got {M}) or an explicit config")
-            config = cfgs[0]
         bn, bk, warps = config
         bk = min(bk, triton.next_power_of_2(K))
         bm = m_bucket(M)
@@ -672,11 +672,6 @@ def fused_linear(x2d: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
             HAS_RES=has_res, HAS_BIAS=bias is not None, WRITE_H=write_h,
             BM=bm, BN=bn, BK=bk, ONE_TILE=bk >= K, EVEN_K=bk == K, num_warps=warps)
     elif variant == "stream":
-        if config is None:
-            cfgs = stream_configs(M)
-            if not cfgs:
-                raise ValueError(f"stream variant needs M <= 2 (got {M}) or an explicit config")
-            config = cfgs[0]
         bn, warps, per_sm = config
         bm = m_bucket(M)
         if bm > GEMV_MAX_M:

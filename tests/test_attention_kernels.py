@@ -234,18 +234,6 @@ def test_decode_max_context_len_hint_and_padding_rows() -> None:
             assert torch.equal(out[3], torch.zeros_like(out[3]))
 
 
-@pytest.mark.parametrize("value, want", [(None, False), ("", False), ("1", True), ("0", False), ("on", None)])
-def test_fused_reduce_flag_parsing(value: str | None, want: bool | None) -> None:
-    import importlib
-
-    da = importlib.import_module("nanovllm.kernels.decode_attention")
-    if want is None:
-        with pytest.raises(ValueError, match="NANOVLLM_DECODE_FUSED_REDUCE"):
-            da.fused_reduce_from_env(value)
-    else:
-        assert da.fused_reduce_from_env(value) is want
-
-
 def test_fused_reduce_leaves_its_counters_at_zero() -> None:
     """The fused reduction's last program resets its (sequence, kv head) counter, so the next launch (a CUDA-graph
     replay) starts from zero; a second call on the same buffer gives the same output."""

@@ -371,17 +371,6 @@ def test_bench_gemv_logic_on_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     bench_gemv.print_rows(rows + [{"shape": "qkv", "M": 2, "floor_us": 1.0, "error": "boom"}])
 
 
-@pytest.mark.parametrize("value, want", [(None, True), ("", True), ("0", False), ("1", True), ("true", None)])
-def test_pdl_flag_parsing(value: str | None, want: bool | None) -> None:
-    from nanovllm.kernels import pdl
-
-    if want is None:
-        with pytest.raises(ValueError, match="NANOVLLM_PDL"):
-            pdl.pdl_from_env(value)
-    else:
-        assert pdl.pdl_from_env(value) is want
-
-
 def test_pdl_is_never_used_off_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Even when enabled, a CPU tensor (the Triton interpreter) gets no PDL launch option: the interpreter would
     take ``launch_pdl`` for a kernel argument."""

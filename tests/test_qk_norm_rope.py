@@ -11,7 +11,7 @@ import torch
 from conftest import rel_err
 from nanovllm.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
 from nanovllm.layers.layernorm import RMSNorm
-from nanovllm.layers.qk_norm_rope_op import flag_from_env
+from nanovllm.utils.env import env_flag
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,13 +76,30 @@ def test_bad_arguments_raise() -> None:
         qk_norm_rope(qkv, qw, kw, cs, positions[:2], 4, 2, 1e-6)
 
 
-@pytest.mark.parametrize("value, want", [(None, True), ("", True), ("0", False), ("1", True), ("yes", None)])
-def test_flag_parsing(value: str | None, want: bool | None) -> None:
+@pytest.mark.parametrize("value, default, want", [(None, True, True), ("", False, False), (" 1 ", False, True),
+                                                   ("0", True, False), ("yes", True, None), ("2", False, None)])
+def test_env_flag_parsing(value: str | None, default: bool, want: bool | None) -> None:
     if want is None:
-        with pytest.raises(ValueError, match="NANOVLLM_FUSED_QK_NORM_ROPE"):
-            flag_from_env(value)
+        with pytest.raises(ValueError, match="NANOVLLM_X"):
+            env_flag("NANOVLLM_X", value, default)
     else:
-        assert flag_from_env(value) is want
+        assert env_flag("NANOVLLM_X", value, default) is want
+
+
+def test_flag_defaults_without_the_environment() -> None:
+    """Unset, the q/k norm + RoPE kernel and PDL are on and the fused split-KV reduction is off (the measured
+    defaults; docs/performance.md)."""
+    import importlib
+
+    from nanovllm.kernels import pdl
+    from nanovllm.layers import qk_norm_rope_op
+
+    da = importlib.import_module("nanovllm.kernels.decode_attention")
+    for module, name, attr, want in ((qk_norm_rope_op, "NANOVLLM_FUSED_QK_NORM_ROPE", "FUSED_QK_NORM_ROPE", True),
+                                     (pdl, "NANOVLLM_PDL", "ENABLED", True),
+                                     (da, "NANOVLLM_DECODE_FUSED_REDUCE", "DECODE_FUSED_REDUCE", False)):
+        if os.environ.get(name) is None:
+            assert getattr(module, attr) is want, name
 
 
 def test_op_traces_with_symbolic_tokens() -> None:

@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.utils.env import env_flag
+
 from .pdl import pdl_launch_options, use_pdl
 from .attention_common import LOG2E, check_out, check_paged_attention_args, online_softmax_tile
 from .reference import decode_attention_ref
@@ -54,24 +56,11 @@ DECODE_MAX_SPLITS = 64
 ENV_FUSED_REDUCE = "NANOVLLM_DECODE_FUSED_REDUCE"
 
 
-def fused_reduce_from_env(value: str | None) -> bool:
-    """Parse ``NANOVLLM_DECODE_FUSED_REDUCE``: unset, empty or ``0`` -> False, ``1`` -> True.
-
-    Raises:
-        ValueError: any other value.
-    """
-    if value is None or value.strip() in ("", "0"):
-        return False
-    if value.strip() == "1":
-        return True
-    raise ValueError(f"{ENV_FUSED_REDUCE} must be 0 or 1, got {value!r}")
-
-
 # One launch (split + last-program reduction) instead of two (module docstring); read once, at import. Off by default:
 # on the H200 it was 5-14 % SLOWER than the two launches at batch 1-64 (bench_attention's decode timing, e.g. batch 1,
 # 512 tokens: 7.09 us against 6.52; benchmarks/results/attention-fused-reduce-h200.json): the last program's serial
 # combine and the atomics cost more than the second launch saves inside a CUDA graph.
-DECODE_FUSED_REDUCE: bool = fused_reduce_from_env(os.environ.get(ENV_FUSED_REDUCE))
+DECODE_FUSED_REDUCE: bool = env_flag(ENV_FUSED_REDUCE, os.environ.get(ENV_FUSED_REDUCE), default=False)
 _LOCKS: dict[tuple[str, int], torch.Tensor] = {}
 _MIN_LOCKS = 8192
 

@@ -23,23 +23,12 @@ import os
 
 import torch
 
+from nanovllm.utils.env import env_flag
+
 ENV_PDL = "NANOVLLM_PDL"
 
 
-def pdl_from_env(value: str | None) -> bool:
-    """Parse ``NANOVLLM_PDL``: unset, empty or ``1`` -> True, ``0`` -> False.
-
-    Raises:
-        ValueError: any other value.
-    """
-    if value is None or value.strip() in ("", "1"):
-        return True
-    if value.strip() == "0":
-        return False
-    raise ValueError(f"{ENV_PDL} must be 0 or 1, got {value!r}")
-
-
-ENABLED: bool = pdl_from_env(os.environ.get(ENV_PDL))
+ENABLED: bool = env_flag(ENV_PDL, os.environ.get(ENV_PDL), default=True)
 
 
 @functools.lru_cache(maxsize=None)

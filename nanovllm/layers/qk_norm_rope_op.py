@@ -14,24 +14,12 @@ import os
 import torch
 
 from nanovllm.kernels.qk_norm_rope import qk_norm_rope as _qk_norm_rope
+from nanovllm.utils.env import env_flag
 
 ENV_FUSED_QK_NORM_ROPE = "NANOVLLM_FUSED_QK_NORM_ROPE"
 
 
-def flag_from_env(value: str | None) -> bool:
-    """Parse ``NANOVLLM_FUSED_QK_NORM_ROPE``: unset, empty or ``1`` -> True, ``0`` -> False.
-
-    Raises:
-        ValueError: any other value.
-    """
-    if value is None or value.strip() in ("", "1"):
-        return True
-    if value.strip() == "0":
-        return False
-    raise ValueError(f"{ENV_FUSED_QK_NORM_ROPE} must be 0 or 1, got {value!r}")
-
-
-FUSED_QK_NORM_ROPE: bool = flag_from_env(os.environ.get(ENV_FUSED_QK_NORM_ROPE))
+FUSED_QK_NORM_ROPE: bool = env_flag(ENV_FUSED_QK_NORM_ROPE, os.environ.get(ENV_FUSED_QK_NORM_ROPE), default=True)
 
 
 @torch.library.custom_op("nanovllm::qk_norm_rope", mutates_args=())
