@@ -66,3 +66,24 @@ def fresh_compile_state() -> Iterator[None]:
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` in float64, no guard: NaN/inf in either tensor (or ``ref == 0``) gives NaN/inf."""
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def run_aot_script(script: str, timeout: int = 600) -> str:
+    """Run ``script`` (Python source that compiles Triton kernels for sm_90 with ``triton.compile`` and prints
+    ``AOT-OK``) in a subprocess without ``TRITON_INTERPRET`` and with the repository on ``PYTHONPATH``; returns its
+    stdout. Skips the test when the machine has no ahead-of-time toolchain (no ptxas / GPUTarget); fails with the
+    end of stderr otherwise. Used by the ``*_compile_for_sm90_ahead_of_time`` tests, which catch GPU-only compile
+    errors that the interpreter hides."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    toolchain_missing = ("ptxas" in p.stderr.lower() and "spill" not in p.stderr) or "GPUTarget" in p.stderr
+    if p.returncode != 0 and toolchain_missing:
+        pytest.skip(f"no AOT toolchain: {p.stderr[-300:]}")
+    assert p.returncode == 0 and "AOT-OK" in p.stdout, p.stderr[-3000:]
+    return p.stdout

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from conftest import run_aot_script  # noqa: E402
 from nanovllm.kernels import (  # noqa: E402
     choose_num_splits,
     decode_attention,
@@ -420,16 +421,7 @@ print("AOT-OK")
 def test_attention_kernels_compile_for_sm90_ahead_of_time() -> None:
     """Compile the prefill / decode kernels to Hopper cubins without a GPU (subprocess without TRITON_INTERPRET):
     catches GPU-only compile errors that the interpreter hides; 16-bit dots must use mma, fp32 "ieee" must not."""
-    import subprocess
-
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", _ATTN_AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    if p.returncode != 0 and ("ptxas" in p.stderr.lower() or "GPUTarget" in p.stderr):
-        pytest.skip(f"no AOT toolchain: {p.stderr[-300:]}")
-    assert p.returncode == 0 and "AOT-OK" in p.stdout, p.stderr[-3000:]
+    run_aot_script(_ATTN_AOT_SCRIPT, timeout=600)
 
 
 def test_decode_split_count_is_a_runtime_argument() -> None:

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():  # must happen before triton is imported (test
 import pytest  # noqa: E402
 
 import fusion_pass  # noqa: E402,F401
-from conftest import rel_err  # noqa: E402
+from conftest import rel_err, run_aot_script  # noqa: E402
 from fusion_pass import kernels  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -273,17 +273,7 @@ print("AOT-OK")
 def test_kernels_compile_for_sm90_ahead_of_time():
     """Compile the kernels to Hopper cubins without a GPU (in a subprocess without TRITON_INTERPRET): catches
     GPU-only compile errors that the interpreter hides."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    if p.returncode != 0 and ("ptxas" in p.stderr.lower() or "GPUTarget" in p.stderr):
-        pytest.skip(f"no AOT toolchain: {p.stderr[-300:]}")
-    assert p.returncode == 0 and "AOT-OK" in p.stdout, p.stderr[-3000:]
+    run_aot_script(_AOT_SCRIPT, timeout=300)
 
 
 _MULTIROW_AOT_SCRIPT = r"""
@@ -344,32 +334,10 @@ print("AOT-OK", n)
 def test_stream_kernel_compiles_for_sm90_ahead_of_time():
     """The registered stream configs (bf16; K = 1024 and 3072, with and without the residual) compile to Hopper
     cubins without a GPU (subprocess without TRITON_INTERPRET)."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", _STREAM_AOT_SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=600)
-    if p.returncode != 0 and ("ptxas" in p.stderr.lower() or "GPUTarget" in p.stderr):
-        pytest.skip(f"no AOT toolchain: {p.stderr[-300:]}")
-    assert p.returncode == 0 and "AOT-OK" in p.stdout, p.stderr[-3000:]
+    run_aot_script(_STREAM_AOT_SCRIPT, timeout=600)
 
 
 def test_multirow_kernel_compiles_for_sm90_ahead_of_time():
     """The registered multirow configs (bf16; K == BK, K < BK and K > BK; with residual + bias) compile to Hopper
     cubins without a GPU (subprocess without TRITON_INTERPRET)."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", _MULTIROW_AOT_SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=600)
-    if p.returncode != 0 and ("ptxas" in p.stderr.lower() or "GPUTarget" in p.stderr):
-        pytest.skip(f"no AOT toolchain: {p.stderr[-300:]}")
-    assert p.returncode == 0 and "AOT-OK" in p.stdout, p.stderr[-3000:]
+    run_aot_script(_MULTIROW_AOT_SCRIPT, timeout=600)

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from conftest import run_aot_script  # noqa: E402
 from nanovllm.kernels import gemv as G  # noqa: E402
 from nanovllm.layers import gemv_op  # noqa: E402
 
@@ -312,16 +313,7 @@ print("AOT-OK")
 def test_gemv_kernel_compiles_for_sm90_ahead_of_time() -> None:
     """Compile the GEMV for Hopper without a GPU (a subprocess without TRITON_INTERPRET): catches GPU-only compile
     errors that the interpreter hides, checks 16-byte weight loads, and no register spills for the rule's picks."""
-    import subprocess
-
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", _GEMV_AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    if p.returncode != 0 and ("ptxas" in p.stderr.lower() and "spill" not in p.stderr or "GPUTarget" in p.stderr):
-        pytest.skip(f"no AOT toolchain: {p.stderr[-300:]}")
-    assert p.returncode == 0 and "AOT-OK" in p.stdout, p.stderr[-3000:]
+    run_aot_script(_GEMV_AOT_SCRIPT, timeout=600)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 and the op's GEMV path need a GPU")

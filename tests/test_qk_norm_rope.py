@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import rel_err, run_aot_script
 from nanovllm.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.utils.env import env_flag
@@ -167,14 +167,4 @@ print("AOT-OK")
 
 def test_kernel_compiles_for_sm90_ahead_of_time() -> None:
     """Compile to a Hopper cubin without a GPU (subprocess without TRITON_INTERPRET): GPU-only compile errors."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    if p.returncode != 0 and ("ptxas" in p.stderr.lower() or "GPUTarget" in p.stderr):
-        pytest.skip(f"no AOT toolchain: {p.stderr[-300:]}")
-    assert p.returncode == 0 and "AOT-OK" in p.stdout, p.stderr[-3000:]
+    run_aot_script(_AOT_SCRIPT, timeout=600)

@@ -16,9 +16,11 @@ if not torch.cuda.is_available():  # tests/conftest.py does the same; kept so th
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest  # noqa: E402
+
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from conftest import run_aot_script  # noqa: E402
 from nanovllm.kernels import (  # noqa: E402
     choose_sample_splits,
     sample_tokens,
@@ -345,16 +347,7 @@ print("AOT-OK")
 def test_sampling_kernels_compile_for_sm90_ahead_of_time() -> None:
     """Compile the sampling kernels to Hopper cubins without a GPU (subprocess without TRITON_INTERPRET): catches
     GPU-only compile errors that the interpreter hides (libdevice, bitcasts, the scalar branch)."""
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", _SAMPLING_AOT_SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=600)
-    if p.returncode != 0 and ("ptxas" in p.stderr.lower() or "GPUTarget" in p.stderr):
-        pytest.skip(f"no AOT toolchain: {p.stderr[-300:]}")
-    assert p.returncode == 0 and "AOT-OK" in p.stdout, p.stderr[-3000:]
+    run_aot_script(_SAMPLING_AOT_SCRIPT, timeout=600)
 
 
 def test_one_compiled_kernel_serves_every_batch_size() -> None:
