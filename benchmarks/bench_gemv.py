@@ -32,7 +32,6 @@ import os
 import sys
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -117,14 +116,7 @@ def precompile(jobs: list[tuple[str, int, tuple[int, int, int]]], workers: int) 
         if key not in seen:
             seen.add(key)
             uniq.append((name, m, cfg_t))
-    if workers > 0 and len(uniq) > 1:
-        import multiprocessing as mp
-
-        try:
-            with ProcessPoolExecutor(min(workers, len(uniq)), mp_context=mp.get_context("spawn")) as ex:
-                list(ex.map(_precompile, uniq))
-        except Exception as e:  # noqa: BLE001 - the timing loop compiles whatever is missing
-            print(f"[precompile] workers failed ({type(e).__name__}: {e}); compiling in this process", flush=True)
+    common.run_in_spawned_workers(_precompile, uniq, workers)
     return time.time() - t0
 
 

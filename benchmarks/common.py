@@ -444,3 +444,21 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: s
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
     """Print :func:`format_table` and flush."""
     print(format_table(headers, rows, title), flush=True)
+
+
+def run_in_spawned_workers(fn: Any, jobs: Sequence[Any], workers: int) -> float:
+    """``fn(job)`` for every job in up to ``workers`` spawned processes (each initializes CUDA on its own): used to
+    compile Triton kernels in parallel into Triton's on-disk cache before a benchmark times them. ``fn`` must be
+    importable by name (a module-level function). A failure of the pool is printed, not raised: the timing loop
+    then compiles whatever is missing. Returns the seconds spent."""
+    t0 = time.time()
+    if workers > 0 and len(jobs) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        try:
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
+                list(ex.map(fn, jobs))
+        except Exception as e:  # noqa: BLE001
+            print(f"[precompile] workers failed ({type(e).__name__}: {e}); compiling in this process", flush=True)
+    return time.time() - t0

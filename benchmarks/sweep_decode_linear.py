@@ -33,8 +33,6 @@ import math
 import os
 import sys
 import time
-import traceback
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -149,17 +147,6 @@ def _precompile(job: tuple[str, int, int, int]) -> str:
     return f"{site} {m} {bn} {warps}"
 
 
-def precompile(jobs: list[tuple[str, int, int, int]], workers: int) -> float:
-    t0 = time.time()
-    if workers > 0 and len(jobs) > 1:
-        import multiprocessing as mp
-
-        try:
-            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
-                list(ex.map(_precompile, jobs))
-        except Exception as e:  # noqa: BLE001 - the timing loop compiles whatever is missing
-            print(f"[precompile] workers failed ({type(e).__name__}: {e})", flush=True)
-    return time.time() - t0
 
 
 def baselines(site: str, m: int, inp: dict[str, Any], copies: int, time_fn: Callable[..., float]
@@ -286,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 if key not in seen:
                     seen.add(key)
                     jobs.append((s, m, bn, wp))
-    cs = precompile(jobs, args.workers)
+    cs = common.run_in_spawned_workers(_precompile, jobs, args.workers)
     print(f"precompiled {len(jobs)} kernels in {cs:.1f} s", flush=True)
     rows: list[dict[str, Any]] = []
     for s in sites:
