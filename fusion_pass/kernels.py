@@ -565,7 +565,8 @@ _CONFIG_RANGE = {"gemv": f"M <= {GEMV_MAX_M}", "decode": f"M <= {GEMV_MAX_M}", "
 # Synchronization"): the kernel may start while the previous kernel in the stream runs, loads its first W tile, then
 # waits (griddepcontrol.wait) before it touches x, r, h or y. On by default on compute capability >= 9;
 # COCONUT_PDL=0 at import turns it off. Measured on the H200 in a 28-layer batch-1 decode chain: 1.19x per step
-# (benchmarks/bench_pdl_chain.py, with the engine's kernels doing the same).
+# (benchmarks/bench_pdl_chain.py, with the engine's kernels doing the same). The engine also turns it off when its
+# own NANOVLLM_PDL=0 (nanovllm/engine/model_runner.py).
 PDL_ENABLED: bool = os.environ.get("COCONUT_PDL", "1") != "0"
 
 

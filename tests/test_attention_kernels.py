@@ -254,6 +254,9 @@ def test_fused_reduce_leaves_its_counters_at_zero() -> None:
     assert torch.equal(outs[0], outs[1])
     ref = decode_attention_ref(q, k_cache, v_cache, bt, lens, 0.3)
     assert rel_err(outs[0], ref) <= 1e-5
+    # growing the buffer keeps the old one alive: a CUDA graph captured with it still points at it
+    bigger = da.reserve_decode_locks(q.device, locks.numel() + 1)
+    assert bigger.numel() > locks.numel() and any(r is locks for r in da._RETIRED_LOCKS)
 
 
 def test_choose_num_splits() -> None:

@@ -373,3 +373,11 @@ def test_pdl_is_never_used_off_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not pdl.use_pdl(x) and pdl.pdl_launch_options(x) == {}
     w = torch.randn(4, 8)
     assert torch.allclose(G.gemv(x + 1, w, force_triton=True), (x + 1) @ w.t(), atol=1e-5)
+
+
+def test_m1_rows_longer_than_max_row_k_take_the_k_loop_kernel() -> None:
+    """K > MAX_ROW_K at M = 1: the K-loop kernel (the row kernel's slab would exceed 128 weight elements per thread)."""
+    k = G.MAX_ROW_K + 904
+    x, w, b = make_case(1, 5, k, "silu_mul", torch.float32, True, 11)
+    out = G.gemv(x, w, b, "silu_mul", force_triton=True, out=nan_out(1, 5, torch.float32))
+    assert rel_err(out, ref64(x, w, b, "silu_mul")) < TOL[torch.float32]

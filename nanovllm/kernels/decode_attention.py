@@ -62,6 +62,8 @@ ENV_FUSED_REDUCE = "NANOVLLM_DECODE_FUSED_REDUCE"
 # combine and the atomics cost more than the second launch saves inside a CUDA graph.
 DECODE_FUSED_REDUCE: bool = env_flag(ENV_FUSED_REDUCE, os.environ.get(ENV_FUSED_REDUCE), default=False)
 _LOCKS: dict[tuple[str, int], torch.Tensor] = {}
+# Buffers replaced by a larger one stay referenced: a CUDA graph captured earlier keeps using the old address.
+_RETIRED_LOCKS: list[torch.Tensor] = []
 _MIN_LOCKS = 8192
 
 
@@ -81,6 +83,8 @@ def reserve_decode_locks(device: torch.device | str, count: int) -> torch.Tensor
     if buf is None or buf.numel() < count:
         if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("reserve_decode_locks: cannot allocate while a CUDA graph is being captured")
+        if buf is not None:
+            _RETIRED_LOCKS.append(buf)
         buf = torch.zeros(max(count, _MIN_LOCKS), dtype=torch.int32, device=dev)
         _LOCKS[key] = buf
     return buf

@@ -58,7 +58,9 @@ MAX_M = 16  # the most rows one launch takes (BLOCK_M = next_power_of_2(M) <= 16
 GEMV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # W elements per thread of one [BLOCK_N, BLOCK_K] slab (held in registers as float32): 64 -> 64 registers.
 ELEMS_PER_THREAD = 64
-MAX_ROW_K = 8192  # the longest row the M = 1 kernel loads in one request (larger K: the K-loop kernel)
+# The longest row the M = 1 kernel loads in one request (larger K: the K-loop kernel): with row_config's 4 outputs
+# per program, K <= 4096 keeps the slab at <= 128 weight elements per thread (measured: K = 2048 and 3072).
+MAX_ROW_K = 4096
 
 
 class GemvConfig(NamedTuple):
