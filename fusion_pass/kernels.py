@@ -678,12 +678,13 @@ def fused_linear(x2d: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
         if bm > GEMV_MAX_M:
             raise ValueError(f"stream variant handles at most {GEMV_MAX_M} rows, got M={M}")
         tiles = triton.cdiv(N, bn)
+        pdl = use_pdl(x2d)
         grid = tiles if per_sm <= 0 or not x2d.is_cuda else min(tiles, per_sm * _sm_count(x2d.device))
         _fused_stream_kernel[(grid,)](
             x2d, r, norm_weight, weight, b, y, hb, M, N, float(eps), K=K,
             HAS_RES=has_res, HAS_BIAS=bias is not None, WRITE_H=write_h,
-            BM=bm, BN=bn, BKP=triton.next_power_of_2(K), USE_PDL=use_pdl(x2d), num_warps=warps, num_stages=1,
-            **({"launch_pdl": True} if use_pdl(x2d) else {}))
+            BM=bm, BN=bn, BKP=triton.next_power_of_2(K), USE_PDL=pdl, num_warps=warps, num_stages=1,
+            **({"launch_pdl": True} if pdl else {}))
     elif variant == "gemm":
         if config is None:
             config = gemm_configs(M)[0]

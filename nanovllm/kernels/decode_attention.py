@@ -44,7 +44,7 @@ import triton.language as tl
 
 from nanovllm.utils.env import env_flag
 
-from .pdl import pdl_launch_options, use_pdl
+from .pdl import launch_options, use_pdl
 from .attention_common import LOG2E, check_out, check_paged_attention_args, online_softmax_tile
 from .reference import decode_attention_ref
 
@@ -315,6 +315,7 @@ def decode_attention_triton(
         l_part = torch.empty_like(m_part)
         acc_part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     rows = max(16, triton.next_power_of_2(group))
+    pdl = use_pdl(q)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -346,10 +347,10 @@ def decode_attention_triton(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FUSED_REDUCE=fused,
         SPLITS_PAD=splits_pad,
-        USE_PDL=use_pdl(q),
+        USE_PDL=pdl,
         num_warps=4,
         num_stages=3,
-        **pdl_launch_options(q),
+        **launch_options(pdl),
     )
     if not direct and not fused:
         _decode_reduce_kernel[(batch, num_heads)](

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .pdl import pdl_launch_options, use_pdl
+from .pdl import launch_options, use_pdl
 
 ACTS = ("none", "silu_mul")
 MAX_M = 16  # the most rows one launch takes (BLOCK_M = next_power_of_2(M) <= 16 unrolled rows)
@@ -369,7 +369,7 @@ def gemv_triton(
         _gemv_row_kernel[(triton.cdiv(n, bn),)](x, weight, bias if bias is not None else weight, out, n, K=k, ACT=act,
                                                 HAS_BIAS=bias is not None, BLOCK_N=bn,
                                                 BKP=triton.next_power_of_2(k), USE_PDL=pdl, num_warps=warps,
-                                                num_stages=1, **pdl_launch_options(x))
+                                                num_stages=1, **launch_options(pdl))
         return out
     cfg = config if config is not None else choose_config(m, n, k)
     if cfg.block_k & (cfg.block_k - 1) or cfg.block_n & (cfg.block_n - 1):

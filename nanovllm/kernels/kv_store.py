@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_launch_options, use_pdl
+from .pdl import launch_options, use_pdl
 from .reference import _check_store_shapes, store_kvcache_ref
 
 
@@ -63,6 +63,7 @@ def store_kvcache_triton(
         key = key.contiguous()
     if value.stride(-1) != 1:
         value = value.contiguous()
+    pdl = use_pdl(key)
     _store_kvcache_kernel[(num_tokens,)](
         key,
         value,
@@ -77,9 +78,9 @@ def store_kvcache_triton(
         HEAD_DIM=head_dim,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         DIM_PAD=triton.next_power_of_2(head_dim),
-        USE_PDL=use_pdl(key),
+        USE_PDL=pdl,
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
-        **pdl_launch_options(key),
+        **launch_options(pdl),
     )
 
 

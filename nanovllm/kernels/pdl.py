@@ -45,4 +45,10 @@ def use_pdl(t: torch.Tensor) -> bool:
 def pdl_launch_options(t: torch.Tensor) -> dict[str, bool]:
     """Keyword arguments for a Triton launch on ``t``'s device: ``{"launch_pdl": True}`` when :func:`use_pdl`, else
     nothing (the Triton interpreter would take ``launch_pdl`` for a kernel argument)."""
-    return {"launch_pdl": True} if use_pdl(t) else {}
+    return launch_options(use_pdl(t))
+
+
+def launch_options(enabled: bool) -> dict[str, bool]:
+    """:func:`pdl_launch_options` for an already computed :func:`use_pdl` (launchers compute it once per launch:
+    it also sets their kernels' ``USE_PDL``)."""
+    return {"launch_pdl": True} if enabled else {}

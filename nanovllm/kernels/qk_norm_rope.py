@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.pdl import pdl_launch_options, use_pdl
+from nanovllm.kernels.pdl import launch_options, use_pdl
 from nanovllm.layers.layernorm import rms_norm
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 
@@ -135,9 +135,9 @@ def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tens
     if t == 0:
         return q, k
     cs = cos_sin.contiguous()
+    pdl = use_pdl(qkv)
     _qk_norm_rope_kernel[(t,)](qkv, q_weight.contiguous(), k_weight.contiguous(), cs, positions, q, k,
                                qkv.stride(0), cs.stride(0), float(eps), NUM_HEADS=num_heads,
                                NUM_KV_HEADS=num_kv_heads, ROWS=triton.next_power_of_2(num_heads + num_kv_heads),
-                               HALF=head_dim // 2, USE_PDL=use_pdl(qkv), num_warps=4,
-                               **pdl_launch_options(qkv))
+                               HALF=head_dim // 2, USE_PDL=pdl, num_warps=4, **launch_options(pdl))
     return q, k
