@@ -33,6 +33,11 @@ import torch.nn.functional as F  # noqa: E402
 SITES = [("qkv", 4096, 1024), ("gate_up", 6144, 1024), ("lm_head", 151936, 1024)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 HBM_BPS = 4.3e12
+# Launch shapes (BN, num_warps, programs per SM; 0 = one program per tile) swept for the skinny variant with
+# --skinny-grid: BN = 16-64 W rows per program (the MMA's M side), 2-8 warps (a [16, 1024] bf16 W slab is 256
+# elements per thread with 2 warps, which spills), and a grid of one program per tile or 1-4 programs per SM.
+SKINNY_SWEEP = [(16, 4, 0), (16, 4, 1), (16, 4, 2), (16, 4, 4), (16, 8, 0), (16, 8, 1), (16, 8, 2), (16, 2, 0),
+                (32, 8, 0), (32, 8, 1), (32, 8, 2), (32, 4, 0), (64, 8, 0), (64, 8, 1)]
 EPS = 1e-6
 
 
@@ -47,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=15, help="graph replays (median)")
     p.add_argument("--quick", action="store_true", help="M in {1, 16, 256}, qkv and lm_head only")
     p.add_argument("--budget-s", type=float, default=220.0, help="stop starting new cases after this many seconds")
+    p.add_argument("--variants", default="", help="comma-separated fused variants the dispatcher may measure "
+                   "(default: all of them; the unfused path is always measured)")
+    p.add_argument("--skinny-grid", action="store_true",
+                   help="measure the skinny variant over SKINNY_SWEEP (every launch shape below) instead of its "
+                   "registered configs")
     return p.parse_args(argv)
 
 
@@ -120,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     sites = [s for s in SITES if s[0] in args.sites.split(",")]
     if args.quick:
         sites = [s for s in sites if s[0] in ("qkv", "lm_head")]
+    if args.skinny_grid:
+        for b in kernels.SKINNY_CONFIGS:
+            kernels.SKINNY_CONFIGS[b] = list(SKINNY_SWEEP)
+    if args.variants:
+        keep = {"unfused"} | set(args.variants.split(","))
+        all_candidates = kernels.candidates
+        kernels.candidates = lambda m: [c for c in all_candidates(m) if c[0] in keep]  # this run only
     norm_c = torch.compile(norm_ref, dynamic=True)
     rows: list[dict[str, Any]] = []
     for name, n, k in sites:

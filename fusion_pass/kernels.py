@@ -60,7 +60,7 @@ except Exception:  # pragma: no cover - exercised only on machines without trito
 
 log = logging.getLogger("fusion_pass")
 
-VARIANTS: tuple[str, ...] = ("torch", "unfused", "gemv", "decode", "multirow", "stream", "gemm")
+VARIANTS: tuple[str, ...] = ("torch", "unfused", "gemv", "decode", "multirow", "stream", "skinny", "gemm")
 
 # Tests and benchmarks/check_fusion_gpu.py set this (or COCONUT_POISON=1) so that every output buffer the Triton
 # paths allocate starts as NaN: an element a kernel forgets to write shows up as NaN instead of stale memory.
@@ -72,7 +72,7 @@ def _new_buffer(shape: tuple[int, ...], like: Tensor) -> Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
     return torch.empty(shape, dtype=like.dtype, device=like.device)
-_FUSED = ("gemv", "decode", "multirow", "stream", "gemm")
+_FUSED = ("gemv", "decode", "multirow", "stream", "skinny", "gemm")
 
 # --------------------------------------------------------------------------------------------------------------
 # PyTorch reference
@@ -462,6 +462,79 @@ if HAS_TRITON:
                     tl.store(y_ptr + m * N + rn, y.to(dt), mask=n_mask)
             w = w_next
 
+    @triton.jit
+    def _fused_skinny_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, eps,
+                             K: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr, BKP: tl.constexpr, IEEE: tl.constexpr,
+                             USE_PDL: tl.constexpr = False):
+        """Fused skinny GEMM on the tensor cores for a few rows (M <= BM, BM >= 16), swap-AB, whole-row W slabs.
+
+        y^T = W (h * g)^T * 1/rms(h): the weight is the MMA's left operand (its BN rows fill the MMA's M side,
+        >= 16) and the few activation rows its right operand, padded to BM >= 16 columns with zeros ("swap-AB":
+        a small-M product computed as its transpose so the large dimension meets the tensor cores' wide side).
+        Each program computes a = (h * g) [BKP, BM] and 1/rms(h) [BM] ONCE from x (+ r) (L2-resident; the sum of
+        squares from a second, row-by-row read, so that the [BKP, BM] tile is never live in float32 beside the W
+        slab: 166 instead of 222 registers per thread at BN = 16, 4 warps, by ptxas for sm_90a), then loops
+        over its W tiles t = p, p + P, ... (P programs, persistent grid), each ONE [BN, BKP] load of whole W rows
+        (K a compile-time constant, BKP = next_power_of_2(K)), the next tile's load issued before the current
+        tile's tl.dot (register double buffering). Epilogue: acc [BN, BM] * 1/rms + b, stored transposed.
+        x, r, h: [M, K] row-major; g: [K]; W: [N, K] row-major; b: [N]; y: [M, N]. fp32 accumulation; a is
+        rounded to the activation dtype before the MMA (as in the unfused path's normalized input; IEEE: fp32
+        inputs multiplied in full fp32). Program 0 writes h = x + r. USE_PDL: the first W tile and g are loaded
+        before waiting for the previous kernel (see `use_pdl`).
+        """
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        num_tiles = tl.cdiv(N, BN)
+        rk = tl.arange(0, BKP)
+        k_mask = rk < K
+        rn0 = tl.arange(0, BN)
+        rm = tl.arange(0, BM)
+        m_mask = rm < M
+        dt = y_ptr.dtype.element_ty
+        rn = pid * BN + rn0
+        w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :], mask=(rn < N)[:, None] & k_mask[None, :],
+                    other=0.0, eviction_policy="evict_first")
+        g = tl.load(g_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        xt_off = rm[None, :] * K + rk[:, None]  # [BKP, BM]: x^T, K along the rows
+        xt_mask = k_mask[:, None] & m_mask[None, :]
+        h = tl.load(x_ptr + xt_off, mask=xt_mask, other=0.0)
+        if HAS_RES:
+            h = (h.to(tl.float32) + tl.load(r_ptr + xt_off, mask=xt_mask, other=0.0).to(tl.float32)).to(dt)
+            if WRITE_H:
+                if pid == 0:
+                    tl.store(h_ptr + xt_off, h, mask=xt_mask)
+        a = (h.to(tl.float32) * g[:, None]).to(dt)
+        ss = tl.zeros((BM,), dtype=tl.float32)
+        for m in tl.static_range(BM):
+            if m < M:
+                hm = tl.load(x_ptr + m * K + rk, mask=k_mask, other=0.0)
+                if HAS_RES:
+                    hm = (hm.to(tl.float32) + tl.load(r_ptr + m * K + rk, mask=k_mask, other=0.0)
+                          .to(tl.float32)).to(dt)
+                hmf = hm.to(tl.float32)
+                ss = tl.where(rm == m, tl.sum(hmf * hmf, axis=0), ss)
+        inv = 1.0 / tl.sqrt(ss / K + eps)  # [BM]; padded columns: 1/sqrt(eps), never stored
+        for t in range(pid, num_tiles, nprog):
+            rn = t * BN + rn0
+            n_mask = rn < N
+            rn_next = (t + nprog) * BN + rn0
+            w_next = tl.load(w_ptr + rn_next.to(tl.int64)[:, None] * K + rk[None, :],
+                             mask=(rn_next < N)[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
+            if IEEE:
+                acc = tl.dot(w, a, input_precision="ieee")
+            else:
+                acc = tl.dot(w, a)
+            y = acc * inv[None, :]
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + rm.to(tl.int64)[None, :] * N + rn.to(tl.int64)[:, None], y.to(dt),
+                     mask=n_mask[:, None] & m_mask[None, :])
+            w = w_next
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Configurations
@@ -506,6 +579,17 @@ STREAM_CONFIGS: dict[int, list[tuple[int, int, int]]] = {
     1: [(4, 4, 4), (2, 2, 8), (4, 2, 8)],
     2: [(4, 4, 4), (2, 2, 8), (4, 2, 8)],
 }
+# SKINNY: (BN, num_warps, programs per SM; 0 = one per tile) per M bucket (M <= SKINNY_MAX_M); BM = max(16, bucket).
+# Not yet measured on the H200: a first guess (the register budget of a [BN, next_pow2(K)] W slab plus the
+# [next_pow2(K), BM] activation tile); benchmarks/bench_fusion_kernel.py --skinny-grid sweeps the launch shapes.
+SKINNY_MAX_M = 32
+# Both tl.dot operands pass through shared memory whole: (BN + BM) * next_pow2(K) elements; the H200 has 227 KiB per
+# block. Longer rows (K > 2048 in bf16 at BN = BM = 16) are not skinny shapes (the launcher raises ValueError, and the
+# dispatcher skips the candidate).
+SKINNY_MAX_SMEM = 192 << 10
+SKINNY_CONFIGS: dict[int, list[tuple[int, int, int]]] = {
+    b: [(16, 4, 0), (16, 8, 0), (32, 8, 0), (16, 4, 2)] for b in (2, 4, 8, 16, 32)
+}
 MULTIROW_CONFIGS: dict[int, list[tuple[int, int, int]]] = {
     4: [(4, 1024, 1), (2, 1024, 1), (8, 1024, 2)],
     8: [(4, 1024, 1), (2, 1024, 1), (8, 1024, 2)],
@@ -541,6 +625,11 @@ def stream_configs(m: int) -> list[tuple[int, int, int]]:
     return list(STREAM_CONFIGS.get(m_bucket(m), []))
 
 
+def skinny_configs(m: int) -> list[tuple[int, int, int]]:
+    """Skinny configs (BN, num_warps, programs per SM or 0) for M rows; empty unless 2 <= M <= SKINNY_MAX_M."""
+    return list(SKINNY_CONFIGS.get(m_bucket(m), [])) if m <= SKINNY_MAX_M else []
+
+
 def gemm_configs(m: int) -> list[tuple[int, int, int, int, int]]:
     """GEMM configs (BM, BN, BK, num_warps, num_stages) for M rows."""
     for limit, cfgs in GEMM_CONFIGS:
@@ -551,9 +640,10 @@ def gemm_configs(m: int) -> list[tuple[int, int, int, int, int]]:
 
 # The config list of each M-bucketed fused variant (fused_linear's default is the first) and its range of M.
 _CONFIG_LISTS: dict[str, Callable[[int], list]] = {"gemv": gemv_configs, "decode": decode_configs,
-                                                   "multirow": multirow_configs, "stream": stream_configs}
+                                                   "multirow": multirow_configs, "stream": stream_configs,
+                                                   "skinny": skinny_configs}
 _CONFIG_RANGE = {"gemv": f"M <= {GEMV_MAX_M}", "decode": f"M <= {GEMV_MAX_M}", "multirow": f"3 <= M <= {GEMV_MAX_M}",
-                 "stream": "M <= 2"}
+                 "stream": "M <= 2", "skinny": f"2 <= M <= {SKINNY_MAX_M}"}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -685,6 +775,24 @@ def fused_linear(x2d: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
             HAS_RES=has_res, HAS_BIAS=bias is not None, WRITE_H=write_h,
             BM=bm, BN=bn, BKP=triton.next_power_of_2(K), USE_PDL=pdl, num_warps=warps, num_stages=1,
             **({"launch_pdl": True} if pdl else {}))
+    elif variant == "skinny":
+        bn, warps, per_sm = config
+        bm = max(16, m_bucket(M))
+        if M > SKINNY_MAX_M or bn < 16:
+            raise ValueError(f"skinny variant handles at most {SKINNY_MAX_M} rows with BN >= 16, got M={M}, "
+                             f"config {config}")
+        bkp = max(16, triton.next_power_of_2(K))
+        if (bn + bm) * bkp * x2d.element_size() > SKINNY_MAX_SMEM:
+            raise ValueError(f"skinny variant: the [{bn}, {bkp}] W slab and [{bkp}, {bm}] activation tile exceed "
+                             f"{SKINNY_MAX_SMEM} bytes of shared memory (K = {K} is too long for it)")
+        tiles = triton.cdiv(N, bn)
+        pdl = use_pdl(x2d)
+        grid = tiles if per_sm <= 0 or not x2d.is_cuda else min(tiles, per_sm * _sm_count(x2d.device))
+        _fused_skinny_kernel[(grid,)](
+            x2d, r, norm_weight, weight, b, y, hb, M, N, float(eps), K=K,
+            HAS_RES=has_res, HAS_BIAS=bias is not None, WRITE_H=write_h,
+            BM=bm, BN=bn, BKP=bkp, IEEE=x2d.dtype == torch.float32, USE_PDL=pdl,
+            num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}))
     elif variant == "gemm":
         if config is None:
             config = gemm_configs(M)[0]
@@ -809,6 +917,7 @@ def candidates(m: int) -> list[tuple[str, tuple[int, ...]]]:
     out += [("decode", c) for c in decode_configs(m)]
     out += [("multirow", c) for c in multirow_configs(m)]
     out += [("stream", c) for c in stream_configs(m)]
+    out += [("skinny", c) for c in skinny_configs(m)]
     out += [("gemm", c) for c in gemm_configs(m)]
     return out
 

@@ -184,6 +184,49 @@ def test_stream_variant_matches_reference(dtype, tol, m, n, k):
     assert rel_err(y, ref[0]) < tol, rel_err(y, ref[0])
 
 
+# skinny (tensor cores, swap-AB, whole-row W slabs; M = 2-32): M below, at and above 16 (BM = 16 / 32), K a power of
+# two and not, N not a multiple of BN, one program per tile and a looping persistent grid, with and without bias.
+SKINNY_CASES = [(2, 40, 64), (5, 33, 100), (16, 17, 32), (17, 48, 96), (32, 20, 48)]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("m,n,k", SKINNY_CASES)
+def test_skinny_variant_matches_reference(dtype, tol, m, n, k):
+    x, r, g, ws, bs = make(m, k, [n, 7], dtype, seed=5 * m + k)
+    eps = 1e-6
+    assert kernels.skinny_configs(m)
+    for cfg in kernels.skinny_configs(m)[:1] + [(32, 2, 0)]:
+        for res in (None, r):
+            ys, h = kernels.rms_norm_linear(x, g, ws, bs, eps, residual2d=res, variant="skinny", config=cfg)
+            ref, _ = ref64(x, g, ws, bs, eps, res)
+            assert (h is None) == (res is None)
+            if res is not None:
+                assert torch.equal(h, x + r), cfg
+            for y, yr in zip(ys, ref):
+                assert y.shape == yr.shape and not torch.isnan(y).any(), cfg
+                assert rel_err(y, yr) < tol, (cfg, res is None, rel_err(y, yr))
+    # a persistent grid: 2 programs for ceil(n / 16) tiles, each looping over its tiles and prefetching the next
+    y = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+    h = torch.full((m, k), float("nan"), dtype=dtype, device=DEV)
+    kernels._fused_skinny_kernel[(2,)](x, r, g, ws[0], bs[0] if bs[0] is not None else ws[0], y, h, m, n, eps, K=k,
+                                       HAS_RES=True, HAS_BIAS=bs[0] is not None, WRITE_H=True,
+                                       BM=max(16, kernels.m_bucket(m)), BN=16, BKP=max(16, triton_next_pow2(k)),
+                                       IEEE=dtype == torch.float32)
+    ref, _ = ref64(x, g, ws[:1], bs[:1], eps, r)
+    assert torch.equal(h, x + r)
+    assert rel_err(y, ref[0]) < tol, rel_err(y, ref[0])
+
+
+def test_skinny_variant_rejects_bad_shapes():
+    x, r, g, ws, bs = make(33, 32, [16], torch.float32)
+    with pytest.raises(ValueError, match="skinny"):
+        kernels.fused_linear(x, g, ws[0], None, 1e-6, variant="skinny", config=(16, 4, 0))  # M > SKINNY_MAX_M
+    with pytest.raises(ValueError, match="skinny"):
+        kernels.fused_linear(x[:4], g, ws[0], None, 1e-6, variant="skinny", config=(8, 4, 0))  # BN < 16
+    with pytest.raises(ValueError, match="no configuration"):
+        kernels.fused_linear(x[:1], g, ws[0], None, 1e-6, variant="skinny")  # M = 1: not in its range
+
+
 def triton_next_pow2(v: int) -> int:
     return 1 << (int(v) - 1).bit_length()
 
@@ -212,6 +255,10 @@ def test_dispatch_helpers():
     # stream: M = 1-2 only
     assert kernels.stream_configs(3) == [] and kernels.stream_configs(1) and kernels.stream_configs(2)
     assert [c for v, c in kernels.candidates(1) if v == "stream"] == kernels.stream_configs(1)
+    # skinny: M = 2..SKINNY_MAX_M only
+    assert kernels.skinny_configs(1) == [] and kernels.skinny_configs(kernels.SKINNY_MAX_M + 1) == []
+    for m in (2, 3, 16, 17, kernels.SKINNY_MAX_M):
+        assert [c for v, c in kernels.candidates(m) if v == "skinny"] == kernels.skinny_configs(m) != []
     # the CPU path never measures: "auto" on CPU is the reference
     x, r, g, ws, bs = make(2, 16, [8], torch.float32)
     ys, _ = kernels.rms_norm_linear(x, g, ws, bs, 1e-6)
@@ -329,6 +376,49 @@ for bm, cfgs in kernels.STREAM_CONFIGS.items():
             n += 1
 print("AOT-OK", n)
 """
+
+
+_SKINNY_AOT_SCRIPT = r"""
+import os, subprocess, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusion_pass import kernels
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+p = "*bf16"
+sig = {"x_ptr": p, "r_ptr": p, "g_ptr": p, "w_ptr": p, "b_ptr": p, "y_ptr": p, "h_ptr": p, "M": "i32", "N": "i32",
+       "eps": "fp32", "K": "constexpr", "HAS_RES": "constexpr", "HAS_BIAS": "constexpr", "WRITE_H": "constexpr",
+       "BM": "constexpr", "BN": "constexpr", "BKP": "constexpr", "IEEE": "constexpr", "USE_PDL": "constexpr"}
+names = list(sig)
+attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n == "N"}
+shapes = sorted({(max(16, b), bn, warps) for b, cfgs in kernels.SKINNY_CONFIGS.items() for bn, warps, _ in cfgs})
+n = 0
+for bm, bn, warps in shapes:
+    for res, pdl in ((True, False), (False, True)):
+        consts = dict(K=1024, HAS_RES=res, HAS_BIAS=False, WRITE_H=res, BM=bm, BN=bn, BKP=1024, IEEE=False,
+                      USE_PDL=pdl)
+        c = triton.compile(ASTSource(fn=kernels._fused_skinny_kernel, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps, "num_stages": 1, "launch_pdl": pdl})
+        assert "cubin" in c.asm, (bm, bn, warps, consts)
+        assert ("griddepcontrol.wait" in c.asm["ptx"]) == pdl
+        assert (bn + bm) * 1024 * 2 <= kernels.SKINNY_MAX_SMEM and c.metadata.shared <= kernels.SKINNY_MAX_SMEM
+        with tempfile.TemporaryDirectory() as d:
+            src = os.path.join(d, "k.ptx")
+            open(src, "w").write(c.asm["ptx"])
+            out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(d, "k.cubin")],
+                                 capture_output=True, text=True, check=True)
+        info = out.stdout + out.stderr
+        assert "0 bytes spill stores" in info, (bm, bn, warps, res, info)  # the W slab stays in registers
+        n += 1
+print("AOT-OK", n)
+"""
+
+
+def test_skinny_kernel_compiles_for_sm90_without_spills():
+    """The registered skinny configs (bf16, K = 1024: the Qwen3 fused sites) compile to Hopper cubins without a GPU,
+    with PDL where asked, within the shared-memory bound, and ptxas reports no register spills."""
+    run_aot_script(_SKINNY_AOT_SCRIPT, timeout=600)
 
 
 def test_stream_kernel_compiles_for_sm90_ahead_of_time():
