@@ -62,7 +62,10 @@ DEVICE = "cuda"  # tests run the row logic on the CPU (interpreter) with DEVICE 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "gemv-h200.json"))
-    p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values (<= 16)")
+    p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values (<= 16; <= 32 with "
+                   "--skinny)")
+    p.add_argument("--skinny", action="store_true", help="also time every SKINNY_CHOICES config of the split-K "
+                   "tensor-core kernel (gemv.gemv_skinny_triton), the only kernel for M > 16")
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
     p.add_argument("--reps", type=int, default=10, help="calls per CUDA graph")
     p.add_argument("--rounds", type=int, default=40, help="timed rounds over all graphs (median)")
@@ -74,13 +77,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------ cases
-def gemv_configs(m: int, n: int, k: int, all_configs: bool) -> list[Any]:
-    """The rule's config first, then the other CONFIG_CHOICES and EXTRA_CONFIGS (with their block_k) when
-    all_configs."""
+def gemv_configs(m: int, n: int, k: int, all_configs: bool, skinny: bool = False) -> list[Any]:
+    """The rule's config first (M > MAX_M: the skinny kernel's default), then the other CONFIG_CHOICES and
+    EXTRA_CONFIGS (with their block_k) when all_configs, and every SKINNY_CHOICES config when skinny."""
     from nanovllm.kernels import gemv as G
 
+    if m > G.MAX_M:
+        return [G.SKINNY_DEFAULT] + [c for c in G.SKINNY_CHOICES if c != G.SKINNY_DEFAULT]
     rule = G.choose_config(m, n, k)
     out = [rule]
+    if skinny:
+        out += [c for c in G.SKINNY_CHOICES if c not in out]
     if all_configs:
         for bn, warps in G.CONFIG_CHOICES + EXTRA_CONFIGS:
             cfg = G.GemvConfig(bn, G.block_k_for(bn, warps, k), warps)
@@ -90,24 +97,35 @@ def gemv_configs(m: int, n: int, k: int, all_configs: bool) -> list[Any]:
 
 
 def cfg_name(cfg: Any) -> str:
+    if hasattr(cfg, "chunk_k"):
+        return f"skinny{cfg.block_n}x{cfg.num_warps}w/ks{cfg.chunk_k}"
     return f"{cfg.block_n}x{cfg.num_warps}w/bk{cfg.block_k}"
 
 
-def _precompile(job: tuple[str, int, tuple[int, int, int]]) -> str:
-    """Worker: run the GEMV once with the exact argument kinds of the benchmark (so the launch specializes the
+def run_config(x: torch.Tensor, w: torch.Tensor, act: str, cfg: Any) -> torch.Tensor:
+    """One launch of the kernel a config belongs to: the split-K skinny kernel (SkinnyConfig) or the GEMV."""
+    from nanovllm.kernels import gemv as G
+
+    if isinstance(cfg, G.SkinnyConfig):
+        return G.gemv_skinny_triton(x, w, None, act, config=cfg)
+    return G.gemv_triton(x, w, None, act, config=cfg)
+
+
+def _precompile(job: tuple[str, int, tuple[str, tuple[int, int, int]]]) -> str:
+    """Worker: run the kernel once with the exact argument kinds of the benchmark (so the launch specializes the
     same way and the parent finds the compiled kernel in Triton's on-disk cache)."""
-    name, m, cfg_t = job
+    name, m, (kind, cfg_t) = job
     from nanovllm.kernels import gemv as G
 
     n, k, act = SHAPES[name]
     x = torch.randn(m, 2 * k if act == "silu_mul" else k, device=DEVICE, dtype=DTYPE)
     w = torch.randn(n, k, device=DEVICE, dtype=DTYPE)
-    G.gemv_triton(x, w, None, act, config=G.GemvConfig(*cfg_t))
+    run_config(x, w, act, G.SkinnyConfig(*cfg_t) if kind == "skinny" else G.GemvConfig(*cfg_t))
     torch.cuda.synchronize()
     return f"{name} M={m} {cfg_t}"
 
 
-def precompile(jobs: list[tuple[str, int, tuple[int, int, int]]], workers: int) -> float:
+def precompile(jobs: list[tuple[str, int, tuple[str, tuple[int, int, int]]]], workers: int) -> float:
     """Compile every (shape, BLOCK_M, config) once, in `workers` spawned processes. Returns seconds spent."""
     t0 = time.time()
     seen, uniq = set(), []
@@ -183,12 +201,11 @@ def bench_shape(name: str, ms: list[int], args: argparse.Namespace, t0: float) -
                 row["torch_act_us"] = round(graph_time_us(lambda i: F.linear(G.apply_act(x, act), ws[i]), copies,
                                                           args.reps, args.rounds), 3)
             row["baseline_us"] = row.get("torch_act_us", row["cublas_us"])
-            cfgs = gemv_configs(m, n, k, not args.no_configs)
+            cfgs = gemv_configs(m, n, k, not args.no_configs, args.skinny)
             row["rule_config"] = cfg_name(cfgs[0])
             row["configs_us"] = {}
             for cfg in cfgs:
-                us = graph_time_us(lambda i, c=cfg: G.gemv_triton(x, ws[i], None, act, config=c), copies, args.reps,
-                                   args.rounds)
+                us = graph_time_us(lambda i, c=cfg: run_config(x, ws[i], act, c), copies, args.reps, args.rounds)
                 row["configs_us"][cfg_name(cfg)] = round(us, 3)
             row["gemv_us"] = row["configs_us"][row["rule_config"]]
             row["best_config"] = min(row["configs_us"], key=row["configs_us"].get)
@@ -197,9 +214,11 @@ def bench_shape(name: str, ms: list[int], args: argparse.Namespace, t0: float) -
             row["speedup_vs_cublas_alone"] = round(row["cublas_us"] / row["gemv_us"], 3)
             row["gemv_bw_tb_s"] = round((w_bytes + (m * kx + m * n) * 2) / (row["gemv_us"] * 1e-6) / 1e12, 2)
             ref = G.gemv_ref(x.float(), ws[0].float(), None, act)
-            row["rel_err"] = rel_err(G.gemv_triton(x, ws[0], None, act), ref)
+            row["rel_err"] = rel_err(run_config(x, ws[0], act, cfgs[0]), ref)
+            row["best_rel_err"] = rel_err(run_config(x, ws[0], act, next(c for c in cfgs
+                                                                          if cfg_name(c) == row["best_config"])), ref)
             row["rel_err_torch_path"] = rel_err(F.linear(G.apply_act(x, act), ws[0]), ref)
-            row["ok"] = row["rel_err"] < 1e-2
+            row["ok"] = row["rel_err"] < 1e-2 and row["best_rel_err"] < 1e-2
         except Exception as e:  # noqa: BLE001 - record and go on
             row["error"] = f"{type(e).__name__}: {e}"
             row["traceback"] = traceback.format_exc(limit=4)
@@ -272,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in names:
         if s not in SHAPES:
             raise SystemExit(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
-    jobs = [(name, m, tuple(c)) for name in names for m in ms
-            for c in gemv_configs(m, SHAPES[name][0], SHAPES[name][1], not args.no_configs)]
+    jobs = [(name, m, ("skinny" if hasattr(c, "chunk_k") else "gemv", tuple(c))) for name in names for m in ms
+            for c in gemv_configs(m, SHAPES[name][0], SHAPES[name][1], not args.no_configs, args.skinny)]
     compile_s = precompile(jobs, args.precompile_workers)
     print(f"precompiled {len(jobs)} (shape, M, config) cases in {compile_s:.1f} s", flush=True)
     rows: list[dict[str, Any]] = []

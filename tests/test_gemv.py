@@ -241,6 +241,34 @@ def test_silu_mul_triton_matches_reference(dtype: torch.dtype) -> None:
     assert G.silu_mul_triton(torch.zeros(0, 8, dtype=dtype, device=DEVICE)).shape == (0, 4)
 
 
+# ---------------------------------------------------------------------------------------- split-K skinny kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(1, 20, 48), (2, 40, 64), (5, 33, 100), (16, 17, 200), (17, 48, 96), (32, 24, 64)])
+def test_skinny_matches_float64_reference(dtype: torch.dtype, m: int, n: int, k: int) -> None:
+    """M below, at and above 16 (BM = 16 / 32), K split into 1 to 7 chunks (with a ragged last one), N not a
+    multiple of block_n, both activations, with and without bias; outputs NaN-poisoned before."""
+    for act in G.ACTS:
+        for bias in (False, True):
+            x, w, b = make_case(m, n, k, act, dtype, bias, seed=m * 31 + k + bias)
+            for cfg in (G.SKINNY_DEFAULT, G.SkinnyConfig(16, 32, 4), G.SkinnyConfig(32, 16, 2)):
+                y = G.gemv_skinny_triton(x, w, b, act, out=nan_out(m, n, dtype), config=cfg)
+                assert rel_err(y, ref64(x, w, b, act)) < TOL[dtype], (act, bias, cfg)
+
+
+def test_skinny_errors_and_empty() -> None:
+    x, w, _ = make_case(G.SKINNY_MAX_M + 1, 16, 32, "none", torch.float32, False, 0)
+    with pytest.raises(ValueError, match="SKINNY_MAX_M"):
+        G.gemv_skinny_triton(x, w)
+    for bad in (G.SkinnyConfig(8, 32, 4), G.SkinnyConfig(16, 48, 4), G.SkinnyConfig(16, 8, 4)):
+        with pytest.raises(ValueError, match="powers of two"):
+            G.gemv_skinny_triton(x[:4], w, config=bad)
+    with pytest.raises(ValueError, match="x must be"):
+        G.gemv_skinny_triton(x[:4], w, act="silu_mul")
+    with pytest.raises(ValueError, match="share one dtype"):
+        G.gemv_skinny_triton(x[:4], w.half())
+    assert G.gemv_skinny_triton(x[:0], w).shape == (0, 16)
+
+
 # ---------------------------------------------------------------------------------------- AOT compile for sm_90
 # The rule's picks at bf16 for the Qwen3-0.6B shapes (and a K-loop shape), as a launch on an H200 specializes them
 # (pointers, K and row strides divisible by 16): every (rows per program, num_warps) config of the rule is among
@@ -348,11 +376,15 @@ def test_bench_gemv_logic_on_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         return 3.0 if len(calls) % 2 else 2.0
 
     monkeypatch.setattr(bench_gemv, "graph_time_us", fake_time)
-    args = bench_gemv.parse_args(["--ms", "1,3", "--reps", "2"])
+    args = bench_gemv.parse_args(["--ms", "1,3,20", "--reps", "2", "--skinny"])
     rows = []
     for name in bench_gemv.SHAPES:
-        rows += bench_gemv.bench_shape(name, [1, 3], args, time.time())
-    assert len(rows) == 6 and not any("error" in r for r in rows), [r.get("traceback") for r in rows]
+        rows += bench_gemv.bench_shape(name, [1, 3, 20], args, time.time())
+    assert len(rows) == 9 and not any("error" in r for r in rows), [r.get("traceback") for r in rows]
+    for r in rows:  # every skinny config is timed; above MAX_M it is the only kernel (its default is the rule)
+        skinny = {bench_gemv.cfg_name(c) for c in G.SKINNY_CHOICES + (G.SKINNY_DEFAULT,)}
+        assert skinny <= set(r["configs_us"])
+        assert (set(r["configs_us"]) == skinny) == (r["M"] > G.MAX_M)
     for r in rows:
         assert r["ok"] and r["rel_err"] < 1e-2 and r["weight_copies"] % 2 == 0
         assert r["weight_copies"] * r["N"] * r["K"] * 2 >= 2 * 4096

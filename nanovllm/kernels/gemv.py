@@ -110,6 +110,27 @@ def choose_config(m: int, n: int, k: int, block_n: int | None = None, num_warps:
     return GemvConfig(block_n, block_k_for(block_n, warps, k), warps)
 
 
+class SkinnyConfig(NamedTuple):
+    """Launch configuration of the split-K skinny kernel (``_gemv_skinny_kernel``): ``block_n`` W rows per program
+    (>= 16: the MMA's M side), ``chunk_k`` columns of K per program (a power of two >= 16; ``cdiv(K, chunk_k)`` splits
+    of K), ``num_warps``."""
+
+    block_n: int
+    chunk_k: int
+    num_warps: int
+
+
+SKINNY_MAX_M = 32  # the most rows of the skinny kernel (BM = max(16, next_power_of_2(M)) <= 32)
+# Not yet measured on the H200: a first guess (256 programs for N = 1024, K = 2048; 16 KiB of W each);
+# benchmarks/bench_gemv.py --skinny times every SKINNY_CHOICES config.
+SKINNY_DEFAULT = SkinnyConfig(16, 512, 4)
+SKINNY_CHOICES: tuple[SkinnyConfig, ...] = (
+    SkinnyConfig(16, 256, 2), SkinnyConfig(16, 256, 4), SkinnyConfig(16, 512, 4), SkinnyConfig(16, 512, 8),
+    SkinnyConfig(16, 1024, 8), SkinnyConfig(32, 256, 4), SkinnyConfig(32, 512, 4), SkinnyConfig(32, 512, 8),
+    SkinnyConfig(64, 256, 4),
+)
+
+
 # ---------------------------------------------------------------------------------------------------- reference
 def apply_act(x: torch.Tensor, act: str) -> torch.Tensor:
     """``act(x)`` in PyTorch, in x's dtype: ``"none"`` returns ``x``; ``"silu_mul"`` maps ``[..., 2K]`` laid out as
@@ -282,6 +303,78 @@ def _gemv_row_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K: tl.constexpr, ACT: tl.con
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
+@triton.jit
+def _gemv_skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, p_ptr, M, N, stride_xm, stride_ym,
+                        K: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                        IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KS: tl.constexpr,
+                        USE_PDL: tl.constexpr = False):
+    """Split-K skinny GEMM on the tensor cores, swap-AB: program (pid_n, s) computes
+    W[pid_n*BN : +BN, s*KS : +KS] @ act(x)[:M, s*KS : +KS]^T -> [BN, BM] (M <= BM, BM >= 16, rows >= M are zeros).
+
+    The weight chunk is the MMA's left operand (its BN >= 16 rows fill the MMA's M side) and the few activation
+    rows the right one: a small-M product computed as its transpose. ONE load of the [BN, KS] chunk (KS a power of
+    two; K a compile-time constant), then the activation chunk [KS, BM] (gate | up for silu_mul, L2-resident).
+    SPLIT: the fp32 partial goes to p[s, m, n] ([S, M, N], reduced by ``_splitk_reduce_kernel``); otherwise (one
+    chunk covers K) bias is added and y[m, n] stored. USE_PDL: the weight chunk is loaded before waiting for the
+    previous kernel (kernels/pdl.py).
+    """
+    pid_n = tl.program_id(0)
+    s = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    n_mask = rn < N
+    rn64 = rn.to(tl.int64)
+    rk = s * KS + tl.arange(0, KS)
+    k_mask = rk < K
+    w = tl.load(w_ptr + rn64[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                eviction_policy="evict_first")
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    rm = tl.arange(0, BM)
+    m_mask = rm < M
+    xt_off = rm[None, :].to(tl.int64) * stride_xm + rk[:, None]  # [KS, BM]: act(x)^T, K along the rows
+    xt_mask = k_mask[:, None] & m_mask[None, :]
+    first = tl.load(x_ptr + xt_off, mask=xt_mask, other=0.0)
+    if ACT == "silu_mul":
+        second = tl.load(x_ptr + xt_off + K, mask=xt_mask, other=0.0)
+    else:
+        second = first
+    a = _act(first, second, ACT).to(w.dtype)
+    if IEEE:
+        acc = tl.dot(w, a, input_precision="ieee")
+    else:
+        acc = tl.dot(w, a)
+    if SPLIT:
+        tl.store(p_ptr + (s * M + rm[None, :]).to(tl.int64) * N + rn64[:, None], acc,
+                 mask=n_mask[:, None] & m_mask[None, :])
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn64[:, None], acc.to(y_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & m_mask[None, :])
+
+
+@triton.jit
+def _splitk_reduce_kernel(p_ptr, b_ptr, y_ptr, M, N, stride_ym, S: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """y[m, n] = sum_s p[s, m, n] (+ b[n]), rounded once to y's dtype. p: [S, M, N] fp32 contiguous; BLOCK
+    consecutive (m, n) elements per program. USE_PDL: the bias is loaded before waiting for the split kernel."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    n = offs % N
+    if HAS_BIAS:
+        acc = tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    for s in tl.static_range(S):
+        acc += tl.load(p_ptr + s * M * N + offs, mask=mask, other=0.0)
+    m = offs // N
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def row_config(k: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps) of :func:`_gemv_row_kernel` (M = 1): 4 warps; 1 output per program up to K = 2048, else
     4 (the fastest of the H200 sweep for o_proj K = 2048 and down_proj K = 3072). The slab then holds at most
@@ -393,6 +486,68 @@ def gemv_triton(
         num_warps=cfg.num_warps,
         num_stages=1,
     )
+    return out
+
+
+def gemv_skinny_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act: str = "none",
+    out: torch.Tensor | None = None,
+    config: SkinnyConfig | None = None,
+) -> torch.Tensor:
+    """``y = act(x) @ weight^T (+ bias)`` for ``1 <= M <= SKINNY_MAX_M`` rows on the tensor cores (split-K skinny
+    kernel, then one reduction kernel when K is split); CUDA-graph capturable (the fp32 ``[splits, M, N]`` partial
+    buffer is allocated per call, from the graph's pool under capture).
+
+    Args:
+        x, weight, bias, act, out: as :func:`gemv_triton` (``x.stride(1) == 1``, weight contiguous).
+        config: a :class:`SkinnyConfig` (default :data:`SKINNY_DEFAULT`).
+
+    Returns:
+        ``[M, N]`` in ``x.dtype``; the activation is rounded to ``x.dtype`` before the MMA (as the eager model
+        rounds it), products accumulate in float32 and the splits are summed in float32.
+
+    Raises:
+        ValueError: as :func:`gemv_triton`, ``M > SKINNY_MAX_M``, or a config with ``block_n < 16`` or a
+            ``chunk_k`` that is not a power of two >= 16.
+    """
+    m, n, k = _check_shapes(x, weight, bias, act)
+    if x.dtype not in GEMV_DTYPES:
+        raise ValueError(f"dtype must be one of {GEMV_DTYPES}, got {x.dtype}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"x, weight and bias must share one dtype, got {x.dtype}, {weight.dtype}, "
+                         f"{None if bias is None else bias.dtype}")
+    if m > SKINNY_MAX_M:
+        raise ValueError(f"the skinny kernel takes at most SKINNY_MAX_M={SKINNY_MAX_M} rows, got M={m}")
+    if not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+        raise ValueError("weight and bias must be contiguous")
+    if x.stride(1) != 1 and m > 0:
+        raise ValueError(f"x must have contiguous columns, got strides {x.stride()}")
+    cfg = config if config is not None else SKINNY_DEFAULT
+    if cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1) or cfg.chunk_k < 16 or cfg.chunk_k & (cfg.chunk_k - 1):
+        raise ValueError(f"block_n and chunk_k must be powers of two >= 16, got {cfg}")
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != (m, n) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{m}, {n}] {x.dtype} tensor, got {tuple(out.shape)} {out.dtype}")
+    if m == 0 or n == 0:
+        return out
+    chunk = min(cfg.chunk_k, max(16, triton.next_power_of_2(k)))
+    splits = triton.cdiv(k, chunk)
+    part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
+    pdl = use_pdl(x)
+    b = bias if bias is not None else weight  # never read without HAS_BIAS
+    _gemv_skinny_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+        x, weight, b, out, part, m, n, x.stride(0), out.stride(0), K=k, ACT=act, HAS_BIAS=bias is not None,
+        SPLIT=splits > 1, IEEE=x.dtype == torch.float32, BM=max(16, triton.next_power_of_2(m)), BN=cfg.block_n,
+        KS=chunk, USE_PDL=pdl, num_warps=cfg.num_warps, num_stages=1, **launch_options(pdl))
+    if splits > 1:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](part, b, out, m, n, out.stride(0), S=splits,
+                                                            HAS_BIAS=bias is not None, BLOCK=block, USE_PDL=pdl,
+                                                            num_warps=4, **launch_options(pdl))
     return out
 
 
