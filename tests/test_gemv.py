@@ -175,6 +175,25 @@ def test_op_dispatch_rule() -> None:
         assert not gemv_op.uses_gemv(torch.zeros(gemv_op.GEMV_MAX_M + 1, 8, device="cuda"), wc, None)
         assert not gemv_op.uses_gemv(torch.zeros(0, 8, device="cuda"), wc, None)
         assert not gemv_op.uses_gemv(torch.zeros(1, 8, device="cuda", dtype=torch.float64), wc.double(), None)
+        m = gemv_op.GEMV_MAX_M + 1
+        assert gemv_op.uses_skinny(torch.zeros(m, 8, device="cuda"), wc, None) == (m <= gemv_op.SKINNY_MAX_M)
+        assert not gemv_op.uses_skinny(torch.zeros(gemv_op.SKINNY_MAX_M + 1, 8, device="cuda"), wc, None)
+    assert not gemv_op.uses_skinny(torch.zeros(gemv_op.GEMV_MAX_M + 1, 8), w, None)  # CPU
+
+
+def test_op_skinny_path_in_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GEMV_MAX_M < M <= SKINNY_MAX_M on a 'GPU' tensor runs the skinny kernel: the op with uses_skinny forced
+    (the interpreter stands in for the GPU) equals the float64 reference, for both activations."""
+    monkeypatch.setattr(gemv_op, "uses_gemv", lambda x, w, b: False)
+    monkeypatch.setattr(gemv_op, "uses_skinny", lambda x, w, b: True)
+    calls = []
+    real = G.gemv_skinny_triton
+    monkeypatch.setattr(G, "gemv_skinny_triton", lambda *a, **kw: calls.append(kw["config"]) or real(*a, **kw))
+    for act in G.ACTS:
+        x, w, b = make_case(9, 24, 40, act, torch.float32, True, 3)
+        y = gemv_op.linear_small_m(x, w, b, act)
+        assert rel_err(y, ref64(x, w, b, act)) < 1e-5
+    assert calls == [G.skinny_config(9, 24, 40)] * 2
 
 
 def test_gemv_max_m_from_env() -> None:
@@ -187,6 +206,11 @@ def test_gemv_max_m_from_env() -> None:
             gemv_op.max_m_from_env(bad)
     expected = gemv_op.max_m_from_env(os.environ.get(gemv_op.ENV_GEMV_MAX_M))
     assert gemv_op.GEMV_MAX_M == expected
+    sk = dict(name=gemv_op.ENV_SKINNY_MAX_M, default=gemv_op.DEFAULT_SKINNY_MAX_M, limit=G.SKINNY_MAX_M)
+    assert gemv_op.max_m_from_env(None, **sk) == G.SKINNY_MAX_M == 32
+    assert gemv_op.max_m_from_env("0", **sk) == 0
+    with pytest.raises(ValueError, match=gemv_op.ENV_SKINNY_MAX_M):
+        gemv_op.max_m_from_env("33", **sk)
 
 
 def test_op_traces_with_symbolic_m() -> None:

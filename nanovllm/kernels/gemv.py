@@ -131,6 +131,12 @@ SKINNY_CHOICES: tuple[SkinnyConfig, ...] = (
 )
 
 
+def skinny_config(m: int, n: int, k: int) -> SkinnyConfig:
+    """The skinny kernel's launch configuration for ``M`` rows, ``N`` outputs, reduction length ``K``:
+    :data:`SKINNY_DEFAULT` (not yet chosen per shape)."""
+    return SKINNY_DEFAULT
+
+
 # ---------------------------------------------------------------------------------------------------- reference
 def apply_act(x: torch.Tensor, act: str) -> torch.Tensor:
     """``act(x)`` in PyTorch, in x's dtype: ``"none"`` returns ``x``; ``"silu_mul"`` maps ``[..., 2K]`` laid out as

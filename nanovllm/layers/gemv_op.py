@@ -7,6 +7,8 @@ Dispatch (at run time, on the concrete tensors):
 
 - CUDA, ``1 <= M <= GEMV_MAX_M``, fp16/bf16/fp32 with one dtype: the Triton GEMV (one kernel; the activation is
   computed in its prologue; no host sync, no allocation besides the output, so it can be captured in a CUDA graph);
+- CUDA, ``GEMV_MAX_M < M <= SKINNY_MAX_M``, same dtypes: the split-K skinny kernel on the tensor cores
+  (:func:`nanovllm.kernels.gemv.gemv_skinny_triton`: the activation in its prologue, then one reduction kernel);
 - otherwise (larger ``M``, CPU, other dtypes): ``F.linear(apply_act(x, act), weight, bias)``; on CUDA the
   ``silu_mul`` activation then runs as one Triton pass (:func:`nanovllm.kernels.gemv.silu_mul_triton`).
 
@@ -18,6 +20,8 @@ model keeps plain ``aten`` ops.
 ``GEMV_MAX_M`` (default 4) is read once, at import, from the environment variable ``NANOVLLM_GEMV_MAX_M``
 (an integer in ``[0, MAX_M]``; 0 disables the GEMV), so the crossover with cuBLAS can be measured on the target
 GPU (benchmarks/bench_gemv.py). It is looked up at each call, so tests may also patch the module attribute.
+``SKINNY_MAX_M`` (default 32, the kernel's limit) likewise from ``NANOVLLM_SKINNY_MAX_M`` (``[0, 32]``; 0 disables
+the skinny path, so ``GEMV_MAX_M < M`` goes to cuBLAS as before).
 """
 from __future__ import annotations
 
@@ -26,36 +30,51 @@ import os
 import torch
 import torch.nn.functional as F
 
+from nanovllm.kernels import gemv as G
 from nanovllm.kernels.gemv import GEMV_DTYPES, MAX_M, _check_shapes, apply_act, gemv_triton, silu_mul_triton
 
 DEFAULT_GEMV_MAX_M = 4
 ENV_GEMV_MAX_M = "NANOVLLM_GEMV_MAX_M"
 
 
-def max_m_from_env(value: str | None) -> int:
-    """Parse the value of ``NANOVLLM_GEMV_MAX_M``: unset or empty -> :data:`DEFAULT_GEMV_MAX_M`.
+DEFAULT_SKINNY_MAX_M = G.SKINNY_MAX_M
+ENV_SKINNY_MAX_M = "NANOVLLM_SKINNY_MAX_M"
+
+
+def max_m_from_env(value: str | None, name: str = ENV_GEMV_MAX_M, default: int = DEFAULT_GEMV_MAX_M,
+                   limit: int = MAX_M) -> int:
+    """Parse the value of the environment variable ``name`` (``NANOVLLM_GEMV_MAX_M`` by default): unset or empty
+    -> ``default``.
 
     Raises:
-        ValueError: not an integer, or outside ``[0, MAX_M]`` (the largest M the kernel takes).
+        ValueError: not an integer, or outside ``[0, limit]`` (the largest M the kernel takes).
     """
     if value is None or not value.strip():
-        return DEFAULT_GEMV_MAX_M
+        return default
     try:
         m = int(value)
     except ValueError:
-        raise ValueError(f"{ENV_GEMV_MAX_M} must be an integer, got {value!r}") from None
-    if not 0 <= m <= MAX_M:
-        raise ValueError(f"{ENV_GEMV_MAX_M} must be in [0, {MAX_M}], got {m}")
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if not 0 <= m <= limit:
+        raise ValueError(f"{name} must be in [0, {limit}], got {m}")
     return m
 
 
 GEMV_MAX_M: int = max_m_from_env(os.environ.get(ENV_GEMV_MAX_M))
+SKINNY_MAX_M: int = max_m_from_env(os.environ.get(ENV_SKINNY_MAX_M), ENV_SKINNY_MAX_M, DEFAULT_SKINNY_MAX_M,
+                                   G.SKINNY_MAX_M)
 
 
 def uses_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether :func:`linear_small_m` runs the Triton GEMV for these (concrete) tensors."""
     return (x.is_cuda and 1 <= x.shape[0] <= GEMV_MAX_M and x.dtype in GEMV_DTYPES and weight.dtype == x.dtype
             and (bias is None or bias.dtype == x.dtype))
+
+
+def uses_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether :func:`linear_small_m` runs the split-K skinny kernel for these (concrete) tensors."""
+    return (x.is_cuda and GEMV_MAX_M < x.shape[0] <= SKINNY_MAX_M and x.dtype in GEMV_DTYPES
+            and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype))
 
 
 @torch.library.custom_op("nanovllm::linear_small_m", mutates_args=())
@@ -80,6 +99,11 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         if x.stride(1) != 1:
             x = x.contiguous()
         return gemv_triton(x, weight.contiguous(), None if bias is None else bias.contiguous(), act)
+    if uses_skinny(x, weight, bias):
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        return G.gemv_skinny_triton(x, weight.contiguous(), None if bias is None else bias.contiguous(), act,
+                                    config=G.skinny_config(x.shape[0], weight.shape[0], weight.shape[1]))
     if act == "silu_mul" and x.is_cuda and x.dtype in GEMV_DTYPES and x.stride(1) == 1:
         # one pass instead of silu, then mul (Inductor fuses them when the activation is outside the op)
         return F.linear(silu_mul_triton(x), weight, bias)
