@@ -75,8 +75,11 @@ def check_case(m: int, n: int, k: int, residual: bool, bias: bool, variants: lis
                 row["chosen"] = kernels.dispatch_table().get(
                     f"M={kernels.m_bucket(m)},N={n},K={k},{str(DTYPE).replace('torch.', '')}", {}).get("variant", "?")
             else:
-                if v == "gemv" and m > kernels.GEMV_MAX_M:
-                    continue
+                if v in kernels._CONFIG_LISTS and not kernels._CONFIG_LISTS[v](m):
+                    continue  # outside the variant's range of M (gemv / decode / multirow / stream / skinny)
+                if v == "skinny" and (16 + max(16, kernels.m_bucket(m))) * (1 << (k - 1).bit_length()) * 2 > \
+                        kernels.SKINNY_MAX_SMEM:
+                    continue  # rows too long for its whole-row slabs (the dispatcher skips it too)
                 ys, h = kernels.rms_norm_linear(x, g, [w], [b], eps, residual2d=r, variant=v)
             y = ys[0]
             torch.cuda.synchronize() if DEVICE == "cuda" else None
@@ -136,7 +139,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.time()
     ms = [1, 17, 1024] if args.quick else MS
     shapes = [SHAPES[0], SHAPES[4]] if args.quick else SHAPES
-    variants = ["op", "torch", "unfused", "gemv", "gemm"]
+    variants = ["op", "torch", "unfused", "gemv", "multirow", "stream", "skinny", "gemm"]
     rows: list[dict[str, Any]] = []
     for n, k in shapes:
         for m in ms:

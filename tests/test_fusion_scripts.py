@@ -29,6 +29,12 @@ def test_check_case_on_cpu_interpreter(monkeypatch):
     assert all(r["ok"] for r in rows), rows
     rows = check_fusion_gpu.check_case(17, 20, 33, False, True, ["gemv", "gemm"], 1e-2)
     assert [r["variant"] for r in rows] == ["gemm"] and rows[0]["ok"], rows
+    # each variant only inside its range of M: stream M <= 2, multirow 3..16, skinny 2..32
+    variants = ["stream", "multirow", "skinny"]
+    assert [r["variant"] for r in check_fusion_gpu.check_case(2, 20, 33, True, False, variants, 1e-2)] == \
+        ["stream", "skinny"]
+    rows = check_fusion_gpu.check_case(17, 20, 33, True, True, variants, 1e-2)
+    assert [r["variant"] for r in rows] == ["skinny"] and rows[0]["ok"], rows
 
 
 def test_scripts_parse_args_and_refuse_without_cuda():
