@@ -279,6 +279,15 @@ def test_skinny_matches_float64_reference(dtype: torch.dtype, m: int, n: int, k:
                 assert rel_err(y, ref64(x, w, b, act)) < TOL[dtype], (act, bias, cfg)
 
 
+def test_skinny_config_override_parsing() -> None:
+    assert G.parse_skinny_config(None) is None and G.parse_skinny_config(" ") is None
+    assert G.parse_skinny_config("32,256,8") == G.SkinnyConfig(32, 256, 8)
+    for bad in ("16,512", "a,b,c", "8,512,4", "16,500,4", "16,512,3"):
+        with pytest.raises(ValueError, match="NANOVLLM_SKINNY_CONFIG"):
+            G.parse_skinny_config(bad)
+    assert G.skinny_config(8, 1024, 2048) == (G.SKINNY_OVERRIDE or G.SKINNY_DEFAULT)
+
+
 def test_skinny_errors_and_empty() -> None:
     x, w, _ = make_case(G.SKINNY_MAX_M + 1, 16, 32, "none", torch.float32, False, 0)
     with pytest.raises(ValueError, match="SKINNY_MAX_M"):

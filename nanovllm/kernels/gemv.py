@@ -44,6 +44,7 @@ Public API: :func:`gemv` (Triton on CUDA / ``force_triton``, reference otherwise
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -131,10 +132,31 @@ SKINNY_CHOICES: tuple[SkinnyConfig, ...] = (
 )
 
 
+def parse_skinny_config(value: str | None) -> SkinnyConfig | None:
+    """Parse ``NANOVLLM_SKINNY_CONFIG`` ("block_n,chunk_k,num_warps", e.g. "16,512,4"; unset or empty -> None).
+
+    Raises:
+        ValueError: not three integers, or block_n / chunk_k not powers of two >= 16, or num_warps not in 1-8.
+    """
+    if value is None or not value.strip():
+        return None
+    try:
+        bn, ks, warps = (int(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"NANOVLLM_SKINNY_CONFIG must be 'block_n,chunk_k,num_warps', got {value!r}") from None
+    if bn < 16 or bn & (bn - 1) or ks < 16 or ks & (ks - 1) or warps not in (1, 2, 4, 8):
+        raise ValueError(f"NANOVLLM_SKINNY_CONFIG: block_n and chunk_k must be powers of two >= 16 and num_warps "
+                         f"1, 2, 4 or 8, got {value!r}")
+    return SkinnyConfig(bn, ks, warps)
+
+
+SKINNY_OVERRIDE: SkinnyConfig | None = parse_skinny_config(os.environ.get("NANOVLLM_SKINNY_CONFIG"))
+
+
 def skinny_config(m: int, n: int, k: int) -> SkinnyConfig:
     """The skinny kernel's launch configuration for ``M`` rows, ``N`` outputs, reduction length ``K``:
-    :data:`SKINNY_DEFAULT` (not yet chosen per shape)."""
-    return SKINNY_DEFAULT
+    ``NANOVLLM_SKINNY_CONFIG`` when set (read at import), else :data:`SKINNY_DEFAULT`."""
+    return SKINNY_OVERRIDE or SKINNY_DEFAULT
 
 
 # ---------------------------------------------------------------------------------------------------- reference
