@@ -33,12 +33,10 @@ import torch.nn.functional as F  # noqa: E402
 SITES = [("qkv", 4096, 1024), ("gate_up", 6144, 1024), ("lm_head", 151936, 1024)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 HBM_BPS = 4.3e12
-# Launch shapes (BN, num_warps, programs per SM; 0 = one program per tile) swept for the skinny variant with
-# --skinny-grid: BN = 16-64 W rows per program (the MMA's M side), 2-8 warps (a [16, 1024] bf16 W slab is 256
-# elements per thread with 2 warps, which spills), and a grid of one program per tile or 1-4 programs per SM.
-SKINNY_SWEEP = [(16, 4, 0), (16, 4, 1), (16, 4, 2), (16, 4, 4), (16, 8, 0), (16, 8, 1), (16, 8, 2), (16, 2, 0),
-                (32, 8, 0), (32, 8, 1), (32, 8, 2), (32, 4, 0), (64, 8, 0), (64, 8, 1)]
-EPS = 1e-6
+# Launch shapes (BN, KS, num_warps) swept for the skinny variant with --skinny-grid: BN = 16-64 W rows per program
+# (the MMA's M side), K in chunks of 128-1024 (a split-K epilogue kernel sums the chunks), 2-8 warps.
+SKINNY_SWEEP = [(16, 256, 2), (32, 256, 4), (64, 256, 4), (32, 128, 4), (64, 128, 4), (16, 128, 2), (32, 512, 8),
+                (64, 512, 8), (16, 1024, 4)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,7 +22,7 @@ that fill Triton's on-disk cache, so the whole run takes well under a minute.
 
 Usage (repository root, on the GPU):  python benchmarks/bench_gemv.py [--out PATH] [--ms 1,2,4] [--shapes o_proj]
 Writes JSON {meta: GPU/torch/triton/date/command, rows, crossover} to benchmarks/results/gemv-h200.json.
-NANOVLLM_GEMV_MAX_M (the op's threshold, default 4) only affects the op check; the table shows every M.
+NANOVLLM_GEMV_MAX_M (the op's threshold, default 2) only affects the op check; the table shows every M.
 """
 from __future__ import annotations
 

@@ -463,77 +463,89 @@ if HAS_TRITON:
             w = w_next
 
     @triton.jit
-    def _fused_skinny_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, eps,
+    def _fused_skinny_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, q_ptr, M, N, eps,
                              K: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr,
-                             BM: tl.constexpr, BN: tl.constexpr, BKP: tl.constexpr, IEEE: tl.constexpr,
-                             USE_PDL: tl.constexpr = False):
-        """Fused skinny GEMM on the tensor cores for a few rows (M <= BM, BM >= 16), swap-AB, whole-row W slabs.
+                             SPLIT: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                             KS: tl.constexpr, USE_PDL: tl.constexpr = False):
+        """Fused split-K skinny GEMM on the tensor cores for a few rows (M <= BM, BM >= 16), swap-AB.
 
-        y^T = W (h * g)^T * 1/rms(h): the weight is the MMA's left operand (its BN rows fill the MMA's M side,
-        >= 16) and the few activation rows its right operand, padded to BM >= 16 columns with zeros ("swap-AB":
-        a small-M product computed as its transpose so the large dimension meets the tensor cores' wide side).
-        Each program computes a = (h * g) [BKP, BM] and 1/rms(h) [BM] ONCE from x (+ r) (L2-resident; the sum of
-        squares from a second, row-by-row read, so that the [BKP, BM] tile is never live in float32 beside the W
-        slab: 166 instead of 222 registers per thread at BN = 16, 4 warps, by ptxas for sm_90a), then loops
-        over its W tiles t = p, p + P, ... (P programs, persistent grid), each ONE [BN, BKP] load of whole W rows
-        (K a compile-time constant, BKP = next_power_of_2(K)), the next tile's load issued before the current
-        tile's tl.dot (register double buffering). Epilogue: acc [BN, BM] * 1/rms + b, stored transposed.
-        x, r, h: [M, K] row-major; g: [K]; W: [N, K] row-major; b: [N]; y: [M, N]. fp32 accumulation; a is
-        rounded to the activation dtype before the MMA (as in the unfused path's normalized input; IEEE: fp32
-        inputs multiplied in full fp32). Program 0 writes h = x + r. USE_PDL: the first W tile and g are loaded
-        before waiting for the previous kernel (see `use_pdl`).
+        Program (pid_n, s) takes the W chunk [BN, KS] (rows pid_n*BN.., columns s*KS..; ONE load, K a compile-time
+        constant) as the MMA's left operand (its BN >= 16 rows fill the MMA's M side) and a = h * g [KS, BM] (h = x
+        (+ r) for the same columns, rows >= M zero) as the right one: a small-M product computed as its transpose
+        ("swap-AB"). a is rounded to the activation dtype before the MMA (IEEE: fp32 inputs multiplied in full fp32).
+        SPLIT (K split into S = cdiv(K, KS) chunks): the fp32 partial product goes to p[s, m, n] ([S, M, N]) and the
+        programs with pid_n == 0 write the chunk's sum of squares q[s, m] ([S, M]); ``_fused_splitk_epilogue_kernel``
+        then sums both and applies 1/rms(h) (FlashNorm epilogue) and b. Without SPLIT (KS >= K) the program has the
+        whole row and finishes y itself. Programs with pid_n == 0 write h = x + r (WRITE_H). x, r, h: [M, K]
+        row-major; g: [K]; W: [N, K] row-major; b: [N]; y: [M, N]. USE_PDL: the W chunk and g are loaded before
+        waiting for the previous kernel (see `use_pdl`).
         """
-        pid = tl.program_id(0)
-        nprog = tl.num_programs(0)
-        num_tiles = tl.cdiv(N, BN)
-        rk = tl.arange(0, BKP)
+        pid_n = tl.program_id(0)
+        s = tl.program_id(1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_mask = rn < N
+        rn64 = rn.to(tl.int64)
+        rk = s * KS + tl.arange(0, KS)
         k_mask = rk < K
-        rn0 = tl.arange(0, BN)
-        rm = tl.arange(0, BM)
-        m_mask = rm < M
         dt = y_ptr.dtype.element_ty
-        rn = pid * BN + rn0
-        w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :], mask=(rn < N)[:, None] & k_mask[None, :],
-                    other=0.0, eviction_policy="evict_first")
+        w = tl.load(w_ptr + rn64[:, None] * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                    eviction_policy="evict_first")
         g = tl.load(g_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        xt_off = rm[None, :] * K + rk[:, None]  # [BKP, BM]: x^T, K along the rows
+        rm = tl.arange(0, BM)
+        m_mask = rm < M
+        xt_off = rm[None, :] * K + rk[:, None]  # [KS, BM]: the chunk of x^T, K along the rows
         xt_mask = k_mask[:, None] & m_mask[None, :]
         h = tl.load(x_ptr + xt_off, mask=xt_mask, other=0.0)
         if HAS_RES:
             h = (h.to(tl.float32) + tl.load(r_ptr + xt_off, mask=xt_mask, other=0.0).to(tl.float32)).to(dt)
             if WRITE_H:
-                if pid == 0:
+                if pid_n == 0:
                     tl.store(h_ptr + xt_off, h, mask=xt_mask)
-        a = (h.to(tl.float32) * g[:, None]).to(dt)
-        ss = tl.zeros((BM,), dtype=tl.float32)
-        for m in tl.static_range(BM):
-            if m < M:
-                hm = tl.load(x_ptr + m * K + rk, mask=k_mask, other=0.0)
-                if HAS_RES:
-                    hm = (hm.to(tl.float32) + tl.load(r_ptr + m * K + rk, mask=k_mask, other=0.0)
-                          .to(tl.float32)).to(dt)
-                hmf = hm.to(tl.float32)
-                ss = tl.where(rm == m, tl.sum(hmf * hmf, axis=0), ss)
-        inv = 1.0 / tl.sqrt(ss / K + eps)  # [BM]; padded columns: 1/sqrt(eps), never stored
-        for t in range(pid, num_tiles, nprog):
-            rn = t * BN + rn0
-            n_mask = rn < N
-            rn_next = (t + nprog) * BN + rn0
-            w_next = tl.load(w_ptr + rn_next.to(tl.int64)[:, None] * K + rk[None, :],
-                             mask=(rn_next < N)[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
-            if IEEE:
-                acc = tl.dot(w, a, input_precision="ieee")
-            else:
-                acc = tl.dot(w, a)
+        hf = h.to(tl.float32)
+        a = (hf * g[:, None]).to(dt)
+        if IEEE:
+            acc = tl.dot(w, a, input_precision="ieee")
+        else:
+            acc = tl.dot(w, a)
+        if SPLIT:
+            if pid_n == 0:
+                tl.store(q_ptr + s * M + rm, tl.sum(hf * hf, axis=0), mask=m_mask)
+            tl.store(p_ptr + (s * M + rm[None, :]).to(tl.int64) * N + rn64[:, None], acc,
+                     mask=n_mask[:, None] & m_mask[None, :])
+        else:
+            inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / K + eps)  # [BM]; padded columns never stored
             y = acc * inv[None, :]
             if HAS_BIAS:
                 y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            tl.store(y_ptr + rm.to(tl.int64)[None, :] * N + rn.to(tl.int64)[:, None], y.to(dt),
+            tl.store(y_ptr + rm.to(tl.int64)[None, :] * N + rn64[:, None], y.to(dt),
                      mask=n_mask[:, None] & m_mask[None, :])
-            w = w_next
+
+    @triton.jit
+    def _fused_splitk_epilogue_kernel(p_ptr, q_ptr, b_ptr, y_ptr, M, N, eps, K: tl.constexpr, S: tl.constexpr,
+                                      HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+        """The skinny variant's split-K epilogue: y[m, n] = (sum_s p[s, m, n]) * 1/rms(h_m) + b[n], with
+        1/rms(h_m) = rsqrt(sum_s q[s, m] / K + eps). p: [S, M, N], q: [S, M] fp32; y: [M, N]; BLOCK consecutive
+        (m, n) per program; one rounding to y's dtype. USE_PDL: b is loaded before waiting for the split kernel."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < M * N
+        n = offs % N
+        m = offs // N
+        bias = tl.zeros((BLOCK,), dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        ss = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(S):
+            acc += tl.load(p_ptr + s * M * N + offs, mask=mask, other=0.0)
+            ss += tl.load(q_ptr + s * M + m, mask=mask, other=0.0)
+        y = acc * (1.0 / tl.sqrt(ss / K + eps)) + bias
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -579,16 +591,18 @@ STREAM_CONFIGS: dict[int, list[tuple[int, int, int]]] = {
     1: [(4, 4, 4), (2, 2, 8), (4, 2, 8)],
     2: [(4, 4, 4), (2, 2, 8), (4, 2, 8)],
 }
-# SKINNY: (BN, num_warps, programs per SM; 0 = one per tile) per M bucket (M <= SKINNY_MAX_M); BM = max(16, bucket).
-# Not yet measured on the H200: a first guess (the register budget of a [BN, next_pow2(K)] W slab plus the
-# [next_pow2(K), BM] activation tile); benchmarks/bench_fusion_kernel.py --skinny-grid sweeps the launch shapes.
+# SKINNY: (BN, KS, num_warps) per M bucket (M <= SKINNY_MAX_M); BM = max(16, bucket); K is split into cdiv(K, KS)
+# chunks. From the H200 sweep of the same split-K design without the norm (nanovllm.kernels.gemv's skinny kernel,
+# o_proj 1024 x 2048, results/gemv-skinny-h200.json): (32, 256, 4) 4.0 us at M = 4-16, (64, 256, 4) 4.7 us at
+# M = 32, against cuBLAS 6.0 us. A first design with whole-row W slabs (one [BN, 1024] chunk per program) lost to the
+# unfused path everywhere (qkv M = 16: 11.9 us against 7.3; results/fusion-skinny-sweep-h200.json).
 SKINNY_MAX_M = 32
-# Both tl.dot operands pass through shared memory whole: (BN + BM) * next_pow2(K) elements; the H200 has 227 KiB per
-# block. Longer rows (K > 2048 in bf16 at BN = BM = 16) are not skinny shapes (the launcher raises ValueError, and the
-# dispatcher skips the candidate).
+# The W chunk [BN, KS] and activation tile [KS, BM] pass through shared memory for tl.dot (227 KiB per block on the
+# H200); larger launch shapes are refused (ValueError; the dispatcher skips the candidate).
 SKINNY_MAX_SMEM = 192 << 10
 SKINNY_CONFIGS: dict[int, list[tuple[int, int, int]]] = {
-    b: [(16, 4, 0), (16, 8, 0), (32, 8, 0), (16, 4, 2)] for b in (2, 4, 8, 16, 32)
+    **{b: [(32, 256, 4), (64, 256, 4), (32, 128, 4), (16, 256, 2)] for b in (2, 4, 8, 16)},
+    32: [(64, 256, 4), (64, 128, 4), (32, 128, 4), (32, 256, 4)],
 }
 MULTIROW_CONFIGS: dict[int, list[tuple[int, int, int]]] = {
     4: [(4, 1024, 1), (2, 1024, 1), (8, 1024, 2)],
@@ -626,7 +640,7 @@ def stream_configs(m: int) -> list[tuple[int, int, int]]:
 
 
 def skinny_configs(m: int) -> list[tuple[int, int, int]]:
-    """Skinny configs (BN, num_warps, programs per SM or 0) for M rows; empty unless 2 <= M <= SKINNY_MAX_M."""
+    """Skinny configs (BN, KS, num_warps) for M rows; empty unless 2 <= M <= SKINNY_MAX_M."""
     return list(SKINNY_CONFIGS.get(m_bucket(m), [])) if m <= SKINNY_MAX_M else []
 
 
@@ -776,23 +790,29 @@ def fused_linear(x2d: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
             BM=bm, BN=bn, BKP=triton.next_power_of_2(K), USE_PDL=pdl, num_warps=warps, num_stages=1,
             **({"launch_pdl": True} if pdl else {}))
     elif variant == "skinny":
-        bn, warps, per_sm = config
+        bn, ks, warps = config
         bm = max(16, m_bucket(M))
-        if M > SKINNY_MAX_M or bn < 16:
-            raise ValueError(f"skinny variant handles at most {SKINNY_MAX_M} rows with BN >= 16, got M={M}, "
-                             f"config {config}")
-        bkp = max(16, triton.next_power_of_2(K))
-        if (bn + bm) * bkp * x2d.element_size() > SKINNY_MAX_SMEM:
-            raise ValueError(f"skinny variant: the [{bn}, {bkp}] W slab and [{bkp}, {bm}] activation tile exceed "
-                             f"{SKINNY_MAX_SMEM} bytes of shared memory (K = {K} is too long for it)")
-        tiles = triton.cdiv(N, bn)
+        ks = min(ks, max(16, triton.next_power_of_2(K)))
+        if M > SKINNY_MAX_M or bn < 16 or bn & (bn - 1) or ks < 16 or ks & (ks - 1):
+            raise ValueError(f"skinny variant handles at most {SKINNY_MAX_M} rows with BN >= 16 and BN, KS powers "
+                             f"of two >= 16, got M={M}, config {config}")
+        if (bn + bm) * ks * x2d.element_size() > SKINNY_MAX_SMEM:
+            raise ValueError(f"skinny variant: the [{bn}, {ks}] W chunk and [{ks}, {bm}] activation tile exceed "
+                             f"{SKINNY_MAX_SMEM} bytes of shared memory")
+        splits = triton.cdiv(K, ks)
+        part = torch.empty((splits, M, N), dtype=torch.float32, device=x2d.device) if splits > 1 else y
+        sq = torch.empty((splits, M), dtype=torch.float32, device=x2d.device) if splits > 1 else y
         pdl = use_pdl(x2d)
-        grid = tiles if per_sm <= 0 or not x2d.is_cuda else min(tiles, per_sm * _sm_count(x2d.device))
-        _fused_skinny_kernel[(grid,)](
-            x2d, r, norm_weight, weight, b, y, hb, M, N, float(eps), K=K,
-            HAS_RES=has_res, HAS_BIAS=bias is not None, WRITE_H=write_h,
-            BM=bm, BN=bn, BKP=bkp, IEEE=x2d.dtype == torch.float32, USE_PDL=pdl,
+        _fused_skinny_kernel[(triton.cdiv(N, bn), splits)](
+            x2d, r, norm_weight, weight, b, y, hb, part, sq, M, N, float(eps), K=K,
+            HAS_RES=has_res, HAS_BIAS=bias is not None, WRITE_H=write_h, SPLIT=splits > 1,
+            IEEE=x2d.dtype == torch.float32, BM=bm, BN=bn, KS=ks, USE_PDL=pdl,
             num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}))
+        if splits > 1:
+            block = 1024
+            _fused_splitk_epilogue_kernel[(triton.cdiv(M * N, block),)](
+                part, sq, b, y, M, N, float(eps), K=K, S=splits, HAS_BIAS=bias is not None, BLOCK=block,
+                USE_PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
     elif variant == "gemm":
         if config is None:
             config = gemm_configs(M)[0]

@@ -184,45 +184,38 @@ def test_stream_variant_matches_reference(dtype, tol, m, n, k):
     assert rel_err(y, ref[0]) < tol, rel_err(y, ref[0])
 
 
-# skinny (tensor cores, swap-AB, whole-row W slabs; M = 2-32): M below, at and above 16 (BM = 16 / 32), K a power of
-# two and not, N not a multiple of BN, one program per tile and a looping persistent grid, with and without bias.
+# skinny (tensor cores, swap-AB, split-K; M = 2-32): M below, at and above 16 (BM = 16 / 32), K a power of two and not,
+# split into 1 to 7 chunks (a ragged last one), N not a multiple of BN, with and without bias and residual.
 SKINNY_CASES = [(2, 40, 64), (5, 33, 100), (16, 17, 32), (17, 48, 96), (32, 20, 48)]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
 @pytest.mark.parametrize("m,n,k", SKINNY_CASES)
-def test_skinny_variant_matches_reference(dtype, tol, m, n, k):
+def test_skinny_variant_matches_reference(dtype, tol, m, n, k, monkeypatch):
+    monkeypatch.setattr(kernels, "POISON_OUTPUTS", True)
     x, r, g, ws, bs = make(m, k, [n, 7], dtype, seed=5 * m + k)
     eps = 1e-6
     assert kernels.skinny_configs(m)
-    for cfg in kernels.skinny_configs(m)[:1] + [(32, 2, 0)]:
+    for cfg in kernels.skinny_configs(m)[:1] + [(16, 16, 2), (32, 32, 4), (16, 1024, 4)]:
         for res in (None, r):
             ys, h = kernels.rms_norm_linear(x, g, ws, bs, eps, residual2d=res, variant="skinny", config=cfg)
             ref, _ = ref64(x, g, ws, bs, eps, res)
             assert (h is None) == (res is None)
             if res is not None:
-                assert torch.equal(h, x + r), cfg
+                assert torch.equal(h, x + r), cfg  # NaN-poisoned before: every element written
             for y, yr in zip(ys, ref):
                 assert y.shape == yr.shape and not torch.isnan(y).any(), cfg
                 assert rel_err(y, yr) < tol, (cfg, res is None, rel_err(y, yr))
-    # a persistent grid: 2 programs for ceil(n / 16) tiles, each looping over its tiles and prefetching the next
-    y = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
-    h = torch.full((m, k), float("nan"), dtype=dtype, device=DEV)
-    kernels._fused_skinny_kernel[(2,)](x, r, g, ws[0], bs[0] if bs[0] is not None else ws[0], y, h, m, n, eps, K=k,
-                                       HAS_RES=True, HAS_BIAS=bs[0] is not None, WRITE_H=True,
-                                       BM=max(16, kernels.m_bucket(m)), BN=16, BKP=max(16, triton_next_pow2(k)),
-                                       IEEE=dtype == torch.float32)
-    ref, _ = ref64(x, g, ws[:1], bs[:1], eps, r)
-    assert torch.equal(h, x + r)
-    assert rel_err(y, ref[0]) < tol, rel_err(y, ref[0])
 
 
 def test_skinny_variant_rejects_bad_shapes():
     x, r, g, ws, bs = make(33, 32, [16], torch.float32)
     with pytest.raises(ValueError, match="skinny"):
-        kernels.fused_linear(x, g, ws[0], None, 1e-6, variant="skinny", config=(16, 4, 0))  # M > SKINNY_MAX_M
+        kernels.fused_linear(x, g, ws[0], None, 1e-6, variant="skinny", config=(16, 256, 4))  # M > SKINNY_MAX_M
     with pytest.raises(ValueError, match="skinny"):
-        kernels.fused_linear(x[:4], g, ws[0], None, 1e-6, variant="skinny", config=(8, 4, 0))  # BN < 16
+        kernels.fused_linear(x[:4], g, ws[0], None, 1e-6, variant="skinny", config=(8, 256, 4))  # BN < 16
+    with pytest.raises(ValueError, match="skinny"):
+        kernels.fused_linear(x[:4], g, ws[0], None, 1e-6, variant="skinny", config=(16, 24, 4))  # KS not 2^n
     with pytest.raises(ValueError, match="no configuration"):
         kernels.fused_linear(x[:1], g, ws[0], None, 1e-6, variant="skinny")  # M = 1: not in its range
 
@@ -386,38 +379,46 @@ from triton.compiler import ASTSource
 from fusion_pass import kernels
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 p = "*bf16"
-sig = {"x_ptr": p, "r_ptr": p, "g_ptr": p, "w_ptr": p, "b_ptr": p, "y_ptr": p, "h_ptr": p, "M": "i32", "N": "i32",
-       "eps": "fp32", "K": "constexpr", "HAS_RES": "constexpr", "HAS_BIAS": "constexpr", "WRITE_H": "constexpr",
-       "BM": "constexpr", "BN": "constexpr", "BKP": "constexpr", "IEEE": "constexpr", "USE_PDL": "constexpr"}
+sig = {"x_ptr": p, "r_ptr": p, "g_ptr": p, "w_ptr": p, "b_ptr": p, "y_ptr": p, "h_ptr": p, "p_ptr": "*fp32",
+       "q_ptr": "*fp32", "M": "i32", "N": "i32", "eps": "fp32", "K": "constexpr", "HAS_RES": "constexpr",
+       "HAS_BIAS": "constexpr", "WRITE_H": "constexpr", "SPLIT": "constexpr", "IEEE": "constexpr", "BM": "constexpr",
+       "BN": "constexpr", "KS": "constexpr", "USE_PDL": "constexpr"}
 names = list(sig)
 attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n == "N"}
-shapes = sorted({(max(16, b), bn, warps) for b, cfgs in kernels.SKINNY_CONFIGS.items() for bn, warps, _ in cfgs})
+shapes = sorted({(max(16, b), bn, ks, warps) for b, cfgs in kernels.SKINNY_CONFIGS.items() for bn, ks, warps in cfgs})
 n = 0
-for bm, bn, warps in shapes:
+for bm, bn, ks, warps in shapes:
     for res, pdl in ((True, False), (False, True)):
-        consts = dict(K=1024, HAS_RES=res, HAS_BIAS=False, WRITE_H=res, BM=bm, BN=bn, BKP=1024, IEEE=False,
-                      USE_PDL=pdl)
+        consts = dict(K=1024, HAS_RES=res, HAS_BIAS=False, WRITE_H=res, SPLIT=ks < 1024, IEEE=False, BM=bm, BN=bn,
+                      KS=ks, USE_PDL=pdl)
         c = triton.compile(ASTSource(fn=kernels._fused_skinny_kernel, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": warps, "num_stages": 1, "launch_pdl": pdl})
-        assert "cubin" in c.asm, (bm, bn, warps, consts)
+        assert "cubin" in c.asm and "mma" in c.asm["ptx"], (bm, bn, ks, warps, consts)  # the tensor cores
         assert ("griddepcontrol.wait" in c.asm["ptx"]) == pdl
-        assert (bn + bm) * 1024 * 2 <= kernels.SKINNY_MAX_SMEM and c.metadata.shared <= kernels.SKINNY_MAX_SMEM
+        assert (bn + bm) * ks * 2 <= kernels.SKINNY_MAX_SMEM and c.metadata.shared <= kernels.SKINNY_MAX_SMEM
         with tempfile.TemporaryDirectory() as d:
             src = os.path.join(d, "k.ptx")
             open(src, "w").write(c.asm["ptx"])
             out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(d, "k.cubin")],
                                  capture_output=True, text=True, check=True)
         info = out.stdout + out.stderr
-        assert "0 bytes spill stores" in info, (bm, bn, warps, res, info)  # the W slab stays in registers
+        assert "0 bytes spill stores" in info, (bm, bn, ks, warps, res, info)
         n += 1
+sig_e = {"p_ptr": "*fp32", "q_ptr": "*fp32", "b_ptr": p, "y_ptr": p, "M": "i32", "N": "i32", "eps": "fp32",
+         "K": "constexpr", "S": "constexpr", "HAS_BIAS": "constexpr", "BLOCK": "constexpr", "USE_PDL": "constexpr"}
+c = triton.compile(ASTSource(fn=kernels._fused_splitk_epilogue_kernel, signature=sig_e,
+                             constexprs=dict(K=1024, S=4, HAS_BIAS=True, BLOCK=1024, USE_PDL=True)),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "launch_pdl": True})
+assert "griddepcontrol.wait" in c.asm["ptx"]
 print("AOT-OK", n)
 """
 
 
 def test_skinny_kernel_compiles_for_sm90_without_spills():
-    """The registered skinny configs (bf16, K = 1024: the Qwen3 fused sites) compile to Hopper cubins without a GPU,
-    with PDL where asked, within the shared-memory bound, and ptxas reports no register spills."""
+    """The registered skinny configs (bf16, K = 1024: the Qwen3 fused sites) and the split-K epilogue compile to
+    Hopper cubins without a GPU, on the tensor cores, with PDL where asked, within the shared-memory bound, and ptxas
+    reports no register spills."""
     run_aot_script(_SKINNY_AOT_SCRIPT, timeout=600)
 
 

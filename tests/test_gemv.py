@@ -193,12 +193,12 @@ def test_op_skinny_path_in_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> N
         x, w, b = make_case(9, 24, 40, act, torch.float32, True, 3)
         y = gemv_op.linear_small_m(x, w, b, act)
         assert rel_err(y, ref64(x, w, b, act)) < 1e-5
-    assert calls == [G.skinny_config(9, 24, 40)] * 2
+    assert calls == [G.skinny_config(9, 24, 40, act) for act in G.ACTS]
 
 
 def test_gemv_max_m_from_env() -> None:
-    assert gemv_op.max_m_from_env(None) == gemv_op.DEFAULT_GEMV_MAX_M == 4
-    assert gemv_op.max_m_from_env("  ") == 4
+    assert gemv_op.max_m_from_env(None) == gemv_op.DEFAULT_GEMV_MAX_M == 2
+    assert gemv_op.max_m_from_env("  ") == 2
     assert gemv_op.max_m_from_env("0") == 0
     assert gemv_op.max_m_from_env(str(G.MAX_M)) == G.MAX_M
     for bad in ("x", "2.5", "-1", str(G.MAX_M + 1)):
@@ -361,6 +361,27 @@ for act, k in (("none", 2048), ("silu_mul", 3072)):  # the M = 1 row kernel at t
     assert re.search(r"ld\.global[\w:.]*\.v4\.b32", c.asm["ptx"]), "weight loads are not 16-byte vectors"
     assert ("griddepcontrol.wait" in c.asm["ptx"]) == consts["USE_PDL"]
     assert spills(c) == 0, (act, k)
+fn = G._gemv_skinny_kernel  # the split-K skinny kernel with the rule's configs at the Qwen3-0.6B shapes, M = 8 / 32
+for act, k in (("none", 2048), ("silu_mul", 3072)):
+    for m in (8, 32):
+        cfg = G.skinny_config(m, 1024, k, act)
+        consts = dict(K=k, ACT=act, HAS_BIAS=False, SPLIT=True, IEEE=False, BM=max(16, m), BN=cfg.block_n,
+                      KS=cfg.chunk_k, USE_PDL=True)
+        sig = {n: ("constexpr" if n in consts else "*fp32" if n == "p_ptr" else "*bf16" if n.endswith("_ptr")
+                   else "i32") for n in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                 if n.endswith("_ptr") or n in ("N", "stride_xm", "stride_ym")}
+        c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps, "num_stages": 1,
+                                                                      "launch_pdl": True})
+        assert "mma" in c.asm["ptx"] and "griddepcontrol.wait" in c.asm["ptx"]
+        assert spills(c) == 0, (act, k, m, cfg)
+fn = G._splitk_reduce_kernel
+sig = {n: ("*fp32" if n == "p_ptr" else "*bf16" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
+sig.update(S="constexpr", HAS_BIAS="constexpr", BLOCK="constexpr", USE_PDL="constexpr")
+c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=dict(S=8, HAS_BIAS=False, BLOCK=1024, USE_PDL=True)),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "launch_pdl": True})
+assert "cubin" in c.asm
 fn = G._silu_mul_kernel  # the op's one-pass SwiGLU for large M
 sig = {n: ("*bf16" if n.endswith("_ptr") else "i32") for n in fn.arg_names if n != "BLOCK"}
 sig["BLOCK"] = "constexpr"

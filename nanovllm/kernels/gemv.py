@@ -122,9 +122,11 @@ class SkinnyConfig(NamedTuple):
 
 
 SKINNY_MAX_M = 32  # the most rows of the skinny kernel (BM = max(16, next_power_of_2(M)) <= 32)
-# Not yet measured on the H200: a first guess (256 programs for N = 1024, K = 2048; 16 KiB of W each);
-# benchmarks/bench_gemv.py --skinny times every SKINNY_CHOICES config.
-SKINNY_DEFAULT = SkinnyConfig(16, 512, 4)
+SKINNY_DEFAULT = SkinnyConfig(32, 256, 4)
+# Timed by benchmarks/bench_gemv.py --skinny (results/gemv-skinny-h200.json, H200, bf16, us per call, M = 2-32):
+# o_proj (1024 x 2048): (32, 256, 4) 3.9-4.2 at M = 2-16, (64, 256, 4) 4.7 at M = 32 (cuBLAS 12.6-13.0 at M = 2-4,
+# 6.0 at M = 8-32); down_proj with SwiGLU (1024 x 3072): (64, 256, 4) 6.9 / 7.1 / 7.7 / 9.8 at M = 4 / 8 / 16 / 32
+# (SiLU-and-mul then cuBLAS: 11.1-11.4 eager), the others 8-25.
 SKINNY_CHOICES: tuple[SkinnyConfig, ...] = (
     SkinnyConfig(16, 256, 2), SkinnyConfig(16, 256, 4), SkinnyConfig(16, 512, 4), SkinnyConfig(16, 512, 8),
     SkinnyConfig(16, 1024, 8), SkinnyConfig(32, 256, 4), SkinnyConfig(32, 512, 4), SkinnyConfig(32, 512, 8),
@@ -153,10 +155,14 @@ def parse_skinny_config(value: str | None) -> SkinnyConfig | None:
 SKINNY_OVERRIDE: SkinnyConfig | None = parse_skinny_config(os.environ.get("NANOVLLM_SKINNY_CONFIG"))
 
 
-def skinny_config(m: int, n: int, k: int) -> SkinnyConfig:
-    """The skinny kernel's launch configuration for ``M`` rows, ``N`` outputs, reduction length ``K``:
-    ``NANOVLLM_SKINNY_CONFIG`` when set (read at import), else :data:`SKINNY_DEFAULT`."""
-    return SKINNY_OVERRIDE or SKINNY_DEFAULT
+def skinny_config(m: int, n: int, k: int, act: str = "none") -> SkinnyConfig:
+    """The skinny kernel's launch configuration for ``M`` rows, ``N`` outputs, reduction length ``K``: the fastest of
+    the H200 sweep (see :data:`SKINNY_CHOICES`): 64 W rows per program for SwiGLU (fewer programs recompute the
+    activation) and for ``M > 16``, else 32; K in chunks of 256; 4 warps. ``NANOVLLM_SKINNY_CONFIG`` (read at
+    import) overrides it."""
+    if SKINNY_OVERRIDE is not None:
+        return SKINNY_OVERRIDE
+    return SkinnyConfig(64, 256, 4) if act == "silu_mul" or m > 16 else SKINNY_DEFAULT
 
 
 # ---------------------------------------------------------------------------------------------------- reference

@@ -17,9 +17,9 @@ model compiled with ``fullgraph=True, dynamic=True`` keeps one graph for every b
 the two paths is made per call. The engine's model uses it only on the GPU (see ``RowParallelLinear``): the CPU
 model keeps plain ``aten`` ops.
 
-``GEMV_MAX_M`` (default 4) is read once, at import, from the environment variable ``NANOVLLM_GEMV_MAX_M``
-(an integer in ``[0, MAX_M]``; 0 disables the GEMV), so the crossover with cuBLAS can be measured on the target
-GPU (benchmarks/bench_gemv.py). It is looked up at each call, so tests may also patch the module attribute.
+``GEMV_MAX_M`` (default 2: at M = 3-4 the skinny kernel measured faster) is read once, at import, from the
+environment variable ``NANOVLLM_GEMV_MAX_M`` (an integer in ``[0, MAX_M]``; 0 disables the GEMV), so the
+crossovers can be measured on the target GPU (benchmarks/bench_gemv.py --skinny). It is looked up at each call, so tests may also patch the module attribute.
 ``SKINNY_MAX_M`` (default 32, the kernel's limit) likewise from ``NANOVLLM_SKINNY_MAX_M`` (``[0, 32]``; 0 disables
 the skinny path, so ``GEMV_MAX_M < M`` goes to cuBLAS as before).
 """
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from nanovllm.kernels import gemv as G
 from nanovllm.kernels.gemv import GEMV_DTYPES, MAX_M, _check_shapes, apply_act, gemv_triton, silu_mul_triton
 
-DEFAULT_GEMV_MAX_M = 4
+DEFAULT_GEMV_MAX_M = 2
 ENV_GEMV_MAX_M = "NANOVLLM_GEMV_MAX_M"
 
 
@@ -103,7 +103,7 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         if x.stride(1) != 1:
             x = x.contiguous()
         return G.gemv_skinny_triton(x, weight.contiguous(), None if bias is None else bias.contiguous(), act,
-                                    config=G.skinny_config(x.shape[0], weight.shape[0], weight.shape[1]))
+                                    config=G.skinny_config(x.shape[0], weight.shape[0], weight.shape[1], act))
     if act == "silu_mul" and x.is_cuda and x.dtype in GEMV_DTYPES and x.stride(1) == 1:
         # one pass instead of silu, then mul (Inductor fuses them when the activation is outside the op)
         return F.linear(silu_mul_triton(x), weight, bias)
