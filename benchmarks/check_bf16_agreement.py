@@ -6,10 +6,12 @@ rounding, 2^-7 relative), so any change of summation order can flip a token and 
 script measures that baseline without our engine: transformers in bfloat16 against transformers in float32,
 and transformers bf16 "sdpa" attention against its bf16 "eager" attention (with ``--with-engine`` also our
 engine in bf16 against both), on the prompts of
-``check_engine_gpu.py`` (32 prompts of 16-512 random ids, seed 1), 16 greedy tokens each.
+``check_engine_gpu.py`` (32 prompts of 16-512 random ids, seed 1; with ``--prompts markov``, 32 walks of 16-512
+tokens, seed 1, of the Markov chain in ``--model``/markov.json, for a checkpoint trained by
+``scripts/train_markov_checkpoint.py``), 16 greedy tokens each.
 
 Usage: ``python benchmarks/check_bf16_agreement.py --model /tmp/q06 [--device cpu|cuda] [--num-prompts 32]
-[--out PATH]``. Prints the agreement of each pair and writes a JSON with the run's metadata.
+[--prompts random|markov] [--out PATH]``. Prints the agreement of each pair and writes a JSON with the run's metadata.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import common  # noqa: E402
-from check_engine_gpu import agree_prefix, rand_prompts  # noqa: E402
+from check_engine_gpu import agree_prefix, model_prompts  # noqa: E402
 
 
 def greedy(model_dir: str, prompts: list[list[int]], n: int, dtype: torch.dtype, attn: str, device: str
@@ -54,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON path (default: none)")
     ap.add_argument("--with-engine", action="store_true",
                     help="also run nano-vllm-coconut in bf16 on --device (enforce_eager) and compare it too")
+    ap.add_argument("--prompts", default="random", choices=["random", "markov"],
+                    help="uniform random ids, or walks of the chain in --model's markov.json (ValueError if absent)")
     args = ap.parse_args(argv)
-    prompts = rand_prompts(32, 16, 512, 10000, 1)[:args.num_prompts]  # the prompts of check_engine_gpu.py
+    # The prompts of check_engine_gpu.py: the first --num-prompts of its 32 (more when asked for more).
+    prompts = model_prompts(args.prompts, args.model, max(32, args.num_prompts))[:args.num_prompts]
     runs: dict[str, list[list[int]]] = {}
     seconds: dict[str, float] = {}
     for name, dtype, attn in (("fp32_sdpa", torch.float32, "sdpa"), ("bf16_sdpa", torch.bfloat16, "sdpa"),
@@ -86,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{a} vs {b}: {equal}/{len(prompts)} prompts agree on all {args.tokens} tokens "
               f"(mean agreeing prefix {prefix:.1f})", flush=True)
     result = {"benchmark": "bf16_agreement", "model": args.model, "device": args.device, "tokens": args.tokens,
+              "prompts": args.prompts, "num_prompts": len(prompts),
               "pairs": pairs, "seconds": seconds, "meta": common.run_metadata()}
     if args.out:
         common.write_json(args.out, result)

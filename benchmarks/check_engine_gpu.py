@@ -4,6 +4,9 @@
    equal transformers' float32 greedy tokens, prompt by prompt.
 2. Qwen3-0.6B-shaped bf16 checkpoint (``--model``): the first 16 greedy tokens agree with transformers (bf16, sdpa)
    for at least 90 % of 32 prompts; CUDA-graph decode equals eager decode; coconut equals plain compiled.
+   ``--prompts random`` (default): 32 prompts of 16-512 uniform random ids < 10000 (seed 1). ``--prompts markov``:
+   32 walks of 16-512 tokens (seed 1) of the Markov chain in ``--model``/markov.json, for a checkpoint trained by
+   ``scripts/train_markov_checkpoint.py`` (peaked predictions, so bf16 near-ties are rare).
 Writes a JSON summary (``--out``) and exits non-zero when a check fails.
 """
 from __future__ import annotations
@@ -84,6 +87,32 @@ def rand_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[i
     return [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lens]
 
 
+def markov_prompts(model_dir: str, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    """``n`` walks (lengths uniform in ``[lo, hi]``, deterministic for ``seed``) of the Markov chain described by
+    ``model_dir``/markov.json (written by ``scripts/train_markov_checkpoint.py``).
+
+    Raises:
+        ValueError: markov.json is missing or invalid (the message names the file).
+    """
+    scripts = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    from train_markov_checkpoint import MARKOV_FILE, MarkovChain
+
+    return MarkovChain.from_json(os.path.join(model_dir, MARKOV_FILE)).prompts(n, lo, hi, seed=seed)
+
+
+def model_prompts(kind: str, model_dir: str, n: int = 32) -> list[list[int]]:
+    """The prompts of the 0.6B check: ``kind`` "random" (uniform ids < 10000) or "markov" (walks of the chain in
+    ``model_dir``/markov.json); ``n`` prompts of 16-512 tokens, seed 1. ValueError for another kind or a missing
+    markov.json."""
+    if kind == "random":
+        return rand_prompts(n, 16, 512, 10000, 1)
+    if kind == "markov":
+        return markov_prompts(model_dir, n, 16, 512, 1)
+    raise ValueError(f"unknown prompt kind {kind!r} (random or markov)")
+
+
 def agree_prefix(a: list[int], b: list[int]) -> int:
     k = 0
     while k < min(len(a), len(b)) and a[k] == b[k]:
@@ -97,8 +126,12 @@ def main() -> None:
     ap.add_argument("--out", default="engine-check.json")
     ap.add_argument("--skip-tiny", action="store_true", help="skip the tiny float32 checks")
     ap.add_argument("--modes", default="eager,coconut+graphs", help="engine modes for the 0.6B check")
+    ap.add_argument("--prompts", default="random", choices=["random", "markov"],
+                    help="0.6B prompts: uniform random ids, or walks of --model's markov.json chain")
     args = ap.parse_args()
-    results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    # Read markov.json before any GPU work, so that a missing file fails at once.
+    model_prompt_list = model_prompts(args.prompts, args.model) if args.model else []
+    results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "prompts": args.prompts}
     ok = True
 
     tiny = build_tiny_checkpoint(os.path.join(tempfile.gettempdir(), "tiny-qwen3-gpu"))
@@ -118,7 +151,7 @@ def main() -> None:
             print(f"tiny fp32 {name}: ERROR {e!r}", flush=True)
 
     if args.model:
-        prompts = rand_prompts(32, 16, 512, 10000, 1)
+        prompts = model_prompt_list
         ref = hf_greedy_all(args.model, prompts, 16, torch.bfloat16)
         toks_by_mode = {}
         all_modes = {"eager": dict(enforce_eager=True), "compiled+graphs": dict(),
