@@ -33,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 SITES = [("qkv", 4096, 1024), ("gate_up", 6144, 1024), ("lm_head", 151936, 1024)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 HBM_BPS = 4.3e12
+EPS = 1e-6
 # Launch shapes (BN, KS, num_warps) swept for the skinny variant with --skinny-grid: BN = 16-64 W rows per program
 # (the MMA's M side), K in chunks of 128-1024 (a split-K epilogue kernel sums the chunks), 2-8 warps.
 SKINNY_SWEEP = [(16, 256, 2), (32, 256, 4), (64, 256, 4), (32, 128, 4), (64, 128, 4), (16, 128, 2), (32, 512, 8),
