@@ -592,18 +592,18 @@ STREAM_CONFIGS: dict[int, list[tuple[int, int, int]]] = {
     2: [(4, 4, 4), (2, 2, 8), (4, 2, 8)],
 }
 # SKINNY: (BN, KS, num_warps) per M bucket (M <= SKINNY_MAX_M); BM = max(16, bucket); K is split into cdiv(K, KS)
-# chunks. From the H200 sweep of the same split-K design without the norm (nanovllm.kernels.gemv's skinny kernel,
-# o_proj 1024 x 2048, results/gemv-skinny-h200.json): (32, 256, 4) 4.0 us at M = 4-16, (64, 256, 4) 4.7 us at
-# M = 32, against cuBLAS 6.0 us. A first design with whole-row W slabs (one [BN, 1024] chunk per program) lost to the
-# unfused path everywhere (qkv M = 16: 11.9 us against 7.3; results/fusion-skinny-sweep-h200.json).
+# chunks. Measured on the H200 (benchmarks/bench_fusion_kernel.py --skinny-grid, results/fusion-skinny-h200.json,
+# bf16, us per call with the residual; Inductor norm + cuBLAS in brackets): (64, 256, 4) fastest or within 2 % of
+# the fastest of 10 launch shapes at every M = 2-32 for qkv (5.8-6.7 [8.4-8.9]) and gate_up (7.2-8.7 [9.4-9.6]);
+# (64, 512, 8) won qkv M = 16 by 0.6 %; BN = 16-32 lost by 25-60 % (more programs recompute the prologue per weight
+# byte). A first design with whole-row W slabs (one [BN, 1024] chunk per program, no split) lost to the unfused path
+# everywhere (qkv M = 16: 11.9 us against 7.3; results/fusion-skinny-slab-h200.json).
 SKINNY_MAX_M = 32
 # The W chunk [BN, KS] and activation tile [KS, BM] pass through shared memory for tl.dot (227 KiB per block on the
 # H200); larger launch shapes are refused (ValueError; the dispatcher skips the candidate).
 SKINNY_MAX_SMEM = 192 << 10
-SKINNY_CONFIGS: dict[int, list[tuple[int, int, int]]] = {
-    **{b: [(32, 256, 4), (64, 256, 4), (32, 128, 4), (16, 256, 2)] for b in (2, 4, 8, 16)},
-    32: [(64, 256, 4), (64, 128, 4), (32, 128, 4), (32, 256, 4)],
-}
+SKINNY_CONFIGS: dict[int, list[tuple[int, int, int]]] = {b: [(64, 256, 4), (64, 512, 8), (64, 128, 4)]
+                                                         for b in (2, 4, 8, 16, 32)}
 MULTIROW_CONFIGS: dict[int, list[tuple[int, int, int]]] = {
     4: [(4, 1024, 1), (2, 1024, 1), (8, 1024, 2)],
     8: [(4, 1024, 1), (2, 1024, 1), (8, 1024, 2)],
