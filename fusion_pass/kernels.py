@@ -28,6 +28,11 @@ Variants (all compute the same function):
               is reduced (register double buffering); measured on the H200 at M = 1 (benchmarks/
               sweep_decode_linear.py): qkv 4.5 us, gate_up 5.5 us, lm_head 75 us, against 5.4 / 7.0 / - for
               "decode" and 7.0 / 7.7 / 81 for the unfused path.
+  "skinny"  : fused, for M = 2-32, on the tensor cores: split-K "swap-AB" (each program multiplies a [BN, KS] chunk of
+              W, the MMA's wide side, by the chunk of a = h * g [KS, BM], M padded to BM >= 16) into fp32 partials
+              and per-chunk sums of squares; a second kernel sums the chunks and applies 1/rms and the bias.
+              Measured on the H200 (bf16, with the residual): qkv 5.8-6.7 us, gate_up 7.2-8.7 us at M = 2-32 against
+              8.4-9.6 for Inductor norm + cuBLAS (results/fusion-skinny-h200.json).
   "gemm"    : fused, tiled tl.dot GEMM with grouped program order for L2 reuse; for large M.
 The dispatcher ("auto") picks, per (M bucket, N, K, dtype), the fastest of the candidates BY MEASUREMENT on CUDA
 (timed inside a CUDA graph, weights rotated beyond L2), caches the choice, never measures while the current stream
@@ -724,11 +729,13 @@ def fused_linear(x2d: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
     Args:
         x2d, residual2d: [M, K] contiguous, same dtype. weight: [N, K] contiguous. bias: [N] or None. g: [K].
         h_out: [M, K] buffer that receives h = x + r (only with residual2d), or None to skip writing it.
-        variant: "gemv", "decode", "multirow", "stream" or "gemm". config: a tuple from gemv_configs /
-            decode_configs / multirow_configs / stream_configs / gemm_configs, or None for the first one.
+        variant: "gemv", "decode", "multirow", "stream", "skinny" or "gemm". config: a tuple from gemv_configs /
+            decode_configs / multirow_configs / stream_configs / skinny_configs / gemm_configs, or None for the
+            first one.
     Raises:
         ValueError on an unknown variant, or no config given for an M outside the variant's list (gemv / decode:
-        M > GEMV_MAX_M; multirow: M < 3 or M > GEMV_MAX_M; stream: M > 2), or more rows than a config takes.
+        M > GEMV_MAX_M; multirow: M < 3 or M > GEMV_MAX_M; stream: M > 2; skinny: M < 2 or M > SKINNY_MAX_M), more
+        rows than a config takes, or a skinny launch shape beyond SKINNY_MAX_SMEM.
     """
     _check_triton()
     M, K = x2d.shape
@@ -1072,8 +1079,8 @@ def rms_norm_linear(
         norm_weight: [K]; weights: list of [N_i, K]; biases: list of [N_i] or None (same length as weights).
         eps: float added to mean(h^2). weight_in_fp32: see `reference_rms_norm`.
         variant: "auto" (CUDA: dispatcher; CPU: "torch"), "torch", "unfused", "gemv", "decode", "multirow",
-            "stream", "gemm". A Triton variant on CPU tensors runs in the Triton interpreter (TRITON_INTERPRET=1 must be
-            set before triton import).
+            "stream", "skinny", "gemm". A Triton variant on CPU tensors runs in the Triton interpreter
+            (TRITON_INTERPRET=1 must be set before triton import).
         config: kernel config for a forced fused variant (None = first of its list).
     Raises:
         ValueError: mismatched shapes/dtypes or unknown variant.
