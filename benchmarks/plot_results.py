@@ -295,7 +295,9 @@ def plot_decode_profile(data: Any, out: str, plt: Any) -> bool:
 
 PLOTS: list[tuple[str, str, Callable[[Any, str, Any], bool]]] = [
     ("fusion-kernel-h200.json", "fusion_kernel_h200.png", plot_fusion_kernel),
+    ("fusion-skinny-h200.json", "fusion_skinny_h200.png", plot_fusion_kernel),
     ("latency-h200.json", "latency_h200.png", plot_latency),
+    ("latency-h200-s5a.json", "latency_h200_s5a.png", plot_latency),
     ("latency-h200-s3c.json", "latency_h200_s3c.png", plot_latency),
     ("latency-h200-round1.json", "latency_h200_round1.png", plot_latency),
     ("latency-h200-round2.json", "latency_h200_round2.png", plot_latency),
