@@ -77,18 +77,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------ cases
-def gemv_configs(m: int, n: int, k: int, all_configs: bool, skinny: bool = False) -> list[Any]:
-    """The rule's config first (M > MAX_M: the skinny kernel's default), then the other CONFIG_CHOICES and
-    EXTRA_CONFIGS (with their block_k) when all_configs, and every SKINNY_CHOICES config when skinny."""
+def gemv_configs(m: int, n: int, k: int, all_configs: bool, skinny: bool = False, act: str = "none") -> list[Any]:
+    """The rule's config first: what ``torch.ops.nanovllm.linear_small_m`` runs for these rows (the skinny kernel's
+    ``skinny_config`` above GEMV_MAX_M, else the GEMV's ``choose_config``); then every SKINNY_CHOICES config when
+    skinny (or M > MAX_M, where only the skinny kernel applies), and the other CONFIG_CHOICES and EXTRA_CONFIGS
+    (with their block_k) when all_configs and M <= MAX_M."""
     from nanovllm.kernels import gemv as G
+    from nanovllm.layers import gemv_op
 
-    if m > G.MAX_M:
-        return [G.SKINNY_DEFAULT] + [c for c in G.SKINNY_CHOICES if c != G.SKINNY_DEFAULT]
-    rule = G.choose_config(m, n, k)
+    rule = G.skinny_config(m, n, k, act) if m > min(gemv_op.GEMV_MAX_M, G.MAX_M) else G.choose_config(m, n, k)
     out = [rule]
-    if skinny:
+    if skinny or m > G.MAX_M:
         out += [c for c in G.SKINNY_CHOICES if c not in out]
-    if all_configs:
+    if all_configs and m <= G.MAX_M:
         for bn, warps in G.CONFIG_CHOICES + EXTRA_CONFIGS:
             cfg = G.GemvConfig(bn, G.block_k_for(bn, warps, k), warps)
             if cfg not in out:
@@ -97,7 +98,9 @@ def gemv_configs(m: int, n: int, k: int, all_configs: bool, skinny: bool = False
 
 
 def cfg_name(cfg: Any) -> str:
-    if hasattr(cfg, "chunk_k"):
+    from nanovllm.kernels import gemv as G
+
+    if isinstance(cfg, G.SkinnyConfig):
         return f"skinny{cfg.block_n}x{cfg.num_warps}w/ks{cfg.chunk_k}"
     return f"{cfg.block_n}x{cfg.num_warps}w/bk{cfg.block_k}"
 
@@ -201,7 +204,7 @@ def bench_shape(name: str, ms: list[int], args: argparse.Namespace, t0: float) -
                 row["torch_act_us"] = round(graph_time_us(lambda i: F.linear(G.apply_act(x, act), ws[i]), copies,
                                                           args.reps, args.rounds), 3)
             row["baseline_us"] = row.get("torch_act_us", row["cublas_us"])
-            cfgs = gemv_configs(m, n, k, not args.no_configs, args.skinny)
+            cfgs = gemv_configs(m, n, k, not args.no_configs, args.skinny, act)
             row["rule_config"] = cfg_name(cfgs[0])
             row["configs_us"] = {}
             for cfg in cfgs:
@@ -232,7 +235,8 @@ def bench_shape(name: str, ms: list[int], args: argparse.Namespace, t0: float) -
 
 
 def op_check() -> dict[str, Any]:
-    """torch.ops.nanovllm.linear_small_m at M = GEMV_MAX_M (Triton) and GEMV_MAX_M + 1 (PyTorch) vs float32."""
+    """torch.ops.nanovllm.linear_small_m at M = GEMV_MAX_M (the GEMV) and GEMV_MAX_M + 1 (the skinny kernel, or
+    PyTorch when it is off) vs float32."""
     from nanovllm.kernels import gemv as G
     from nanovllm.layers import gemv_op
 
@@ -242,7 +246,8 @@ def op_check() -> dict[str, Any]:
     for m in {max(1, gemv_op.GEMV_MAX_M), gemv_op.GEMV_MAX_M + 1}:
         x = torch.randn(m, 2 * k, device=DEVICE, dtype=DTYPE)
         y = torch.ops.nanovllm.linear_small_m(x, w, None, act)
-        out[f"M={m}"] = {"path": "gemv" if gemv_op.uses_gemv(x, w, None) else "torch",
+        path = "gemv" if gemv_op.uses_gemv(x, w, None) else "skinny" if gemv_op.uses_skinny(x, w, None) else "torch"
+        out[f"M={m}"] = {"path": path,
                          "rel_err": rel_err(y, G.gemv_ref(x.float(), w.float(), None, act))}
     out["ok"] = all(v["rel_err"] < 1e-2 for kk, v in out.items() if kk.startswith("M="))
     return out
@@ -291,8 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     for s in names:
         if s not in SHAPES:
             raise SystemExit(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
-    jobs = [(name, m, ("skinny" if hasattr(c, "chunk_k") else "gemv", tuple(c))) for name in names for m in ms
-            for c in gemv_configs(m, SHAPES[name][0], SHAPES[name][1], not args.no_configs, args.skinny)]
+    from nanovllm.kernels import gemv as G
+
+    jobs = [(name, m, ("skinny" if isinstance(c, G.SkinnyConfig) else "gemv", tuple(c))) for name in names for m in ms
+            for c in gemv_configs(m, SHAPES[name][0], SHAPES[name][1], not args.no_configs, args.skinny,
+                                  SHAPES[name][2])]
     compile_s = precompile(jobs, args.precompile_workers)
     print(f"precompiled {len(jobs)} (shape, M, config) cases in {compile_s:.1f} s", flush=True)
     rows: list[dict[str, Any]] = []

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", default="random", choices=["random", "markov"],
                     help="uniform random ids, or walks of the chain in --model's markov.json (ValueError if absent)")
     args = ap.parse_args(argv)
-    # The prompts of check_engine_gpu.py: the first --num-prompts of its 32 (more when asked for more).
+    # At most 32: the first --num-prompts of check_engine_gpu.py's 32 prompts. More than 32 draws a different set
+    # (all lengths are drawn before the ids), which no longer contains those 32.
     prompts = model_prompts(args.prompts, args.model, max(32, args.num_prompts))[:args.num_prompts]
     runs: dict[str, list[list[int]]] = {}
     seconds: dict[str, float] = {}

@@ -77,9 +77,6 @@ def check_case(m: int, n: int, k: int, residual: bool, bias: bool, variants: lis
             else:
                 if v in kernels._CONFIG_LISTS and not kernels._CONFIG_LISTS[v](m):
                     continue  # outside the variant's range of M (gemv / decode / multirow / stream / skinny)
-                if v == "skinny" and (16 + max(16, kernels.m_bucket(m))) * (1 << (k - 1).bit_length()) * 2 > \
-                        kernels.SKINNY_MAX_SMEM:
-                    continue  # rows too long for its whole-row slabs (the dispatcher skips it too)
                 ys, h = kernels.rms_norm_linear(x, g, [w], [b], eps, residual2d=r, variant=v)
             y = ys[0]
             torch.cuda.synchronize() if DEVICE == "cuda" else None

@@ -72,11 +72,12 @@ VARIANTS: tuple[str, ...] = ("torch", "unfused", "gemv", "decode", "multirow", "
 POISON_OUTPUTS: bool = os.environ.get("COCONUT_POISON", "0") == "1"
 
 
-def _new_buffer(shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """Output buffer of `shape` with like's dtype/device; NaN-filled when POISON_OUTPUTS is set."""
+def _new_buffer(shape: tuple[int, ...], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Buffer of `shape` on like's device, of `dtype` (default like's); NaN-filled when POISON_OUTPUTS is set."""
+    dtype = dtype or like.dtype
     if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
 _FUSED = ("gemv", "decode", "multirow", "stream", "skinny", "gemm")
 
 # --------------------------------------------------------------------------------------------------------------
@@ -546,9 +547,13 @@ if HAS_TRITON:
             tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         ss = tl.zeros((BLOCK,), dtype=tl.float32)
+        p = p_ptr + offs.to(tl.int64)  # advanced by one [M, N] slice per split (64-bit)
+        q = q_ptr + m
         for s in tl.static_range(S):
-            acc += tl.load(p_ptr + s * M * N + offs, mask=mask, other=0.0)
-            ss += tl.load(q_ptr + s * M + m, mask=mask, other=0.0)
+            acc += tl.load(p, mask=mask, other=0.0)
+            ss += tl.load(q, mask=mask, other=0.0)
+            p += M * N
+            q += M
         y = acc * (1.0 / tl.sqrt(ss / K + eps)) + bias
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -797,18 +802,23 @@ def fused_linear(x2d: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
             BM=bm, BN=bn, BKP=triton.next_power_of_2(K), USE_PDL=pdl, num_warps=warps, num_stages=1,
             **({"launch_pdl": True} if pdl else {}))
     elif variant == "skinny":
+        if len(config) != 3:
+            raise ValueError(f"skinny variant: config must be (BN, KS, num_warps), got {config}")
+        if K == 0:
+            raise ValueError("skinny variant: K = 0 (empty reduction) is not supported")
         bn, ks, warps = config
         bm = max(16, m_bucket(M))
         ks = min(ks, max(16, triton.next_power_of_2(K)))
-        if M > SKINNY_MAX_M or bn < 16 or bn & (bn - 1) or ks < 16 or ks & (ks - 1):
-            raise ValueError(f"skinny variant handles at most {SKINNY_MAX_M} rows with BN >= 16 and BN, KS powers "
-                             f"of two >= 16, got M={M}, config {config}")
+        if M > SKINNY_MAX_M:
+            raise ValueError(f"skinny variant handles at most {SKINNY_MAX_M} rows, got M={M}")
+        if bn < 16 or bn & (bn - 1) or ks < 16 or ks & (ks - 1):
+            raise ValueError(f"skinny variant: BN and KS must be powers of two >= 16, got config {config}")
         if (bn + bm) * ks * x2d.element_size() > SKINNY_MAX_SMEM:
             raise ValueError(f"skinny variant: the [{bn}, {ks}] W chunk and [{ks}, {bm}] activation tile exceed "
                              f"{SKINNY_MAX_SMEM} bytes of shared memory")
         splits = triton.cdiv(K, ks)
-        part = torch.empty((splits, M, N), dtype=torch.float32, device=x2d.device) if splits > 1 else y
-        sq = torch.empty((splits, M), dtype=torch.float32, device=x2d.device) if splits > 1 else y
+        part = _new_buffer((splits, M, N), x2d, torch.float32) if splits > 1 else y
+        sq = _new_buffer((splits, M), x2d, torch.float32) if splits > 1 else y
         pdl = use_pdl(x2d)
         _fused_skinny_kernel[(triton.cdiv(N, bn), splits)](
             x2d, r, norm_weight, weight, b, y, hb, part, sq, M, N, float(eps), K=K,
@@ -1112,7 +1122,8 @@ def rms_norm_linear(
     else:
         choices = [Choice(variant, tuple(config) if config is not None else (), "forced") for _ in weights]
     # weight_in_fp32 with a low-precision weight differs from the Llama chain only in rounding, which the fused
-    # kernels do not reproduce anyway (they keep h*g in fp32); so it only matters for the unfused path.
+    # kernels do not reproduce anyway (the GEMV-shaped ones keep h*g in fp32, the tl.dot ones round it once to the
+    # activation dtype); so it only matters for the unfused path.
     ys: list[Optional[Tensor]] = [None] * len(weights)
     h: Optional[Tensor] = None
     if any(c.variant == "unfused" for c in choices):

@@ -218,6 +218,12 @@ def test_skinny_variant_rejects_bad_shapes():
         kernels.fused_linear(x[:4], g, ws[0], None, 1e-6, variant="skinny", config=(16, 24, 4))  # KS not 2^n
     with pytest.raises(ValueError, match="no configuration"):
         kernels.fused_linear(x[:1], g, ws[0], None, 1e-6, variant="skinny")  # M = 1: not in its range
+    with pytest.raises(ValueError, match=r"\(BN, KS, num_warps\)"):
+        kernels.fused_linear(x[:4], g, ws[0], None, 1e-6, variant="skinny", config=(16, 256))
+    with pytest.raises(ValueError, match="shared memory"):
+        kernels.fused_linear(x[:4], g, ws[0], None, 1e-6, variant="skinny", config=(4096, 256, 4))
+    with pytest.raises(ValueError, match="K = 0"):
+        kernels.fused_linear(x[:4, :0], g[:0], ws[0][:, :0], None, 1e-6, variant="skinny", config=(16, 256, 4))
 
 
 def triton_next_pow2(v: int) -> int:

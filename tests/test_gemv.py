@@ -176,8 +176,10 @@ def test_op_dispatch_rule() -> None:
         assert not gemv_op.uses_gemv(torch.zeros(0, 8, device="cuda"), wc, None)
         assert not gemv_op.uses_gemv(torch.zeros(1, 8, device="cuda", dtype=torch.float64), wc.double(), None)
         m = gemv_op.GEMV_MAX_M + 1
-        assert gemv_op.uses_skinny(torch.zeros(m, 8, device="cuda"), wc, None) == (m <= gemv_op.SKINNY_MAX_M)
-        assert not gemv_op.uses_skinny(torch.zeros(gemv_op.SKINNY_MAX_M + 1, 8, device="cuda"), wc, None)
+        xb, wb = torch.zeros(m, 8, device="cuda", dtype=torch.bfloat16), wc.bfloat16()
+        assert gemv_op.uses_skinny(xb, wb, None) == (m <= gemv_op.SKINNY_MAX_M)
+        assert not gemv_op.uses_skinny(torch.zeros(m, 8, device="cuda"), wc, None)  # fp32: cuBLAS
+        assert not gemv_op.uses_skinny(torch.zeros(gemv_op.SKINNY_MAX_M + 1, 8, device="cuda").bfloat16(), wb, None)
     assert not gemv_op.uses_skinny(torch.zeros(gemv_op.GEMV_MAX_M + 1, 8), w, None)  # CPU
 
 
@@ -295,6 +297,9 @@ def test_skinny_errors_and_empty() -> None:
     for bad in (G.SkinnyConfig(8, 32, 4), G.SkinnyConfig(16, 48, 4), G.SkinnyConfig(16, 8, 4)):
         with pytest.raises(ValueError, match="powers of two"):
             G.gemv_skinny_triton(x[:4], w, config=bad)
+    with pytest.raises(ValueError, match="shared memory"):  # e.g. a bad NANOVLLM_SKINNY_CONFIG at K = 3072
+        G.gemv_skinny_triton(*make_case(4, 16, 3072, "none", torch.float16, False, 0)[:2],
+                             config=G.SkinnyConfig(64, 4096, 4))
     with pytest.raises(ValueError, match="x must be"):
         G.gemv_skinny_triton(x[:4], w, act="silu_mul")
     with pytest.raises(ValueError, match="share one dtype"):
@@ -435,8 +440,11 @@ def test_bench_gemv_logic_on_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     for name in bench_gemv.SHAPES:
         rows += bench_gemv.bench_shape(name, [1, 3, 20], args, time.time())
     assert len(rows) == 9 and not any("error" in r for r in rows), [r.get("traceback") for r in rows]
-    for r in rows:  # every skinny config is timed; above MAX_M it is the only kernel (its default is the rule)
-        skinny = {bench_gemv.cfg_name(c) for c in G.SKINNY_CHOICES + (G.SKINNY_DEFAULT,)}
+    for r in rows:  # every skinny config is timed; above MAX_M it is the only kernel; the rule is the op's choice
+        rule = (G.skinny_config(r["M"], r["N"], r["K"], r["act"]) if r["M"] > gemv_op.GEMV_MAX_M
+                else G.choose_config(r["M"], r["N"], r["K"]))
+        assert r["rule_config"] == bench_gemv.cfg_name(rule)
+        skinny = {bench_gemv.cfg_name(c) for c in G.SKINNY_CHOICES + (rule,) if isinstance(c, G.SkinnyConfig)}
         assert skinny <= set(r["configs_us"])
         assert (set(r["configs_us"]) == skinny) == (r["M"] > G.MAX_M)
     for r in rows:

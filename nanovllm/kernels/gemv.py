@@ -1,6 +1,7 @@
 """Small-M GEMV with an optional SwiGLU prologue (Triton kernel + launcher + PyTorch reference).
 
-Computes ``y[M, N] = act(x)[M, K] @ W[N, K]^T (+ b)`` for decode-sized ``M`` (at most :data:`MAX_M` rows), where
+Computes ``y[M, N] = act(x)[M, K] @ W[N, K]^T (+ b)`` for decode-sized ``M`` (at most :data:`MAX_M` rows for the
+GEMV, :data:`SKINNY_MAX_M` for the skinny kernel), where
 
     act = "none":      act(x) = x                                  x: [M, K]
     act = "silu_mul":  act(x)_k = silu(gate_k) * up_k              x: [M, 2K] = [gate | up]  (SwiGLU,
@@ -39,8 +40,19 @@ or 4 (longer rows) outputs per program (:func:`row_config`).
 BLOCK_N`` sigmoids, hidden under the weight stream at small ``M`` but not at ``M = 16``; hence ``BLOCK_N = 8``
 for ``M >= 3`` where the slab still fits in registers (see :func:`choose_config`).
 
+``3 <= M <= 32`` (session 5) on the GPU runs a third kernel, ``_gemv_skinny_kernel`` (:func:`gemv_skinny_triton`):
+split-K "swap-AB" on the tensor cores. Program ``(n, s)`` multiplies one ``[BLOCK_N, CHUNK_K]`` chunk of ``W`` (one
+load, the MMA's wide side) by the matching chunk of ``act(x)`` transposed to ``[CHUNK_K, BM]`` (``M`` padded with
+zero rows to ``BM = 16`` or ``32``) into fp32 partials ``[splits, M, N]``; ``_splitk_reduce_kernel`` sums them, adds
+the bias and rounds once. The activation is rounded to ``x``'s dtype before the MMA, as the eager model rounds
+it. Measured on the H200 (:func:`skinny_config`): o_proj 4.0-4.7 us at M = 4-32 against cuBLAS's 6.0-13.0, down_proj
+with SwiGLU 6.9-9.8 us against 11.1-11.4 for SiLU-and-mul then cuBLAS. The fused norm -> linear op of
+``fusion_pass`` has a twin of it (``_fused_skinny_kernel``: the norm in the prologue, 1/rms in the epilogue kernel);
+``fusion_pass`` never imports ``nanovllm``, hence two kernels.
+
 Public API: :func:`gemv` (Triton on CUDA / ``force_triton``, reference otherwise), :func:`gemv_triton`,
-:func:`gemv_ref`, :func:`apply_act`, :func:`choose_config`. Benchmark: benchmarks/bench_gemv.py.
+:func:`gemv_skinny_triton`, :func:`skinny_config`, :func:`gemv_ref`, :func:`apply_act`, :func:`choose_config`.
+Benchmark: benchmarks/bench_gemv.py (``--skinny`` for the skinny kernel's launch shapes).
 """
 from __future__ import annotations
 
@@ -122,6 +134,7 @@ class SkinnyConfig(NamedTuple):
 
 
 SKINNY_MAX_M = 32  # the most rows of the skinny kernel (BM = max(16, next_power_of_2(M)) <= 32)
+SKINNY_MAX_SMEM = 192 << 10  # the W chunk and activation tile pass through shared memory (227 KiB per block on sm_90)
 SKINNY_DEFAULT = SkinnyConfig(32, 256, 4)
 # Timed by benchmarks/bench_gemv.py --skinny (results/gemv-skinny-h200.json, H200, bf16, us per call, M = 2-32):
 # o_proj (1024 x 2048): (32, 256, 4) 3.9-4.2 at M = 2-16, (64, 256, 4) 4.7 at M = 32 (cuBLAS 12.6-13.0 at M = 2-4,
@@ -403,8 +416,10 @@ def _splitk_reduce_kernel(p_ptr, b_ptr, y_ptr, M, N, stride_ym, S: tl.constexpr,
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+    p = p_ptr + offs.to(tl.int64)  # advanced by one [M, N] slice per split (64-bit)
     for s in tl.static_range(S):
-        acc += tl.load(p_ptr + s * M * N + offs, mask=mask, other=0.0)
+        acc += tl.load(p, mask=mask, other=0.0)
+        p += M * N
     m = offs // N
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -544,8 +559,8 @@ def gemv_skinny_triton(
         rounds it), products accumulate in float32 and the splits are summed in float32.
 
     Raises:
-        ValueError: as :func:`gemv_triton`, ``M > SKINNY_MAX_M``, or a config with ``block_n < 16`` or a
-            ``chunk_k`` that is not a power of two >= 16.
+        ValueError: as :func:`gemv_triton`, ``M > SKINNY_MAX_M``, a config with ``block_n < 16`` or a
+            ``chunk_k`` that is not a power of two >= 16, or one whose tiles exceed :data:`SKINNY_MAX_SMEM`.
     """
     m, n, k = _check_shapes(x, weight, bias, act)
     if x.dtype not in GEMV_DTYPES:
@@ -569,13 +584,17 @@ def gemv_skinny_triton(
     if m == 0 or n == 0:
         return out
     chunk = min(cfg.chunk_k, max(16, triton.next_power_of_2(k)))
+    bm = max(16, triton.next_power_of_2(m))
+    if (cfg.block_n + bm) * chunk * x.element_size() > SKINNY_MAX_SMEM:
+        raise ValueError(f"the skinny kernel's [{cfg.block_n}, {chunk}] W chunk and [{chunk}, {bm}] activation tile "
+                         f"exceed {SKINNY_MAX_SMEM} bytes of shared memory; lower block_n or chunk_k")
     splits = triton.cdiv(k, chunk)
     part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
     pdl = use_pdl(x)
     b = bias if bias is not None else weight  # never read without HAS_BIAS
     _gemv_skinny_kernel[(triton.cdiv(n, cfg.block_n), splits)](
         x, weight, b, out, part, m, n, x.stride(0), out.stride(0), K=k, ACT=act, HAS_BIAS=bias is not None,
-        SPLIT=splits > 1, IEEE=x.dtype == torch.float32, BM=max(16, triton.next_power_of_2(m)), BN=cfg.block_n,
+        SPLIT=splits > 1, IEEE=x.dtype == torch.float32, BM=bm, BN=cfg.block_n,
         KS=chunk, USE_PDL=pdl, num_warps=cfg.num_warps, num_stages=1, **launch_options(pdl))
     if splits > 1:
         block = 1024

@@ -7,7 +7,7 @@ Dispatch (at run time, on the concrete tensors):
 
 - CUDA, ``1 <= M <= GEMV_MAX_M``, fp16/bf16/fp32 with one dtype: the Triton GEMV (one kernel; the activation is
   computed in its prologue; no host sync, no allocation besides the output, so it can be captured in a CUDA graph);
-- CUDA, ``GEMV_MAX_M < M <= SKINNY_MAX_M``, same dtypes: the split-K skinny kernel on the tensor cores
+- CUDA, ``GEMV_MAX_M < M <= SKINNY_MAX_M``, fp16 / bf16: the split-K skinny kernel on the tensor cores
   (:func:`nanovllm.kernels.gemv.gemv_skinny_triton`: the activation in its prologue, then one reduction kernel);
 - otherwise (larger ``M``, CPU, other dtypes): ``F.linear(apply_act(x, act), weight, bias)``; on CUDA the
   ``silu_mul`` activation then runs as one Triton pass (:func:`nanovllm.kernels.gemv.silu_mul_triton`).
@@ -21,7 +21,7 @@ model keeps plain ``aten`` ops.
 environment variable ``NANOVLLM_GEMV_MAX_M`` (an integer in ``[0, MAX_M]``; 0 disables the GEMV), so the
 crossovers can be measured on the target GPU (benchmarks/bench_gemv.py --skinny). It is looked up at each call, so tests may also patch the module attribute.
 ``SKINNY_MAX_M`` (default 32, the kernel's limit) likewise from ``NANOVLLM_SKINNY_MAX_M`` (``[0, 32]``; 0 disables
-the skinny path, so ``GEMV_MAX_M < M`` goes to cuBLAS as before).
+the skinny path: every ``M > GEMV_MAX_M`` then goes to cuBLAS).
 """
 from __future__ import annotations
 
@@ -71,9 +71,13 @@ def uses_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
             and (bias is None or bias.dtype == x.dtype))
 
 
+SKINNY_DTYPES = (torch.float16, torch.bfloat16)  # fp32 multiplies on the CUDA cores there and spills (ptxas)
+
+
 def uses_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether :func:`linear_small_m` runs the split-K skinny kernel for these (concrete) tensors."""
-    return (x.is_cuda and GEMV_MAX_M < x.shape[0] <= SKINNY_MAX_M and x.dtype in GEMV_DTYPES
+    """Whether :func:`linear_small_m` runs the split-K skinny kernel for these (concrete) tensors: CUDA,
+    ``GEMV_MAX_M < M <= SKINNY_MAX_M``, fp16 / bf16 (one dtype)."""
+    return (x.is_cuda and GEMV_MAX_M < x.shape[0] <= SKINNY_MAX_M and x.dtype in SKINNY_DTYPES
             and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype))
 
 
