@@ -17,6 +17,12 @@
 #               throughput + peer (fusion, nofusion) and profile (fusion, nofusion) with ONE engine build per
 #               mode instead of 7; writes the same three JSONs; optional, not in the default list
 #               (as long as the budget allows; parts that cannot start in time are recorded as skipped)
+#   ab          python benchmarks/bench_ab_latency.py --model $CKPT: fusion-ms8 and nofusion-ms8 engines alive in
+#               one process, decode steps timed in interleaved pairs (the "no batch slower by 1 %" question;
+#               optional, not in the default list)                                          (~6-8 min)
+#   markov      scripts/train_markov_checkpoint.py on $CKPT (-> $CKPT-markov), then check_engine_gpu.py --prompts
+#               markov --skip-tiny --modes eager,coconut+graphs (bf16 greedy tokens vs transformers on a checkpoint
+#               with peaked predictions; optional)                                          (~3-4 min)
 #   plot        python benchmarks/plot_results.py (PNGs into docs/img; they are not copied back)
 # Stages that need it first build the random Qwen3-0.6B-shaped checkpoint at $CKPT (default /tmp/qwen3-0.6b;
 # kept if it already exists; a few seconds).
@@ -36,7 +42,7 @@
 # logs.tar is gzipped only at the very end.
 #
 # Environment: CKPT, OUT, DEADLINE_S, PYTEST_ARGS (default "-x -q tests"), THROUGHPUT_ARGS, LATENCY_ARGS,
-# PROFILE_ARGS, E2E_ARGS (extra flags appended to the bench command lines; the profile stage passes --budget-s so
+# PROFILE_ARGS, E2E_ARGS, AB_ARGS (extra flags appended to the bench command lines; the profile stage passes --budget-s so
 # that it starts no new case within 120 s of DEADLINE_S, the e2e stage so that it starts no new engine or part
 # within 60 s of DEADLINE_S; a --budget-s in PROFILE_ARGS / E2E_ARGS overrides it, and E2E_ARGS=--no-peer drops
 # the peer), e.g. E2E_ARGS="--modes fusion,nofusion --what throughput,profile".
@@ -55,6 +61,7 @@ THROUGHPUT_ARGS="${THROUGHPUT_ARGS:-}"
 LATENCY_ARGS="${LATENCY_ARGS:-}"
 PROFILE_ARGS="${PROFILE_ARGS:-}"
 E2E_ARGS="${E2E_ARGS:-}"
+AB_ARGS="${AB_ARGS:-}"
 PY="${PYTHON:-$(command -v python >/dev/null 2>&1 && echo python || echo python3)}"
 mkdir -p "$OUT"
 START=$(date +%s)
@@ -65,7 +72,7 @@ SUMMARY="$OUT/summary.txt"
 LOGTAR="$OUT/logs.tar"
 OTHER_TAR="$OUT/results-other.tar"
 MARK="$(mktemp /tmp/run_h200.start.XXXXXX)"   # results newer than this were written by this run
-KEEP_JSON="throughput-h200.json latency-h200.json fusion-kernel-h200.json attention-h200.json decode-profile-h200.json"
+KEEP_JSON="throughput-h200.json latency-h200.json fusion-kernel-h200.json attention-h200.json decode-profile-h200.json latency-ab-h200.json"
 declare -a RESULTS=()
 
 HEADER="$(mktemp /tmp/run_h200.header.XXXXXX)"
@@ -131,7 +138,7 @@ run_stage() {
 
 needs_ckpt=0
 for s in "${STAGES[@]}"; do
-  case "$s" in throughput|latency|smoke|engine|profile|e2e) needs_ckpt=1 ;; esac
+  case "$s" in throughput|latency|smoke|engine|profile|e2e|ab|markov) needs_ckpt=1 ;; esac
 done
 if [ $needs_ckpt -eq 1 ]; then
   if [ -f "$CKPT/config.json" ] && ls "$CKPT"/*.safetensors >/dev/null 2>&1; then
@@ -155,8 +162,12 @@ for s in "${STAGES[@]}"; do
     latency)    run_stage latency 180 "$PY benchmarks/bench_latency.py --model $CKPT $LATENCY_ARGS" ;;
     profile)    run_stage profile 180 "$PY benchmarks/profile_decode.py --model $CKPT --budget-s $(( DEADLINE_S - $(elapsed) - 120 )) $PROFILE_ARGS" ;;
     e2e)        run_stage e2e 240 "$PY benchmarks/bench_e2e.py --model $CKPT --peer --budget-s $(( DEADLINE_S - $(elapsed) - 60 )) $E2E_ARGS" ;;
+    ab)         run_stage ab 300 "$PY benchmarks/bench_ab_latency.py --model $CKPT $AB_ARGS" ;;
+    markov)     run_stage markov 200 "$PY scripts/train_markov_checkpoint.py --src $CKPT --out $CKPT-markov && \
+                  $PY benchmarks/check_engine_gpu.py --model $CKPT-markov --prompts markov --skip-tiny \
+                  --modes eager,coconut+graphs --out benchmarks/results/engine-check-markov-h200.json" ;;
     plot)       run_stage plot 10 "$PY benchmarks/plot_results.py" ;;
-    *)          RESULTS+=("$(printf '%-11s UNKNOWN  (stages: kernels engine tests smoke throughput latency profile e2e plot)' "$s")") ;;
+    *)          RESULTS+=("$(printf '%-11s UNKNOWN  (stages: kernels engine tests smoke throughput latency profile e2e ab markov plot)' "$s")") ;;
   esac
 done
 
