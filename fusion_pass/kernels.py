@@ -484,7 +484,9 @@ if HAS_TRITON:
         then sums both and applies 1/rms(h) (FlashNorm epilogue) and b. Without SPLIT (KS >= K) the program has the
         whole row and finishes y itself. Programs with pid_n == 0 write h = x + r (WRITE_H). x, r, h: [M, K]
         row-major; g: [K]; W: [N, K] row-major; b: [N]; y: [M, N]. USE_PDL: the W chunk and g are loaded before
-        waiting for the previous kernel (see `use_pdl`).
+        waiting for the previous kernel (see `use_pdl`). The engine's plain linears have a twin of this kernel
+        (nanovllm.kernels.gemv._gemv_skinny_kernel, an activation instead of the norm); fusion_pass never imports
+        nanovllm, so the chunk indexing below is written in both.
         """
         pid_n = tl.program_id(0)
         s = tl.program_id(1)

@@ -465,6 +465,32 @@ def silu_mul_triton(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _check_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str,
+                  out: torch.Tensor | None, max_m: int, too_many: str) -> tuple[int, int, int, torch.Tensor]:
+    """The launchers' shared checks: shapes (:func:`_check_shapes`), one supported dtype, at most ``max_m`` rows
+    (``too_many`` starts the message), contiguous weight and bias, contiguous columns of x, and ``out`` (allocated
+    when None). Returns (M, N, K, out). Raises ValueError."""
+    m, n, k = _check_shapes(x, weight, bias, act)
+    if x.dtype not in GEMV_DTYPES:
+        raise ValueError(f"dtype must be one of {GEMV_DTYPES}, got {x.dtype}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"x, weight and bias must share one dtype, got {x.dtype}, {weight.dtype}, "
+                         f"{None if bias is None else bias.dtype}")
+    if m > max_m:
+        raise ValueError(f"{too_many}={max_m} rows, got M={m}")
+    if not weight.is_contiguous():
+        raise ValueError("weight must be contiguous ([N, K] row-major)")
+    if x.stride(1) != 1 and m > 0:
+        raise ValueError(f"x must have contiguous columns, got strides {x.stride()}")
+    if bias is not None and not bias.is_contiguous():
+        raise ValueError("bias must be contiguous")
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != (m, n) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{m}, {n}] {x.dtype} tensor, got {tuple(out.shape)} {out.dtype}")
+    return m, n, k, out
+
+
 def gemv_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -485,24 +511,7 @@ def gemv_triton(
     Raises:
         ValueError: see :func:`gemv`; also a non-contiguous weight, ``x.stride(1) != 1`` or a bad ``out``.
     """
-    m, n, k = _check_shapes(x, weight, bias, act)
-    if x.dtype not in GEMV_DTYPES:
-        raise ValueError(f"dtype must be one of {GEMV_DTYPES}, got {x.dtype}")
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(f"x, weight and bias must share one dtype, got {x.dtype}, {weight.dtype}, "
-                         f"{None if bias is None else bias.dtype}")
-    if m > MAX_M:
-        raise ValueError(f"the GEMV takes at most MAX_M={MAX_M} rows, got M={m}")
-    if not weight.is_contiguous():
-        raise ValueError("weight must be contiguous ([N, K] row-major)")
-    if x.stride(1) != 1 and m > 0:
-        raise ValueError(f"x must have contiguous columns, got strides {x.stride()}")
-    if bias is not None and not bias.is_contiguous():
-        raise ValueError("bias must be contiguous")
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    elif tuple(out.shape) != (m, n) or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous [{m}, {n}] {x.dtype} tensor, got {tuple(out.shape)} {out.dtype}")
+    m, n, k, out = _check_launch(x, weight, bias, act, out, MAX_M, "the GEMV takes at most MAX_M")
     if m == 0 or n == 0:
         return out
     if m == 1 and config is None and k <= MAX_ROW_K:
@@ -562,25 +571,11 @@ def gemv_skinny_triton(
         ValueError: as :func:`gemv_triton`, ``M > SKINNY_MAX_M``, a config with ``block_n < 16`` or a
             ``chunk_k`` that is not a power of two >= 16, or one whose tiles exceed :data:`SKINNY_MAX_SMEM`.
     """
-    m, n, k = _check_shapes(x, weight, bias, act)
-    if x.dtype not in GEMV_DTYPES:
-        raise ValueError(f"dtype must be one of {GEMV_DTYPES}, got {x.dtype}")
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(f"x, weight and bias must share one dtype, got {x.dtype}, {weight.dtype}, "
-                         f"{None if bias is None else bias.dtype}")
-    if m > SKINNY_MAX_M:
-        raise ValueError(f"the skinny kernel takes at most SKINNY_MAX_M={SKINNY_MAX_M} rows, got M={m}")
-    if not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
-        raise ValueError("weight and bias must be contiguous")
-    if x.stride(1) != 1 and m > 0:
-        raise ValueError(f"x must have contiguous columns, got strides {x.stride()}")
     cfg = config if config is not None else SKINNY_DEFAULT
     if cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1) or cfg.chunk_k < 16 or cfg.chunk_k & (cfg.chunk_k - 1):
         raise ValueError(f"block_n and chunk_k must be powers of two >= 16, got {cfg}")
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    elif tuple(out.shape) != (m, n) or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous [{m}, {n}] {x.dtype} tensor, got {tuple(out.shape)} {out.dtype}")
+    m, n, k, out = _check_launch(x, weight, bias, act, out, SKINNY_MAX_M,
+                                 "the skinny kernel takes at most SKINNY_MAX_M")
     if m == 0 or n == 0:
         return out
     chunk = min(cfg.chunk_k, max(16, triton.next_power_of_2(k)))
