@@ -5,7 +5,6 @@ round. The GPU test (CUDA graphs) runs only where a GPU is present.
 """
 from __future__ import annotations
 
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -21,12 +20,7 @@ from nanovllm.engine.sequence import Sequence
 EOS = 2  # <|im_end|> of the tiny checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def engine(ckpt: str, k: int, **kw) -> LLM:  # noqa: ANN003

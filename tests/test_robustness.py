@@ -36,13 +36,7 @@ GREEDY8 = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 HEALTH_PROMPTS = random_prompts([5, 33], seed=100)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """The tiny model's ops are too small for threads; on a busy 2-core box, 1 thread is ~50x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

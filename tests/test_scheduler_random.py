@@ -145,13 +145,7 @@ def draw_params(rng: random.Random, ref: list[int]) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=rng.random() < 0.7, stop_token_ids=stop)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # noqa: ANN201
-    """The tiny model's ops are too small for threads; on a busy 2-core box, 1 thread is ~50x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_random_scheduling_matches_solo_runs(tiny_ckpt: str, hf_model) -> None:  # noqa: ANN001
