@@ -104,7 +104,8 @@ class MarkovChain:
         if any(a < b for a, b in zip(self.probs, self.probs[1:])):
             raise ValueError(f"probs must be non-increasing, got {self.probs}")
         if not k <= self.states <= self.vocab_size:
-            raise ValueError(f"need {k} <= states <= vocab_size, got states={self.states}, vocab_size={self.vocab_size}")
+            raise ValueError(f"need {k} <= states <= vocab_size, got states={self.states}, "
+                             f"vocab_size={self.vocab_size}")
         g = torch.Generator().manual_seed(int(self.seed))
         tokens = torch.randperm(self.vocab_size, generator=g)[: self.states]
         succ = torch.randint(0, self.states, (self.states, k), generator=g)
@@ -469,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     vocab = int(model.config.vocab_size)
     chain = MarkovChain(seed=args.seed, states=args.states, vocab_size=vocab)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"loaded {args.src}: {n_params / 1e6:.1f} M parameters, vocab {vocab}, saving as {str(out_dtype).replace('torch.', '')}; chain: "
+    print(f"loaded {args.src}: {n_params / 1e6:.1f} M parameters, vocab {vocab}, saving as "
+          f"{str(out_dtype).replace('torch.', '')}; chain: "
           f"{chain.states} states, probs {chain.probs}, entropy {chain.entropy():.3f} nats; "
           f"load {time.perf_counter() - t_start:.1f} s", flush=True)
 
@@ -511,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, MARKOV_FILE), "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
-    print(f"wrote {args.out} ({str(out_dtype).replace('torch.', '')}; copied {copied}; lm_head tied: {check['tied']}, equal to embed_tokens: "
+    print(f"wrote {args.out} ({str(out_dtype).replace('torch.', '')}; copied {copied}; lm_head tied: {check['tied']}, "
+          f"equal to embed_tokens: "
           f"{check['lm_head_equals_embed']}); total {time.perf_counter() - t_start:.1f} s")
     return 0
 

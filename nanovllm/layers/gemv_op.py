@@ -19,7 +19,8 @@ model keeps plain ``aten`` ops.
 
 ``GEMV_MAX_M`` (default 2: at M = 3-4 the skinny kernel measured faster) is read once, at import, from the
 environment variable ``NANOVLLM_GEMV_MAX_M`` (an integer in ``[0, MAX_M]``; 0 disables the GEMV), so the
-crossovers can be measured on the target GPU (benchmarks/bench_gemv.py --skinny). It is looked up at each call, so tests may also patch the module attribute.
+crossovers can be measured on the target GPU (benchmarks/bench_gemv.py --skinny). It is looked up at each call,
+so tests may also patch the module attribute.
 ``SKINNY_MAX_M`` (default 32, the kernel's limit) likewise from ``NANOVLLM_SKINNY_MAX_M`` (``[0, 32]``; 0 disables
 the skinny path: every ``M > GEMV_MAX_M`` then goes to cuBLAS).
 """
