@@ -34,10 +34,12 @@ SITES = [("qkv", 4096, 1024), ("gate_up", 6144, 1024), ("lm_head", 151936, 1024)
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 HBM_BPS = 4.3e12
 EPS = 1e-6
-# Launch shapes (BN, KS, num_warps) swept for the skinny variant with --skinny-grid: BN = 16-64 W rows per program
-# (the MMA's M side), K in chunks of 128-1024 (a split-K epilogue kernel sums the chunks), 2-8 warps.
-SKINNY_SWEEP = [(16, 256, 2), (32, 256, 4), (64, 256, 4), (32, 128, 4), (64, 128, 4), (16, 128, 2), (32, 512, 8),
-                (64, 512, 8), (16, 1024, 4)]
+# Launch shapes (BN, KS, num_warps, fixup) swept for the skinny variant with --skinny-grid: BN = 32-128 W rows per
+# program (the MMA's M side), K in chunks of 128-512, 4-8 warps; the chunks summed by the split-K epilogue kernel
+# (fixup 0) or inside the kernel by the last program of each n-tile (fixup 1). Session 5's sweep (BN = 16-64, no
+# fixup) found BN = 16-32 25-60 % slower than BN = 64 (results/fusion-skinny-h200.json).
+SKINNY_SWEEP = [(64, 256, 4, 0), (64, 512, 8, 0), (64, 128, 4, 0), (128, 256, 8, 0), (32, 256, 4, 1), (64, 256, 4, 1),
+                (64, 512, 8, 1), (64, 128, 4, 1), (128, 256, 8, 1), (128, 128, 4, 1), (128, 512, 8, 1)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -101,7 +101,7 @@ def cfg_name(cfg: Any) -> str:
     from nanovllm.kernels import gemv as G
 
     if isinstance(cfg, G.SkinnyConfig):
-        return f"skinny{cfg.block_n}x{cfg.num_warps}w/ks{cfg.chunk_k}"
+        return f"skinny{cfg.block_n}x{cfg.num_warps}w/ks{cfg.chunk_k}" + ("+fixup" if cfg.fixup else "")
     return f"{cfg.block_n}x{cfg.num_warps}w/bk{cfg.block_k}"
 
 

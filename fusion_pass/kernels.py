@@ -469,10 +469,11 @@ if HAS_TRITON:
             w = w_next
 
     @triton.jit
-    def _fused_skinny_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, q_ptr, M, N, eps,
+    def _fused_skinny_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, q_ptr, c_ptr, M, N, eps,
                              K: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr,
                              SPLIT: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                             KS: tl.constexpr, USE_PDL: tl.constexpr = False):
+                             KS: tl.constexpr, USE_PDL: tl.constexpr = False, FIXUP: tl.constexpr = False,
+                             S: tl.constexpr = 1):
         """Fused split-K skinny GEMM on the tensor cores for a few rows (M <= BM, BM >= 16), swap-AB.
 
         Program (pid_n, s) takes the W chunk [BN, KS] (rows pid_n*BN.., columns s*KS..; ONE load, K a compile-time
@@ -481,8 +482,13 @@ if HAS_TRITON:
         ("swap-AB"). a is rounded to the activation dtype before the MMA (IEEE: fp32 inputs multiplied in full fp32).
         SPLIT (K split into S = cdiv(K, KS) chunks): the fp32 partial product goes to p[s, m, n] ([S, M, N]) and the
         programs with pid_n == 0 write the chunk's sum of squares q[s, m] ([S, M]); ``_fused_splitk_epilogue_kernel``
-        then sums both and applies 1/rms(h) (FlashNorm epilogue) and b. Without SPLIT (KS >= K) the program has the
-        whole row and finishes y itself. Programs with pid_n == 0 write h = x + r (WRITE_H). x, r, h: [M, K]
+        then sums both and applies 1/rms(h) (FlashNorm epilogue) and b. FIXUP (with SPLIT; S = cdiv(K, KS)): no
+        second kernel; every program writes its chunk's sums of squares to q[pid_n, s, :] ([T, S, BM], T = n-tiles)
+        and, after a CTA barrier, increments the tile's counter c[pid_n] (int32, zero before the launch) with one
+        acq_rel atomic; the program that sees S - 1 arrived last, sums the S partials of its tile in a fixed order
+        (deterministic), applies 1/rms and b, stores y and resets the counter to 0 (the "fixup" of Stream-K, Osama
+        et al. 2023, arXiv 2301.03598, with a last-arrival counter instead of waiting). Without SPLIT (KS >= K) the
+        program has the whole row and finishes y itself. Programs with pid_n == 0 write h = x + r (WRITE_H). x, r, h: [M, K]
         row-major; g: [K]; W: [N, K] row-major; b: [N]; y: [M, N]. USE_PDL: the W chunk and g are loaded before
         waiting for the previous kernel (see `use_pdl`). The engine's plain linears have a twin of this kernel
         (nanovllm.kernels.gemv._gemv_skinny_kernel, an activation instead of the norm); fusion_pass never imports
@@ -519,10 +525,27 @@ if HAS_TRITON:
         else:
             acc = tl.dot(w, a)
         if SPLIT:
-            if pid_n == 0:
+            nm_mask = n_mask[:, None] & m_mask[None, :]
+            p_off = rm[None, :].to(tl.int64) * N + rn64[:, None]  # [BN, BM] offsets in one [M, N] slice of p
+            tl.store(p_ptr + (s * M).to(tl.int64) * N + p_off, acc, mask=nm_mask)
+            if FIXUP:
+                tl.store(q_ptr + (pid_n * S + s) * BM + rm, tl.sum(hf * hf, axis=0))
+                tl.debug_barrier()  # every thread's partial is written before the release below
+                arrived = tl.atomic_add(c_ptr + pid_n, 1, sem="acq_rel")
+                if arrived == S - 1:  # the last program of this n-tile: the fixup
+                    ss = tl.zeros((BM,), dtype=tl.float32)
+                    tot = tl.zeros((BN, BM), dtype=tl.float32)
+                    for t in tl.static_range(S):  # fixed order: the same sums whatever the arrival order
+                        tot += tl.load(p_ptr + (t * M).to(tl.int64) * N + p_off, mask=nm_mask, other=0.0,
+                                       cache_modifier=".cg")
+                        ss += tl.load(q_ptr + (pid_n * S + t) * BM + rm, cache_modifier=".cg")
+                    y = tot * (1.0 / tl.sqrt(ss / K + eps))[None, :]
+                    if HAS_BIAS:
+                        y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+                    tl.store(y_ptr + p_off, y.to(dt), mask=nm_mask)
+                    tl.atomic_xchg(c_ptr + pid_n, 0)  # ready for the next launch
+            elif pid_n == 0:
                 tl.store(q_ptr + s * M + rm, tl.sum(hf * hf, axis=0), mask=m_mask)
-            tl.store(p_ptr + (s * M + rm[None, :]).to(tl.int64) * N + rn64[:, None], acc,
-                     mask=n_mask[:, None] & m_mask[None, :])
         else:
             inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / K + eps)  # [BM]; padded columns never stored
             y = acc * inv[None, :]
@@ -614,8 +637,10 @@ SKINNY_MAX_M = 32
 # The W chunk [BN, KS] and activation tile [KS, BM] pass through shared memory for tl.dot (227 KiB per block on the
 # H200); larger launch shapes are refused (ValueError; the dispatcher skips the candidate).
 SKINNY_MAX_SMEM = 192 << 10
-SKINNY_CONFIGS: dict[int, list[tuple[int, int, int]]] = {b: [(64, 256, 4), (64, 512, 8), (64, 128, 4)]
-                                                         for b in (2, 4, 8, 16, 32)}
+# (BN, KS, num_warps, fixup): fixup = 1 sums the splits inside the kernel (the last program of each n-tile) instead of
+# in the epilogue kernel (session 6; see _fused_skinny_kernel).
+SKINNY_CONFIGS: dict[int, list[tuple[int, ...]]] = {b: [(64, 256, 4, 1), (64, 256, 4, 0), (64, 512, 8, 1),
+                                                        (128, 256, 8, 1), (64, 128, 4, 1)] for b in (2, 4, 8, 16, 32)}
 MULTIROW_CONFIGS: dict[int, list[tuple[int, int, int]]] = {
     4: [(4, 1024, 1), (2, 1024, 1), (8, 1024, 2)],
     8: [(4, 1024, 1), (2, 1024, 1), (8, 1024, 2)],
@@ -651,8 +676,8 @@ def stream_configs(m: int) -> list[tuple[int, int, int]]:
     return list(STREAM_CONFIGS.get(m_bucket(m), []))
 
 
-def skinny_configs(m: int) -> list[tuple[int, int, int]]:
-    """Skinny configs (BN, KS, num_warps) for M rows; empty unless 2 <= M <= SKINNY_MAX_M."""
+def skinny_configs(m: int) -> list[tuple[int, ...]]:
+    """Skinny configs (BN, KS, num_warps, fixup) for M rows; empty unless 2 <= M <= SKINNY_MAX_M."""
     return list(SKINNY_CONFIGS.get(m_bucket(m), [])) if m <= SKINNY_MAX_M else []
 
 
@@ -700,6 +725,28 @@ def _capability_major(device: torch.device) -> int:
 def _sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (132 on an H200)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# The skinny variant's in-kernel split-K fixup counts, per n-tile, the programs that have written their partial:
+# one int32 per tile, zero between launches (the last program of a tile resets its counter). One buffer per
+# device, allocated on first use outside a CUDA graph capture and never freed (captured graphs keep its address);
+# kernels that share it must not run concurrently on two streams (the engine and Inductor's code use one stream;
+# PDL is safe: a kernel touches the counters only after griddepcontrol.wait).
+FIXUP_COUNTERS = 1 << 16
+_FIXUP_BUFFERS: dict[str, Tensor] = {}
+
+
+def fixup_counters(device: torch.device, tiles: int) -> Optional[Tensor]:
+    """The zeroed int32 [FIXUP_COUNTERS] counter buffer of `device` for a skinny launch with `tiles` n-tiles, or
+    None (the caller then uses the split-K epilogue kernel) when tiles > FIXUP_COUNTERS or the buffer does not
+    exist yet and the current stream is capturing a CUDA graph (an allocation there would belong to the graph)."""
+    key = str(device)
+    buf = _FIXUP_BUFFERS.get(key)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _FIXUP_BUFFERS[key] = torch.zeros(FIXUP_COUNTERS, dtype=torch.int32, device=device)
+    return buf if tiles <= buf.numel() else None
 
 
 def _check_triton() -> None:
@@ -804,11 +851,12 @@ def fused_linear(x2d: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
             BM=bm, BN=bn, BKP=triton.next_power_of_2(K), USE_PDL=pdl, num_warps=warps, num_stages=1,
             **({"launch_pdl": True} if pdl else {}))
     elif variant == "skinny":
-        if len(config) != 3:
-            raise ValueError(f"skinny variant: config must be (BN, KS, num_warps), got {config}")
+        if len(config) not in (3, 4):
+            raise ValueError(f"skinny variant: config must be (BN, KS, num_warps[, fixup]), got {config}")
         if K == 0:
             raise ValueError("skinny variant: K = 0 (empty reduction) is not supported")
-        bn, ks, warps = config
+        bn, ks, warps = config[:3]
+        fixup = bool(config[3]) if len(config) == 4 else False
         bm = max(16, m_bucket(M))
         ks = min(ks, max(16, triton.next_power_of_2(K)))
         if M > SKINNY_MAX_M:
@@ -819,15 +867,19 @@ def fused_linear(x2d: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
             raise ValueError(f"skinny variant: the [{bn}, {ks}] W chunk and [{ks}, {bm}] activation tile exceed "
                              f"{SKINNY_MAX_SMEM} bytes of shared memory")
         splits = triton.cdiv(K, ks)
+        tiles = triton.cdiv(N, bn)
+        counters = fixup_counters(x2d.device, tiles) if fixup and splits > 1 else None
+        fixup = counters is not None  # no counters (first use inside a CUDA graph capture): the epilogue kernel
         part = _new_buffer((splits, M, N), x2d, torch.float32) if splits > 1 else y
-        sq = _new_buffer((splits, M), x2d, torch.float32) if splits > 1 else y
+        sq = (_new_buffer((tiles, splits, bm), x2d, torch.float32) if fixup
+              else _new_buffer((splits, M), x2d, torch.float32) if splits > 1 else y)
         pdl = use_pdl(x2d)
-        _fused_skinny_kernel[(triton.cdiv(N, bn), splits)](
-            x2d, r, norm_weight, weight, b, y, hb, part, sq, M, N, float(eps), K=K,
+        _fused_skinny_kernel[(tiles, splits)](
+            x2d, r, norm_weight, weight, b, y, hb, part, sq, counters if fixup else sq, M, N, float(eps), K=K,
             HAS_RES=has_res, HAS_BIAS=bias is not None, WRITE_H=write_h, SPLIT=splits > 1,
-            IEEE=x2d.dtype == torch.float32, BM=bm, BN=bn, KS=ks, USE_PDL=pdl,
+            IEEE=x2d.dtype == torch.float32, BM=bm, BN=bn, KS=ks, USE_PDL=pdl, FIXUP=fixup, S=splits,
             num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}))
-        if splits > 1:
+        if splits > 1 and not fixup:
             block = 1024
             _fused_splitk_epilogue_kernel[(triton.cdiv(M * N, block),)](
                 part, sq, b, y, M, N, float(eps), K=K, S=splits, HAS_BIAS=bias is not None, BLOCK=block,

@@ -206,6 +206,13 @@ def test_skinny_variant_matches_reference(dtype, tol, m, n, k, monkeypatch):
             for y, yr in zip(ys, ref):
                 assert y.shape == yr.shape and not torch.isnan(y).any(), cfg
                 assert rel_err(y, yr) < tol, (cfg, res is None, rel_err(y, yr))
+            # the in-kernel split-K fixup and the epilogue kernel sum the same partials in the same order
+            for fixup in (0, 1):
+                ysf, _ = kernels.rms_norm_linear(x, g, ws, bs, eps, residual2d=res, variant="skinny",
+                                                 config=tuple(cfg[:3]) + (fixup,))
+                assert all(torch.equal(a, b) for a, b in zip(ysf, ys)), (cfg, fixup)
+    counters = kernels._FIXUP_BUFFERS.get(str(x.device))
+    assert counters is not None and int(counters.count_nonzero()) == 0  # every tile's counter reset for the next launch
 
 
 def test_skinny_variant_rejects_bad_shapes():
@@ -218,7 +225,7 @@ def test_skinny_variant_rejects_bad_shapes():
         kernels.fused_linear(x[:4], g, ws[0], None, 1e-6, variant="skinny", config=(16, 24, 4))  # KS not 2^n
     with pytest.raises(ValueError, match="no configuration"):
         kernels.fused_linear(x[:1], g, ws[0], None, 1e-6, variant="skinny")  # M = 1: not in its range
-    with pytest.raises(ValueError, match=r"\(BN, KS, num_warps\)"):
+    with pytest.raises(ValueError, match=r"\(BN, KS, num_warps\[, fixup\]\)"):
         kernels.fused_linear(x[:4], g, ws[0], None, 1e-6, variant="skinny", config=(16, 256))
     with pytest.raises(ValueError, match="shared memory"):
         kernels.fused_linear(x[:4], g, ws[0], None, 1e-6, variant="skinny", config=(4096, 256, 4))
@@ -386,22 +393,25 @@ from fusion_pass import kernels
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 p = "*bf16"
 sig = {"x_ptr": p, "r_ptr": p, "g_ptr": p, "w_ptr": p, "b_ptr": p, "y_ptr": p, "h_ptr": p, "p_ptr": "*fp32",
-       "q_ptr": "*fp32", "M": "i32", "N": "i32", "eps": "fp32", "K": "constexpr", "HAS_RES": "constexpr",
-       "HAS_BIAS": "constexpr", "WRITE_H": "constexpr", "SPLIT": "constexpr", "IEEE": "constexpr", "BM": "constexpr",
-       "BN": "constexpr", "KS": "constexpr", "USE_PDL": "constexpr"}
+       "q_ptr": "*fp32", "c_ptr": "*i32", "M": "i32", "N": "i32", "eps": "fp32", "K": "constexpr",
+       "HAS_RES": "constexpr", "HAS_BIAS": "constexpr", "WRITE_H": "constexpr", "SPLIT": "constexpr",
+       "IEEE": "constexpr", "BM": "constexpr", "BN": "constexpr", "KS": "constexpr", "USE_PDL": "constexpr",
+       "FIXUP": "constexpr", "S": "constexpr"}
 names = list(sig)
 attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n == "N"}
-shapes = sorted({(max(16, b), bn, ks, warps) for b, cfgs in kernels.SKINNY_CONFIGS.items() for bn, ks, warps in cfgs})
+shapes = sorted({(max(16, b), c[0], c[1], c[2], bool(c[3:] and c[3])) for b, cfgs in kernels.SKINNY_CONFIGS.items()
+                 for c in cfgs})
 n = 0
-for bm, bn, ks, warps in shapes:
+for bm, bn, ks, warps, fixup in shapes:
     for res, pdl in ((True, False), (False, True)):
         consts = dict(K=1024, HAS_RES=res, HAS_BIAS=False, WRITE_H=res, SPLIT=ks < 1024, IEEE=False, BM=bm, BN=bn,
-                      KS=ks, USE_PDL=pdl)
+                      KS=ks, USE_PDL=pdl, FIXUP=fixup and ks < 1024, S=-(-1024 // ks))
         c = triton.compile(ASTSource(fn=kernels._fused_skinny_kernel, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": warps, "num_stages": 1, "launch_pdl": pdl})
         assert "cubin" in c.asm and "mma" in c.asm["ptx"], (bm, bn, ks, warps, consts)  # the tensor cores
         assert ("griddepcontrol.wait" in c.asm["ptx"]) == pdl
+        assert ("atom.global.gpu.acq_rel.add" in c.asm["ptx"]) == consts["FIXUP"]  # the fixup's tile counter
         assert (bn + bm) * ks * 2 <= kernels.SKINNY_MAX_SMEM and c.metadata.shared <= kernels.SKINNY_MAX_SMEM
         with tempfile.TemporaryDirectory() as d:
             src = os.path.join(d, "k.ptx")

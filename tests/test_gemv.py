@@ -24,6 +24,7 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from conftest import run_aot_script  # noqa: E402
+from fusion_pass import kernels as fusion_kernels  # noqa: E402
 from nanovllm.kernels import gemv as G  # noqa: E402
 from nanovllm.layers import gemv_op  # noqa: E402
 
@@ -279,12 +280,19 @@ def test_skinny_matches_float64_reference(dtype: torch.dtype, m: int, n: int, k:
             for cfg in (G.SKINNY_DEFAULT, G.SkinnyConfig(16, 32, 4), G.SkinnyConfig(32, 16, 2)):
                 y = G.gemv_skinny_triton(x, w, b, act, out=nan_out(m, n, dtype), config=cfg)
                 assert rel_err(y, ref64(x, w, b, act)) < TOL[dtype], (act, bias, cfg)
+                # the in-kernel fixup sums the same partials in the same order as the reduction kernel
+                yf = G.gemv_skinny_triton(x, w, b, act, out=nan_out(m, n, dtype), config=cfg._replace(fixup=True))
+                assert torch.equal(yf, y), (act, bias, cfg)
+    counters = fusion_kernels._FIXUP_BUFFERS.get(str(torch.device(DEVICE)))
+    assert counters is not None and int(counters.count_nonzero()) == 0  # every tile's counter reset for the next launch
 
 
 def test_skinny_config_override_parsing() -> None:
     assert G.parse_skinny_config(None) is None and G.parse_skinny_config(" ") is None
     assert G.parse_skinny_config("32,256,8") == G.SkinnyConfig(32, 256, 8)
-    for bad in ("16,512", "a,b,c", "8,512,4", "16,500,4", "16,512,3"):
+    assert G.parse_skinny_config("64,256,4,1") == G.SkinnyConfig(64, 256, 4, True)
+    assert G.parse_skinny_config("64,256,4,0") == G.SkinnyConfig(64, 256, 4, False)
+    for bad in ("16,512", "a,b,c", "8,512,4", "16,500,4", "16,512,3", "16,512,4,2", "16,512,4,1,0"):
         with pytest.raises(ValueError, match="NANOVLLM_SKINNY_CONFIG"):
             G.parse_skinny_config(bad)
     assert G.skinny_config(8, 1024, 2048) == (G.SKINNY_OVERRIDE or G.SKINNY_DEFAULT)
@@ -368,19 +376,20 @@ for act, k in (("none", 2048), ("silu_mul", 3072)):  # the M = 1 row kernel at t
     assert spills(c) == 0, (act, k)
 fn = G._gemv_skinny_kernel  # the split-K skinny kernel with the rule's configs at the Qwen3-0.6B shapes, M = 8 / 32
 for act, k in (("none", 2048), ("silu_mul", 3072)):
-    for m in (8, 32):
+    for m, fixup in ((8, False), (8, True), (32, False), (32, True)):
         cfg = G.skinny_config(m, 1024, k, act)
         consts = dict(K=k, ACT=act, HAS_BIAS=False, SPLIT=True, IEEE=False, BM=max(16, m), BN=cfg.block_n,
-                      KS=cfg.chunk_k, USE_PDL=True)
-        sig = {n: ("constexpr" if n in consts else "*fp32" if n == "p_ptr" else "*bf16" if n.endswith("_ptr")
-                   else "i32") for n in fn.arg_names}
+                      KS=cfg.chunk_k, USE_PDL=True, FIXUP=fixup, S=triton.cdiv(k, cfg.chunk_k))
+        sig = {n: ("constexpr" if n in consts else "*fp32" if n == "p_ptr" else "*i32" if n == "c_ptr"
+                   else "*bf16" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                  if n.endswith("_ptr") or n in ("N", "stride_xm", "stride_ym")}
         c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps, "num_stages": 1,
                                                                       "launch_pdl": True})
         assert "mma" in c.asm["ptx"] and "griddepcontrol.wait" in c.asm["ptx"]
-        assert spills(c) == 0, (act, k, m, cfg)
+        assert ("atom.global.gpu.acq_rel.add" in c.asm["ptx"]) == fixup  # the fixup's tile counter
+        assert spills(c) == 0, (act, k, m, cfg, fixup)
 fn = G._splitk_reduce_kernel
 sig = {n: ("*fp32" if n == "p_ptr" else "*bf16" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
 sig.update(S="constexpr", HAS_BIAS="constexpr", BLOCK="constexpr", USE_PDL="constexpr")

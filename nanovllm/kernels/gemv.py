@@ -126,11 +126,13 @@ def choose_config(m: int, n: int, k: int, block_n: int | None = None, num_warps:
 class SkinnyConfig(NamedTuple):
     """Launch configuration of the split-K skinny kernel (``_gemv_skinny_kernel``): ``block_n`` W rows per program
     (>= 16: the MMA's M side), ``chunk_k`` columns of K per program (a power of two >= 16; ``cdiv(K, chunk_k)`` splits
-    of K), ``num_warps``."""
+    of K), ``num_warps``; ``fixup``: the splits are summed inside the kernel by the last program of each n-tile
+    instead of by a second kernel."""
 
     block_n: int
     chunk_k: int
     num_warps: int
+    fixup: bool = False
 
 
 SKINNY_MAX_M = 32  # the most rows of the skinny kernel (BM = max(16, next_power_of_2(M)) <= 32)
@@ -144,25 +146,34 @@ SKINNY_CHOICES: tuple[SkinnyConfig, ...] = (
     SkinnyConfig(16, 256, 2), SkinnyConfig(16, 256, 4), SkinnyConfig(16, 512, 4), SkinnyConfig(16, 512, 8),
     SkinnyConfig(16, 1024, 8), SkinnyConfig(32, 256, 4), SkinnyConfig(32, 512, 4), SkinnyConfig(32, 512, 8),
     SkinnyConfig(64, 256, 4),
+    # the in-kernel split-K fixup instead of the reduction kernel (session 6)
+    SkinnyConfig(32, 256, 4, True), SkinnyConfig(64, 256, 4, True), SkinnyConfig(64, 128, 4, True),
+    SkinnyConfig(128, 256, 8, True), SkinnyConfig(32, 512, 4, True),
 )
 
 
 def parse_skinny_config(value: str | None) -> SkinnyConfig | None:
-    """Parse ``NANOVLLM_SKINNY_CONFIG`` ("block_n,chunk_k,num_warps", e.g. "16,512,4"; unset or empty -> None).
+    """Parse ``NANOVLLM_SKINNY_CONFIG`` ("block_n,chunk_k,num_warps[,fixup]", e.g. "16,512,4" or "64,256,4,1";
+    unset or empty -> None).
 
     Raises:
-        ValueError: not three integers, or block_n / chunk_k not powers of two >= 16, or num_warps not in 1-8.
+        ValueError: not three or four integers, block_n / chunk_k not powers of two >= 16, num_warps not 1, 2, 4
+            or 8, or fixup not 0 or 1.
     """
     if value is None or not value.strip():
         return None
     try:
-        bn, ks, warps = (int(v) for v in value.split(","))
+        vals = [int(v) for v in value.split(",")]
     except ValueError:
-        raise ValueError(f"NANOVLLM_SKINNY_CONFIG must be 'block_n,chunk_k,num_warps', got {value!r}") from None
-    if bn < 16 or bn & (bn - 1) or ks < 16 or ks & (ks - 1) or warps not in (1, 2, 4, 8):
-        raise ValueError(f"NANOVLLM_SKINNY_CONFIG: block_n and chunk_k must be powers of two >= 16 and num_warps "
-                         f"1, 2, 4 or 8, got {value!r}")
-    return SkinnyConfig(bn, ks, warps)
+        vals = []
+    if len(vals) not in (3, 4):
+        raise ValueError(f"NANOVLLM_SKINNY_CONFIG must be 'block_n,chunk_k,num_warps[,fixup]', got {value!r}")
+    bn, ks, warps = vals[:3]
+    fixup = vals[3] if len(vals) == 4 else 0
+    if bn < 16 or bn & (bn - 1) or ks < 16 or ks & (ks - 1) or warps not in (1, 2, 4, 8) or fixup not in (0, 1):
+        raise ValueError(f"NANOVLLM_SKINNY_CONFIG: block_n and chunk_k must be powers of two >= 16, num_warps "
+                         f"1, 2, 4 or 8 and fixup 0 or 1, got {value!r}")
+    return SkinnyConfig(bn, ks, warps, bool(fixup))
 
 
 SKINNY_OVERRIDE: SkinnyConfig | None = parse_skinny_config(os.environ.get("NANOVLLM_SKINNY_CONFIG"))
@@ -351,10 +362,10 @@ def _gemv_row_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K: tl.constexpr, ACT: tl.con
 
 
 @triton.jit
-def _gemv_skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, p_ptr, M, N, stride_xm, stride_ym,
+def _gemv_skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, stride_xm, stride_ym,
                         K: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                         IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KS: tl.constexpr,
-                        USE_PDL: tl.constexpr = False):
+                        USE_PDL: tl.constexpr = False, FIXUP: tl.constexpr = False, S: tl.constexpr = 1):
     """Split-K skinny GEMM on the tensor cores, swap-AB: program (pid_n, s) computes
     W[pid_n*BN : +BN, s*KS : +KS] @ act(x)[:M, s*KS : +KS]^T -> [BN, BM] (M <= BM, BM >= 16, rows >= M are zeros).
 
@@ -362,7 +373,10 @@ def _gemv_skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, p_ptr, M, N, stride_xm, stri
     rows the right one: a small-M product computed as its transpose. ONE load of the [BN, KS] chunk (KS a power of
     two; K a compile-time constant), then the activation chunk [KS, BM] (gate | up for silu_mul, L2-resident).
     SPLIT: the fp32 partial goes to p[s, m, n] ([S, M, N], reduced by ``_splitk_reduce_kernel``); otherwise (one
-    chunk covers K) bias is added and y[m, n] stored. USE_PDL: the weight chunk is loaded before waiting for the
+    chunk covers K) bias is added and y[m, n] stored. FIXUP (with SPLIT, S = cdiv(K, KS)): no reduction kernel; the
+    last of the S programs of an n-tile to increment its counter c[pid_n] (int32, zero before the launch; one
+    acq_rel atomic after a CTA barrier) sums the tile's partials in a fixed order, adds the bias, stores y and resets
+    the counter (Stream-K's "fixup", arXiv 2301.03598; see ``fusion_pass.kernels._fused_skinny_kernel``). USE_PDL: the weight chunk is loaded before waiting for the
     previous kernel (kernels/pdl.py).
     """
     pid_n = tl.program_id(0)
@@ -392,8 +406,22 @@ def _gemv_skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, p_ptr, M, N, stride_xm, stri
     else:
         acc = tl.dot(w, a)
     if SPLIT:
-        tl.store(p_ptr + (s * M + rm[None, :]).to(tl.int64) * N + rn64[:, None], acc,
-                 mask=n_mask[:, None] & m_mask[None, :])
+        nm_mask = n_mask[:, None] & m_mask[None, :]
+        p_off = rm[None, :].to(tl.int64) * N + rn64[:, None]  # [BN, BM] offsets in one [M, N] slice of p
+        tl.store(p_ptr + (s * M).to(tl.int64) * N + p_off, acc, mask=nm_mask)
+        if FIXUP:
+            tl.debug_barrier()  # every thread's partial is written before the release below
+            arrived = tl.atomic_add(c_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == S - 1:  # the last program of this n-tile sums the S partials in a fixed order
+                tot = tl.zeros((BN, BM), dtype=tl.float32)
+                if HAS_BIAS:  # bias first: the sums of _splitk_reduce_kernel, bit for bit
+                    tot += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+                for t in tl.static_range(S):
+                    tot += tl.load(p_ptr + (t * M).to(tl.int64) * N + p_off, mask=nm_mask, other=0.0,
+                                   cache_modifier=".cg")
+                tl.store(y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn64[:, None], tot.to(y_ptr.dtype.element_ty),
+                         mask=nm_mask)
+                tl.atomic_xchg(c_ptr + pid_n, 0)  # ready for the next launch
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
@@ -584,14 +612,21 @@ def gemv_skinny_triton(
         raise ValueError(f"the skinny kernel's [{cfg.block_n}, {chunk}] W chunk and [{chunk}, {bm}] activation tile "
                          f"exceed {SKINNY_MAX_SMEM} bytes of shared memory; lower block_n or chunk_k")
     splits = triton.cdiv(k, chunk)
+    tiles = triton.cdiv(n, cfg.block_n)
+    counters = None
+    if cfg.fixup and splits > 1:
+        from fusion_pass.kernels import fixup_counters  # one counter buffer per device for both skinny kernels
+
+        counters = fixup_counters(x.device, tiles)  # None on first use inside a capture: the reduction kernel
     part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
     pdl = use_pdl(x)
     b = bias if bias is not None else weight  # never read without HAS_BIAS
-    _gemv_skinny_kernel[(triton.cdiv(n, cfg.block_n), splits)](
-        x, weight, b, out, part, m, n, x.stride(0), out.stride(0), K=k, ACT=act, HAS_BIAS=bias is not None,
-        SPLIT=splits > 1, IEEE=x.dtype == torch.float32, BM=bm, BN=cfg.block_n,
-        KS=chunk, USE_PDL=pdl, num_warps=cfg.num_warps, num_stages=1, **launch_options(pdl))
-    if splits > 1:
+    _gemv_skinny_kernel[(tiles, splits)](
+        x, weight, b, out, part, counters if counters is not None else part, m, n, x.stride(0), out.stride(0), K=k,
+        ACT=act, HAS_BIAS=bias is not None, SPLIT=splits > 1, IEEE=x.dtype == torch.float32, BM=bm, BN=cfg.block_n,
+        KS=chunk, USE_PDL=pdl, FIXUP=counters is not None, S=splits, num_warps=cfg.num_warps, num_stages=1,
+        **launch_options(pdl))
+    if splits > 1 and counters is None:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](part, b, out, m, n, out.stride(0), S=splits,
                                                             HAS_BIAS=bias is not None, BLOCK=block, USE_PDL=pdl,
