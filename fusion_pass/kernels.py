@@ -626,21 +626,22 @@ STREAM_CONFIGS: dict[int, list[tuple[int, int, int]]] = {
     1: [(4, 4, 4), (2, 2, 8), (4, 2, 8)],
     2: [(4, 4, 4), (2, 2, 8), (4, 2, 8)],
 }
-# SKINNY: (BN, KS, num_warps) per M bucket (M <= SKINNY_MAX_M); BM = max(16, bucket); K is split into cdiv(K, KS)
-# chunks. Measured on the H200 (benchmarks/bench_fusion_kernel.py --skinny-grid, results/fusion-skinny-h200.json,
-# bf16, us per call with the residual; Inductor norm + cuBLAS in brackets): (64, 256, 4) fastest or within 2 % of
-# the fastest of 10 launch shapes at every M = 2-32 for qkv (5.8-6.7 [8.4-8.9]) and gate_up (7.2-8.7 [9.4-9.6]);
-# (64, 512, 8) won qkv M = 16 by 0.6 %; BN = 16-32 lost by 25-60 % (more programs recompute the prologue per weight
-# byte). A first design with whole-row W slabs (one [BN, 1024] chunk per program, no split) lost to the unfused path
-# everywhere (qkv M = 16: 11.9 us against 7.3; results/fusion-skinny-slab-h200.json).
+# SKINNY: (BN, KS, num_warps, fixup) per M bucket (M <= SKINNY_MAX_M); BM = max(16, bucket); K is split into
+# cdiv(K, KS) chunks, summed by the split-K epilogue kernel (fixup 0) or inside the kernel by the last program of each
+# n-tile (fixup 1). Measured on the H200 (benchmarks/bench_fusion_kernel.py --skinny-grid, bf16, us per call with the
+# residual; Inductor norm + cuBLAS in brackets). Session 6 (results/fusion-skinny-fixup-h200.json, 11 launch shapes):
+# (128, 512, 8, 1) fastest for qkv at M = 2-16 (4.86-5.20 [8.35-8.60], below cuBLAS alone: 5.2-5.3) and gate_up at
+# M = 8-32 (6.76-8.07 [9.5-9.7]); (64, 256, 4, 1) for gate_up M = 2-4 (6.53-6.66 [9.4-9.5]); (128, 256, 8, 0) for
+# qkv M = 32 (6.23 [8.91]); the fixup saved 0.3-1.3 us against the same shape with the epilogue kernel.
+# Session 5 (results/fusion-skinny-h200.json): BN = 16-32 lost by 25-60 % to BN = 64 (more programs recompute the
+# prologue per weight byte); a first design with whole-row W slabs (one [BN, 1024] chunk per program, no split) lost
+# to the unfused path everywhere (qkv M = 16: 11.9 us against 7.3; results/fusion-skinny-slab-h200.json).
 SKINNY_MAX_M = 32
 # The W chunk [BN, KS] and activation tile [KS, BM] pass through shared memory for tl.dot (227 KiB per block on the
 # H200); larger launch shapes are refused (ValueError; the dispatcher skips the candidate).
 SKINNY_MAX_SMEM = 192 << 10
-# (BN, KS, num_warps, fixup): fixup = 1 sums the splits inside the kernel (the last program of each n-tile) instead of
-# in the epilogue kernel (session 6; see _fused_skinny_kernel).
-SKINNY_CONFIGS: dict[int, list[tuple[int, ...]]] = {b: [(64, 256, 4, 1), (64, 256, 4, 0), (64, 512, 8, 1),
-                                                        (128, 256, 8, 1), (64, 128, 4, 1)] for b in (2, 4, 8, 16, 32)}
+SKINNY_CONFIGS: dict[int, list[tuple[int, ...]]] = {b: [(128, 512, 8, 1), (64, 256, 4, 1), (128, 256, 8, 0),
+                                                        (64, 512, 8, 1), (64, 256, 4, 0)] for b in (2, 4, 8, 16, 32)}
 MULTIROW_CONFIGS: dict[int, list[tuple[int, int, int]]] = {
     4: [(4, 1024, 1), (2, 1024, 1), (8, 1024, 2)],
     8: [(4, 1024, 1), (2, 1024, 1), (8, 1024, 2)],

@@ -296,6 +296,9 @@ def test_skinny_config_override_parsing() -> None:
         with pytest.raises(ValueError, match="NANOVLLM_SKINNY_CONFIG"):
             G.parse_skinny_config(bad)
     assert G.skinny_config(8, 1024, 2048) == (G.SKINNY_OVERRIDE or G.SKINNY_DEFAULT)
+    if G.SKINNY_OVERRIDE is None:  # SwiGLU (down_proj) takes the in-kernel fixup, the plain o_proj shape does not
+        assert all(G.skinny_config(m, 1024, 3072, "silu_mul").fixup for m in (3, 16, 17, 32))
+        assert not any(G.skinny_config(m, 1024, 2048).fixup for m in (3, 16, 17, 32))
 
 
 def test_skinny_errors_and_empty() -> None:

@@ -138,17 +138,19 @@ class SkinnyConfig(NamedTuple):
 SKINNY_MAX_M = 32  # the most rows of the skinny kernel (BM = max(16, next_power_of_2(M)) <= 32)
 SKINNY_MAX_SMEM = 192 << 10  # the W chunk and activation tile pass through shared memory (227 KiB per block on sm_90)
 SKINNY_DEFAULT = SkinnyConfig(32, 256, 4)
-# Timed by benchmarks/bench_gemv.py --skinny (results/gemv-skinny-h200.json, H200, bf16, us per call, M = 2-32):
-# o_proj (1024 x 2048): (32, 256, 4) 3.9-4.2 at M = 2-16, (64, 256, 4) 4.7 at M = 32 (cuBLAS 12.6-13.0 at M = 2-4,
-# 6.0 at M = 8-32); down_proj with SwiGLU (1024 x 3072): (64, 256, 4) 6.9 / 7.1 / 7.7 / 9.8 at M = 4 / 8 / 16 / 32
-# (SiLU-and-mul then cuBLAS: 11.1-11.4 eager), the others 8-25.
+# Timed by benchmarks/bench_gemv.py --skinny (H200, bf16, us per call, M = 2-32). o_proj (1024 x 2048), session 5
+# (results/gemv-skinny-h200.json): (32, 256, 4) 3.9-4.2 at M = 2-16, (64, 256, 4) 4.7 at M = 32 (cuBLAS 12.6-13.0 at
+# M = 2-4, 6.0 at M = 8-32); the session-6 fixup did not help it (within +-0.1 us or slower). down_proj with SwiGLU
+# (1024 x 3072), session 6 (results/gemv-skinny-fixup-h200.json): (128, 256, 8, fixup) 5.24 / 5.24 / 5.35 / 5.89 at
+# M = 2 / 4 / 8 / 16 and (64, 256, 4, fixup) 7.17 at M = 32, against 6.39-8.49 without the fixup and 10.9-11.4 for
+# SiLU-and-mul then cuBLAS.
 SKINNY_CHOICES: tuple[SkinnyConfig, ...] = (
     SkinnyConfig(16, 256, 2), SkinnyConfig(16, 256, 4), SkinnyConfig(16, 512, 4), SkinnyConfig(16, 512, 8),
     SkinnyConfig(16, 1024, 8), SkinnyConfig(32, 256, 4), SkinnyConfig(32, 512, 4), SkinnyConfig(32, 512, 8),
     SkinnyConfig(64, 256, 4),
     # the in-kernel split-K fixup instead of the reduction kernel (session 6)
     SkinnyConfig(32, 256, 4, True), SkinnyConfig(64, 256, 4, True), SkinnyConfig(64, 128, 4, True),
-    SkinnyConfig(128, 256, 8, True), SkinnyConfig(32, 512, 4, True),
+    SkinnyConfig(128, 256, 8, True), SkinnyConfig(32, 512, 4, True), SkinnyConfig(128, 512, 8, True),
 )
 
 
@@ -181,12 +183,15 @@ SKINNY_OVERRIDE: SkinnyConfig | None = parse_skinny_config(os.environ.get("NANOV
 
 def skinny_config(m: int, n: int, k: int, act: str = "none") -> SkinnyConfig:
     """The skinny kernel's launch configuration for ``M`` rows, ``N`` outputs, reduction length ``K``: the fastest of
-    the H200 sweep (see :data:`SKINNY_CHOICES`): 64 W rows per program for SwiGLU (fewer programs recompute the
-    activation) and for ``M > 16``, else 32; K in chunks of 256; 4 warps. ``NANOVLLM_SKINNY_CONFIG`` (read at
-    import) overrides it."""
+    the H200 sweeps (see :data:`SKINNY_CHOICES`). SwiGLU: wide tiles (fewer programs recompute the activation) with
+    the in-kernel fixup: 128 W rows and 8 warps up to M = 16, 64 and 4 warps above. No activation: 32 W rows up to
+    M = 16, 64 above, 4 warps, the reduction kernel. K in chunks of 256. ``NANOVLLM_SKINNY_CONFIG`` (read at import)
+    overrides it."""
     if SKINNY_OVERRIDE is not None:
         return SKINNY_OVERRIDE
-    return SkinnyConfig(64, 256, 4) if act == "silu_mul" or m > 16 else SKINNY_DEFAULT
+    if act == "silu_mul":
+        return SkinnyConfig(128, 256, 8, True) if m <= 16 else SkinnyConfig(64, 256, 4, True)
+    return SkinnyConfig(64, 256, 4) if m > 16 else SKINNY_DEFAULT
 
 
 # ---------------------------------------------------------------------------------------------------- reference
