@@ -909,7 +909,8 @@ class Choice:
     """A dispatch decision: variant in ("unfused",) + _FUSED and its config tuple (() for unfused).
 
     times_us: the measured time per call of each candidate (microseconds), empty for heuristic choices.
-    source: "measured", "heuristic", "loaded" or "env".
+    source: "measured", "heuristic", "loaded", "env", or "failed" (the measurement raised or no candidate ran: the
+    unfused path, kept and never measured again, so a failing measurement costs once, not on every call).
     """
 
     variant: str
@@ -1090,7 +1091,9 @@ def choose(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> 
         c = measure(m, n, k, dtype, device)
     except Exception as e:  # e.g. out of memory while the KV cache holds the GPU: fall back, do not crash
         log.warning("coconut: measuring M<=%d N=%d K=%d failed (%s); using the unfused path", key[0], n, k, e)
-        c = Choice("unfused", (), "heuristic")
+        c = Choice("unfused", (), "failed")
+    if c.source == "heuristic":  # no candidate ran: keep the fallback instead of measuring again on every call
+        c = Choice("unfused", (), "failed")
     _CACHE[key] = c
     log.info("coconut: M<=%d N=%d K=%d %s -> %s %s %s", key[0], n, k, key[3], c.variant, c.config, c.times_us)
     path = os.environ.get("COCONUT_TUNING_FILE")

@@ -275,6 +275,33 @@ def test_dispatch_helpers():
         kernels.fused_linear(torch.zeros(20, 16), g, ws[0], None, 1e-6, variant="gemv")
 
 
+@pytest.mark.parametrize("failure", ["raises", "no_candidate"])
+def test_failed_measurement_is_cached_not_retried(failure, monkeypatch):
+    """A measurement that raises (e.g. out of memory beside the KV cache) or in which no candidate ran falls back to
+    the unfused path once; later calls with the same key reuse that decision instead of measuring again (which
+    would cost milliseconds of host time on every forward)."""
+    calls = []
+
+    def fake_measure(m, n, k, dtype, device):  # noqa: ANN001, ANN202
+        calls.append((m, n, k))
+        if failure == "raises":
+            raise RuntimeError("CUDA out of memory")
+        return kernels.Choice("unfused", (), "heuristic")
+
+    monkeypatch.setattr(kernels, "measure", fake_measure)
+    monkeypatch.setattr(kernels.torch.cuda, "is_current_stream_capturing", lambda: False)
+    kernels.clear_dispatch_cache()
+    try:
+        for _ in range(3):
+            c = kernels.choose(5, 64, 32, torch.bfloat16, torch.device("cpu"))
+            assert (c.variant, c.source) == ("unfused", "failed")
+        assert calls == [(5, 64, 32)]
+        assert kernels.choose(9, 64, 32, torch.bfloat16, torch.device("cpu")).source == "failed"  # another bucket
+        assert len(calls) == 2
+    finally:
+        kernels.clear_dispatch_cache()
+
+
 def test_tuning_roundtrip(tmp_path):
     kernels.clear_dispatch_cache()
     try:
