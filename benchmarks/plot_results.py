@@ -7,6 +7,8 @@ Inputs (each optional: a missing or malformed file is reported and skipped, neve
   "rows" / "results"; rows with an "error" and no times are skipped) -> fusion_kernel_h200.png: microseconds per
   call vs M (log-log), one panel per site: fused op, unfused, cuBLAS alone, bytes floor.
 - latency-h200.json (bench_latency.py) -> latency_h200.png: TPOT and TTFT vs batch size per engine mode.
+- latency-ab-h200.json (bench_ab_latency.py) -> latency_ab_h200.png: decode step of the two engines per batch size
+  and the per-pair step ratio B/A (median, min-max).
 - throughput-h200.json (bench_throughput.py) -> throughput_h200.png: output tokens/s of each engine mode, the
   transformers peer and the bandwidth floor.
 - decode-profile-h200.json (profile_decode.py) -> decode_profile_h200.png: one stacked bar per (mode, batch):
@@ -163,8 +165,10 @@ def plot_latency(data: Any, out: str, plt: Any) -> bool:
         plt.close(fig)
         print("[plot] latency: no mode with batch figures")
         return False
-    sp = data.get("batch1_tpot_speedup")
-    for ax, title in ((a1, "TPOT: decode step time (engine timer)" + (f"; batch-1 TPOT speedup {sp:.2f}x" if _num(sp) else "")),
+    sp = [(k, _num(data.get(f"batch1_tpot_speedup{k}"))) for k in ("", "_ms8")]
+    sp_text = ", ".join(f"{v:.2f}x{' (ms8)' if k else ''}" for k, v in sp if v)
+    for ax, title in ((a1, "TPOT: decode step time (engine timer)" + (f"; batch-1 TPOT speedup {sp_text}" if sp_text
+                                                                     else "")),
                       (a2, "TTFT (prefill of the whole batch)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -293,10 +297,55 @@ def plot_decode_profile(data: Any, out: str, plt: Any) -> bool:
     return True
 
 
+def plot_latency_ab(data: Any, out: str, plt: Any) -> bool:
+    """bench_ab_latency.py: per batch size the decode step of engine A and B (medians over the interleaved pairs,
+    left) and the per-pair ratio B/A (right: median with min-max bars; 1.0 = equal, above = A faster, the dashed
+    line at 0.99 = A 1 % slower). Returns True if a PNG was written."""
+    rows = [r for r in (data.get("rows") or []) if isinstance(r, dict) and "ratio_median" in r] \
+        if isinstance(data, dict) else []
+    if not rows:
+        print("[plot] latency A/B: no rows with ratios")
+        return False
+    modes = data.get("modes") or ["A", "B"]
+    bs = [int(r["batch"]) for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for role, name in zip(("A", "B"), modes):
+        st = dict(MODE_STYLE.get(name, {"label": name}))
+        st["label"] = f"{role} = {st.get('label', name)}"
+        a1.plot(bs, [r[role]["decode_step_ms_median"] for r in rows], **st)
+    med = [r["ratio_median"] for r in rows]
+    lo = [r["ratio_median"] - r["ratio_min"] for r in rows]
+    hi = [r["ratio_max"] - r["ratio_median"] for r in rows]
+    a2.errorbar(bs, med, yerr=[lo, hi], fmt="o-", color="tab:green", capsize=3, label="B/A per pair: median, min-max")
+    a2.axhline(1.0, color="black", linewidth=0.8)
+    a2.axhline(0.99, color="tab:red", linestyle="--", linewidth=0.8, label="A 1 % slower")
+    for ax, title, ylab in ((a1, "decode step (engine timer), median of the pairs", "ms"),
+                            (a2, f"step ratio B/A ({modes[1]} / {modes[0]})", "ratio")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(ylab)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    a1.set_yscale("log")
+    _plain_log_axes(a1)
+    a2.set_xticks(bs)
+    a2.set_xticklabels([str(b) for b in bs])
+    fig.suptitle(f"interleaved A/B decode latency: prompt {data.get('prompt_len')} tokens, T={data.get('max_tokens')} "
+                 f"{_gpu(data)}".strip())
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
+
+
 PLOTS: list[tuple[str, str, Callable[[Any, str, Any], bool]]] = [
     ("fusion-kernel-h200.json", "fusion_kernel_h200.png", plot_fusion_kernel),
     ("fusion-skinny-h200.json", "fusion_skinny_h200.png", plot_fusion_kernel),
+    ("fusion-skinny-fixup-h200.json", "fusion_skinny_fixup_h200.png", plot_fusion_kernel),
     ("latency-h200.json", "latency_h200.png", plot_latency),
+    ("latency-h200-s4.json", "latency_h200_s4.png", plot_latency),
+    ("latency-ab-h200.json", "latency_ab_h200.png", plot_latency_ab),
     ("latency-h200-s5a.json", "latency_h200_s5a.png", plot_latency),
     ("latency-h200-s3c.json", "latency_h200_s3c.png", plot_latency),
     ("latency-h200-round1.json", "latency_h200_round1.png", plot_latency),

@@ -107,3 +107,19 @@ def test_bad_modes_are_rejected(modes: str, message: str, capsys: pytest.Capture
 def test_bad_numbers_are_rejected(flag: str, value: str) -> None:
     with pytest.raises(SystemExit):
         bench_ab_latency.parse_args(["--modes", "eager,nofusion", flag, value])
+
+
+def test_ab_plot_is_written(ab_result: dict, tmp_path) -> None:  # noqa: ANN001
+    """benchmarks/plot_results.py draws the A/B result (steps and per-pair ratios); no rows -> no file."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import plot_results
+
+    out = tmp_path / "ab.png"
+    assert plot_results.plot_latency_ab(ab_result, str(out), plt)
+    assert out.stat().st_size > 10_000  # a 1320 x 480 figure, not an empty file
+    assert not plot_results.plot_latency_ab({"rows": []}, str(tmp_path / "none.png"), plt)
+    assert not (tmp_path / "none.png").exists()
