@@ -488,11 +488,11 @@ if HAS_TRITON:
         acq_rel atomic; the program that sees S - 1 arrived last, sums the S partials of its tile in a fixed order
         (deterministic), applies 1/rms and b, stores y and resets the counter to 0 (the "fixup" of Stream-K, Osama
         et al. 2023, arXiv 2301.03598, with a last-arrival counter instead of waiting). Without SPLIT (KS >= K) the
-        program has the whole row and finishes y itself. Programs with pid_n == 0 write h = x + r (WRITE_H). x, r, h: [M, K]
-        row-major; g: [K]; W: [N, K] row-major; b: [N]; y: [M, N]. USE_PDL: the W chunk and g are loaded before
-        waiting for the previous kernel (see `use_pdl`). The engine's plain linears have a twin of this kernel
-        (nanovllm.kernels.gemv._gemv_skinny_kernel, an activation instead of the norm); fusion_pass never imports
-        nanovllm, so the chunk indexing below is written in both.
+        program has the whole row and finishes y itself. Programs with pid_n == 0 write h = x + r (WRITE_H).
+        x, r, h: [M, K] row-major; g: [K]; W: [N, K] row-major; b: [N]; y: [M, N]. USE_PDL: the W chunk and g are
+        loaded before waiting for the previous kernel (see `use_pdl`). The engine's plain linears have a twin of this
+        kernel (nanovllm.kernels.gemv._gemv_skinny_kernel, an activation instead of the norm); fusion_pass never
+        imports nanovllm, so the chunk indexing below is written in both.
         """
         pid_n = tl.program_id(0)
         s = tl.program_id(1)
@@ -529,7 +529,8 @@ if HAS_TRITON:
             p_off = rm[None, :].to(tl.int64) * N + rn64[:, None]  # [BN, BM] offsets in one [M, N] slice of p
             tl.store(p_ptr + (s * M).to(tl.int64) * N + p_off, acc, mask=nm_mask)
             if FIXUP:
-                tl.store(q_ptr + (pid_n * S + s) * BM + rm, tl.sum(hf * hf, axis=0))
+                q_tile = q_ptr + (pid_n * S).to(tl.int64) * BM + rm  # this n-tile's [S, BM] sums of squares
+                tl.store(q_tile + s * BM, tl.sum(hf * hf, axis=0))
                 tl.debug_barrier()  # every thread's partial is written before the release below
                 arrived = tl.atomic_add(c_ptr + pid_n, 1, sem="acq_rel")
                 if arrived == S - 1:  # the last program of this n-tile: the fixup
@@ -538,7 +539,7 @@ if HAS_TRITON:
                     for t in tl.static_range(S):  # fixed order: the same sums whatever the arrival order
                         tot += tl.load(p_ptr + (t * M).to(tl.int64) * N + p_off, mask=nm_mask, other=0.0,
                                        cache_modifier=".cg")
-                        ss += tl.load(q_ptr + (pid_n * S + t) * BM + rm, cache_modifier=".cg")
+                        ss += tl.load(q_tile + t * BM, cache_modifier=".cg")
                     y = tot * (1.0 / tl.sqrt(ss / K + eps))[None, :]
                     if HAS_BIAS:
                         y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
@@ -737,17 +738,42 @@ FIXUP_COUNTERS = 1 << 16
 _FIXUP_BUFFERS: dict[str, Tensor] = {}
 
 
+_FIXUP_FALLBACK_LOGGED: set[str] = set()
+
+
 def fixup_counters(device: torch.device, tiles: int) -> Optional[Tensor]:
     """The zeroed int32 [FIXUP_COUNTERS] counter buffer of `device` for a skinny launch with `tiles` n-tiles, or
-    None (the caller then uses the split-K epilogue kernel) when tiles > FIXUP_COUNTERS or the buffer does not
-    exist yet and the current stream is capturing a CUDA graph (an allocation there would belong to the graph)."""
+    None (the caller then uses the split-K epilogue kernel; logged once per reason) when tiles > FIXUP_COUNTERS or
+    the buffer does not exist yet and the current stream is capturing a CUDA graph (an allocation there would belong
+    to the graph). Engines call it once before capturing (`fixup_counters(device, 0)` allocates it)."""
     key = str(device)
     buf = _FIXUP_BUFFERS.get(key)
     if buf is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            _log_fixup_fallback(f"{key}: first use inside a CUDA graph capture")
             return None
         buf = _FIXUP_BUFFERS[key] = torch.zeros(FIXUP_COUNTERS, dtype=torch.int32, device=device)
-    return buf if tiles <= buf.numel() else None
+    if tiles > buf.numel():
+        _log_fixup_fallback(f"{key}: {tiles} n-tiles > FIXUP_COUNTERS = {buf.numel()}")
+        return None
+    return buf
+
+
+def reset_fixup_counters() -> None:
+    """Zero every device's fixup counters (in place: captured graphs keep their address). Each launch leaves them at
+    zero; a launch that did not finish (an error mid-kernel) or two kernels sharing them on two streams could leave
+    a count behind, which would make every later launch finish its tiles early, silently. Raises RuntimeError
+    during a CUDA-graph capture (the zeroing would be recorded into the graph)."""
+    if any(b.is_cuda for b in _FIXUP_BUFFERS.values()) and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("reset_fixup_counters: not allowed while a CUDA graph is being captured")
+    for buf in _FIXUP_BUFFERS.values():
+        buf.zero_()
+
+
+def _log_fixup_fallback(reason: str) -> None:
+    if reason not in _FIXUP_FALLBACK_LOGGED:
+        _FIXUP_FALLBACK_LOGGED.add(reason)
+        log.info("coconut: split-K fixup off (%s); the epilogue kernel sums the splits", reason)
 
 
 def _check_triton() -> None:
@@ -858,6 +884,10 @@ def fused_linear(x2d: Tensor, norm_weight: Tensor, weight: Tensor, bias: Optiona
             raise ValueError("skinny variant: K = 0 (empty reduction) is not supported")
         bn, ks, warps = config[:3]
         fixup = bool(config[3]) if len(config) == 4 else False
+        if len(config) == 4 and config[3] not in (0, 1):  # True / False compare equal to 1 / 0
+            raise ValueError(f"skinny variant: fixup must be 0 or 1, got {config}")
+        if warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"skinny variant: num_warps must be 1, 2, 4, 8 or 16, got {config}")
         bm = max(16, m_bucket(M))
         ks = min(ks, max(16, triton.next_power_of_2(K)))
         if M > SKINNY_MAX_M:

@@ -475,3 +475,28 @@ def test_multirow_kernel_compiles_for_sm90_ahead_of_time():
     """The registered multirow configs (bf16; K == BK, K < BK and K > BK; with residual + bias) compile to Hopper
     cubins without a GPU (subprocess without TRITON_INTERPRET)."""
     run_aot_script(_MULTIROW_AOT_SCRIPT, timeout=600)
+
+def test_skinny_fixup_counters_reset_and_fallback(monkeypatch):
+    """A count left behind (e.g. a launch that died mid-kernel) makes the fixup finish a tile early: the output is
+    wrong until reset_fixup_counters() zeroes the buffer. More n-tiles than counters falls back to the epilogue
+    kernel (same result, counters untouched). Bad fixup / num_warps values are refused."""
+    monkeypatch.setattr(kernels, "POISON_OUTPUTS", True)
+    x, r, g, ws, bs = make(5, 64, [40], torch.float32, seed=11)
+    cfg = (16, 16, 2, 1)  # 3 n-tiles, 4 splits
+    ref = kernels.fused_linear(x, g, ws[0], bs[0], 1e-6, residual2d=r, variant="skinny", config=cfg[:3] + (0,))
+    counters = kernels.fixup_counters(x.device, 0)
+    counters[0] = 1  # a stray arrival on tile 0
+    bad = kernels.fused_linear(x, g, ws[0], bs[0], 1e-6, residual2d=r, variant="skinny", config=cfg)
+    assert not torch.equal(bad[:, :16], ref[:, :16])  # tile 0 summed before its last partial arrived
+    assert torch.equal(bad[:, 16:], ref[:, 16:])
+    kernels.reset_fixup_counters()
+    assert int(counters.count_nonzero()) == 0
+    y = kernels.fused_linear(x, g, ws[0], bs[0], 1e-6, residual2d=r, variant="skinny", config=cfg)
+    assert torch.equal(y, ref) and int(counters.count_nonzero()) == 0
+    monkeypatch.setitem(kernels._FIXUP_BUFFERS, str(x.device), torch.zeros(2, dtype=torch.int32))  # < 3 tiles
+    assert kernels.fixup_counters(x.device, 3) is None
+    y = kernels.fused_linear(x, g, ws[0], bs[0], 1e-6, residual2d=r, variant="skinny", config=cfg)
+    assert torch.equal(y, ref) and int(kernels._FIXUP_BUFFERS[str(x.device)].count_nonzero()) == 0
+    for bad_cfg, match in (((16, 16, 2, 2), "fixup"), ((16, 16, 3, 1), "num_warps")):
+        with pytest.raises(ValueError, match=match):
+            kernels.fused_linear(x, g, ws[0], None, 1e-6, variant="skinny", config=bad_cfg)

@@ -308,6 +308,9 @@ def test_skinny_errors_and_empty() -> None:
     for bad in (G.SkinnyConfig(8, 32, 4), G.SkinnyConfig(16, 48, 4), G.SkinnyConfig(16, 8, 4)):
         with pytest.raises(ValueError, match="powers of two"):
             G.gemv_skinny_triton(x[:4], w, config=bad)
+    for bad in (G.SkinnyConfig(16, 32, 3), G.SkinnyConfig(16, 32, 4, 2)):  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="num_warps"):
+            G.gemv_skinny_triton(x[:4], w, config=bad)
     with pytest.raises(ValueError, match="shared memory"):  # e.g. a bad NANOVLLM_SKINNY_CONFIG at K = 3072
         G.gemv_skinny_triton(*make_case(4, 16, 3072, "none", torch.float16, False, 0)[:2],
                              config=G.SkinnyConfig(64, 4096, 4))

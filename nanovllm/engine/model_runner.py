@@ -396,6 +396,10 @@ class ModelRunner:
         pool = None
         # the decode attention's fused-reduction counters, allocated here: never inside a capture
         reserve_decode_locks(self.device, self.config.max_num_seqs * self.config.hf_config.num_key_value_heads)
+        # likewise the split-K fixup counters of the skinny kernels (coconut's and the engine's GEMV)
+        from fusion_pass.kernels import fixup_counters
+
+        fixup_counters(self.device, 0)
         for size in reversed(graph_batch_sizes(self.config.max_num_seqs)):
             set_context(False, slot_mapping=buf.slot_mapping[:size], context_lens=buf.context_lens[:size],
                         block_tables=buf.block_tables[:size], kv_caches=self.kv_caches)

@@ -44,11 +44,13 @@ for ``M >= 3`` where the slab still fits in registers (see :func:`choose_config`
 split-K "swap-AB" on the tensor cores. Program ``(n, s)`` multiplies one ``[BLOCK_N, CHUNK_K]`` chunk of ``W`` (one
 load, the MMA's wide side) by the matching chunk of ``act(x)`` transposed to ``[CHUNK_K, BM]`` (``M`` padded with
 zero rows to ``BM = 16`` or ``32``) into fp32 partials ``[splits, M, N]``; ``_splitk_reduce_kernel`` sums them, adds
-the bias and rounds once. The activation is rounded to ``x``'s dtype before the MMA, as the eager model rounds
-it. Measured on the H200 (:func:`skinny_config`): o_proj 4.0-4.7 us at M = 4-32 against cuBLAS's 6.0-13.0, down_proj
-with SwiGLU 6.9-9.8 us against 11.1-11.4 for SiLU-and-mul then cuBLAS. The fused norm -> linear op of
-``fusion_pass`` has a twin of it (``_fused_skinny_kernel``: the norm in the prologue, 1/rms in the epilogue kernel);
-``fusion_pass`` never imports ``nanovllm``, hence two kernels.
+the bias and rounds once, or (``SkinnyConfig.fixup``, session 6) the last program of each n-tile does it inside the
+kernel (a per-tile arrival counter; the counters are fusion_pass's, one buffer per device). The activation is rounded
+to ``x``'s dtype before the MMA, as the eager model rounds it. Measured on the H200 (:func:`skinny_config`): o_proj
+4.0-4.8 us at M = 4-32 against cuBLAS's 6.0-11.8, down_proj with SwiGLU and the fixup 5.2-7.2 us against 11.1-11.4
+for SiLU-and-mul then cuBLAS. The fused norm -> linear op of ``fusion_pass`` has a twin of it
+(``_fused_skinny_kernel``: the norm in the prologue, 1/rms applied where the splits are summed); ``fusion_pass``
+never imports ``nanovllm``, hence two kernels.
 
 Public API: :func:`gemv` (Triton on CUDA / ``force_triton``, reference otherwise), :func:`gemv_triton`,
 :func:`gemv_skinny_triton`, :func:`skinny_config`, :func:`gemv_ref`, :func:`apply_act`, :func:`choose_config`.
@@ -150,7 +152,7 @@ SKINNY_CHOICES: tuple[SkinnyConfig, ...] = (
     SkinnyConfig(64, 256, 4),
     # the in-kernel split-K fixup instead of the reduction kernel (session 6)
     SkinnyConfig(32, 256, 4, True), SkinnyConfig(64, 256, 4, True), SkinnyConfig(64, 128, 4, True),
-    SkinnyConfig(128, 256, 8, True), SkinnyConfig(32, 512, 4, True), SkinnyConfig(128, 512, 8, True),
+    SkinnyConfig(128, 256, 8, True), SkinnyConfig(128, 512, 8, True),
 )
 
 
@@ -381,8 +383,8 @@ def _gemv_skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, p_ptr, c_ptr, M, N, stride_x
     chunk covers K) bias is added and y[m, n] stored. FIXUP (with SPLIT, S = cdiv(K, KS)): no reduction kernel; the
     last of the S programs of an n-tile to increment its counter c[pid_n] (int32, zero before the launch; one
     acq_rel atomic after a CTA barrier) sums the tile's partials in a fixed order, adds the bias, stores y and resets
-    the counter (Stream-K's "fixup", arXiv 2301.03598; see ``fusion_pass.kernels._fused_skinny_kernel``). USE_PDL: the weight chunk is loaded before waiting for the
-    previous kernel (kernels/pdl.py).
+    the counter (Stream-K's "fixup", arXiv 2301.03598; see ``fusion_pass.kernels._fused_skinny_kernel``).
+    USE_PDL: the weight chunk is loaded before waiting for the previous kernel (kernels/pdl.py).
     """
     pid_n = tl.program_id(0)
     s = tl.program_id(1)
@@ -589,8 +591,11 @@ def gemv_skinny_triton(
     config: SkinnyConfig | None = None,
 ) -> torch.Tensor:
     """``y = act(x) @ weight^T (+ bias)`` for ``1 <= M <= SKINNY_MAX_M`` rows on the tensor cores (split-K skinny
-    kernel, then one reduction kernel when K is split); CUDA-graph capturable (the fp32 ``[splits, M, N]`` partial
-    buffer is allocated per call, from the graph's pool under capture).
+    kernel; when K is split, the splits are summed by one reduction kernel, or inside the kernel with
+    ``config.fixup``); CUDA-graph capturable (the fp32 ``[splits, M, N]`` partial buffer is allocated per call, from
+    the graph's pool under capture; the fixup's counters are one persistent buffer per device,
+    ``fusion_pass.kernels.fixup_counters``, allocated on first use outside a capture; a first use inside one falls
+    back to the reduction kernel).
 
     Args:
         x, weight, bias, act, out: as :func:`gemv_triton` (``x.stride(1) == 1``, weight contiguous).
@@ -602,11 +607,14 @@ def gemv_skinny_triton(
 
     Raises:
         ValueError: as :func:`gemv_triton`, ``M > SKINNY_MAX_M``, a config with ``block_n < 16`` or a
-            ``chunk_k`` that is not a power of two >= 16, or one whose tiles exceed :data:`SKINNY_MAX_SMEM`.
+            ``chunk_k`` that is not a power of two >= 16, ``num_warps`` not 1, 2, 4, 8 or 16, ``fixup`` not a bool
+            (or 0 / 1), or one whose tiles exceed :data:`SKINNY_MAX_SMEM`.
     """
     cfg = config if config is not None else SKINNY_DEFAULT
     if cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1) or cfg.chunk_k < 16 or cfg.chunk_k & (cfg.chunk_k - 1):
         raise ValueError(f"block_n and chunk_k must be powers of two >= 16, got {cfg}")
+    if cfg.num_warps not in (1, 2, 4, 8, 16) or cfg.fixup not in (0, 1):
+        raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16 and fixup a bool, got {cfg}")
     m, n, k, out = _check_launch(x, weight, bias, act, out, SKINNY_MAX_M,
                                  "the skinny kernel takes at most SKINNY_MAX_M")
     if m == 0 or n == 0:

@@ -8,7 +8,8 @@ Dispatch (at run time, on the concrete tensors):
 - CUDA, ``1 <= M <= GEMV_MAX_M``, fp16/bf16/fp32 with one dtype: the Triton GEMV (one kernel; the activation is
   computed in its prologue; no host sync, no allocation besides the output, so it can be captured in a CUDA graph);
 - CUDA, ``GEMV_MAX_M < M <= SKINNY_MAX_M``, fp16 / bf16: the split-K skinny kernel on the tensor cores
-  (:func:`nanovllm.kernels.gemv.gemv_skinny_triton`: the activation in its prologue, then one reduction kernel);
+  (:func:`nanovllm.kernels.gemv.gemv_skinny_triton`: the activation in its prologue; the splits of K summed by a
+  reduction kernel or, for SwiGLU, inside the kernel by the last program of each tile);
 - otherwise (larger ``M``, CPU, other dtypes): ``F.linear(apply_act(x, act), weight, bias)``; on CUDA the
   ``silu_mul`` activation then runs as one Triton pass (:func:`nanovllm.kernels.gemv.silu_mul_triton`).
 
