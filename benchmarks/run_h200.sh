@@ -23,6 +23,10 @@
 #   markov      scripts/train_markov_checkpoint.py on $CKPT (-> $CKPT-markov), then check_engine_gpu.py --prompts
 #               markov --skip-tiny --modes eager,coconut+graphs (bf16 greedy tokens vs transformers on a checkpoint
 #               with peaked predictions; optional)                                          (~3-4 min)
+#   fixup       python benchmarks/check_fixup_gpu.py: the skinny kernels' split-K fixup under CUDA graphs with PDL,
+#               bit for bit against the two-kernel path (optional)                          (~1 min)
+#   prefill     python benchmarks/profile_prefill.py --model $CKPT: batch-1 TTFT and its host / GPU profile, coconut
+#               and Inductor (optional; PREFILL_ARGS)                                        (~3 min)
 #   plot        python benchmarks/plot_results.py (PNGs into docs/img; they are not copied back)
 # Stages that need it first build the random Qwen3-0.6B-shaped checkpoint at $CKPT (default /tmp/qwen3-0.6b;
 # kept if it already exists; a few seconds).
@@ -42,7 +46,7 @@
 # logs.tar is gzipped only at the very end.
 #
 # Environment: CKPT, OUT, DEADLINE_S, PYTEST_ARGS (default "-x -q tests"), THROUGHPUT_ARGS, LATENCY_ARGS,
-# PROFILE_ARGS, E2E_ARGS, AB_ARGS (extra flags appended to the bench command lines; the profile stage passes --budget-s so
+# PROFILE_ARGS, E2E_ARGS, AB_ARGS, PREFILL_ARGS (extra flags appended to the bench command lines; the profile stage passes --budget-s so
 # that it starts no new case within 120 s of DEADLINE_S, the e2e stage so that it starts no new engine or part
 # within 60 s of DEADLINE_S; a --budget-s in PROFILE_ARGS / E2E_ARGS overrides it, and E2E_ARGS=--no-peer drops
 # the peer), e.g. E2E_ARGS="--modes fusion,nofusion --what throughput,profile".
@@ -62,6 +66,7 @@ LATENCY_ARGS="${LATENCY_ARGS:-}"
 PROFILE_ARGS="${PROFILE_ARGS:-}"
 E2E_ARGS="${E2E_ARGS:-}"
 AB_ARGS="${AB_ARGS:-}"
+PREFILL_ARGS="${PREFILL_ARGS:-}"
 PY="${PYTHON:-$(command -v python >/dev/null 2>&1 && echo python || echo python3)}"
 mkdir -p "$OUT"
 START=$(date +%s)
@@ -72,7 +77,7 @@ SUMMARY="$OUT/summary.txt"
 LOGTAR="$OUT/logs.tar"
 OTHER_TAR="$OUT/results-other.tar"
 MARK="$(mktemp /tmp/run_h200.start.XXXXXX)"   # results newer than this were written by this run
-KEEP_JSON="throughput-h200.json latency-h200.json fusion-kernel-h200.json attention-h200.json decode-profile-h200.json latency-ab-h200.json"
+KEEP_JSON="throughput-h200.json latency-h200.json fusion-kernel-h200.json attention-h200.json decode-profile-h200.json latency-ab-h200.json prefill-profile-h200.json"
 declare -a RESULTS=()
 
 HEADER="$(mktemp /tmp/run_h200.header.XXXXXX)"
@@ -138,7 +143,7 @@ run_stage() {
 
 needs_ckpt=0
 for s in "${STAGES[@]}"; do
-  case "$s" in throughput|latency|smoke|engine|profile|e2e|ab|markov) needs_ckpt=1 ;; esac
+  case "$s" in throughput|latency|smoke|engine|profile|e2e|ab|markov|prefill) needs_ckpt=1 ;; esac
 done
 if [ $needs_ckpt -eq 1 ]; then
   if [ -f "$CKPT/config.json" ] && ls "$CKPT"/*.safetensors >/dev/null 2>&1; then
@@ -166,8 +171,10 @@ for s in "${STAGES[@]}"; do
     markov)     run_stage markov 200 "$PY scripts/train_markov_checkpoint.py --src $CKPT --out $CKPT-markov && \
                   $PY benchmarks/check_engine_gpu.py --model $CKPT-markov --prompts markov --skip-tiny \
                   --modes eager,coconut+graphs --out benchmarks/results/engine-check-markov-h200.json" ;;
+    fixup)      run_stage fixup 60 "$PY benchmarks/check_fixup_gpu.py --out benchmarks/results/fixup-check-h200.json" ;;
+    prefill)    run_stage prefill 120 "$PY benchmarks/profile_prefill.py --model $CKPT $PREFILL_ARGS" ;;
     plot)       run_stage plot 10 "$PY benchmarks/plot_results.py" ;;
-    *)          RESULTS+=("$(printf '%-11s UNKNOWN  (stages: kernels engine tests smoke throughput latency profile e2e ab markov plot)' "$s")") ;;
+    *)          RESULTS+=("$(printf '%-11s UNKNOWN  (stages: kernels engine tests smoke throughput latency profile e2e ab markov fixup prefill plot)' "$s")") ;;
   esac
 done
 
