@@ -170,21 +170,29 @@ def plot_latency(data: Any, out: str, plt: Any) -> bool:
     for ax, title in ((a1, "TPOT: decode step time (engine timer)" + (f"; batch-1 TPOT speedup {sp_text}" if sp_text
                                                                      else "")),
                       (a2, "TTFT (prefill of the whole batch)")):
-        ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("ms")
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
+        _batch_axes(ax, title, "ms")
         _plain_log_axes(ax)
-        ax.legend(fontsize=8)
     model = os.path.basename(str(data.get("model", "")).rstrip("/"))
-    fig.suptitle(f"{model}: prompt {data.get('prompt_len')} tokens, T={data.get('max_tokens')} "
-                 f"{_gpu(data)}".strip())
+    _save(fig, out, plt, f"{model}: prompt {data.get('prompt_len')} tokens, T={data.get('max_tokens')} {_gpu(data)}")
+    return True
+
+
+def _batch_axes(ax: Any, title: str, ylabel: str) -> None:
+    """A panel against batch size (log2 x axis): labels, title, grid, legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig: Any, out: str, plt: Any, suptitle: str) -> None:
+    fig.suptitle(suptitle.strip())
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
-    return True
 
 
 def plot_throughput(data: Any, out: str, plt: Any) -> bool:
@@ -319,23 +327,14 @@ def plot_latency_ab(data: Any, out: str, plt: Any) -> bool:
     a2.errorbar(bs, med, yerr=[lo, hi], fmt="o-", color="tab:green", capsize=3, label="B/A per pair: median, min-max")
     a2.axhline(1.0, color="black", linewidth=0.8)
     a2.axhline(0.99, color="tab:red", linestyle="--", linewidth=0.8, label="A 1 % slower")
-    for ax, title, ylab in ((a1, "decode step (engine timer), median of the pairs", "ms"),
-                            (a2, f"step ratio B/A ({modes[1]} / {modes[0]})", "ratio")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel(ylab)
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+    _batch_axes(a1, "decode step (engine timer), median of the pairs", "ms")
+    _batch_axes(a2, f"step ratio B/A ({modes[1]} / {modes[0]})", "ratio")
     a1.set_yscale("log")
     _plain_log_axes(a1)
     a2.set_xticks(bs)
     a2.set_xticklabels([str(b) for b in bs])
-    fig.suptitle(f"interleaved A/B decode latency: prompt {data.get('prompt_len')} tokens, T={data.get('max_tokens')} "
-                 f"{_gpu(data)}".strip())
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(fig, out, plt, f"interleaved A/B decode latency: prompt {data.get('prompt_len')} tokens, "
+                         f"T={data.get('max_tokens')} {_gpu(data)}")
     return True
 
 
