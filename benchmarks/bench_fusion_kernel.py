@@ -8,7 +8,9 @@ For every Qwen3-0.6B site (qkv 4096x1024, gate_up 6144x1024, lm_head 151936x1024
   variants_us : every raw candidate of the dispatcher, forced (unfused = Triton norm + cuBLAS, gemv[..], gemm[..])
 Timing: each callable runs --reps times inside one CUDA graph, weights rotated over enough copies to exceed
 2x the 60 MB L2 (so they stream from HBM as in a real model), replayed --iters times, median.
-floor_us = bytes moved (W + x + r + h + y) / 4.3 TB/s. speedup = unfused_us / op_us.
+floor_us = bytes moved (W + x + r + h + y) / 4.3 TB/s. speedup = unfused_us / op_us; speedup_paired = the same ratio
+taken per pair of interleaved graph replays (median, min, max over --pairs pairs), which cancels clock drift
+between the two separate timings.
 
 Writes benchmarks/results/fusion-kernel-h200.json (rows + min_speedup_m_le_16 + min_speedup_all_m + environment)
 and prints a table. Usage: python benchmarks/bench_fusion_kernel.py [--quick] [--out PATH]
@@ -20,6 +22,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -57,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default: all of them; the unfused path is always measured)")
     p.add_argument("--precompile-workers", type=int, default=12, help="processes that compile every fused "
                    "candidate first, in parallel, into Triton's on-disk cache (0: compile while timing)")
+    p.add_argument("--pairs", type=int, default=21, help="interleaved (unfused, op) graph replays per case for the "
+                   "paired speedup (0: skip)")
     p.add_argument("--skinny-grid", action="store_true",
                    help="measure the skinny variant over SKINNY_SWEEP (every launch shape below) instead of its "
                    "registered configs")
@@ -72,6 +77,56 @@ def graph_time_us(fn: Callable[[int], Any], reps: int, iters: int) -> float:
     from fusion_pass import kernels
 
     return kernels._graph_time_us(fn, reps, iters, warmup_calls=3, warmup_replays=2)
+
+
+def pair_order(p: int) -> tuple[int, int]:
+    """Which graph replays first in pair p: (0, 1) for even p, (1, 0) for odd p (drift lands on both alike)."""
+    return (0, 1) if p % 2 == 0 else (1, 0)
+
+
+def pair_stats(ratios: list[float]) -> dict[str, float]:
+    """Median, min and max of the per-pair ratios (rounded to 4 digits). Raises ValueError when empty."""
+    if not ratios:
+        raise ValueError("pair_stats: no pairs")
+    return {"median": round(statistics.median(ratios), 4), "min": round(min(ratios), 4),
+            "max": round(max(ratios), 4), "pairs": len(ratios)}
+
+
+def paired_speedup(fn_ref: Callable[[int], Any], fn_new: Callable[[int], Any], reps: int,
+                   pairs: int) -> dict[str, float]:
+    """time(fn_ref) / time(fn_new) measured in interleaved pairs: each fn is captured in its own CUDA graph of
+    `reps` calls (after 3 eager calls and one untimed replay); then `pairs` pairs of replays, the order alternating
+    (see `pair_order`), each replay timed with CUDA events; the ratio is taken per pair, so slow drift of clocks
+    between the two measurements cancels (the method of benchmarks/bench_ab_latency.py). Needs CUDA."""
+    graphs = []
+    for fn in (fn_ref, fn_new):
+        for i in range(3):
+            fn(i)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for i in range(reps):
+                fn(i)
+        g.replay()
+        graphs.append(g)
+    torch.cuda.synchronize()
+
+    def timed(g: Any) -> float:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+
+    ratios = []
+    for p in range(pairs):
+        t = [0.0, 0.0]
+        for j in pair_order(p):
+            t[j] = timed(graphs[j])
+        ratios.append(t[0] / t[1])
+    del graphs
+    return pair_stats(ratios)
 
 
 def _precompile(job: tuple[int, int, str, tuple[int, ...]]) -> str:
@@ -121,6 +176,10 @@ def bench_case(name: str, n: int, k: int, m: int, ws: list[torch.Tensor], g: tor
     row["op_us"] = round(graph_time_us(lambda i: op(x, r, g, [ws[i % copies]], [None], EPS), args.reps,
                                        args.iters), 3)
     row["speedup"] = round(row["unfused_us"] / row["op_us"], 3)
+    if args.pairs > 0:
+        row["speedup_paired"] = paired_speedup(lambda i: F.linear(norm_c(x, r, g)[0], ws[i % copies]),
+                                               lambda i: op(x, r, g, [ws[i % copies]], [None], EPS),
+                                               args.reps, args.pairs)
     if row["best_fused_us"]:
         row["speedup_best_fused_raw"] = round(row["unfused_us"] / row["best_fused_us"], 3)
     # correctness of what was timed
@@ -197,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         "reps_per_graph": args.reps, "replays": args.iters, "hbm_bytes_per_s": HBM_BPS,
         "min_speedup_m_le_16": min(small) if small else None,
         "min_speedup_all_m": min(r["speedup"] for r in ok) if ok else None,
+        # the same from the interleaved pairs (median of unfused / op per pair)
+        "min_speedup_m_le_16_paired": min((r["speedup_paired"]["median"] for r in ok
+                                           if r["M"] <= 16 and "speedup_paired" in r), default=None),
+        "min_speedup_all_m_paired": min((r["speedup_paired"]["median"] for r in ok if "speedup_paired" in r),
+                                        default=None),
         "errors": sum("error" in r for r in rows),
         "dispatch_table": kernels.dispatch_table(),
         "wall_s": round(time.time() - t0, 1),
@@ -207,12 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(result, f, indent=1)
     print_table(rows)
     print(f"min speedup (M<=16): {result['min_speedup_m_le_16']}  min speedup (all M): "
-          f"{result['min_speedup_all_m']}  errors: {result['errors']}  wall {result['wall_s']} s  -> {args.out}")
+          f"{result['min_speedup_all_m']}  paired: {result['min_speedup_m_le_16_paired']} / "
+          f"{result['min_speedup_all_m_paired']}  errors: {result['errors']}  wall {result['wall_s']} s  -> {args.out}")
     return 0
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    hdr = f"{'site':8} {'M':>5} {'floor':>8} {'cublas':>8} {'unfused':>8} {'op':>8} {'speedup':>7} " \
+    hdr = f"{'site':8} {'M':>5} {'floor':>8} {'cublas':>8} {'unfused':>8} {'op':>8} {'speedup':>7} {'paired':>7} " \
           f"{'best raw fused':>22} {'chosen':>20} {'rel_err':>8}"
     print(hdr)
     print("-" * len(hdr))
@@ -221,8 +286,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             print(f"{r['site']:8} {r['M']:>5} ERROR {r['error'][:90]}")
             continue
         bf = f"{r['best_fused_variant']}={r['best_fused_us']}" if r.get("best_fused_variant") else "-"
+        paired = f"{r['speedup_paired']['median']:>7.3f}" if "speedup_paired" in r else f"{'-':>7}"
         print(f"{r['site']:8} {r['M']:>5} {r['floor_us']:>8.2f} {r['cublas_us']:>8.2f} {r['unfused_us']:>8.2f} "
-              f"{r['op_us']:>8.2f} {r['speedup']:>7.3f} {bf:>22} {r['chosen']:>20} {r['rel_err']:>8.1e}")
+              f"{r['op_us']:>8.2f} {r['speedup']:>7.3f} {paired} {bf:>22} {r['chosen']:>20} {r['rel_err']:>8.1e}")
 
 
 if __name__ == "__main__":

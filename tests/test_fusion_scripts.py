@@ -55,3 +55,20 @@ def test_bench_table_prints_rows_and_errors(capsys):
         {"site": "lm_head", "M": 2048, "error": "skipped: time budget"}])
     out = capsys.readouterr().out
     assert "gemv[16,512,4]" in out and "ERROR skipped" in out
+
+
+def test_paired_speedup_helpers(capsys):
+    """The interleaved pairs alternate their order; the summary is median / min / max of the per-pair ratios; the
+    table prints the paired median when a row has one."""
+    assert [bench_fusion_kernel.pair_order(p) for p in range(4)] == [(0, 1), (1, 0), (0, 1), (1, 0)]
+    st = bench_fusion_kernel.pair_stats([1.02, 0.98, 1.01, 1.5, 1.0])
+    assert st == {"median": 1.01, "min": 0.98, "max": 1.5, "pairs": 5}
+    with pytest.raises(ValueError):
+        bench_fusion_kernel.pair_stats([])
+    assert bench_fusion_kernel.parse_args([]).pairs == 21
+    bench_fusion_kernel.print_table([
+        {"site": "lm_head", "M": 1024, "floor_us": 146.2, "cublas_us": 487.9, "unfused_us": 513.2, "op_us": 516.5,
+         "speedup": 0.994, "speedup_paired": {"median": 1.0031, "min": 0.99, "max": 1.01, "pairs": 21},
+         "best_fused_variant": None, "best_fused_us": None, "chosen": "unfused", "rel_err": 1.7e-3}])
+    out = capsys.readouterr().out
+    assert "  1.003 " in out and "0.994" in out
