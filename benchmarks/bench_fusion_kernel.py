@@ -98,32 +98,14 @@ def paired_speedup(fn_ref: Callable[[int], Any], fn_new: Callable[[int], Any], r
     `reps` calls (after 3 eager calls and one untimed replay); then `pairs` pairs of replays, the order alternating
     (see `pair_order`), each replay timed with CUDA events; the ratio is taken per pair, so slow drift of clocks
     between the two measurements cancels (the method of benchmarks/bench_ab_latency.py). Needs CUDA."""
-    graphs = []
-    for fn in (fn_ref, fn_new):
-        for i in range(3):
-            fn(i)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for i in range(reps):
-                fn(i)
-        g.replay()
-        graphs.append(g)
-    torch.cuda.synchronize()
+    from fusion_pass import kernels
 
-    def timed(g: Any) -> float:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b)
-
+    graphs = [kernels.capture_graph(fn, reps, warmup_calls=3, warmup_replays=1) for fn in (fn_ref, fn_new)]
     ratios = []
     for p in range(pairs):
         t = [0.0, 0.0]
         for j in pair_order(p):
-            t[j] = timed(graphs[j])
+            t[j] = kernels.replay_ms(graphs[j])
         ratios.append(t[0] / t[1])
     del graphs
     return pair_stats(ratios)

@@ -1010,6 +1010,16 @@ def _graph_time_us(fn: Callable[[int], object], reps: int, iters: int = 7, warmu
     fn(0..warmup_calls-1) runs eagerly before the capture (compilation, allocator), and the graph is replayed
     warmup_replays times untimed before the `iters` timed replays. Needs a CUDA device.
     """
+    g = capture_graph(fn, reps, warmup_calls, warmup_replays)
+    times = [replay_ms(g) * 1e3 / reps for _ in range(iters)]
+    del g
+    return statistics.median(times)
+
+
+def capture_graph(fn: Callable[[int], object], reps: int, warmup_calls: int = 2,
+                  warmup_replays: int = 1) -> "torch.cuda.CUDAGraph":
+    """fn(0..warmup_calls-1) eagerly, then one CUDA graph of fn(i) for i in range(reps), replayed warmup_replays
+    times untimed (synchronized). Needs a CUDA device."""
     for i in range(warmup_calls):
         fn(i)
     torch.cuda.synchronize()
@@ -1020,17 +1030,18 @@ def _graph_time_us(fn: Callable[[int], object], reps: int, iters: int = 7, warmu
     for _ in range(warmup_replays):
         g.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
-    del g
-    return statistics.median(times)
+    return g
+
+
+def replay_ms(g: "torch.cuda.CUDAGraph") -> float:
+    """Milliseconds of one replay of g, timed with CUDA events on the current stream (waits for it)."""
+    a = torch.cuda.Event(enable_timing=True)
+    b = torch.cuda.Event(enable_timing=True)
+    a.record()
+    g.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
 
 
 def candidates(m: int) -> list[tuple[str, tuple[int, ...]]]:
