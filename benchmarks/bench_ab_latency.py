@@ -18,7 +18,9 @@ per-pair ratio:
 - decode step (ms) = delta of ``llm.stats()["decode_seconds"]`` / (delta of ``decode_tokens`` / B): the mean time
   of one decode step of the batch, from the engine's own step timers (prefill excluded);
 - ratio = step(B) / step(A) per pair (> 1: A is faster); per batch its median, min, max, the count of pairs with
-  ratio > 1 (``a_faster_pairs``) and the ratio of the two engines' median steps.
+  ratio > 1 (``a_faster_pairs``) and the ratio of the two engines' median steps;
+- prefill (ms) = delta of ``llm.stats()["prefill_seconds"]``: the engine's prefill steps of the call (at batch 1
+  the TTFT without tokenization and scheduling); ``prefill_ratio_median`` = median of prefill(B) / prefill(A).
 
 Summary: ``worst_ratio`` = min over batch sizes of ``ratio_median``; ``slower_than_1pct`` = the batch sizes whose
 ``ratio_median`` < 0.99 (A more than 1 % slower than B). ``--modes X,X`` (the same mode twice) measures the noise
@@ -128,7 +130,7 @@ def run_once(llm: Any, label: str, prompts: list[list[int]], max_tokens: int) ->
 
     Returns:
         dict: decode_step_ms (decode seconds of the engine's step timers / decode steps per sequence, in ms),
-        wall_s (wall time of the call between device synchronisations, seconds), decode_tokens (tokens the decode
+        prefill_ms (prefill seconds of the engine's step timers, in ms), wall_s (wall time of the call between device synchronisations, seconds), decode_tokens (tokens the decode
         steps produced), cached_tokens (prompt tokens served by the prefix cache; a warning is printed when > 0).
 
     Raises:
@@ -152,7 +154,9 @@ def run_once(llm: Any, label: str, prompts: list[list[int]], max_tokens: int) ->
     d_tok = float(s1["decode_tokens"]) - float(s0["decode_tokens"])
     if d_tok <= 0:
         raise RuntimeError(f"[{label}] batch {batch}: the engine counted no decode token ({d_tok})")
-    return {"decode_step_ms": round(d_sec / (d_tok / batch) * 1e3, 5), "wall_s": round(wall, 5),
+    p_sec = float(s1["prefill_seconds"]) - float(s0["prefill_seconds"])
+    return {"decode_step_ms": round(d_sec / (d_tok / batch) * 1e3, 5), "prefill_ms": round(p_sec * 1e3, 4),
+            "wall_s": round(wall, 5),
             "decode_tokens": d_tok, "cached_tokens": hits}
 
 
@@ -166,14 +170,17 @@ def batch_row(batch: int, order: list[str], runs: dict[str, list[dict[str, float
     Returns:
         dict: batch, pairs, order, per role ``A`` / ``B``: decode_step_ms and wall_s (lists, per pair) and their
         medians; ratios (per pair, B/A of decode_step_ms: > 1 means A is faster), ratio_median, ratio_min,
-        ratio_max, a_faster_pairs (ratios > 1), ratio_of_medians (median B step / median A step), wall_ratio_median.
+        ratio_max, a_faster_pairs (ratios > 1), ratio_of_medians (median B step / median A step), wall_ratio_median,
+        per role prefill_ms (list) and prefill_ms_median, prefill_ratio_median (per pair B/A of prefill_ms).
     """
     row: dict[str, Any] = {"batch": batch, "pairs": len(order), "order": list(order)}
     for role in ROLES:
         steps = [r["decode_step_ms"] for r in runs[role]]
         walls = [r["wall_s"] for r in runs[role]]
-        row[role] = {"decode_step_ms": steps, "wall_s": walls,
+        prefills = [r["prefill_ms"] for r in runs[role]]
+        row[role] = {"decode_step_ms": steps, "wall_s": walls, "prefill_ms": prefills,
                      "decode_step_ms_median": round(common.median(steps), 5),
+                     "prefill_ms_median": round(common.median(prefills), 4),
                      "wall_s_median": round(common.median(walls), 5)}
     a, b = row["A"], row["B"]
     ratios = [round(sb / sa, 6) for sa, sb in zip(a["decode_step_ms"], b["decode_step_ms"])]
@@ -183,6 +190,8 @@ def batch_row(batch: int, order: list[str], runs: dict[str, list[dict[str, float
     row["a_faster_pairs"] = sum(1 for r in ratios if r > 1.0)
     row["ratio_of_medians"] = round(b["decode_step_ms_median"] / a["decode_step_ms_median"], 6)
     row["wall_ratio_median"] = round(common.median([wb / wa for wa, wb in zip(a["wall_s"], b["wall_s"])]), 6)
+    row["prefill_ratio_median"] = round(common.median([pb / pa for pa, pb in zip(a["prefill_ms"], b["prefill_ms"])
+                                                       if pa > 0]), 6) if any(a["prefill_ms"]) else None
     return row
 
 
@@ -201,9 +210,10 @@ def print_summary(result: dict[str, Any]) -> None:
     a, b = result["modes"]
     rows = [[r["batch"], r["pairs"], r["A"]["decode_step_ms_median"], r["B"]["decode_step_ms_median"],
              r["ratio_median"], r["ratio_min"], r["ratio_max"], f"{r['a_faster_pairs']}/{r['pairs']}",
-             r["ratio_of_medians"], r["A"]["wall_s_median"], r["B"]["wall_s_median"]] for r in result["rows"]]
+             r["ratio_of_medians"], r["A"]["wall_s_median"], r["B"]["wall_s_median"], r["A"]["prefill_ms_median"],
+             r["B"]["prefill_ms_median"], r["prefill_ratio_median"]] for r in result["rows"]]
     headers = ["batch", "pairs", f"A={a} step ms", f"B={b} step ms", "B/A med", "B/A min", "B/A max", "A faster",
-               "B/A of medians", "A wall s", "B wall s"]
+               "B/A of medians", "A wall s", "B wall s", "A prefill ms", "B prefill ms", "prefill B/A med"]
     common.print_table(headers, rows, title=f"Interleaved A/B decode step, prompt {result['prompt_len']}, "
                                             f"T={result['max_tokens']}, {result['meta']['gpu']['name']}")
     s = result["summary"]

@@ -110,7 +110,10 @@ def profile_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
              "device_us": _device_us(e) / n} for e in events]
     launches = sum(r["calls"] for r in rows if r["name"] in LAUNCH_NAMES)
     launch_cpu = sum(r["self_cpu_us"] for r in rows if r["name"] in LAUNCH_NAMES)
+    from torch._dynamo.utils import counters
+
     result = {"mode": mode, "build_s": round(build_s, 1), "ttft_ms": [round(v, 3) for v in ttft],
+              "dynamo_graphs_so_far": int(counters["stats"]["unique_graphs"]),  # this process, every engine
               "ttft_ms_median": round(statistics.median(ttft), 3),
               "per_generate": {"kernel_launch_calls": launches, "kernel_launch_cpu_ms": round(launch_cpu / 1e3, 3),
                                "self_cpu_ms": round(sum(r["self_cpu_us"] for r in rows) / 1e3, 3),

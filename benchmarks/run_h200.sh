@@ -27,6 +27,8 @@
 #               bit for bit against the two-kernel path (optional)                          (~1 min)
 #   prefill     python benchmarks/profile_prefill.py --model $CKPT: batch-1 TTFT and its host / GPU profile, coconut
 #               and Inductor (optional; PREFILL_ARGS)                                        (~3 min)
+#   host        python benchmarks/bench_host_overhead.py: host time per call of the ops a prefill calls from Python,
+#               define_op against custom_op registration (optional)                        (~1 min)
 #   plot        python benchmarks/plot_results.py (PNGs into docs/img; they are not copied back)
 # Stages that need it first build the random Qwen3-0.6B-shaped checkpoint at $CKPT (default /tmp/qwen3-0.6b;
 # kept if it already exists; a few seconds).
@@ -77,7 +79,7 @@ SUMMARY="$OUT/summary.txt"
 LOGTAR="$OUT/logs.tar"
 OTHER_TAR="$OUT/results-other.tar"
 MARK="$(mktemp /tmp/run_h200.start.XXXXXX)"   # results newer than this were written by this run
-KEEP_JSON="throughput-h200.json latency-h200.json fusion-kernel-h200.json attention-h200.json decode-profile-h200.json latency-ab-h200.json prefill-profile-h200.json"
+KEEP_JSON="throughput-h200.json latency-h200.json fusion-kernel-h200.json attention-h200.json decode-profile-h200.json latency-ab-h200.json prefill-profile-h200.json host-overhead-h200.json"
 declare -a RESULTS=()
 
 HEADER="$(mktemp /tmp/run_h200.header.XXXXXX)"
@@ -173,8 +175,9 @@ for s in "${STAGES[@]}"; do
                   --modes eager,coconut+graphs --out benchmarks/results/engine-check-markov-h200.json" ;;
     fixup)      run_stage fixup 60 "$PY benchmarks/check_fixup_gpu.py --out benchmarks/results/fixup-check-h200.json" ;;
     prefill)    run_stage prefill 120 "$PY benchmarks/profile_prefill.py --model $CKPT $PREFILL_ARGS" ;;
+    host)       run_stage host 30 "$PY benchmarks/bench_host_overhead.py" ;;
     plot)       run_stage plot 10 "$PY benchmarks/plot_results.py" ;;
-    *)          RESULTS+=("$(printf '%-11s UNKNOWN  (stages: kernels engine tests smoke throughput latency profile e2e ab markov fixup prefill plot)' "$s")") ;;
+    *)          RESULTS+=("$(printf '%-11s UNKNOWN  (stages: kernels engine tests smoke throughput latency profile e2e ab markov fixup prefill host plot)' "$s")") ;;
   esac
 done
 

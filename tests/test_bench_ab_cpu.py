@@ -63,6 +63,10 @@ def test_pairs_alternate_and_ratios_are_consistent(ab_result: dict) -> None:
         assert row["a_faster_pairs"] == sum(1 for x in row["ratios"] if x > 1)
         assert row["ratio_of_medians"] == pytest.approx(b["decode_step_ms_median"] / a["decode_step_ms_median"],
                                                         rel=1e-5)
+        for side in (a, b):  # the engines' prefill step timers: one prefill of the batch per call
+            assert len(side["prefill_ms"]) == 2 and all(x > 0 for x in side["prefill_ms"])
+        prefill_ratios = [pb / pa for pa, pb in zip(a["prefill_ms"], b["prefill_ms"])]
+        assert row["prefill_ratio_median"] == pytest.approx(sum(prefill_ratios) / 2, rel=1e-4)
 
 
 def test_summary_matches_rows(ab_result: dict) -> None:
@@ -76,11 +80,14 @@ def test_summary_matches_rows(ab_result: dict) -> None:
 
 def test_summary_helpers() -> None:
     """batch_row / summarize on made-up timings: B/A per pair, medians, the 1 % threshold."""
-    runs = {"A": [{"decode_step_ms": 2.0, "wall_s": 1.0}, {"decode_step_ms": 1.0, "wall_s": 1.0},
-                  {"decode_step_ms": 1.0, "wall_s": 2.0}],
-            "B": [{"decode_step_ms": 1.0, "wall_s": 1.0}, {"decode_step_ms": 1.5, "wall_s": 1.0},
-                  {"decode_step_ms": 0.985, "wall_s": 1.0}]}
+    runs = {"A": [{"decode_step_ms": 2.0, "wall_s": 1.0, "prefill_ms": 10.0},
+                  {"decode_step_ms": 1.0, "wall_s": 1.0, "prefill_ms": 20.0},
+                  {"decode_step_ms": 1.0, "wall_s": 2.0, "prefill_ms": 10.0}],
+            "B": [{"decode_step_ms": 1.0, "wall_s": 1.0, "prefill_ms": 12.0},
+                  {"decode_step_ms": 1.5, "wall_s": 1.0, "prefill_ms": 10.0},
+                  {"decode_step_ms": 0.985, "wall_s": 1.0, "prefill_ms": 9.0}]}
     row = bench_ab_latency.batch_row(4, ["AB", "BA", "AB"], runs)
+    assert row["prefill_ratio_median"] == 0.9 and row["A"]["prefill_ms_median"] == 10.0  # ratios 1.2, 0.5, 0.9
     assert row["ratios"] == [0.5, 1.5, 0.985]
     assert (row["ratio_median"], row["ratio_min"], row["ratio_max"], row["a_faster_pairs"]) == (0.985, 0.5, 1.5, 1)
     assert row["ratio_of_medians"] == pytest.approx(1.0)

@@ -82,8 +82,13 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.allocate_kv_cache()  # on the GPU this runs (and compiles) the largest prefill first
         self.init_seconds["kv_cache"] = time.perf_counter() - t0
-        self.buffers = StepInputBuffers(config.max_num_seqs, self.max_blocks_per_seq, self.block_size, self.device,
-                                        max_steps=config.num_scheduler_steps if self.supports_multi_step else 1)
+        # Inference tensors, like the prefill inputs that run() creates under inference mode: the compiled forward
+        # guards on its inputs' dispatch keys, so mixing the two kinds doubled its graphs (and the guard checks
+        # of every prefill call). All writes to the buffers happen inside run() / capture_cudagraphs().
+        with torch.inference_mode():
+            self.buffers = StepInputBuffers(config.max_num_seqs, self.max_blocks_per_seq, self.block_size,
+                                            self.device,
+                                            max_steps=config.num_scheduler_steps if self.supports_multi_step else 1)
         self._sampling_flags: dict = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_logits: torch.Tensor | None = None
@@ -129,7 +134,14 @@ class ModelRunner:
         for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
             if hasattr(cfg_dynamo, name):
                 setattr(cfg_dynamo, name, max(getattr(cfg_dynamo, name), 32))
-        return torch.compile(self.model, backend=backend, fullgraph=True, dynamic=True)
+        # No guards on the model's modules and parameters (the engine never swaps a module or a parameter after
+        # compiling; weights change only in place): Dynamo checks the guards of its cache entries on every call
+        # that no CUDA graph replays (each prefill), and the parameter guards were most of that check.
+        options = {}
+        skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+        if skip_module_guards is not None:
+            options["guard_filter_fn"] = skip_module_guards
+        return torch.compile(self.model, backend=backend, fullgraph=True, dynamic=True, options=options)
 
     def _pretune_fusion(self) -> None:
         """Time the fused op's variants for this model's three sites (qkv, gate_up, lm_head) at the decode batch
