@@ -4,7 +4,11 @@ Why: on the H200 (session 6, benchmarks/results/latency-h200.json) the batch-1 T
 24-36 ms with ``compile_fusion=True`` against 14-15 ms without, while the decode steps were faster with it. A prefill
 is not a CUDA graph: every kernel is launched from Python, so per-call host costs count there.
 
-Method: for each mode (``fusion``: compile_fusion=True; ``nofusion``: Inductor), one small engine (``max_num_seqs``
+Modes: ``fusion`` (compile_fusion=True: since session 7 its prefill steps run the Inductor-compiled model, its
+decode steps the coconut one), ``nofusion`` (Inductor), ``fusion-prefill`` (compile_fusion=True with the coconut
+model in prefill too: ``NANOVLLM_FUSION_PREFILL=1``, the behaviour before session 7).
+
+Method: for each mode, one small engine (``max_num_seqs``
 4, ``max_model_len`` and ``max_num_batched_tokens`` 1024, CUDA graphs on; the decode pretune is skipped: a prefill
 of M = --prompt-len rows has its dispatch decision measured on first use, in the warm-up), then
 
@@ -33,6 +37,7 @@ common.add_repo_to_path()
 
 import torch  # noqa: E402
 
+MODES = ("fusion", "nofusion", "fusion-prefill")
 LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 
 
@@ -51,8 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.modes = [m for m in args.modes.split(",") if m]
     for m in args.modes:
-        if m not in ("fusion", "nofusion"):
-            ap.error(f"--modes: unknown mode {m!r} (fusion, nofusion)")
+        if m not in MODES:
+            ap.error(f"--modes: unknown mode {m!r} ({', '.join(MODES)})")
     return args
 
 
@@ -68,11 +73,12 @@ def profile_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     from nanovllm import LLM, SamplingParams
     from nanovllm.engine import model_runner
 
-    saved = model_runner.ModelRunner._pretune_fusion
+    saved = model_runner.ModelRunner._pretune_fusion, model_runner.FUSION_PREFILL
     model_runner.ModelRunner._pretune_fusion = lambda self: None  # decode sizes only; not what is measured here
+    model_runner.FUSION_PREFILL = mode == "fusion-prefill"  # read when the engine is built
     try:
         t0 = time.perf_counter()
-        kw: dict[str, Any] = dict(compile_fusion=mode == "fusion", enforce_eager=False, max_num_seqs=4,
+        kw: dict[str, Any] = dict(compile_fusion=mode != "nofusion", enforce_eager=False, max_num_seqs=4,
                                   max_model_len=1024, max_num_batched_tokens=1024, dtype=args.dtype)
         if args.device:
             kw["device"] = args.device
@@ -81,7 +87,7 @@ def profile_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         llm = LLM(args.model, **kw)
         build_s = time.perf_counter() - t0
     finally:
-        model_runner.ModelRunner._pretune_fusion = saved
+        model_runner.ModelRunner._pretune_fusion, model_runner.FUSION_PREFILL = saved
     sp = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
     high = int(common.load_hf_config(args.model)["vocab_size"]) - 1
     seed = [0]

@@ -29,3 +29,20 @@ def test_profile_prefill_on_cpu(tmp_path) -> None:  # noqa: ANN001
     names = {mode: {r["name"] for r in m["top_self_cpu"]} for mode, m in modes.items()}
     assert any(n.startswith("coconut::") for n in names["fusion"]), names["fusion"]
     assert not any(n.startswith("coconut::") for n in names["nofusion"])
+
+
+def test_prefill_steps_get_their_own_inductor_compile_only_with_fusion_on_cuda() -> None:
+    """compile_fusion on CUDA: prefill steps run an Inductor-compiled model (the coconut op's host cost is not
+    paid where no CUDA graph replays), unless NANOVLLM_FUSION_PREFILL=1; one forward elsewhere."""
+    from nanovllm.engine import model_runner
+
+    assert model_runner.separate_prefill_compile(True, "cuda", False) is True
+    assert model_runner.separate_prefill_compile(True, "cuda", True) is False
+    assert model_runner.separate_prefill_compile(True, "cpu", False) is False
+    assert model_runner.separate_prefill_compile(False, "cuda", False) is False
+    if os.environ.get(model_runner.ENV_FUSION_PREFILL) is None:
+        assert model_runner.FUSION_PREFILL is False
+
+
+def test_profile_prefill_modes() -> None:
+    assert profile_prefill.parse_args(["--modes", "fusion,fusion-prefill"]).modes == ["fusion", "fusion-prefill"]

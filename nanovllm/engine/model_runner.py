@@ -17,8 +17,22 @@ from nanovllm.kernels.decode_attention import reserve_decode_locks
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import reset_context, set_context
+from nanovllm.utils.env import env_flag
 from nanovllm.utils.loader import load_model
 from nanovllm.utils.parallel import tp_rank, tp_size
+
+# NANOVLLM_FUSION_PREFILL=1 (read at import): prefill steps also run the coconut-compiled model when compile_fusion
+# is on; by default they run the Inductor-compiled one (ModelRunner._build_prefill_forward says why).
+ENV_FUSION_PREFILL = "NANOVLLM_FUSION_PREFILL"
+FUSION_PREFILL: bool = env_flag(ENV_FUSION_PREFILL, os.environ.get(ENV_FUSION_PREFILL), default=False)
+
+
+
+def separate_prefill_compile(compile_fusion: bool, device_type: str, fusion_prefill: bool) -> bool:
+    """Whether prefill steps get their own Inductor-compiled model: with ``compile_fusion`` on CUDA, unless
+    ``fusion_prefill`` (``NANOVLLM_FUSION_PREFILL=1``). Elsewhere the one compiled (or eager) forward runs both."""
+    return compile_fusion and device_type == "cuda" and not fusion_prefill
+
 
 CPU_KV_CACHE_BYTES = 256 << 20  # the KV budget when sizing from memory on the CPU
 
@@ -74,6 +88,7 @@ class ModelRunner:
 
         self.init_seconds["load"] = time.perf_counter() - t0
         self.forward = self._build_forward()
+        self.prefill_forward = self._build_prefill_forward()
         if config.compile_fusion and self.device.type == "cuda":
             t0 = time.perf_counter()
             self._pretune_fusion()
@@ -128,6 +143,10 @@ class ModelRunner:
             backend = "inductor"
         else:
             return self.model
+        return self._compile(backend)
+
+    def _compile(self, backend: str):  # noqa: ANN202
+        """``torch.compile`` of the model with ``backend``: one graph, dynamic token count, no module guards."""
         # One graph serves every token count (dynamic=True); a batch of one token gets its own specialization.
         # Prefill and decode share the graph (attention is one opaque op), so few recompiles ever happen.
         cfg_dynamo = torch._dynamo.config
@@ -142,6 +161,22 @@ class ModelRunner:
         if skip_module_guards is not None:
             options["guard_filter_fn"] = skip_module_guards
         return torch.compile(self.model, backend=backend, fullgraph=True, dynamic=True, options=options)
+
+    def _build_prefill_forward(self):  # noqa: ANN202 - a callable with the model's forward signature
+        """The forward of prefill steps: ``self.forward``, except with ``compile_fusion`` on the GPU, where it is the
+        model compiled by plain Inductor (unless ``NANOVLLM_FUSION_PREFILL=1``).
+
+        Why: the fused kernels pay at decode sizes (M <= 32 rows), which CUDA graphs replay; at prefill sizes the
+        dispatcher picks the unfused path (Triton norm + cuBLAS, the same work as Inductor's), and a prefill is
+        launched from Python, where each coconut op cost about 135 us of host time on the H200 machine against
+        Inductor's few tens for its own norm kernel and mm (benchmarks/results/host-overhead-h200.json): a
+        512-token batch-1 prefill took 19.9 ms with coconut and 14.2 ms with Inductor for the same 3.9 ms of GPU
+        kernels (benchmarks/results/prefill-profile-h200.json). Dynamo keeps one cache entry per backend, so the
+        two compiled callables of one module never mix.
+        """
+        if not separate_prefill_compile(self.config.compile_fusion, self.device.type, FUSION_PREFILL):
+            return self.forward
+        return self._compile("inductor")
 
     def _pretune_fusion(self) -> None:
         """Time the fused op's variants for this model's three sites (qkv, gate_up, lm_head) at the decode batch
@@ -190,7 +225,7 @@ class ModelRunner:
         set_context(True, max_seqlen_q=seq_len, max_seqlen_k=seq_len)
         with torch.inference_mode():
             # the compiled forward: its prefill graph is compiled here, before serving, and its memory is counted
-            logits = self.forward(input_ids, positions, logits_indices)
+            logits = self.prefill_forward(input_ids, positions, logits_indices)
             # the sampler on a full decode batch, with the top-k/top-p path (sorting the vocabulary)
             big = logits.new_empty(cfg.max_num_seqs, logits.shape[-1]).normal_()
             n = cfg.max_num_seqs
@@ -336,7 +371,9 @@ class ModelRunner:
         """Logits ``[B, vocab]`` of the step whose context is set; a decode step replays the CUDA graph of its
         padded size when there is one (its inputs are already in the graph's static buffers)."""
         rows = input_ids.shape[0]
-        if is_prefill or rows not in self.graphs:
+        if is_prefill:
+            return self.prefill_forward(input_ids, positions, logits_indices)
+        if rows not in self.graphs:
             return self.forward(input_ids, positions, logits_indices)
         self.graphs[rows].replay()
         return self.graph_logits[:rows]
