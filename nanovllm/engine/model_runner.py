@@ -146,21 +146,17 @@ class ModelRunner:
         return self._compile(backend)
 
     def _compile(self, backend: str):  # noqa: ANN202
-        """``torch.compile`` of the model with ``backend``: one graph, dynamic token count, no module guards."""
+        """``torch.compile`` of the model with ``backend``: one graph, dynamic token count."""
         # One graph serves every token count (dynamic=True); a batch of one token gets its own specialization.
         # Prefill and decode share the graph (attention is one opaque op), so few recompiles ever happen.
         cfg_dynamo = torch._dynamo.config
         for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
             if hasattr(cfg_dynamo, name):
                 setattr(cfg_dynamo, name, max(getattr(cfg_dynamo, name), 32))
-        # No guards on the model's modules and parameters (the engine never swaps a module or a parameter after
-        # compiling; weights change only in place): Dynamo checks the guards of its cache entries on every call
-        # that no CUDA graph replays (each prefill), and the parameter guards were most of that check.
-        options = {}
-        skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
-        if skip_module_guards is not None:
-            options["guard_filter_fn"] = skip_module_guards
-        return torch.compile(self.model, backend=backend, fullgraph=True, dynamic=True, options=options)
+        # Module guards stay on: Dynamo's cache belongs to the model class's forward, shared by every engine of the
+        # process, and only those guards tell apart two models of different shapes (tried in session 7 with
+        # torch.compiler.skip_guard_on_all_nn_modules_unsafe: a second engine reused the first one's graph).
+        return torch.compile(self.model, backend=backend, fullgraph=True, dynamic=True)
 
     def _build_prefill_forward(self):  # noqa: ANN202 - a callable with the model's forward signature
         """The forward of prefill steps: ``self.forward``, except with ``compile_fusion`` on the GPU, where it is the
