@@ -308,7 +308,8 @@ def plot_decode_profile(data: Any, out: str, plt: Any) -> bool:
 def plot_latency_ab(data: Any, out: str, plt: Any) -> bool:
     """bench_ab_latency.py: per batch size the decode step of engine A and B (medians over the interleaved pairs,
     left) and the per-pair ratio B/A (right: median with min-max bars; 1.0 = equal, above = A faster, the dashed
-    line at 0.99 = A 1 % slower). Returns True if a PNG was written."""
+    line at 0.99 = A 1 % slower; with the prefill timer, the median prefill ratio too). Returns True if a PNG was
+    written."""
     rows = [r for r in (data.get("rows") or []) if isinstance(r, dict) and "ratio_median" in r] \
         if isinstance(data, dict) else []
     if not rows:
@@ -325,6 +326,9 @@ def plot_latency_ab(data: Any, out: str, plt: Any) -> bool:
     lo = [r["ratio_median"] - r["ratio_min"] for r in rows]
     hi = [r["ratio_max"] - r["ratio_median"] for r in rows]
     a2.errorbar(bs, med, yerr=[lo, hi], fmt="o-", color="tab:green", capsize=3, label="B/A per pair: median, min-max")
+    pre = [(b, r["prefill_ratio_median"]) for b, r in zip(bs, rows) if r.get("prefill_ratio_median") is not None]
+    if pre:  # since session 7 the script also times the prefill steps of each call
+        a2.plot([b for b, _ in pre], [v for _, v in pre], "s--", color="tab:purple", label="prefill B/A, median")
     a2.axhline(1.0, color="black", linewidth=0.8)
     a2.axhline(0.99, color="tab:red", linestyle="--", linewidth=0.8, label="A 1 % slower")
     _batch_axes(a1, "decode step (engine timer), median of the pairs", "ms")
@@ -345,6 +349,7 @@ PLOTS: list[tuple[str, str, Callable[[Any, str, Any], bool]]] = [
     ("latency-h200.json", "latency_h200.png", plot_latency),
     ("latency-h200-s4.json", "latency_h200_s4.png", plot_latency),
     ("latency-ab-h200.json", "latency_ab_h200.png", plot_latency_ab),
+    ("latency-ab-h200-ms1.json", "latency_ab_h200_ms1.png", plot_latency_ab),
     ("latency-h200-s5a.json", "latency_h200_s5a.png", plot_latency),
     ("latency-h200-s3c.json", "latency_h200_s3c.png", plot_latency),
     ("latency-h200-round1.json", "latency_h200_round1.png", plot_latency),
