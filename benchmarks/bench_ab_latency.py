@@ -19,8 +19,9 @@ per-pair ratio:
   of one decode step of the batch, from the engine's own step timers (prefill excluded);
 - ratio = step(B) / step(A) per pair (> 1: A is faster); per batch its median, min, max, the count of pairs with
   ratio > 1 (``a_faster_pairs``) and the ratio of the two engines' median steps;
-- prefill (ms) = delta of ``llm.stats()["prefill_seconds"]``: the engine's prefill steps of the call (at batch 1
-  the TTFT without tokenization and scheduling); ``prefill_ratio_median`` = median of prefill(B) / prefill(A).
+- prefill (ms) = delta of ``llm.stats()["prefill_seconds"]``: the engine's prefill steps of the call, each timed
+  from its scheduling to its post-processing (at batch 1 the TTFT less the request's setup); ``prefill_ratio_median``
+  = median of prefill(B) / prefill(A).
 
 Summary: ``worst_ratio`` = min over batch sizes of ``ratio_median``; ``slower_than_1pct`` = the batch sizes whose
 ``ratio_median`` < 0.99 (A more than 1 % slower than B). ``--modes X,X`` (the same mode twice) measures the noise
@@ -130,8 +131,9 @@ def run_once(llm: Any, label: str, prompts: list[list[int]], max_tokens: int) ->
 
     Returns:
         dict: decode_step_ms (decode seconds of the engine's step timers / decode steps per sequence, in ms),
-        prefill_ms (prefill seconds of the engine's step timers, in ms), wall_s (wall time of the call between device synchronisations, seconds), decode_tokens (tokens the decode
-        steps produced), cached_tokens (prompt tokens served by the prefix cache; a warning is printed when > 0).
+        prefill_ms (prefill seconds of the engine's step timers, in ms), wall_s (wall time of the call between
+        device synchronisations, seconds), decode_tokens (tokens the decode steps produced), cached_tokens (prompt
+        tokens served by the prefix cache; a warning is printed when > 0).
 
     Raises:
         RuntimeError: a request returned other than ``max_tokens`` tokens, or the engine counted no decode token.

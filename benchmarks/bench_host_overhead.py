@@ -32,6 +32,7 @@ common.add_repo_to_path()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+
 def _twin(name: str, impl: Callable[..., Any], fake: Callable[..., Any]) -> Any:
     """`impl` registered with torch.library.custom_op as coconut_bench::<name> (once per process)."""
     if not hasattr(torch.ops.coconut_bench, name):
@@ -48,7 +49,7 @@ def _empty_fake(x: torch.Tensor, ws: list[torch.Tensor], eps: float) -> list[tor
 
 
 def host_us_per_call(fn: Callable[[], Any], calls: int, rounds: int) -> float:
-    """Median over `rounds` of (wall time of `calls` calls of fn) / calls, in microseconds; one untimed round
+    """Median over `rounds` of (wall time of `calls` calls of fn) / calls, in microseconds; one untimed call
     first (compilation, caches), a device synchronize between rounds."""
     fn()
     common.synchronize()

@@ -8,9 +8,9 @@ Modes: ``fusion`` (compile_fusion=True: since session 7 its prefill steps run th
 decode steps the coconut one), ``nofusion`` (Inductor), ``fusion-prefill`` (compile_fusion=True with the coconut
 model in prefill too: ``NANOVLLM_FUSION_PREFILL=1``, the behaviour before session 7).
 
-Method: for each mode, one small engine (``max_num_seqs``
-4, ``max_model_len`` and ``max_num_batched_tokens`` 1024, CUDA graphs on; the decode pretune is skipped: a prefill
-of M = --prompt-len rows has its dispatch decision measured on first use, in the warm-up), then
+Method: for each mode, one small engine (``max_num_seqs`` 4, ``max_model_len`` and ``max_num_batched_tokens``
+1024, CUDA graphs on; the decode pretune is skipped: a prefill of M = --prompt-len rows has its dispatch decision
+measured on first use, in the warm-up), then
 
 1. ``--warmup`` untimed ``generate(max_tokens=1)`` calls on fresh random prompts of ``--prompt-len`` ids;
 2. ``--reps`` timed ones (wall time, median) = TTFT;

@@ -18,7 +18,7 @@ value replaces `eps`.
 Implementations: one Python kernel for every device: CUDA -> fusion_pass.kernels dispatcher (fused Triton kernels or
 Triton-norm + cuBLAS, whichever was measured faster); other devices -> the PyTorch reference. Plus a fake function
 for tracing (symbolic M supported). Defined with fusion_pass.registration.define_op (torch.library.Library, not
-custom_op: a third of the host cost per call, which a prefill pays 57 times for Qwen3-0.6B); inference only.
+custom_op: less host time per call); inference only.
 """
 from __future__ import annotations
 

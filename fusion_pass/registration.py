@@ -1,25 +1,29 @@
 """Defining an inference-only op of the ``coconut`` / ``nanovllm`` namespaces with a low host cost per call.
 
 ``torch.library.custom_op`` wraps every call in Python layers (an autograd kernel that redispatches, an aliasing
-check of the outputs), which cost more than our ops' own Python: on our development CPU an op with the coconut
-op's arguments took 19 us per call as a custom_op against 7.5 us defined with ``torch.library.Library`` and one
-Python kernel (benchmarks/bench_host_overhead.py times both registrations of each op side by side; the H200
-machine's figures are in benchmarks/results/host-overhead-h200.json). A prefill, which no CUDA graph replays, calls
-these ops about 170 times (Qwen3-0.6B: 57 coconut, 56 linear_small_m, 28 qk_norm_rope, 28 attention).
+check of the outputs). Defined with ``torch.library.Library`` instead, an op with the coconut op's arguments and
+an empty kernel took 7.8 us per call against 11.6 as a custom_op on our development CPU under
+``torch.inference_mode`` (21 against 30 under ``torch.no_grad``); on the H200 machine, under inference mode, the
+real ops took 6-11 us less per call, 7-14 % of their host time (benchmarks/bench_host_overhead.py times both
+registrations of each op side by side; benchmarks/results/host-overhead-h200.json). It matters where no CUDA graph
+replays the calls: a prefill calls the engine's ops 112 times for Qwen3-0.6B (56 linear_small_m, 28 qk_norm_rope,
+28 attention), plus 57 coconut ops when coconut compiles the prefill (``NANOVLLM_FUSION_PREFILL=1``).
 
-`define_op` gives the same op as ``custom_op(qualname, mutates_args=())`` + ``register_fake``, without those layers:
+`define_op` gives the op that ``custom_op(qualname, mutates_args=())`` + ``register_fake`` would, except:
 
-- the schema is inferred from the Python signature (``torch.library.infer_schema``, as ``custom_op`` does);
+- the schema is inferred from the Python signature (``torch.library.infer_schema``, as ``custom_op`` does) and
+  tagged ``pt2_compliant_tag``, as ``custom_op`` tags its ops;
 - one Python kernel for every backend (``CompositeExplicitAutograd``); the fake (meta) function for tracing;
 - no autograd formula: the ops are for inference (the engine runs under ``torch.inference_mode``; inside a
-  compiled training graph the pass's ops run in the forward, where autograd is AOTAutograd's). A call with grad
-  mode on and an input that requires grad raises RuntimeError instead of producing a silently wrong gradient.
+  compiled training graph the pass's ops run in the forward, where autograd is AOTAutograd's). A kernel at the
+  Autograd key raises RuntimeError when grad mode is on and an input requires grad, at the call (eagerly) or when
+  torch.compile traces it, where ``custom_op`` fails at backward; the key is skipped under inference mode, so the
+  engine never runs it. No output may alias an input (``custom_op`` checks this per call; we do not).
 
 Docs: https://pytorch.org/docs/stable/library.html (``Library.define`` / ``Library.impl``, ``register_fake``).
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import torch
@@ -64,15 +68,19 @@ def define_op(qualname: str, impl: Callable[..., Any], fake: Callable[..., Any])
     namespace, name = qualname.split("::", 1)
     schema = torch.library.infer_schema(impl, mutates_args=())
     lib = _library(namespace)
-    lib.define(name + schema)
 
-    @functools.wraps(impl)
-    def kernel(*args: Any, **kwargs: Any) -> Any:
+    lib.define(name + schema, tags=(torch.Tag.pt2_compliant_tag,))
+    lib.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(qualname, fake, lib=lib)
+    op = getattr(getattr(torch.ops, namespace), name).default
+
+    def refuse_grad(keyset: torch._C.DispatchKeySet, *args: Any, **kwargs: Any) -> Any:
+        # The Autograd key: skipped under inference_mode (the engine), run in eager calls and while AOTAutograd
+        # traces a compiled graph, so a gradient through the op fails loudly there too instead of being dropped.
         if torch.is_grad_enabled() and _requires_grad(args):
             raise RuntimeError(f"{qualname} has no autograd formula (an inference op): call it under "
                                "torch.no_grad() or torch.inference_mode(), or detach its inputs")
-        return impl(*args, **kwargs)
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
 
-    lib.impl(name, kernel, "CompositeExplicitAutograd")
-    torch.library.register_fake(qualname, fake, lib=lib)
-    return getattr(getattr(torch.ops, namespace), name).default
+    lib.impl(name, refuse_grad, "Autograd", with_keyset=True)
+    return op

@@ -62,3 +62,38 @@ def test_engine_graph_has_2L_plus_1_fused_sites_and_same_tokens(ckpt3: str, tmp_
         assert g["residual"] == 2 * LAYERS, g  # every site but layer 0's input norm has a residual add
         assert g["mm"] == 2 * LAYERS, g  # only o_proj and down_proj stay plain matmuls
     assert fusion_pass.last_stats()["sites"] == 2 * LAYERS + 1
+
+
+def test_prefill_steps_run_their_own_inductor_compile(ckpt3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU layout of compile_fusion forced on the CPU: prefill steps through a plain-Inductor compile of the
+    model, decode steps through the coconut one. Greedy tokens equal the plain engine's, every prefill step goes
+    through ``prefill_forward``, and only the decode graphs hold the 2L+1 coconut sites."""
+    from nanovllm.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "separate_prefill_compile", lambda fusion, device_type, fusion_prefill: fusion)
+    backends: list[str] = []
+    compile_model = model_runner.ModelRunner._compile
+
+    def spy(self: model_runner.ModelRunner, backend: str):  # noqa: ANN202
+        backends.append(backend)
+        return compile_model(self, backend)
+
+    monkeypatch.setattr(model_runner.ModelRunner, "_compile", spy)
+    prompts = random_prompts([1, 6, 40, 75], seed=5)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    plain = LLM(ckpt3, device="cpu", kvcache_block_size=16, max_model_len=256)
+    ref = [o["token_ids"] for o in plain.generate(prompts, params, use_tqdm=False)]
+
+    fused = LLM(ckpt3, device="cpu", kvcache_block_size=16, max_model_len=256, compile_fusion=True,
+                max_num_batched_tokens=64)  # the 75-token prompt takes two chunked prefill steps
+    runner = fused.engine.model_runner
+    assert backends == ["coconut", "inductor"] and runner.prefill_forward is not runner.forward
+    prefill_calls = []
+    prefill_forward = runner.prefill_forward
+    runner.prefill_forward = lambda *args: prefill_calls.append(args[0].shape[0]) or prefill_forward(*args)
+    outs = fused.generate(prompts, params, use_tqdm=False)
+    assert [o["token_ids"] for o in outs] == ref
+    assert sum(prefill_calls) == sum(len(p) for p in prompts) and max(prefill_calls) <= 64
+    stats = fusion_pass.all_stats()  # the pass ran only on coconut's (decode) graphs
+    assert stats and all(s["sites"] == 2 * LAYERS + 1 for s in stats), stats
+    assert fused.engine.stats.prefill_tokens == sum(len(p) for p in prompts)

@@ -103,3 +103,21 @@ def test_host_overhead_benchmark_cpu_smoke(tmp_path: "os.PathLike[str]") -> None
     cases = {(r["group"], r["case"]) for r in data["rows"]}
     assert ("empty op (dispatch only)", "custom_op") in cases and all(r["host_us"] > 0 for r in data["rows"])
     assert set(data["custom_op_over_define_op"]) == {g for g, c in cases if c == "custom_op"}
+
+
+def test_a_compiled_graph_that_needs_the_ops_gradient_fails_loudly() -> None:
+    """Under torch.compile the Autograd-key check runs while the graph is traced: a gradient through the op is
+    refused there instead of being dropped (x.grad would miss the op's part); without grad the graph compiles."""
+    torch._dynamo.reset()
+    x, w = torch.randn(3, 8, requires_grad=True), torch.randn(4, 8)
+
+    def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return OP(x, [w], 1.0)[0].sum() + (x * x).sum()
+
+    with pytest.raises(Exception, match="no autograd formula"):
+        torch.compile(f, backend="aot_eager", fullgraph=True)(x, w)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(f, backend="aot_eager", fullgraph=True)(x, w)
+    torch.testing.assert_close(got, (x @ w.t()).sum() + (x * x).sum())
+    assert torch.Tag.pt2_compliant_tag in OP.tags

@@ -27,7 +27,6 @@ ENV_FUSION_PREFILL = "NANOVLLM_FUSION_PREFILL"
 FUSION_PREFILL: bool = env_flag(ENV_FUSION_PREFILL, os.environ.get(ENV_FUSION_PREFILL), default=False)
 
 
-
 def separate_prefill_compile(compile_fusion: bool, device_type: str, fusion_prefill: bool) -> bool:
     """Whether prefill steps get their own Inductor-compiled model: with ``compile_fusion`` on CUDA, unless
     ``fusion_prefill`` (``NANOVLLM_FUSION_PREFILL=1``). Elsewhere the one compiled (or eager) forward runs both."""
@@ -99,7 +98,9 @@ class ModelRunner:
         self.init_seconds["kv_cache"] = time.perf_counter() - t0
         # Inference tensors, like the prefill inputs that run() creates under inference mode: the compiled forward
         # guards on its inputs' dispatch keys, so mixing the two kinds doubled its graphs (and the guard checks
-        # of every prefill call). All writes to the buffers happen inside run() / capture_cudagraphs().
+        # of every prefill call). All writes to the buffers happen inside run(), run_decode_steps() and
+        # capture_cudagraphs(), which run under inference mode (prepare_decode / prepare_sample called on their own,
+        # outside it, would raise on the GPU).
         with torch.inference_mode():
             self.buffers = StepInputBuffers(config.max_num_seqs, self.max_blocks_per_seq, self.block_size,
                                             self.device,
@@ -148,7 +149,8 @@ class ModelRunner:
     def _compile(self, backend: str):  # noqa: ANN202
         """``torch.compile`` of the model with ``backend``: one graph, dynamic token count."""
         # One graph serves every token count (dynamic=True); a batch of one token gets its own specialization.
-        # Prefill and decode share the graph (attention is one opaque op), so few recompiles ever happen.
+        # Prefill and decode share the graph (attention is one opaque op), so few recompiles ever happen; with
+        # compile_fusion on CUDA, prefill steps use a second compile (_build_prefill_forward).
         cfg_dynamo = torch._dynamo.config
         for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
             if hasattr(cfg_dynamo, name):
@@ -215,11 +217,12 @@ class ModelRunner:
         rest = cfg.max_num_batched_tokens - num_seqs * seq_len
         if rest > 0 and num_seqs < cfg.max_num_seqs:
             lens.append(rest)  # the scheduler fills the whole token budget
-        input_ids = torch.zeros(sum(lens), dtype=torch.int64, device=self.device)
-        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
-        logits_indices = torch.tensor(lens, device=self.device).cumsum(0) - 1
         set_context(True, max_seqlen_q=seq_len, max_seqlen_k=seq_len)
         with torch.inference_mode():
+            # inference tensors, like every step's inputs: the graph compiled here is the one prefills reuse
+            input_ids = torch.zeros(sum(lens), dtype=torch.int64, device=self.device)
+            positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+            logits_indices = torch.tensor(lens, device=self.device).cumsum(0) - 1
             # the compiled forward: its prefill graph is compiled here, before serving, and its memory is counted
             logits = self.prefill_forward(input_ids, positions, logits_indices)
             # the sampler on a full decode batch, with the top-k/top-p path (sorting the vocabulary)
@@ -364,8 +367,9 @@ class ModelRunner:
     @torch.inference_mode()
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor,
                   is_prefill: bool) -> torch.Tensor:
-        """Logits ``[B, vocab]`` of the step whose context is set; a decode step replays the CUDA graph of its
-        padded size when there is one (its inputs are already in the graph's static buffers)."""
+        """Logits ``[B, vocab]`` of the step whose context is set: a prefill step runs ``prefill_forward``; a decode
+        step replays the CUDA graph of its padded size when there is one (its inputs are already in the graph's
+        static buffers), else runs ``forward``."""
         rows = input_ids.shape[0]
         if is_prefill:
             return self.prefill_forward(input_ids, positions, logits_indices)
