@@ -68,7 +68,6 @@ def define_op(qualname: str, impl: Callable[..., Any], fake: Callable[..., Any])
     namespace, name = qualname.split("::", 1)
     schema = torch.library.infer_schema(impl, mutates_args=())
     lib = _library(namespace)
-
     lib.define(name + schema, tags=(torch.Tag.pt2_compliant_tag,))
     lib.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(qualname, fake, lib=lib)
@@ -77,7 +76,7 @@ def define_op(qualname: str, impl: Callable[..., Any], fake: Callable[..., Any])
     def refuse_grad(keyset: torch._C.DispatchKeySet, *args: Any, **kwargs: Any) -> Any:
         # The Autograd key: skipped under inference_mode (the engine), run in eager calls and while AOTAutograd
         # traces a compiled graph, so a gradient through the op fails loudly there too instead of being dropped.
-        if torch.is_grad_enabled() and _requires_grad(args):
+        if torch.is_grad_enabled() and _requires_grad((*args, *kwargs.values())):
             raise RuntimeError(f"{qualname} has no autograd formula (an inference op): call it under "
                                "torch.no_grad() or torch.inference_mode(), or detach its inputs")
         return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
