@@ -6,6 +6,7 @@ checkpoint with a trained byte-level BPE tokenizer, so it runs on any machine wi
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 DEFAULT_PROMPTS = [
@@ -17,7 +18,12 @@ DEFAULT_PROMPTS = [
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the command line, build the engine and print each prompt with its completion."""
+    """Parse the command line, build the engine and print each prompt with its completion
+    (``serve ...``: run the OpenAI-compatible server instead, see :mod:`nanovllm.serve.cli`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from nanovllm.serve.cli import main as serve_main
+        return serve_main(argv[1:])
     parser = argparse.ArgumentParser(prog="nanovllm", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a Qwen3 checkpoint folder (default: the embedded tiny model)")
     parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import numbers
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
@@ -12,7 +13,7 @@ from transformers import AutoTokenizer
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import Scheduler
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import Sequence, SequenceStatus
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -28,6 +29,28 @@ class StepStats:
     decode_rounds: int = 0  # step() calls that decoded (a multi-step round counts once)
     steps: int = 0  # calls of LLMEngine.step (a multi-step round is one)
     step_log: list[tuple[bool, int, float]] = field(default_factory=list)  # (is_prefill, tokens, seconds)
+
+
+@dataclass
+class RequestOutput:
+    """What one online request gained in one :meth:`LLMEngine.step_requests` call.
+
+    Attributes:
+        request_id: the id :meth:`LLMEngine.submit` returned.
+        new_token_ids: the tokens sampled since the last output of this request, in order (several after a
+            multi-step round; empty when only its state changed).
+        finished: True on the request's last output.
+        finish_reason: "stop", "length" or "abort" once finished, else None.
+        num_prompt_tokens: the prompt's length.
+        num_completion_tokens: the tokens generated so far (including ``new_token_ids``).
+    """
+
+    request_id: int
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_completion_tokens: int
 
 
 class LLMEngine:
@@ -51,6 +74,12 @@ class LLMEngine:
         self.stats = StepStats()
         self.record_steps = False
         self.last_num_steps = 1  # model steps run by the last call of step()
+        # online requests (submit / abort / step_requests): the inboxes may be filled from any thread; the rest
+        # is touched only by the thread that calls step_requests
+        self._inbox: deque[Sequence] = deque()
+        self._abort_inbox: deque[int] = deque()
+        self._online: dict[int, tuple[Sequence, int]] = {}  # request id -> (sequence, tokens already reported)
+        self.last_failed_request_ids: list[int] = []  # the online requests dropped by the last failed step
         if config.device == "cuda":
             # The build leaves a large, long-lived Python heap (compiled graphs, Triton kernels, tuning tables).
             # Freezing it keeps the cyclic GC's full collections, which a long generate() triggers, from walking
@@ -176,3 +205,73 @@ class LLMEngine:
         finally:
             bar.close()
         return seqs
+
+    # ---- online requests (a server's loop) ---------------------------------------------------------------------
+    def submit(self, token_ids: list[int], params: SamplingParams) -> int:
+        """Queue a request for the next :meth:`step_requests`; returns its request id. Safe from any thread.
+        The caller validates first (:meth:`validate`); the request joins the running batch at the next step."""
+        seq = Sequence(token_ids, params, self.config.kvcache_block_size)
+        self._inbox.append(seq)
+        return seq.seq_id
+
+    def abort(self, request_id: int) -> None:
+        """Ask for a request to be dropped: at the next :meth:`step_requests` it leaves its queue, its KV blocks
+        are freed and its last output says finish_reason "abort". Safe from any thread; an unknown or already
+        finished id is ignored."""
+        self._abort_inbox.append(request_id)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        """Online requests submitted and not yet reported finished (read from any thread: an estimate)."""
+        return len(self._online) + len(self._inbox)
+
+    def step_requests(self) -> list[RequestOutput]:
+        """Admit submitted requests, apply aborts, run one :meth:`step` if anything is pending, and report what
+        each online request gained. Call from one thread only.
+
+        Returns:
+            One :class:`RequestOutput` per online request that gained tokens or finished in this call.
+
+        Raises:
+            Exception: whatever the step raised. Every online request is then dropped and its blocks freed; their
+                ids are in ``last_failed_request_ids`` (the caller reports the error to each of them; requests
+                submitted later run normally).
+        """
+        outputs: list[RequestOutput] = []
+        while self._inbox:
+            seq = self._inbox.popleft()
+            self._online[seq.seq_id] = (seq, 0)
+            self.scheduler.add(seq)
+        while self._abort_inbox:
+            entry = self._online.get(self._abort_inbox.popleft())
+            if entry is not None and not entry[0].is_finished:
+                self._drop(entry[0])
+        if not self.scheduler.is_finished():
+            try:
+                self.step()
+            except BaseException:
+                self.scheduler.abort_all()  # as in generate(): every pending request dropped, blocks freed
+                self.last_failed_request_ids = list(self._online)
+                for seq, _ in self._online.values():
+                    seq.finish_reason = seq.finish_reason or "abort"
+                self._online.clear()
+                raise
+        for rid, (seq, reported) in list(self._online.items()):
+            n = seq.num_completion_tokens
+            if n > reported or seq.is_finished:
+                outputs.append(RequestOutput(rid, seq.completion_token_ids[reported:], seq.is_finished,
+                                             seq.finish_reason, seq.num_prompt_tokens, n))
+                self._online[rid] = (seq, n)
+            if seq.is_finished:
+                del self._online[rid]
+        return outputs
+
+    def _drop(self, seq: Sequence) -> None:
+        """Take an unfinished sequence out of the scheduler's queues and free its blocks (finish_reason "abort")."""
+        for queue in (self.scheduler.running, self.scheduler.waiting):
+            if seq in queue:
+                queue.remove(seq)
+        if seq.block_table:
+            self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"

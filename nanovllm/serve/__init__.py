@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server over the engine (``python -m nanovllm serve``)."""
