@@ -1,0 +1,1 @@
+"""Shared code of the benchmark scripts, and the benchmarks that run as modules (``python -m benchmarks.harness.X``)."""
