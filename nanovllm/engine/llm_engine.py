@@ -259,7 +259,7 @@ class LLMEngine:
         for rid, (seq, reported) in list(self._online.items()):
             n = seq.num_completion_tokens
             if n > reported or seq.is_finished:
-                outputs.append(RequestOutput(rid, seq.completion_token_ids[reported:], seq.is_finished,
+                outputs.append(RequestOutput(rid, seq.token_ids[seq.num_prompt_tokens + reported:], seq.is_finished,
                                              seq.finish_reason, seq.num_prompt_tokens, n))
                 self._online[rid] = (seq, n)
             if seq.is_finished:

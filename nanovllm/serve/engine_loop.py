@@ -119,9 +119,17 @@ class EngineLoop:
         self._wake.set()
 
     # ---- the engine thread -----------------------------------------------------------------------------------
-    def _post(self, handle: RequestHandle, event: StreamEvent) -> None:
+    def _post(self, batch: list[tuple[RequestHandle, StreamEvent]]) -> None:
+        """Deliver a step's events on the event loop's thread (one wake-up of the loop for all of them)."""
+        if not batch:
+            return
+
+        def deliver() -> None:
+            for handle, event in batch:
+                handle.queue.put_nowait(event)
+
         try:
-            self._loop.call_soon_threadsafe(handle.queue.put_nowait, event)
+            self._loop.call_soon_threadsafe(deliver)
         except RuntimeError:  # the event loop is closed (shutdown): nobody listens any more
             pass
 
@@ -141,11 +149,11 @@ class EngineLoop:
                 failed = set(engine.last_failed_request_ids)
                 with self._lock:
                     handles = [self._handles.pop(i) for i in failed if i in self._handles]
-                for h in handles:
-                    self._post(h, StreamEvent([], 0, 0, "abort", error=f"{type(e).__name__}: {e}"))
+                self._post([(h, StreamEvent([], 0, 0, "abort", error=f"{type(e).__name__}: {e}")) for h in handles])
                 self.metrics.update_engine(engine)
                 continue
             now = time.perf_counter()
+            batch = []
             for out in outputs:
                 with self._lock:
                     handle = self._handles.get(out.request_id)
@@ -159,11 +167,11 @@ class EngineLoop:
                 self.metrics.generation_tokens.inc(len(out.new_token_ids))
                 if out.finished:
                     self.metrics.finish(out.finish_reason, out.num_prompt_tokens, now - handle.arrival)
-                self._post(handle, StreamEvent(out.new_token_ids, out.num_prompt_tokens, out.num_completion_tokens,
-                                               out.finish_reason))
+                batch.append((handle, StreamEvent(out.new_token_ids, out.num_prompt_tokens,
+                                                  out.num_completion_tokens, out.finish_reason)))
+            self._post(batch)
             self.metrics.update_engine(engine)
         # stopped: whoever still waits hears that its request ends here
         with self._lock:
             handles, self._handles = list(self._handles.values()), {}
-        for h in handles:
-            self._post(h, StreamEvent([], 0, 0, "abort", error="the server is shutting down"))
+        self._post([(h, StreamEvent([], 0, 0, "abort", error="the server is shutting down")) for h in handles])
