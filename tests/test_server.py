@@ -121,6 +121,21 @@ def test_greedy_completion_equals_generate(client: "openai.OpenAI", llm: LLM, pr
     assert chunks[-1].choices[0].finish_reason == ref["finish_reason"]
 
 
+def test_stop_strings_cut_the_text(client: "openai.OpenAI", llm: LLM) -> None:
+    prompt = "Hello world! How are you today?"
+    ref = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
+                       use_tqdm=False)[0]["text"]
+    assert len(ref) >= 6, ref
+    stop = ref[len(ref) // 2:len(ref) // 2 + 2]
+    want = ref[:ref.find(stop)]
+    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stop=["never-generated", stop],
+                  extra_body={"ignore_eos": True})
+    out = client.completions.create(**kwargs)
+    assert (out.choices[0].text, out.choices[0].finish_reason) == (want, "stop")
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want and chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_streamed_chat_equals_non_streamed(client: "openai.OpenAI", llm: LLM) -> None:
     messages = [{"role": "user", "content": "Hello world! How are you today?"}]
     kwargs = dict(model=MODEL, messages=messages, max_tokens=24, temperature=0)

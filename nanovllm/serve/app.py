@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.serve.detokenizer import IncrementalDetokenizer
+from nanovllm.serve.detokenizer import IncrementalDetokenizer, StopStrings
 from nanovllm.serve.engine_loop import EngineLoop, QueueFullError, RequestHandle, StreamEvent
 from nanovllm.serve.metrics import Metrics
 from nanovllm.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
@@ -103,10 +103,13 @@ class Server:
         bad = unsupported_fields(req)
         if bad:
             raise RequestError(400, f"unsupported field(s) {', '.join(bad)} (this server generates one choice "
-                               f"without logprobs, penalties, stop strings or tools; use stop_token_ids to stop "
-                               f"at tokens)", param=bad[0])
+                               f"without logprobs, penalties or tools)", param=bad[0])
         if req.stream_options is not None and not req.stream:
             raise RequestError(400, "stream_options is only allowed with stream=true", param="stream_options")
+        if isinstance(req.stop, str):
+            req.stop = [req.stop]
+        if req.stop is not None and not all(req.stop):
+            raise RequestError(400, "stop: stop strings must not be empty", param="stop")
         return req
 
     def sampling_params(self, req: SamplingFields, max_tokens: int | None, default_max_tokens: int) -> SamplingParams:
@@ -149,17 +152,20 @@ class Server:
             raise RequestError(503, str(e), type_="server_unavailable") from None
 
     # ---- generation --------------------------------------------------------------------------------------------
-    async def events(self, handle: RequestHandle, request: Request | None) -> AsyncIterator[tuple[str, StreamEvent]]:
+    async def events(self, handle: RequestHandle, request: Request | None,
+                     stop: list[str] | None) -> AsyncIterator[tuple[str, StreamEvent]]:
         """Yield (new text, event) per engine event of ``handle`` until it finishes.
 
         The stop token that ended a request is counted but not shown (as in ``LLM.generate``); the text is
-        detokenized incrementally, so the deltas concatenate to ``LLM.generate``'s text. With ``request``
-        (non-streamed requests), a client that went away raises :class:`ClientGone`.
+        detokenized incrementally, so the deltas concatenate to ``LLM.generate``'s text. With ``stop`` strings,
+        the text ends before the first one, and the request is aborted in the engine and reported finished with
+        "stop". With ``request`` (non-streamed requests), a client that went away raises :class:`ClientGone`.
 
         Raises:
             RequestError: the engine failed while running this request (500).
         """
         detok = IncrementalDetokenizer(self.tokenizer)
+        stops = StopStrings(stop) if stop else None
         while True:
             if request is None:
                 event = await handle.queue.get()
@@ -177,22 +183,28 @@ class Server:
             text = detok.add(ids) if ids else ""
             if event.finish_reason is not None:
                 text += detok.finish()
+            if stops is not None:
+                text = stops.feed(text, final=event.finish_reason is not None)
+                if stops.stopped:
+                    self.loop.abort(handle.request_id, reason="stop")
+                    event = StreamEvent(event.token_ids, event.num_prompt_tokens, event.num_completion_tokens, "stop")
             yield text, event
             if event.finish_reason is not None:
                 return
 
-    async def run(self, request: Request, token_ids: list[int], params: SamplingParams, stream: bool,
-                  include_usage: bool, chat: bool) -> Response:
+    async def run(self, request: Request, req: SamplingFields, token_ids: list[int], params: SamplingParams,
+                  chat: bool) -> Response:
         """Generate for one checked request: a JSON body, or a stream of server-sent events."""
         handle = self.submit(token_ids, params)
-        if stream:
-            return StreamingResponse(self._stream(handle, chat, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self._stream(handle, chat, include_usage, req.stop),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         parts: list[str] = []
         event: StreamEvent | None = None
         finished = False
         try:
-            async for text, event in self.events(handle, request):
+            async for text, event in self.events(handle, request, req.stop):
                 parts.append(text)
             finished = True
         finally:
@@ -209,7 +221,8 @@ class Server:
                 text=text, finish_reason=event.finish_reason)])
         return JSONResponse(body.model_dump())
 
-    async def _stream(self, handle: RequestHandle, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(self, handle: RequestHandle, chat: bool, include_usage: bool,
+                      stop: list[str] | None) -> AsyncIterator[str]:
         """The server-sent events of one request; aborts it in the engine when the client disconnects (the
         response task is cancelled) or the stream ends early."""
         finished = False
@@ -233,7 +246,7 @@ class Server:
                 yield chunk("", None, role="assistant")
             event: StreamEvent | None = None
             try:
-                async for text, event in self.events(handle, None):
+                async for text, event in self.events(handle, None, stop):
                     reason = event.finish_reason
                     if text or reason is not None:
                         yield chunk(text, reason)
@@ -265,8 +278,7 @@ class Server:
         token_ids = self.tokenize(prompt, "prompt")
         params = self.sampling_params(req, req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
         self.check_fits(token_ids, params, "prompt")
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self.run(request, token_ids, params, req.stream, include_usage, chat=False)
+        return await self.run(request, req, token_ids, params, chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
         """``POST /v1/chat/completions``: the conversation goes through the tokenizer's chat template."""
@@ -291,8 +303,7 @@ class Server:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self.sampling_params(req, max_tokens, max(self.max_model_len - len(token_ids), 1))
         self.check_fits(token_ids, params, "messages")
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self.run(request, token_ids, params, req.stream, include_usage, chat=True)
+        return await self.run(request, req, token_ids, params, chat=True)
 
 
 def build_app(engine: LLMEngine, served_model_name: str, max_waiting_requests: int = 256) -> FastAPI:

@@ -48,3 +48,40 @@ class IncrementalDetokenizer:
         delta = full[len(self.text):] if full.startswith(self.text) else full
         self.text = full
         return delta
+
+
+class StopStrings:
+    """Cuts a growing text at the first of some stop strings (OpenAI's ``stop``), the stop string left out.
+
+    :meth:`feed` returns the text that is safe to show: text that could still turn out to begin a stop string
+    (a suffix equal to a stop string's start) is held back until more text decides it.
+
+    Args:
+        stops: the stop strings, each non-empty.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.text = ""  # everything fed
+        self.shown = 0  # characters of ``text`` returned so far
+        self.stopped = False
+
+    def feed(self, delta: str, final: bool = False) -> str:
+        """Add ``delta``; return the new text to show (all of the rest when ``final``). Sets ``stopped`` when a
+        stop string appeared; the text after it is never shown."""
+        if self.stopped:
+            return ""
+        self.text += delta
+        # a match starts at or after ``shown``: text that could begin a stop string is never shown
+        hits = [i for i in (self.text.find(s, self.shown) for s in self.stops) if i >= 0]
+        if hits:
+            end = min(hits)
+            self.stopped = True
+        elif final:
+            end = len(self.text)
+        else:
+            hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+            end = len(self.text) - hold
+        out = self.text[self.shown:end]
+        self.shown = max(self.shown, end)
+        return out

@@ -44,6 +44,7 @@ class RequestHandle:
     queue: asyncio.Queue
     arrival: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
+    finish_reason: str | None = None  # set by :meth:`EngineLoop.abort` (the reason the metrics count)
 
 
 class EngineLoop:
@@ -113,8 +114,13 @@ class EngineLoop:
         self._wake.set()
         return handle
 
-    def abort(self, request_id: int) -> None:
-        """Drop a request at the next step (its KV blocks are freed); a finished one is ignored."""
+    def abort(self, request_id: int, reason: str = "abort") -> None:
+        """Drop a request at the next step (its KV blocks are freed); a finished one is ignored. ``reason`` is
+        the finish reason the metrics count ("stop" when a stop string ended the text)."""
+        with self._lock:
+            handle = self._handles.get(request_id)
+            if handle is not None:
+                handle.finish_reason = reason
         self.engine.abort(request_id)
         self._wake.set()
 
@@ -166,7 +172,8 @@ class EngineLoop:
                     self.metrics.time_to_first_token.observe(now - handle.arrival)
                 self.metrics.generation_tokens.inc(len(out.new_token_ids))
                 if out.finished:
-                    self.metrics.finish(out.finish_reason, out.num_prompt_tokens, now - handle.arrival)
+                    reason = handle.finish_reason if out.finish_reason == "abort" else out.finish_reason
+                    self.metrics.finish(reason, out.num_prompt_tokens, now - handle.arrival)
                 batch.append((handle, StreamEvent(out.new_token_ids, out.num_prompt_tokens,
                                                   out.num_completion_tokens, out.finish_reason)))
             self._post(batch)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None, False), "top_logprobs": (None, 0),
     "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
-    "suffix": (None, ""), "stop": (None, [], ""), "tools": (None, []), "tool_choice": (None, "none"),
+    "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
     "parallel_tool_calls": (None,), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
 }
@@ -49,7 +49,8 @@ class StreamOptions(BaseModel):
 
 class SamplingFields(BaseModel):
     """The sampling fields shared by both endpoints, with the engine's extras (``top_k``, ``ignore_eos``,
-    ``stop_token_ids``). None means the server's default."""
+    ``stop_token_ids``). None means the server's default. ``stop``: a string or a list of strings that end the
+    text (left out of it); the request then finishes with "stop"."""
 
     model_config = ConfigDict(extra="allow")
     model: str
@@ -60,6 +61,7 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 
