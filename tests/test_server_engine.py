@@ -79,3 +79,49 @@ def test_a_failing_step_drops_its_requests_and_the_engine_goes_on(llm: LLM, monk
     y = engine.submit(prompt, greedy)
     _drain(engine, outputs, reasons)
     assert outputs[y] == ref and reasons[y] == "length"
+
+
+def test_engine_failure_is_a_500_for_that_request_only(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app in this process (uvicorn in a thread) over an engine whose model fails once."""
+    import socket
+    import threading
+    import time
+
+    import openai
+    import uvicorn
+
+    from nanovllm.serve.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(llm.engine, "m"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
+        runner = llm.engine.model_runner
+        real_run = runner.run
+        calls = []
+
+        def fail_once(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            if not calls:
+                calls.append(1)
+                raise RuntimeError("injected failure")
+            return real_run(*args, **kwargs)
+
+        monkeypatch.setattr(runner, "run", fail_once)
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model="m", prompt="hi", max_tokens=3)
+        assert e.value.status_code == 500 and "injected failure" in e.value.body["message"]
+        out = client.completions.create(model="m", prompt="hi", max_tokens=3, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 3 and llm.kv_cache_usage() == 0.0
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert not thread.is_alive()
