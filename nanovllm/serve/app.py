@@ -14,7 +14,7 @@ import json
 import re
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import pydantic
 from fastapi import FastAPI, Request
@@ -58,6 +58,21 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
 
 def _sse(payload: str) -> str:
     return f"data: {payload}\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that call ``on_close`` however the response ends: done, the client gone (Starlette
+    cancels the response), or cancelled before its first chunk."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 class Server:
@@ -198,8 +213,9 @@ class Server:
         handle = self.submit(token_ids, params)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(handle, chat, include_usage, req.stop),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            # closing an unfinished stream aborts its request (a finished one is ignored)
+            return _EventStream(self._stream(handle, chat, include_usage, req.stop),
+                                on_close=lambda: self.loop.abort(handle.request_id))
         parts: list[str] = []
         event: StreamEvent | None = None
         finished = False
@@ -223,9 +239,7 @@ class Server:
 
     async def _stream(self, handle: RequestHandle, chat: bool, include_usage: bool,
                       stop: list[str] | None) -> AsyncIterator[str]:
-        """The server-sent events of one request; aborts it in the engine when the client disconnects (the
-        response task is cancelled) or the stream ends early."""
-        finished = False
+        """The server-sent events of one request (:class:`_EventStream` aborts the request when they stop early)."""
         rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
 
         def chunk(text: str | None, finish_reason: str | None, role: str | None = None,
@@ -241,29 +255,23 @@ class Server:
                                           usage=usage)
             return _sse(body.model_dump_json())
 
+        if chat:
+            yield chunk("", None, role="assistant")
+        event: StreamEvent | None = None
         try:
-            if chat:
-                yield chunk("", None, role="assistant")
-            event: StreamEvent | None = None
-            try:
-                async for text, event in self.events(handle, None, stop):
-                    reason = event.finish_reason
-                    if text or reason is not None:
-                        yield chunk(text, reason)
-            except RequestError as e:  # the status line is sent already: the error travels as an event
-                finished = True
-                yield _sse(ErrorResponse(error=ErrorInfo(message=e.message, type=e.type)).model_dump_json())
-                yield _sse("[DONE]")
-                return
-            finished = True
-            if include_usage:
-                yield chunk(None, None, usage=UsageInfo(
-                    prompt_tokens=event.num_prompt_tokens, completion_tokens=event.num_completion_tokens,
-                    total_tokens=event.num_prompt_tokens + event.num_completion_tokens))
+            async for text, event in self.events(handle, None, stop):
+                reason = event.finish_reason
+                if text or reason is not None:
+                    yield chunk(text, reason)
+        except RequestError as e:  # the status line is sent already: the error travels as an event
+            yield _sse(ErrorResponse(error=ErrorInfo(message=e.message, type=e.type)).model_dump_json())
             yield _sse("[DONE]")
-        finally:
-            if not finished:
-                self.loop.abort(handle.request_id)
+            return
+        if include_usage:
+            yield chunk(None, None, usage=UsageInfo(
+                prompt_tokens=event.num_prompt_tokens, completion_tokens=event.num_completion_tokens,
+                total_tokens=event.num_prompt_tokens + event.num_completion_tokens))
+        yield _sse("[DONE]")
 
     # ---- endpoints ------------------------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:

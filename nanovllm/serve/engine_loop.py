@@ -119,7 +119,7 @@ class EngineLoop:
         the finish reason the metrics count ("stop" when a stop string ended the text)."""
         with self._lock:
             handle = self._handles.get(request_id)
-            if handle is not None:
+            if handle is not None and handle.finish_reason is None:  # the first reason given counts
                 handle.finish_reason = reason
         self.engine.abort(request_id)
         self._wake.set()
