@@ -56,6 +56,29 @@ def test_requests_joining_and_leaving_a_running_batch(llm: LLM) -> None:
     assert engine.step_requests() == []
 
 
+def test_multi_step_rounds_report_every_token_once(llm: LLM, tiny_ckpt: str) -> None:
+    """With rounds of 4 decode steps, an output carries a round's tokens together, and the tokens are those of
+    one-step decoding (greedy); a request that joins mid-run waits for the round's end."""
+    multi = LLM(tiny_ckpt, device="cpu", max_model_len=256, num_kvcache_blocks=48, max_num_seqs=8,
+                num_scheduler_steps=4)
+    engine = multi.engine
+    prompts = random_prompts([5, 11], seed=7)
+    greedy = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
+    refs = [o["token_ids"] for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    outputs: dict[int, list[int]] = {}
+    sizes: list[int] = []
+    ids = [engine.submit(prompts[0], greedy)]
+    for _ in range(2):
+        for out in engine.step_requests():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+            sizes.append(len(out.new_token_ids))
+    ids.append(engine.submit(prompts[1], greedy))
+    reasons: dict[int, str] = {}
+    _drain(engine, outputs, reasons)
+    assert [outputs[i] for i in ids] == refs and max(sizes) == 4
+    assert multi.kv_cache_usage() == 0.0
+
+
 def test_a_failing_step_drops_its_requests_and_the_engine_goes_on(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = llm.engine
     prompt = random_prompts([9], seed=5)[0]
