@@ -18,10 +18,9 @@ DEFAULT_PROMPTS = [
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the command line, build the engine and print each prompt with its completion
-    (``serve ...``: run the OpenAI-compatible server instead, see :mod:`nanovllm.serve.cli`)."""
+    """Parse the command line, build the engine and print each prompt with its completion."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve"]:
+    if argv[:1] == ["serve"]:  # the OpenAI-compatible server: nanovllm/serve/cli.py
         from nanovllm.serve.cli import main as serve_main
         return serve_main(argv[1:])
     parser = argparse.ArgumentParser(prog="nanovllm", description=__doc__.splitlines()[0])
