@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.harness.serving", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    args.command = shlex.join([sys.executable, "-m", "benchmarks.harness.serving",
+                               *(sys.argv[1:] if argv is None else argv)])
     result = run(args)
     for r in result["rates"]:
         print(f"rate {r['rate']:g} req/s: {r['completed']}/{r['num_requests']} ok, "
