@@ -429,10 +429,10 @@ def test_bf16_and_op_on_gpu() -> None:
 
 
 def test_bench_gemv_logic_on_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """benchmarks/bench_gemv.py's row building, correctness check, crossover and table on tiny shapes in the
+    """The GEMV benchmark's (benchmarks/kernels.py --what gemv) row building, correctness check, crossover and table on tiny shapes in the
     interpreter (timing replaced by a stub that still runs every timed callable); main refuses without CUDA."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_gemv
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.harness import kernel_gemv as bench_gemv
 
     if not torch.cuda.is_available():
         assert bench_gemv.main(["--out", str(tmp_path / "x.json")]) == 2

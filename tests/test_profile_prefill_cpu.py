@@ -1,4 +1,4 @@
-"""benchmarks/profile_prefill.py on the CPU with a tiny checkpoint: the coconut engine's prefill runs the fused
+"""The prefill part of benchmarks/profile.py on the CPU with a tiny checkpoint: the coconut engine's prefill runs the fused
 ops (they appear in its profile), the Inductor-less plain engine's does not, and TTFTs are recorded per rep."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 from nanovllm.utils.tiny_model import build_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, ROOT)
 
-import profile_prefill  # noqa: E402
+from benchmarks.harness import profile_prefill  # noqa: E402
 
 
 def test_profile_prefill_on_cpu(tmp_path) -> None:  # noqa: ANN001

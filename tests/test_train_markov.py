@@ -1,6 +1,6 @@
 """scripts/train_markov_checkpoint.py on the CPU: the Markov chain, a short training run of a tiny checkpoint
 through the command line, the saved checkpoint (transformers and our engine agree on it), and the ``--prompts
-markov`` wiring of benchmarks/check_engine_gpu.py and check_bf16_agreement.py."""
+markov`` wiring of benchmarks/check.py's engine and bf16-agreement parts."""
 from __future__ import annotations
 
 import json
@@ -16,12 +16,12 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.utils.tiny_model import build_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _d in ("scripts", "benchmarks"):
+for _d in ("scripts", ""):
     if os.path.join(ROOT, _d) not in sys.path:
         sys.path.insert(0, os.path.join(ROOT, _d))
 
-import check_bf16_agreement  # noqa: E402
-import check_engine_gpu  # noqa: E402
+from benchmarks.harness import check_bf16 as check_bf16_agreement  # noqa: E402
+from benchmarks.harness import check_engine as check_engine_gpu  # noqa: E402
 import train_markov_checkpoint as tm  # noqa: E402
 from train_markov_checkpoint import MarkovChain  # noqa: E402
 

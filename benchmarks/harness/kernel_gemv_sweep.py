@@ -13,18 +13,18 @@ The grid is one program per tile (``grid=tiles``) or persistent (``grid=<c>xSM``
 over tiles with the next tile's W requested before the current one is reduced). The launch shapes swept: BN in
 1..16 rows per program, 1-8 warps, and the grid. The kernels are the library's: fusion_pass's "stream" variant for
 MODE 1 (every grid, M <= 4) and nanovllm.kernels.gemv's M = 1 row kernel for MODE 0 / 2 (one program per tile). (The
-committed results/sweep-decode-linear-h200.json was measured with this script's first version, commit cf43532,
+committed H200 figures (results/h200/kernels.json, part gemv-sweep) were measured at commit cf43532,
 which carried one kernel with all three modes and also tried persistent grids and M = 4 for MODE 0 / 2: the
 persistent grids did not win there, and at M = 4 cuBLAS or the register-blocked kernel won.)
 
-Timed like bench_gemv.py (CUDA graphs, weights rotated over > 2x the L2, median of rounds), against:
+Timed like the gemv part (CUDA graphs, weights rotated over > 2x the L2, median of rounds), against:
   cublas      F.linear on the precomputed activation
   unfused     norm sites: Triton RMSNorm (+ residual) kernel then F.linear (the coconut op's unfused path)
   current     what the engine runs now: the coconut fused "decode"/"multirow" kernel (norm sites) or
               nanovllm.kernels.gemv (plain / silu_mul sites)
 
-Usage: python benchmarks/sweep_decode_linear.py [--sites qkv,gate_up] [--ms 1,4] [--out PATH]
-Writes JSON (meta + rows) to benchmarks/results/sweep-decode-linear-h200.json and prints the best configs.
+Usage: python benchmarks/kernels.py --what gemv-sweep [--part-args 'gemv-sweep=--sites qkv,gate_up --ms 1,4']
+Writes JSON (meta + rows) to ``--out`` and prints the best configs.
 """
 from __future__ import annotations
 
@@ -36,14 +36,12 @@ import time
 from typing import Any, Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-import common  # noqa: E402
+from . import common  # noqa: E402
 
 # name: (N, K, MODE, HAS_RES)
 SITES: dict[str, tuple[int, int, int, bool]] = {
@@ -198,7 +196,7 @@ def bench_site(site: str, ms: list[int], args: argparse.Namespace, t0: float) ->
             return bench_gemv.graph_time_us(fn, copies, reps, args.rounds)
 
         row: dict[str, Any] = {"site": site, "M": m, "N": n, "K": k, "mode": mode, "has_res": has_res,
-                               "floor_us": round(w_bytes / common.H200_BANDWIDTH_BYTES_PER_S * 1e6, 3)}
+                               "floor_us": round(w_bytes / common.bandwidth_bytes_per_s() * 1e6, 3)}
         try:
             row["baselines_us"] = baselines(site, m, inp, copies, time_fn)
         except Exception as e:  # noqa: BLE001
@@ -253,10 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--budget-s", type=float, default=240.0)
-    p.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "sweep-decode-linear-h200.json"))
+    p.add_argument("--out", default=common.default_out("sweep-decode-linear"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("sweep_decode_linear.py needs a CUDA GPU", file=sys.stderr)
+        print("the gemv-sweep benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     t0 = time.time()
     sites = [s for s in args.sites.split(",") if s]
@@ -285,6 +283,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {path} in {meta['wall_s']} s")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,8 +16,8 @@ Sections (each case runs in its own try/except; a failure is recorded as a row w
 Timing: ``triton.testing.do_bench_cudagraph`` (median of CUDA-graph replays, no launch overhead), falling back to
 ``triton.testing.do_bench`` (median) if graph capture fails.
 
-Usage (repository root, on the GPU):  python benchmarks/bench_attention.py [--out PATH] [--quick] [--sections ...]
-Writes JSON {meta: GPU/torch/triton/date/command, rows: [...]} to benchmarks/results/attention-h200.json.
+Usage (repository root, on the GPU):  python benchmarks/kernels.py --what attention [--quick]
+Writes JSON {meta: GPU/torch/triton/date/command, rows: [...]} to ``--out``.
 Budget: about 2-3 minutes on an H200 (``--max-seconds`` stops starting new cases after that many seconds).
 """
 from __future__ import annotations
@@ -34,8 +34,6 @@ from typing import Any, Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)
-sys.path.insert(0, HERE)
 
 import importlib  # noqa: E402
 
@@ -57,14 +55,11 @@ from nanovllm.kernels import (  # noqa: E402
 # the module (the package re-exports a function of the same name): DECODE_FUSED_REDUCE, reserve_decode_locks
 DA = importlib.import_module("nanovllm.kernels.decode_attention")
 
-try:  # shared helpers of the benchmark scripts (owned by the lead); fall back to local minimal versions
-    import common as _common  # type: ignore
-except Exception:  # noqa: BLE001
-    _common = None
+from . import common as _common
 
-PEAK_BW = getattr(_common, "H200_BANDWIDTH_BYTES_PER_S", 4.3e12)  # bytes/s
-PEAK_FLOPS = getattr(_common, "H200_PEAK_BF16_FLOP_PER_S", 790e12)  # dense bf16 FLOP/s
-DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "attention-h200.json")
+PEAK_BW = _common.bandwidth_bytes_per_s()  # bytes/s, measured copy bandwidth of this GPU
+PEAK_FLOPS = _common.PEAK_BF16_FLOP_PER_S  # dense bf16 FLOP/s
+DEFAULT_OUT = _common.default_out("attention")
 DTYPE = torch.bfloat16
 TOL = 1e-2
 # Qwen3-0.6B attention shapes.
@@ -444,15 +439,15 @@ def metadata() -> dict[str, Any]:
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON output path")
     p.add_argument("--sections", default="correctness,decode,prefill", help="comma-separated subset")
     p.add_argument("--quick", action="store_true", help="fewer cases (no padded tables, fewer split counts)")
     p.add_argument("--max-seconds", type=float, default=170.0, help="stop starting new cases after this many seconds")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_attention.py needs a CUDA GPU", file=sys.stderr)
+        print("the attention benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
     r = Runner(args.max_seconds)
@@ -489,6 +484,3 @@ def main() -> int:
     n_bad = sum(1 for x in r.rows if x["section"] == "correctness" and not x.get("ok"))
     return 1 if n_bad else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

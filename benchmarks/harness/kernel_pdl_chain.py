@@ -10,8 +10,8 @@ PDL (nanovllm/kernels/pdl.py) lets each kernel start while the previous one runs
 waiting. The graph is captured twice, PDL off and on (module flags set before each capture), replayed `--rounds`
 times each in alternation; reported: median ms per step, the ratio, and whether both outputs are bitwise equal.
 
-Usage (GPU): python benchmarks/bench_pdl_chain.py [--ctx 512] [--out PATH]
-Writes JSON to benchmarks/results/pdl-chain-h200.json.
+Usage (GPU): python benchmarks/kernels.py --what pdl-chain [--part-args 'pdl-chain=--ctx 512']
+Writes JSON to ``--out``.
 """
 from __future__ import annotations
 
@@ -23,12 +23,10 @@ import sys
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
-import common  # noqa: E402
+from . import common  # noqa: E402
 
 LAYERS, HIDDEN, H, HKV, D, INTER, BLOCK = 28, 1024, 16, 8, 128, 3072, 16
 
@@ -37,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--rounds", type=int, default=50)
-    p.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "pdl-chain-h200.json"))
+    p.add_argument("--out", default=common.default_out("pdl-chain"))
     p.add_argument("--layers", type=int, default=LAYERS)
     p.add_argument("--check-cpu", action="store_true", help="run the chain once on the CPU (TRITON_INTERPRET=1) "
                    "against a float32 PyTorch model of the same layers, then exit (a test of this script)")
@@ -45,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_cpu:
         return check_cpu(args)
     if not torch.cuda.is_available():
-        print("bench_pdl_chain.py needs a CUDA GPU", file=sys.stderr)
+        print("the pdl-chain benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     from fusion_pass import kernels as FK
     from nanovllm.kernels import decode_attention, qk_norm_rope, store_kvcache
@@ -169,6 +167,3 @@ def check_cpu(args: argparse.Namespace) -> int:
     print("check-cpu", "OK" if ok else "FAILED")
     return 0 if ok else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

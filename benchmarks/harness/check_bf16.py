@@ -6,11 +6,11 @@ rounding, 2^-7 relative), so any change of summation order can flip a token and 
 script measures that baseline without our engine: transformers in bfloat16 against transformers in float32,
 and transformers bf16 "sdpa" attention against its bf16 "eager" attention (with ``--with-engine`` also our
 engine in bf16 against both), on the prompts of
-``check_engine_gpu.py`` (32 prompts of 16-512 random ids, seed 1; with ``--prompts markov``, 32 walks of 16-512
+the engine check (``check_engine.py``: 32 prompts of 16-512 random ids, seed 1; with ``--prompts markov``, 32 walks of 16-512
 tokens, seed 1, of the Markov chain in ``--model``/markov.json, for a checkpoint trained by
 ``scripts/train_markov_checkpoint.py``), 16 greedy tokens each.
 
-Usage: ``python benchmarks/check_bf16_agreement.py --model /tmp/q06 [--device cpu|cuda] [--num-prompts 32]
+Usage: ``python benchmarks/check.py --what bf16-agreement --model /tmp/q06 [--part-args 'bf16-agreement=--num-prompts 32
 [--prompts random|markov] [--out PATH]``. Prints the agreement of each pair and writes a JSON with the run's metadata.
 """
 from __future__ import annotations
@@ -23,11 +23,9 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
 
-import common  # noqa: E402
-from check_engine_gpu import agree_prefix, model_prompts  # noqa: E402
+from . import common  # noqa: E402
+from .check_engine import agree_prefix, model_prompts  # noqa: E402
 
 
 def greedy(model_dir: str, prompts: list[list[int]], n: int, dtype: torch.dtype, attn: str, device: str
@@ -59,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", default="random", choices=["random", "markov"],
                     help="uniform random ids, or walks of the chain in --model's markov.json (ValueError if absent)")
     args = ap.parse_args(argv)
-    # At most 32: the first --num-prompts of check_engine_gpu.py's 32 prompts. More than 32 draws a different set
+    # At most 32: the first --num-prompts of check_engine.py's 32 prompts. More than 32 draws a different set
     # (all lengths are drawn before the ids), which no longer contains those 32.
     prompts = model_prompts(args.prompts, args.model, max(32, args.num_prompts))[:args.num_prompts]
     runs: dict[str, list[list[int]]] = {}
@@ -98,6 +96,3 @@ def main(argv: list[str] | None = None) -> int:
         common.write_json(args.out, result)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

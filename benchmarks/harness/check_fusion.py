@@ -6,7 +6,7 @@ without residual and bias. Outputs are NaN-poisoned (fusion_pass.kernels.POISON_
 fail. For N = 151936 the reference covers every 37th output column (a float64 [4097, 151936] would need 5 GB).
 Pass: rel err ||y - ref|| / ||ref|| <= --tol (1e-2), no NaN, h == x + r exactly.
 
-Usage: python benchmarks/check_fusion_gpu.py --out check.json [--quick] [--no-autotune]
+Usage: python benchmarks/check.py --what fusion [--quick] [--part-args 'fusion=--no-autotune']
 Prints a table, writes JSON to --out, exits 1 if any case fails (2 without CUDA).
 """
 from __future__ import annotations
@@ -20,7 +20,6 @@ import time
 import traceback
 from typing import Any, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -123,7 +122,7 @@ def check_model(tol: float) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("check_fusion_gpu.py needs a CUDA GPU", file=sys.stderr)
+        print("the fusion check needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.no_autotune:
         os.environ["COCONUT_AUTOTUNE"] = "0"
@@ -165,6 +164,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{len(rows) - len(failed)}/{len(rows)} passed in {report['wall_s']} s -> {args.out}")
     return 1 if failed else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,8 +20,8 @@ Correctness: bf16 GEMV vs a float32 reference (rel err ||y - ref|| / ||ref|| < 1
 Before timing, the Triton variants are compiled in parallel worker processes (`--precompile-workers`, default 8)
 that fill Triton's on-disk cache, so the whole run takes well under a minute.
 
-Usage (repository root, on the GPU):  python benchmarks/bench_gemv.py [--out PATH] [--ms 1,2,4] [--shapes o_proj]
-Writes JSON {meta: GPU/torch/triton/date/command, rows, crossover} to benchmarks/results/gemv-h200.json.
+Usage (repository root, on the GPU):  python benchmarks/kernels.py --what gemv [--part-args 'gemv=--ms 1,2,4 --shapes o_proj']
+Writes JSON {meta: GPU/torch/triton/date/command, rows, crossover} to ``--out``.
 NANOVLLM_GEMV_MAX_M (the op's threshold, default 2) only affects the op check; the table shows every M.
 """
 from __future__ import annotations
@@ -36,13 +36,11 @@ from typing import Any, Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)
-sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import common  # noqa: E402
+from . import common  # noqa: E402
 
 SHAPES: dict[str, tuple[int, int, str]] = {  # name: (N, K, act)
     "o_proj": (1024, 2048, "none"),
@@ -54,14 +52,14 @@ MS = (1, 2, 3, 4, 6, 8, 12, 16)
 # for the fused norm GEMV (fusion_pass "multirow", K = 1024: no cross-warp reductions, no barriers between rows).
 EXTRA_CONFIGS: tuple[tuple[int, int], ...] = ((4, 2), (2, 1))
 L2_BYTES = 60 << 20
-HBM_BPS = common.H200_BANDWIDTH_BYTES_PER_S
+HBM_BPS = common.bandwidth_bytes_per_s()
 DTYPE = torch.bfloat16
 DEVICE = "cuda"  # tests run the row logic on the CPU (interpreter) with DEVICE = "cpu"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "gemv-h200.json"))
+    p.add_argument("--out", default=common.default_out("gemv"))
     p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values (<= 16; <= 32 with "
                    "--skinny)")
     p.add_argument("--skinny", action="store_true", help="also time every SKINNY_CHOICES config of the split-K "
@@ -288,7 +286,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_gemv.py needs a CUDA GPU", file=sys.stderr)
+        print("the gemv benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     t0 = time.time()
     ms = [int(v) for v in args.ms.split(",") if v]
@@ -323,6 +321,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"all correct: {result['all_correct']}  errors: {result['errors']}  wall {meta['wall_s']} s  -> {path}")
     return 0 if result["all_correct"] and not result["errors"] else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

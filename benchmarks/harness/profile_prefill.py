@@ -1,12 +1,11 @@
 """Where the time of a batch-1 prefill goes (TTFT), coconut against Inductor: host time, launches, GPU time.
 
-Why: on the H200 (session 6, benchmarks/results/latency-h200.json) the batch-1 TTFT of a 512-token prompt was
-24-36 ms with ``compile_fusion=True`` against 14-15 ms without, while the decode steps were faster with it. A prefill
-is not a CUDA graph: every kernel is launched from Python, so per-call host costs count there.
+Why: a prefill is not a CUDA graph: every kernel is launched from Python, so per-call host costs count there, and
+the batch-1 TTFT of a 512-token prompt is host-bound (docs/performance.md).
 
-Modes: ``fusion`` (compile_fusion=True: since session 7 its prefill steps run the Inductor-compiled model, its
-decode steps the coconut one), ``nofusion`` (Inductor), ``fusion-prefill`` (compile_fusion=True with the coconut
-model in prefill too: ``NANOVLLM_FUSION_PREFILL=1``, the behaviour before session 7).
+Modes: ``fusion`` (compile_fusion=True: its prefill steps run the Inductor-compiled model, its decode steps the
+coconut one), ``nofusion`` (Inductor), ``fusion-prefill`` (compile_fusion=True with the coconut model in prefill
+too: ``NANOVLLM_FUSION_PREFILL=1``).
 
 Method: for each mode, one small engine (``max_num_seqs`` 4, ``max_model_len`` and ``max_num_batched_tokens``
 1024, CUDA graphs on; the decode pretune is skipped: a prefill of M = --prompt-len rows has its dispatch decision
@@ -17,8 +16,8 @@ measured on first use, in the warm-up), then
 3. ``--profiled`` more under ``torch.profiler`` (CPU and CUDA): per op or kernel name, self CPU time and device
    time per call of generate, the number of kernel launch calls, and the summed GPU kernel time.
 
-Usage: python benchmarks/profile_prefill.py --model /tmp/qwen3-0.6b [--out ...] [--device cpu for a smoke run]
-Writes JSON (default benchmarks/results/prefill-profile-h200.json on CUDA, the temp folder elsewhere).
+Usage: python benchmarks/profile.py --what prefill --model /tmp/qwen3-0.6b [--part-args 'prefill=--device cpu']
+Writes JSON to ``--out`` (default: the temp folder).
 """
 from __future__ import annotations
 
@@ -30,8 +29,7 @@ import tempfile
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from . import common  # noqa: E402
 
 common.add_repo_to_path()
 
@@ -146,6 +144,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {path}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

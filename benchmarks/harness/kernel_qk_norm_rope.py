@@ -9,8 +9,8 @@ Qwen3-0.6B's attention shapes (16 q heads, 8 kv heads, head_dim 128, bf16), toke
 Both run inside CUDA graphs of `--reps` calls (replayed `--rounds` times, median per call) on the same inputs;
 the outputs are compared (bf16: both round in the model's chain, so the max abs difference is reported).
 
-Usage (GPU): python benchmarks/bench_qk_norm_rope.py [--out PATH]
-Writes JSON (meta + rows) to benchmarks/results/qk-norm-rope-h200.json.
+Usage (GPU): python benchmarks/kernels.py --what qk-norm-rope
+Writes JSON (meta + rows) to ``--out``.
 """
 from __future__ import annotations
 
@@ -20,12 +20,10 @@ import sys
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
-import common  # noqa: E402
+from . import common  # noqa: E402
 
 H, HKV, D, MAX_POS = 16, 8, 128, 4096
 
@@ -35,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", default="1,8,64,256,2048")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "qk-norm-rope-h200.json"))
+    p.add_argument("--out", default=common.default_out("qk-norm-rope"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_qk_norm_rope.py needs a CUDA GPU", file=sys.stderr)
+        print("the qk-norm-rope benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     import bench_gemv
     from nanovllm.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
@@ -71,6 +69,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {path}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from nanovllm import LLM, SamplingParams  # noqa: E402
 from nanovllm.utils.tiny_model import build_tiny_checkpoint  # noqa: E402
@@ -94,7 +93,7 @@ def markov_prompts(model_dir: str, n: int, lo: int, hi: int, seed: int) -> list[
     Raises:
         ValueError: markov.json is missing or invalid (the message names the file).
     """
-    scripts = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+    scripts = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
     if scripts not in sys.path:
         sys.path.insert(0, scripts)
     from train_markov_checkpoint import MARKOV_FILE, MarkovChain
@@ -120,7 +119,7 @@ def agree_prefix(a: list[int], b: list[int]) -> int:
     return k
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="0.6B-shaped bf16 checkpoint (skipped when absent)")
     ap.add_argument("--out", default="engine-check.json")
@@ -128,7 +127,7 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,coconut+graphs", help="engine modes for the 0.6B check")
     ap.add_argument("--prompts", default="random", choices=["random", "markov"],
                     help="0.6B prompts: uniform random ids, or walks of --model's markov.json chain")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     # Read markov.json before any GPU work, so that a missing file fails at once.
     model_prompt_list = model_prompts(args.prompts, args.model) if args.model else []
     results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "prompts": args.prompts}
@@ -186,8 +185,5 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     print("ENGINE CHECK", "OK" if ok else "FAILED")
-    sys.exit(0 if ok else 1)
+    return 0 if ok else 1
 
-
-if __name__ == "__main__":
-    main()

@@ -1,31 +1,37 @@
-"""Shared helpers of the benchmark scripts: run metadata, the nano-vLLM workload, the bandwidth floor,
-JSON writing and table printing.
+"""Shared helpers of the benchmark scripts: the JSON header, result paths per GPU kind, the offline workload, the
+bandwidth floor, engine modes, JSON writing and table printing.
 
-Nothing here imports the engine at module import time, so ``plot_results.py`` can use it on a machine without
-nanovllm's dependencies. Every benchmark JSON carries :func:`run_metadata` under the key ``"meta"``.
+Nothing here imports the engine or torch at module import time, so ``benchmarks/plot.py`` can use it on a machine
+without a GPU. Every result JSON starts with :func:`header` (gpu, date, commit, command, versions).
 """
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import gc
 import json
 import math
 import os
 import platform
 import random
+import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-REPO_ROOT: str = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT: str = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS_DIR: str = os.path.join(REPO_ROOT, "benchmarks", "results")
 
-# Device constants of the H200 used by probes/floor.py (measured there, see shared/DEVICE-NOTES.md):
-H200_BANDWIDTH_BYTES_PER_S: float = 4.3e12   # device-to-device copy bandwidth
-H200_PEAK_BF16_FLOP_PER_S: float = 790e12    # dense bf16 matrix throughput
+# Used where no GPU is present to measure the copy bandwidth (CPU smoke tests, plots of old results): the
+# device-to-device copy bandwidth measured on an H200. On a GPU, :func:`bandwidth_bytes_per_s` measures it.
+DEFAULT_BANDWIDTH_BYTES_PER_S: float = 4.3e12
+# Dense bf16 matrix-multiply throughput measured on an H200 (the H100 SXM has the same GH100 compute); the compute
+# side of the floor matters only for prefill and large decode batches.
+PEAK_BF16_FLOP_PER_S: float = 790e12
 
 
 # The engine settings each benchmark mode stands for (LLM keyword arguments). "-ms8": multi-step decode, rounds
@@ -125,10 +131,89 @@ def run_metadata(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
 
 
+def gpu_name() -> str:
+    """Full name of CUDA device 0 (e.g. "NVIDIA H100 80GB HBM3"), or "cpu" without CUDA."""
+    info = gpu_info()
+    return str(info.get("name", "cpu"))
+
+
+def gpu_slug(name: str | None = None) -> str:
+    """Short GPU kind used as the results folder name: "h100", "h200", "a100"... from a device name such as
+    "NVIDIA H200" or "NVIDIA H100 80GB HBM3"; "cpu" without CUDA; else the name lowercased with non-alphanumerics
+    replaced by "-".
+
+    Args:
+        name: a device name (default: :func:`gpu_name`).
+    """
+    name = gpu_name() if name is None else name
+    m = re.search(r"\b([A-Z]\d{2,3})\b", name.upper())
+    if name.lower() == "cpu":
+        return "cpu"
+    if m:
+        return m.group(1).lower()
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def header(argv: Sequence[str] | None = None, script: str | None = None) -> dict[str, Any]:
+    """The keys every result JSON starts with.
+
+    Args:
+        argv: the script's arguments after its name (default ``sys.argv[1:]``).
+        script: the script path relative to the repository (default: ``sys.argv[0]`` made relative).
+
+    Returns:
+        dict: gpu (full device name, "cpu" without CUDA), date (UTC, ISO 8601), commit (git HEAD, None outside a
+        checkout), commit_dirty (uncommitted changes present), command ("python benchmarks/x.py ..." that
+        reproduces it), versions {torch, triton, transformers, python, cuda}.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    script = script or os.path.relpath(os.path.abspath(sys.argv[0] or "?"), REPO_ROOT)
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    info = gpu_info()
+    return {"gpu": str(info.get("name", "cpu")),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "commit": _git("rev-parse", "HEAD"), "commit_dirty": None if status is None else bool(status),
+            "command": "python " + shlex.join([script, *args]),
+            "versions": {"torch": _version("torch"), "triton": _version("triton"),
+                         "transformers": _version("transformers"), "python": platform.python_version(),
+                         "cuda": info.get("cuda")}}
+
+
+def results_path(bench: str, out: str | None = None, gpu: str | None = None) -> str:
+    """Where benchmark ``bench`` writes its JSON.
+
+    ``out`` given: that path. Else, with the environment variable ``OUT`` set (the GPU machine's output folder):
+    ``$OUT/<gpu>/<bench>.json``. Else on a CUDA machine ``benchmarks/results/<gpu>/<bench>.json``, and without CUDA
+    a file in the temp folder (so a CPU run never overwrites committed GPU results). ``<gpu>``: :func:`gpu_slug`.
+    """
+    if out:
+        return out
+    slug = gpu or gpu_slug()
+    if os.environ.get("OUT"):
+        return os.path.join(os.environ["OUT"], slug, f"{bench}.json")
+    if slug == "cpu":
+        return os.path.join(tempfile.gettempdir(), "nanovllm-bench-cpu", f"{bench}.json")
+    return os.path.join(RESULTS_DIR, slug, f"{bench}.json")
+
+
+@functools.lru_cache(maxsize=1)
+def bandwidth_bytes_per_s() -> float:
+    """This GPU's device-to-device copy bandwidth in bytes/s (:func:`benchmarks.harness.timing.copy_bandwidth`,
+    measured once per process), or :data:`DEFAULT_BANDWIDTH_BYTES_PER_S` without CUDA."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return DEFAULT_BANDWIDTH_BYTES_PER_S
+    except Exception:  # noqa: BLE001
+        return DEFAULT_BANDWIDTH_BYTES_PER_S
+    from .timing import copy_bandwidth
+    return copy_bandwidth()["bytes_per_s"]
+
+
 # ------------------------------------------------------------------------------------------- workload
 def nano_vllm_workload(num_seqs: int = 256, seed: int = 0, max_input_len: int = 1024, max_output_len: int = 1024,
                        min_input_len: int = 100, min_output_len: int = 100) -> tuple[list[list[int]], list[int]]:
-    """nano-vLLM's throughput benchmark workload (the same RNG order as shared/probes/floor.py and hf_peer.py).
+    """nano-vLLM's throughput benchmark workload (the transformers peer draws the same requests).
 
     ``random.seed(seed)``; first every prompt: ``[randint(0, 10000) for _ in range(randint(100, max_input_len))]``,
     then every output length: ``randint(100, max_output_len)``. With the defaults this gives 142,827 prompt
@@ -177,7 +262,7 @@ def qwen3_sizes(hf_config: dict[str, Any], dtype_bytes: int = 2) -> dict[str, fl
     Returns:
         dict: params (count, tied lm_head counted once), weight_bytes (read once per decode step: params *
         dtype_bytes), kv_bytes_per_token (K and V over all layers), flop_per_token (2 * params, the
-        approximation probes/floor.py uses: 2 * 0.596e9 for Qwen3-0.6B).
+        usual approximation: 2 * 0.596e9 for Qwen3-0.6B).
     """
     h = int(hf_config["hidden_size"])
     n_layers = int(hf_config["num_hidden_layers"])
@@ -198,13 +283,13 @@ def qwen3_sizes(hf_config: dict[str, Any], dtype_bytes: int = 2) -> dict[str, fl
 
 def bandwidth_floor(prompt_lens: Sequence[int], output_lens: Sequence[int], weight_bytes: float = 1.19e9,
                     kv_bytes_per_token: float = 28 * 8 * 128 * 2 * 2, flop_per_token: float = 2 * 0.596e9,
-                    bandwidth: float = H200_BANDWIDTH_BYTES_PER_S, peak_flops: float = H200_PEAK_BF16_FLOP_PER_S,
+                    bandwidth: float = DEFAULT_BANDWIDTH_BYTES_PER_S, peak_flops: float = PEAK_BF16_FLOP_PER_S,
                     ) -> dict[str, float]:
-    """Lower bound on the time of a batch-generation workload, computed as shared/probes/floor.py does.
+    """Lower bound on the time of a batch-generation workload, a roofline per decode step.
 
     Every decode step s reads all weights once plus the K and V of every live sequence (prompt + s tokens),
     unless the step's FLOPs take longer: t_s = max((W + sum(live) * KVT) / BW, n_live * F / PEAK).
-    Prefill is compute bound: sum(prompt tokens) * F / PEAK. Defaults: Qwen3-0.6B in bf16 on one H200.
+    Prefill is compute bound: sum(prompt tokens) * F / PEAK. Defaults: Qwen3-0.6B in bf16; pass the measured ``bandwidth`` of the GPU.
 
     Args:
         prompt_lens: prompt length of each request (tokens).
@@ -228,7 +313,7 @@ def bandwidth_floor(prompt_lens: Sequence[int], output_lens: Sequence[int], weig
             "output_tokens_per_s": round(total_out / (t + pre), 1) if t + pre > 0 else float("nan"),
             "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_bytes_per_token, "flop_per_token": flop_per_token,
             "bandwidth_bytes_per_s": bandwidth, "peak_flop_per_s": peak_flops,
-            "method": "shared/probes/floor.py: per decode step max((W + live KV bytes)/BW, FLOPs/peak); "
+            "method": "per decode step max((W + live KV bytes)/BW, FLOPs/peak); "
                       "prefill = prompt tokens * FLOP/token / peak"}
 
 
@@ -381,17 +466,8 @@ def median(xs: Iterable[float]) -> float:
 
 # ------------------------------------------------------------------------------------------- output
 def default_out(name: str) -> str:
-    """Default JSON path of benchmark ``name``: benchmarks/results/<name>-h200.json when CUDA is available,
-    else <tempdir>/<name>-cpu.json (so a CPU test never overwrites the committed GPU results)."""
-    try:
-        import torch
-        cuda = torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        cuda = False
-    if cuda:
-        return os.path.join(RESULTS_DIR, f"{name}-h200.json")
-    import tempfile
-    return os.path.join(tempfile.gettempdir(), f"{name}-cpu.json")
+    """Default JSON path of a part that a benchmark script merges into its own file: a file in the temp folder."""
+    return os.path.join(tempfile.gettempdir(), "nanovllm-bench-parts", f"{name}.json")
 
 
 def write_json(path: str, obj: dict[str, Any]) -> str:

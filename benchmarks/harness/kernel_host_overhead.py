@@ -1,7 +1,7 @@
 """Host (CPU) time per call of the ops a prefill launches from Python, and how their registration changes it.
 
 Why: a prefill is not replayed from a CUDA graph, so every op of the compiled model is called from Python and the
-host time per call adds up (benchmarks/profile_prefill.py: a batch-1 512-token prefill of Qwen3-0.6B took 18.8 ms
+host time per call adds up (benchmarks/profile.py --what prefill: a batch-1 512-token prefill of Qwen3-0.6B took 18.8 ms
 for 3.9 ms of GPU kernels). Our ops used to be ``torch.library.custom_op``s; they are now defined with
 ``fusion_pass.registration.define_op`` (``torch.library.Library``). This script times, side by side in one
 process, the same Python kernel behind both registrations, plus the pieces inside the coconut op.
@@ -12,8 +12,8 @@ between rounds; the host time per call is the median over rounds of round time /
 ``--tokens`` rows of Qwen3-0.6B (K = 1024; qkv N = 4096; gate_up N = 6144; down_proj input 2 x 3072; 16 q heads,
 8 kv heads, head_dim 128). ``custom_op / define_op`` = the ratio of the two registrations of one kernel.
 
-Usage: python benchmarks/bench_host_overhead.py [--tokens 512] [--device cuda|cpu] [--out PATH]
-Writes JSON (default benchmarks/results/host-overhead-h200.json on CUDA, the temp folder elsewhere).
+Usage: python benchmarks/kernels.py --what host-overhead [--part-args 'host-overhead=--tokens 512 --device cpu']
+Writes JSON to ``--out`` (default: the temp folder).
 """
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from . import common  # noqa: E402
 
 common.add_repo_to_path()
 
@@ -173,6 +172,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {path}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

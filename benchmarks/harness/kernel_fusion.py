@@ -12,8 +12,8 @@ floor_us = bytes moved (W + x + r + h + y) / 4.3 TB/s. speedup = unfused_us / op
 taken per pair of interleaved graph replays (median, min, max over --pairs pairs), which cancels clock drift
 between the two separate timings.
 
-Writes benchmarks/results/fusion-kernel-h200.json (rows + min_speedup_m_le_16 + min_speedup_all_m + environment)
-and prints a table. Usage: python benchmarks/bench_fusion_kernel.py [--quick] [--out PATH]
+Writes ``--out`` (rows + min_speedup_m_le_16 + min_speedup_all_m + environment)
+and prints a table. Usage: python benchmarks/kernels.py --what fusion [--quick]
 """
 from __future__ import annotations
 
@@ -28,27 +28,27 @@ import time
 import traceback
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from . import common
 import torch.nn.functional as F  # noqa: E402
 
 SITES = [("qkv", 4096, 1024), ("gate_up", 6144, 1024), ("lm_head", 151936, 1024)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
-HBM_BPS = 4.3e12
+HBM_BPS = common.bandwidth_bytes_per_s()  # measured copy bandwidth of this GPU (bytes/s)
 EPS = 1e-6
 # Launch shapes (BN, KS, num_warps, fixup) swept for the skinny variant with --skinny-grid: BN = 32-128 W rows per
 # program (the MMA's M side), K in chunks of 128-512, 4-8 warps; the chunks summed by the split-K epilogue kernel
-# (fixup 0) or inside the kernel by the last program of each n-tile (fixup 1). Session 5's sweep (BN = 16-64, no
-# fixup) found BN = 16-32 25-60 % slower than BN = 64 (results/fusion-skinny-h200.json).
+# (fixup 0) or inside the kernel by the last program of each n-tile (fixup 1). On the H200, BN = 16-32 (no fixup)
+# measured 25-60 % slower than BN = 64.
 SKINNY_SWEEP = [(64, 256, 4, 0), (64, 512, 8, 0), (64, 128, 4, 0), (128, 256, 8, 0), (32, 256, 4, 1), (64, 256, 4, 1),
                 (64, 512, 8, 1), (64, 128, 4, 1), (128, 256, 8, 1), (128, 128, 4, 1), (128, 512, 8, 1)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    here = os.path.dirname(os.path.abspath(__file__))
-    p.add_argument("--out", default=os.path.join(here, "results", "fusion-kernel-h200.json"))
+    p.add_argument("--out", default=common.default_out("fusion-kernel"))
     p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
     p.add_argument("--sites", default="qkv,gate_up,lm_head")
     p.add_argument("--lm-head-max-m", type=int, default=1024)
@@ -97,7 +97,7 @@ def paired_speedup(fn_ref: Callable[[int], Any], fn_new: Callable[[int], Any], r
     """time(fn_ref) / time(fn_new) measured in interleaved pairs: each fn is captured in its own CUDA graph of
     `reps` calls (after 3 eager calls and one untimed replay); then `pairs` pairs of replays, the order alternating
     (see `pair_order`), each replay timed with CUDA events; the ratio is taken per pair, so slow drift of clocks
-    between the two measurements cancels (the method of benchmarks/bench_ab_latency.py). Needs CUDA."""
+    between the two measurements cancels (the method of benchmarks/latency.py). Needs CUDA."""
     from fusion_pass import kernels
 
     graphs = [kernels.capture_graph(fn, reps, warmup_calls=3, warmup_replays=1) for fn in (fn_ref, fn_new)]
@@ -176,7 +176,7 @@ def bench_case(name: str, n: int, k: int, m: int, ws: list[torch.Tensor], g: tor
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_fusion_kernel.py needs a CUDA GPU", file=sys.stderr)
+        print("the fusion kernel benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     import triton
 
@@ -196,8 +196,6 @@ def main(argv: list[str] | None = None) -> int:
         all_candidates = kernels.candidates
         kernels.candidates = lambda m: [c for c in all_candidates(m) if c[0] in keep]  # this run only
     if args.precompile_workers > 0:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import common
 
         ks = sorted({k for _, _, k in sites})
         jobs = [(m, k, v, tuple(c)) for m in ms for k in ks for v, c in kernels.candidates(kernels.m_bucket(m))
@@ -272,6 +270,3 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(f"{r['site']:8} {r['M']:>5} {r['floor_us']:>8.2f} {r['cublas_us']:>8.2f} {r['unfused_us']:>8.2f} "
               f"{r['op_us']:>8.2f} {r['speedup']:>7.3f} {paired} {bf:>22} {r['chosen']:>20} {r['rel_err']:>8.1e}")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

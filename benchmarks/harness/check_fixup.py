@@ -11,7 +11,7 @@ and M in MS, this script
 Pass: no NaN; ||y - ref64|| / ||ref64|| <= --tol (1e-2) for every output; counters zero. It also reports how many
 outputs equal the fixup-off result bit for bit (expected: all; the sums are taken in the same order).
 
-Usage: python benchmarks/check_fixup_gpu.py [--out benchmarks/results/fixup-check-h200.json] [--replays 30]
+Usage: python benchmarks/check.py --what fixup [--replays 30]
 Prints a table, writes JSON, exits 1 on a failure (2 without CUDA).
 """
 from __future__ import annotations
@@ -22,9 +22,10 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from . import common
 import torch.nn.functional as F  # noqa: E402
 
 MS = [2, 3, 4, 8, 13, 16, 17, 32]
@@ -36,9 +37,8 @@ EPS = 1e-6
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=os.path.join(here, "results", "fixup-check-h200.json"))
+    p.add_argument("--out", default=common.default_out("fixup-check"))
     p.add_argument("--ms", default=",".join(map(str, MS)))
     p.add_argument("--sites", default=",".join(SITES))
     p.add_argument("--calls", type=int, default=12, help="fixup launches per CUDA graph")
@@ -132,10 +132,8 @@ def check_one(name: str, m: int, args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("check_fixup_gpu.py needs a CUDA GPU", file=sys.stderr)
+        print("the fixup check needs a CUDA GPU", file=sys.stderr)
         return 2
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import common
 
     t0 = time.time()
     rows = []
@@ -159,6 +157,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{'OK' if ok else 'FAILED'}: {sum(r['ok'] for r in rows)}/{len(rows)} cases; wrote {path}")
     return 0 if ok else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -41,8 +41,8 @@ idle waiting for the host (scheduling, input preparation, launches, Python); it 
 overlaps the GPU's work. Per category: ms per step and kernels per step; the top ``--top-kernels`` kernels by time.
 Host phase times (``host_phases_ms``) come from the profiled steps and include the profiler's own overhead.
 
-Roofline (bytes floor at the bandwidth ``common.H200_BANDWIDTH_BYTES_PER_S`` = 4.3e12 B/s, and a compute floor
-at ``common.H200_PEAK_BF16_FLOP_PER_S``; floor = the larger), computed from the checkpoint's config.json and the
+Roofline (bytes floor at the bandwidth ``common.bandwidth_bytes_per_s()`` = 4.3e12 B/s, and a compute floor
+at ``common.PEAK_BF16_FLOP_PER_S``; floor = the larger), computed from the checkpoint's config.json and the
 engine's dtype, per group of categories:
 
 - ``linear`` (fused_norm_linear + gemm; the fusion pass's dispatcher decides per batch size whether a site's
@@ -61,13 +61,13 @@ kernels get no floor (their bytes are tiny; they are launch- and latency-bound).
 
 Units: milliseconds per decode step unless a key says otherwise (``_us``: microseconds, ``bytes``), counts per step.
 
-Writes (default) benchmarks/results/decode-profile-h200.json on a CUDA machine (a temp file elsewhere), after
+Writes ``--out`` (benchmarks/profile.py merges it into results/<gpu>/profile.json), after
 every (mode, batch) case, so a run cut short keeps what it measured; prints tables.
 
 Usage::
 
-    python3 benchmarks/profile_decode.py --model /tmp/qwen3-0.6b
-    python3 benchmarks/profile_decode.py --model /tmp/tinyck --batches 1,2 --steps 3        # CPU smoke test
+    python benchmarks/profile.py --what decode --model /tmp/qwen3-0.6b
+    python benchmarks/profile.py --what decode --model /tmp/tinyck --part-args 'decode=--batches 1,2 --steps 3'
 """
 from __future__ import annotations
 
@@ -87,8 +87,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from . import common  # noqa: E402
 
 common.add_repo_to_path()
 
@@ -174,7 +173,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--trace-dir", default=None,
                     help="keep each case's Chrome trace here (trace-<mode>-b<B>.json; default: deleted)")
     ap.add_argument("--out", default=None,
-                    help="JSON path (default: benchmarks/results/decode-profile-h200.json on a CUDA machine; "
+                    help="JSON path (default: a file in the temp folder; "
                          "elsewhere a file in the temp folder, so CPU test runs never overwrite GPU results)")
     args = ap.parse_args(argv)
     args.out = args.out or common.default_out("decode-profile")
@@ -558,7 +557,7 @@ def profile_case(llm: Any, mode: str, batch: int, args: argparse.Namespace, shap
     wall_ms = common.median(walls) * 1e3
     wall_prof_ms = common.median(prof_walls) * 1e3
     live_mean = sum(live) / len(live)
-    roof = roofline(shape, batch, live_mean, common.H200_BANDWIDTH_BYTES_PER_S, common.H200_PEAK_BF16_FLOP_PER_S)
+    roof = roofline(shape, batch, live_mean, common.bandwidth_bytes_per_s(), common.PEAK_BF16_FLOP_PER_S)
     groups: dict[str, Any] = {}
     for g, cats in list(GROUPS.items()) + [("step", CATEGORIES)]:
         achieved = sum(agg["categories"][c]["ms"] for c in cats)
@@ -719,8 +718,8 @@ def new_result(args: argparse.Namespace, batches: list[int], meta: dict[str, Any
         "units": "ms per decode step; counts per step; bytes per step",
         "prompt_len": args.prompt_len, "steps": args.steps, "warmup_steps": args.warmup_steps,
         "temperature": args.temperature, "batch_sizes": batches, "max_num_seqs": args.max_num_seqs,
-        "bandwidth_bytes_per_s": common.H200_BANDWIDTH_BYTES_PER_S,
-        "peak_flop_per_s": common.H200_PEAK_BF16_FLOP_PER_S,
+        "bandwidth_bytes_per_s": common.bandwidth_bytes_per_s(),
+        "peak_flop_per_s": common.PEAK_BF16_FLOP_PER_S,
         "categories": CATEGORIES,
         "modes": {},
         "meta": common.run_metadata() if meta is None else meta,
@@ -779,6 +778,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: {failures}")
     return 1 if failures else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Correctness on the GPU: the kernels against their references, the engine against transformers.
+
+Parts (``--what``, default ``fusion,fixup,engine``):
+
+- ``fusion``: every variant of the coconut op's kernels against a float64 reference, per shape and M (relative
+  error < ``--tol``), and the dispatch table the op uses on this GPU;
+- ``fixup``: the split-K kernels' in-kernel reduction under CUDA graphs with programmatic dependent launch, bit
+  for bit against the two-kernel path;
+- ``engine``: greedy tokens of the engine (eager, and coconut + CUDA graphs) against transformers on a tiny
+  float32 model (exact) and on the bf16 checkpoint of ``--model`` (agreeing prefix);
+- ``bf16-agreement``: how long bf16 greedy decodes of transformers and the engine agree (``--model``).
+
+Writes ``benchmarks/results/<gpu>/check.json`` (``$OUT/<gpu>/`` when ``OUT`` is set); exit status 1 when a part
+fails.
+
+Usage::
+
+    python benchmarks/check.py --model /tmp/qwen3-0.6b
+    python benchmarks/check.py --quick --what fusion,fixup
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or ".") == HERE:
+    sys.path[0] = os.path.dirname(HERE)  # the repository root, not benchmarks/ (whose profile.py shadows the stdlib)
+elif os.path.dirname(HERE) not in sys.path:
+    sys.path.insert(0, os.path.dirname(HERE))
+
+import argparse  # noqa: E402
+
+from benchmarks.harness import parts  # noqa: E402
+
+BENCH, SCRIPT, DEFAULT = "check", "benchmarks/check.py", "fusion,fixup,engine"
+PARTS: dict[str, parts.Part] = {
+    "fusion": parts.Part("check_fusion", "coconut op kernels vs float64", quick_args=("--quick",)),
+    "fixup": parts.Part("check_fixup", "split-K fixup under graphs + PDL"),
+    "engine": parts.Part("check_engine", "engine vs transformers tokens", needs_model=True),
+    "bf16-agreement": parts.Part("check_bf16", "bf16 greedy agreement length", needs_model=True),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected parts; returns 0 when every part succeeded, else 1 (2 for bad flags, from argparse)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parts.add_arguments(ap, PARTS, DEFAULT)
+    args = ap.parse_args(argv)
+    return parts.run(BENCH, SCRIPT, argv, args, parts.selected(ap, args, PARTS), PARTS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

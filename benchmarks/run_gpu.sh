@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The one script to run on the GPU machine, from the repository root:
+#
+#     bash benchmarks/run_gpu.sh [STAGE ...]          (default: the essential set: check latency throughput)
+#
+# The GPU kind (h100, h200, ...) comes from the device name; results go to $OUT/<gpu>/ when OUT is set (the
+# device machine's output folder), else to benchmarks/results/<gpu>/. Logs go to $OUT/logs/ (or /tmp/gpu-logs).
+#
+# Stages, in the order given (a failed stage is recorded and the next one still runs). Times are for an H100;
+# each stage gets a --budget-s well under the 10 minutes of one device call:
+#   check         benchmarks/check.py --quick: the coconut kernels vs float64, the split-K fixup, the engine vs
+#                 transformers (tiny fp32 model and the Qwen3-0.6B-shaped bf16 checkpoint)        (~1-2 min)
+#   latency       benchmarks/latency.py: fusion vs nofusion in interleaved pairs, batch 1, 8, 64, 256   (~3 min)
+#   throughput    benchmarks/throughput.py --peer: the 256-request workload, cold and warm builds per mode
+#                 (fresh Triton / Inductor caches), first run / second run, the transformers peer       (~5-6 min)
+#   latency-llama benchmarks/latency.py --second-only on the Llama-3.2-1B shape, added to latency.json
+#                 (needs scripts/make_qwen3_06b_checkpoint.py --shape llama-3.2-1b)               (~3 min)
+#   check-full    benchmarks/check.py with every part at full size                                   (~4 min)
+#   kernels       benchmarks/kernels.py: fused op, attention, GEMV against unfused paths and floors  (~5 min)
+#   profile       benchmarks/profile.py: decode and prefill step breakdown                           (~5 min)
+#   tests         python -m pytest -x -q tests (on the GPU)                                          (~3 min)
+#   plot          benchmarks/plot.py: PNGs from the JSON of this run into $OUT/img (or docs/img)
+# Checkpoints (random weights, built once per machine, a few seconds): $CKPT (default /tmp/qwen3-0.6b) and, for
+# latency-llama, $LLAMA_CKPT (default /tmp/llama-3.2-1b).
+#
+# Environment: OUT, CKPT, LLAMA_CKPT, PYTEST_ARGS (default "-x -q tests"), and extra flags per stage:
+# CHECK_ARGS, LATENCY_ARGS, THROUGHPUT_ARGS, KERNELS_ARGS, PROFILE_ARGS.
+set -u
+set -o pipefail
+export PYTHONUNBUFFERED=1
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO" || exit 2
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-$(command -v python >/dev/null 2>&1 && echo python || echo python3)}"
+CKPT="${CKPT:-/tmp/qwen3-0.6b}"
+LLAMA_CKPT="${LLAMA_CKPT:-/tmp/llama-3.2-1b}"
+PYTEST_ARGS="${PYTEST_ARGS:--x -q tests}"
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(check latency throughput)
+
+GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+case "$GPU_NAME" in
+  *H200*) GPU=h200 ;;
+  *H100*) GPU=h100 ;;
+  "")     GPU=cpu ;;
+  *)      GPU="$(echo "$GPU_NAME" | tr 'A-Z' 'a-z' | sed 's/^nvidia //; s/[^a-z0-9]\+/-/g; s/-$//')" ;;
+esac
+if [ -n "${OUT:-}" ]; then
+  RESULTS="$OUT/$GPU"; LOGS="$OUT/logs"; IMG="$OUT/img"
+else
+  RESULTS="benchmarks/results/$GPU"; LOGS="/tmp/gpu-logs"; IMG="docs/img"
+fi
+mkdir -p "$RESULTS" "$LOGS"
+SUMMARY="$LOGS/summary.txt"
+declare -a DONE=()
+{
+  echo "# run_gpu.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) stages: ${STAGES[*]}"
+  echo "# gpu: $GPU_NAME ($GPU); results: $RESULTS"
+  echo "# $($PY -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)' 2>&1 | tail -1)"
+  echo "# git $(git rev-parse --short HEAD 2>/dev/null || echo none)"
+} | tee "$SUMMARY"
+
+# stage NAME BUDGET_S CMD: run CMD (a bash string) under a hard limit of BUDGET_S + 60 s, log to $LOGS/NAME.log.
+stage() {
+  local name="$1" budget="$2"; shift 2
+  echo; echo "=================== $name (budget ${budget}s): $*"
+  local t0 rc status
+  t0=$(date +%s)
+  timeout -k 10 $(( budget + 60 )) bash -c "$*" 2>&1 | tee "$LOGS/$name.log"
+  rc=$?
+  status=OK; [ $rc -ne 0 ] && status=FAILED; [ $rc -eq 124 ] && status=TIMEOUT
+  DONE+=("$(printf '%-14s %-8s rc=%-3s %5ss' "$name" "$status" "$rc" "$(( $(date +%s) - t0 ))")")
+  echo "${DONE[-1]}" | tee -a "$SUMMARY"
+}
+
+# checkpoint DIR [SHAPE]: build the random checkpoint unless it exists.
+checkpoint() {
+  local dir="$1" shape="${2:-}"
+  if [ -f "$dir/config.json" ] && ls "$dir"/*.safetensors >/dev/null 2>&1; then return 0; fi
+  if [ -n "$shape" ]; then
+    $PY scripts/make_qwen3_06b_checkpoint.py --help | grep -q -- '--shape' || {
+      echo "scripts/make_qwen3_06b_checkpoint.py has no --shape: cannot build $shape"; return 1; }
+    $PY scripts/make_qwen3_06b_checkpoint.py --shape "$shape" --out "$dir"
+  else
+    $PY scripts/make_qwen3_06b_checkpoint.py --out "$dir"
+  fi
+}
+
+for s in "${STAGES[@]}"; do
+  case "$s" in
+    check)        checkpoint "$CKPT"
+                  stage check 300 "$PY benchmarks/check.py --quick --model $CKPT --budget-s 240 --out $RESULTS/check.json ${CHECK_ARGS:-}" ;;
+    check-full)   checkpoint "$CKPT"
+                  stage check-full 480 "$PY benchmarks/check.py --what fusion,fixup,engine,bf16-agreement --model $CKPT --budget-s 420 --out $RESULTS/check.json ${CHECK_ARGS:-}" ;;
+    latency)      checkpoint "$CKPT"
+                  stage latency 480 "$PY benchmarks/latency.py --model $CKPT --budget-s 300 --out $RESULTS/latency.json ${LATENCY_ARGS:-}" ;;
+    latency-llama) checkpoint "$LLAMA_CKPT" llama-3.2-1b && \
+                  stage latency-llama 480 "$PY benchmarks/latency.py --second-only --second-model $LLAMA_CKPT --budget-s 300 --out $RESULTS/latency.json ${LATENCY_ARGS:-}" ;;
+    throughput)   checkpoint "$CKPT"
+                  stage throughput 540 "$PY benchmarks/throughput.py --model $CKPT --peer --budget-s 450 --out $RESULTS/throughput.json ${THROUGHPUT_ARGS:-}" ;;
+    kernels)      stage kernels 540 "$PY benchmarks/kernels.py --budget-s 420 --out $RESULTS/kernels.json ${KERNELS_ARGS:-}" ;;
+    profile)      checkpoint "$CKPT"
+                  stage profile 540 "$PY benchmarks/profile.py --model $CKPT --budget-s 420 --part-args 'decode=--budget-s 240' --out $RESULTS/profile.json ${PROFILE_ARGS:-}" ;;
+    tests)        stage tests 540 "$PY -m pytest $PYTEST_ARGS" ;;
+    plot)         stage plot 60 "$PY benchmarks/plot.py --results $(dirname "$RESULTS") --img $IMG" ;;
+    *)            DONE+=("$(printf '%-14s UNKNOWN  (stages: check check-full latency latency-llama throughput kernels profile tests plot)' "$s")")
+                  echo "${DONE[-1]}" | tee -a "$SUMMARY" ;;
+  esac
+done
+
+echo; echo "=================== summary"; cat "$SUMMARY"
+n_failed=$(printf '%s\n' "${DONE[@]}" | grep -cE ' (FAILED|TIMEOUT|UNKNOWN) ' || true)
+exit $(( n_failed > 0 ? 1 : 0 ))
