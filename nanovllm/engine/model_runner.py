@@ -156,7 +156,7 @@ class ModelRunner:
             if hasattr(cfg_dynamo, name):
                 setattr(cfg_dynamo, name, max(getattr(cfg_dynamo, name), 32))
         # Module guards stay on: Dynamo's cache belongs to the model class's forward, shared by every engine of the
-        # process, and only those guards tell apart two models of different shapes (tried in session 7 with
+        # process, and only those guards tell apart two models of different shapes (measured with
         # torch.compiler.skip_guard_on_all_nn_modules_unsafe: a second engine reused the first one's graph).
         return torch.compile(self.model, backend=backend, fullgraph=True, dynamic=True)
 
