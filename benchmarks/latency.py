@@ -18,7 +18,8 @@ batch, ``floor_ms`` adds the K/V bytes the batch reads at its mean context.
 
 ``--second-model DIR`` measures a second checkpoint the same way and writes its keys under ``--second-name``
 (default ``llama-3.2-1b``). ``--transformers`` adds the transformers-backend decode benchmark of
-``benchmarks/harness/hf_decode.py`` under the key ``transformers``.
+``benchmarks/harness/hf_decode.py`` (its flags given as one string in ``--transformers-args``) under the key
+``transformers``.
 
 Writes ``benchmarks/results/<gpu>/latency.json`` on a GPU (``$OUT/<gpu>/`` when ``OUT`` is set), a temp file
 without CUDA; rewritten after every batch size.
@@ -42,6 +43,7 @@ elif os.path.dirname(HERE) not in sys.path:
 import argparse  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
+import shlex  # noqa: E402
 import time  # noqa: E402
 from types import ModuleType  # noqa: E402
 from typing import Any  # noqa: E402
@@ -87,11 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--transformers", action="store_true",
                     help="also run benchmarks/harness/hf_decode.py (the transformers-backend decode benchmark)")
+    ap.add_argument("--transformers-args", default="",
+                    help="arguments of that benchmark, as one string (e.g. '--models qwen3-0.6b --batches 1')")
     ap.add_argument("--out", default=None, help="JSON path (default: results/<gpu>/latency.json)")
-    hf = hf_decode_module()
-    if hf is not None:
-        hf.add_arguments(ap)
     args = ap.parse_args(argv)
+    hf = hf_decode_module() if args.transformers else None
     try:
         args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
     except ValueError:
@@ -109,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.transformers and hf is None:
         ap.error("--transformers needs benchmarks/harness/hf_decode.py (the transformers-backend decode benchmark), "
                  "which this checkout does not have")
+    if hf is not None:
+        sub = argparse.ArgumentParser(prog="latency.py --transformers-args")
+        hf.add_arguments(sub)
+        args.transformers_ns = sub.parse_args(shlex.split(args.transformers_args))
     return args
 
 
@@ -211,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.transformers:
         hf = hf_decode_module()
         assert hf is not None  # parse_args checked it
-        res["transformers"] = hf.run(args)
+        res["transformers"] = hf.run(args.transformers_ns)
         common.write_json(path, res)
     res["total_s"] = round(time.perf_counter() - t0, 1)
     common.write_json(path, res)

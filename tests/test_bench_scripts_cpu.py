@@ -65,6 +65,22 @@ def test_latency_transformers_flag_without_module(monkeypatch: pytest.MonkeyPatc
     assert e.value.code == 2 and "hf_decode.py" in capsys.readouterr().err
 
 
+def test_latency_transformers_args_go_to_the_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hf_decode's own flags (which share names with latency.py's) are parsed from --transformers-args."""
+    import argparse
+    import types
+
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--batches", default="1,8")
+        p.add_argument("--device", default="cuda")
+
+    fake = types.SimpleNamespace(add_arguments=add_arguments)
+    monkeypatch.setattr(latency, "hf_decode_module", lambda: fake)
+    args = latency.parse_args(["--batches", "1,2", "--transformers", "--transformers-args", "--device cpu"])
+    assert args.batches == [1, 2]
+    assert (args.transformers_ns.batches, args.transformers_ns.device) == ("1,8", "cpu")
+
+
 @pytest.mark.parametrize("flag, value", [("--max-tokens", "1"), ("--pairs", "0"), ("--batches", "0,2"),
                                          ("--gpu-memory-utilization", "1.5")])
 def test_latency_bad_flags(flag: str, value: str) -> None:
