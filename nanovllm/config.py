@@ -12,13 +12,13 @@ from transformers import AutoConfig, PretrainedConfig
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-# Measured on the H200 (benchmarks/bench_attention.py, docs/attention.md "Block size"): decode attention with
+# Measured on the H200 (benchmarks/kernels.py --what attention, docs/attention.md "Block size"): decode attention with
 # 16-token blocks is within 1 % of the best of 16..256 at batch >= 128 and within 7 % at every batch/context measured
 # (64-256 are 6-9 % slower at batch >= 128), and 16 keeps prefix-cache hits fine-grained.
 DEFAULT_BLOCK_SIZE = 16
 MAX_SCHEDULER_STEPS = 64  # the largest num_scheduler_steps accepted (the runner sizes its buffers to the value given)
-# num_scheduler_steps when not given, on one GPU. Measured on the H200 (benchmarks/results/latency-h200.json,
-# throughput-h200.json): 8 steps per round against 1 took the decode step from 1.35 to 1.23 ms at batch 1 and from
+# num_scheduler_steps when not given, on one GPU. Measured on the H200 (benchmarks/latency.py and
+# throughput.py): 8 steps per round against 1 took the decode step from 1.35 to 1.23 ms at batch 1 and from
 # 7.04 to 6.27 ms at batch 256, and nano-vLLM's workload from 18,456 to 20,734-21,051 output tokens/s.
 GPU_DEFAULT_SCHEDULER_STEPS = 8
 

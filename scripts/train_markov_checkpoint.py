@@ -15,7 +15,7 @@ float32 with ``transformers``, trained with AdamW (betas (0.9, 0.95), no weight 
 the first 10 % of the steps then cosine decay to 0, gradient-norm clipping at 1.0 and bf16 autocast on CUDA
 (plain float32 on CPU), on the model's own causal-LM loss. It is saved in the source checkpoint's dtype with the
 source's config, generation config and tokenizer files, plus ``markov.json`` (the chain and the training
-metadata), from which ``benchmarks/check_engine_gpu.py --prompts markov`` rebuilds its prompts.
+metadata), from which the engine check of ``benchmarks/check.py`` (``--prompts markov``) rebuilds its prompts.
 
 Cost: batch 16 x 256 tokens per step (the 151936-token vocabulary makes the logits 4096 x 151936: ~2.5 GB in
 float32, so keep batch * seq_len modest); ~6 * 0.6e9 * 4096 = 1.5e13 FLOP per step. Measured on one H200 (torch

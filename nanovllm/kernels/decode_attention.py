@@ -48,7 +48,7 @@ from .pdl import launch_options, use_pdl
 from .attention_common import LOG2E, check_out, check_paged_attention_args, online_softmax_tile
 from .reference import decode_attention_ref
 
-# Tunables (see docs/attention.md and benchmarks/bench_attention.py).
+# Tunables (see docs/attention.md and benchmarks/kernels.py --what attention).
 DECODE_BLOCK_N = 64  # key positions per tile
 DECODE_MIN_TILES_PER_SPLIT = 1  # a split covers at least this many tiles of the context bound
 DECODE_WAVES = 4  # aim for about this many programs per SM
