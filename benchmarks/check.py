@@ -7,7 +7,8 @@ Parts (``--what``, default ``fusion,fixup,engine``):
 - ``fixup``: the split-K kernels' in-kernel reduction under CUDA graphs with programmatic dependent launch, bit
   for bit against the two-kernel path;
 - ``engine``: greedy tokens of the engine (eager, and coconut + CUDA graphs) against transformers on a tiny
-  float32 model (exact) and on the bf16 checkpoint of ``--model`` (agreeing prefix);
+  float32 model (exact) and on the bf16 checkpoint of ``--model`` (agreeing prefix; with ``--quick`` the bf16
+  checkpoint runs eagerly only, sparing the build of a compiled 0.6B engine);
 - ``bf16-agreement``: how long bf16 greedy decodes of transformers and the engine agree (``--model``).
 
 Writes ``benchmarks/results/<gpu>/check.json`` (``$OUT/<gpu>/`` when ``OUT`` is set); exit status 1 when a part
@@ -37,7 +38,8 @@ BENCH, SCRIPT, DEFAULT = "check", "benchmarks/check.py", "fusion,fixup,engine"
 PARTS: dict[str, parts.Part] = {
     "fusion": parts.Part("check_fusion", "coconut op kernels vs float64", quick_args=("--quick",)),
     "fixup": parts.Part("check_fixup", "split-K fixup under graphs + PDL"),
-    "engine": parts.Part("check_engine", "engine vs transformers tokens", needs_model=True),
+    "engine": parts.Part("check_engine", "engine vs transformers tokens", needs_model=True,
+                         quick_args=("--modes", "eager")),
     "bf16-agreement": parts.Part("check_bf16", "bf16 greedy agreement length", needs_model=True),
 }
 
