@@ -18,13 +18,17 @@
 #   check-full    benchmarks/check.py with every part at full size                                   (~4 min)
 #   kernels       benchmarks/kernels.py: fused op, attention, GEMV against unfused paths and floors  (~5 min)
 #   profile       benchmarks/profile.py: decode and prefill step breakdown                           (~5 min)
+#   serving       python -m benchmarks.harness.serving: Poisson arrivals against the OpenAI server, TTFT / ITL /
+#                 TPOT per request rate, the offline engine beside it (docs/serving.md)                (~4 min)
+#   hf-decode     python -m benchmarks.harness.hf_decode: transformers with Inductor vs coconut (docs/backend.md),
+#                 when that module exists                                                           (~4 min)
 #   tests         python -m pytest -x -q tests (on the GPU)                                          (~3 min)
 #   plot          benchmarks/plot.py: PNGs from the JSON of this run into $OUT/img (or docs/img)
 # Checkpoints (random weights, built once per machine, a few seconds): $CKPT (default /tmp/qwen3-0.6b) and, for
 # latency-llama, $LLAMA_CKPT (default /tmp/llama-3.2-1b).
 #
 # Environment: OUT, CKPT, LLAMA_CKPT, PYTEST_ARGS (default "-x -q tests"), and extra flags per stage:
-# CHECK_ARGS, LATENCY_ARGS, THROUGHPUT_ARGS, KERNELS_ARGS, PROFILE_ARGS.
+# CHECK_ARGS, LATENCY_ARGS, THROUGHPUT_ARGS, KERNELS_ARGS, PROFILE_ARGS, SERVING_ARGS, HF_DECODE_ARGS.
 set -u
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -101,9 +105,17 @@ for s in "${STAGES[@]}"; do
     kernels)      stage kernels 540 "$PY benchmarks/kernels.py --budget-s 420 --out $RESULTS/kernels.json ${KERNELS_ARGS:-}" ;;
     profile)      checkpoint "$CKPT"
                   stage profile 540 "$PY benchmarks/profile.py --model $CKPT --budget-s 420 --part-args 'decode=--budget-s 240' --out $RESULTS/profile.json ${PROFILE_ARGS:-}" ;;
+    serving)      checkpoint "$CKPT"
+                  stage serving 540 "$PY -m benchmarks.harness.serving --model $CKPT --out $RESULTS/serving.json ${SERVING_ARGS:-}" ;;
+    hf-decode)    if [ -f benchmarks/harness/hf_decode.py ]; then
+                    stage hf-decode 540 "$PY -m benchmarks.harness.hf_decode --budget-s 420 --out $RESULTS/hf-decode.json ${HF_DECODE_ARGS:-}"
+                  else
+                    DONE+=("$(printf '%-14s SKIPPED  (benchmarks/harness/hf_decode.py is not in this checkout)' "$s")")
+                    echo "${DONE[-1]}" | tee -a "$SUMMARY"
+                  fi ;;
     tests)        stage tests 540 "$PY -m pytest $PYTEST_ARGS" ;;
     plot)         stage plot 60 "$PY benchmarks/plot.py --results $(dirname "$RESULTS") --img $IMG" ;;
-    *)            DONE+=("$(printf '%-14s UNKNOWN  (stages: check check-full latency latency-llama throughput kernels profile tests plot)' "$s")")
+    *)            DONE+=("$(printf '%-14s UNKNOWN  (stages: check check-full latency latency-llama throughput kernels profile serving hf-decode tests plot)' "$s")")
                   echo "${DONE[-1]}" | tee -a "$SUMMARY" ;;
   esac
 done
