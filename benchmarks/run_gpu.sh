@@ -16,7 +16,8 @@
 #   latency-llama benchmarks/latency.py --second-only on the Llama-3.2-1B shape, added to latency.json
 #                 (needs scripts/make_qwen3_06b_checkpoint.py --shape llama-3.2-1b)               (~3 min)
 #   check-full    benchmarks/check.py with every part at full size                                   (~4 min)
-#   kernels       benchmarks/kernels.py: fused op, attention, GEMV against unfused paths and floors  (~5 min)
+#   kernels       benchmarks/kernels.py: fused op, GEMV, decode attention through their public entry points
+#                 against the unfused paths and bytes floors (KERNELS_ARGS="--what fusion-variants,..." for more) (~4 min)
 #   profile       benchmarks/profile.py: decode and prefill step breakdown                           (~5 min)
 #   serving       python -m benchmarks.harness.serving: Poisson arrivals against the OpenAI server, TTFT / ITL /
 #                 TPOT per request rate, the offline engine beside it (docs/serving.md)                (~4 min)

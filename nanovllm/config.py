@@ -12,7 +12,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-# Measured on the H200 (benchmarks/kernels.py --what attention, docs/attention.md "Block size"): decode attention with
+# Measured on the H200 (benchmarks/kernels.py --what attention-full, docs/attention.md "Block size"): decode attention with
 # 16-token blocks is within 1 % of the best of 16..256 at batch >= 128 and within 7 % at every batch/context measured
 # (64-256 are 6-9 % slower at batch >= 128), and 16 keeps prefix-cache hits fine-grained.
 DEFAULT_BLOCK_SIZE = 16

@@ -124,6 +124,25 @@ def test_parts_scripts_merge_and_record_failures(ckpt: str, tmp_path) -> None:  
         check.main(["--what", "nothing"])
 
 
+def test_kernel_ops_through_public_entry_points(tmp_path) -> None:  # noqa: ANN001
+    """kernels.py's default parts on the CPU (shapes scaled down 16x): every case has its error against float64,
+    its floor and both timings, and the fused op's and the GEMV's outputs match float64."""
+    out = tmp_path / "kernels.json"
+    rc = kernels.main(["--what", "fusion,gemv,attention", "--part-args",
+                       "fusion=--device cpu --dtype float32 --scale 16 --ms 1,3 --sites qkv --pairs 2 --calls 2",
+                       "--part-args", "gemv=--device cpu --dtype float32 --scale 16 --ms 2 --pairs 2 --calls 2",
+                       "--part-args", "attention=--device cpu --dtype float32 --batches 2 --contexts 40 --pairs 2 "
+                       "--calls 2", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert rc == 0, r
+    fusion, gemv, attn = (r["parts"][p] for p in ("fusion", "gemv", "attention"))
+    assert [(c["site"], c["M"]) for c in fusion["fusion"]] == [("qkv", 1), ("qkv", 3)]
+    assert {c["site"] for c in gemv["gemv"]} == {"o_proj", "down_proj"}
+    for c in fusion["fusion"] + gemv["gemv"]:
+        assert c["rel_err"] < 1e-4 and c["floor_us"] > 0 and c["op_us"] > 0 and c["unfused_us"] > 0
+    assert attn["attention"][0]["rel_err"] < 1e-4 and attn["attention"][0]["kv_tb_s"] >= 0
+
+
 def test_profile_prefill_part(ckpt: str, tmp_path) -> None:  # noqa: ANN001
     from benchmarks import profile as profile_script
 
