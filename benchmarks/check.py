@@ -1,7 +1,10 @@
 """Correctness on the GPU: the kernels against their references, the engine against transformers.
 
-Parts (``--what``, default ``fusion,fixup,engine``):
+Parts (``--what``, default ``ops,engine,fusion,fixup``):
 
+- ``ops``: the fused op, the engine's small-M linear and its decode attention through their public entry points,
+  bf16 against float64 at the Qwen3-0.6B shapes for M = 1..1024 (relative error < 1e-2; ``harness/kernel_ops.py``
+  with ``--no-time``);
 - ``fusion``: every variant of the coconut op's kernels against a float64 reference, per shape and M (relative
   error < ``--tol``), and the dispatch table the op uses on this GPU;
 - ``fixup``: the split-K kernels' in-kernel reduction under CUDA graphs with programmatic dependent launch, bit
@@ -34,8 +37,10 @@ import argparse  # noqa: E402
 
 from benchmarks.harness import parts  # noqa: E402
 
-BENCH, SCRIPT, DEFAULT = "check", "benchmarks/check.py", "fusion,fixup,engine"
+BENCH, SCRIPT, DEFAULT = "check", "benchmarks/check.py", "ops,engine,fusion,fixup"
 PARTS: dict[str, parts.Part] = {
+    "ops": parts.Part("kernel_ops", "public ops vs float64 (bf16)", args=(
+        "--no-time", "--ms", "1,2,3,4,8,13,16,17,32,33,64,256,1024"), quick_args=("--batches", "1,64,256")),
     "fusion": parts.Part("check_fusion", "coconut op kernels vs float64", quick_args=("--quick",)),
     "fixup": parts.Part("check_fixup", "split-K fixup under graphs + PDL"),
     "engine": parts.Part("check_engine", "engine vs transformers tokens", needs_model=True,

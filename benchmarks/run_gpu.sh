@@ -8,8 +8,9 @@
 #
 # Stages, in the order given (a failed stage is recorded and the next one still runs). Times are for an H100;
 # each stage gets a --budget-s well under the 10 minutes of one device call:
-#   check         benchmarks/check.py --quick: the coconut kernels vs float64, the split-K fixup, the engine vs
-#                 transformers (tiny fp32 model both ways; the Qwen3-0.6B-shaped bf16 checkpoint eagerly)  (~2 min)
+#   check         benchmarks/check.py --quick: the public ops vs float64 in bf16, the engine vs transformers (tiny
+#                 fp32 model both ways; the Qwen3-0.6B-shaped bf16 checkpoint eagerly), every fused variant,
+#                 the split-K fixup                                                                 (~2-3 min)
 #   latency       benchmarks/latency.py: fusion vs nofusion in interleaved pairs, batch 1, 8, 64, 256   (~3 min)
 #   throughput    benchmarks/throughput.py --peer: the 256-request workload, cold and warm builds per mode
 #                 (fresh Triton / Inductor caches), first run / second run, the transformers peer       (~5-6 min)

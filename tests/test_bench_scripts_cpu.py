@@ -143,6 +143,17 @@ def test_kernel_ops_through_public_entry_points(tmp_path) -> None:  # noqa: ANN0
     assert attn["attention"][0]["rel_err"] < 1e-4 and attn["attention"][0]["kv_tb_s"] >= 0
 
 
+def test_check_ops_is_correctness_only(tmp_path) -> None:  # noqa: ANN001
+    out = tmp_path / "check.json"
+    rc = check.main(["--what", "ops", "--part-args", "ops=--device cpu --dtype float32 --scale 16 --sites qkv,o_proj "
+                     "--batches 2 --contexts 40", "--out", str(out)])
+    part = json.loads(out.read_text())["parts"]["ops"]
+    assert rc == 0 and part["rc"] == 0 and part["failed"] == 0
+    rows = part["fusion"] + part["gemv"] + part["attention"]
+    assert [c["M"] for c in part["fusion"]][:3] == [1, 2, 3] and all(c["M"] <= 64 for c in part["gemv"])
+    assert all(c["rel_err"] < 1e-4 and "op_us" not in c for c in rows)
+
+
 def test_profile_prefill_part(ckpt: str, tmp_path) -> None:  # noqa: ANN001
     from benchmarks import profile as profile_script
 

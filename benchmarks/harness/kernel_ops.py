@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, choices=["cuda", "cpu"])
     p.add_argument("--scale", type=float, default=1.0, help="divide every N and K by this (CPU smoke runs)")
+    p.add_argument("--no-time", action="store_true", help="correctness only: errors against float64, no timing")
     p.add_argument("--budget-s", type=float, default=240.0, help="start no new case after this many seconds")
     p.add_argument("--out", default=common.default_out("kernel-ops"))
     a = p.parse_args(argv)
@@ -178,6 +179,10 @@ def fusion_part(args: argparse.Namespace, bw: float, t0: float) -> list[dict[str
                 ref = F.linear(h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + EPS) * g.double(),
                                ws[0].double())
                 case["rel_err"] = round(rel_err(y, ref), 6)
+                if args.no_time:
+                    rows.append(case)
+                    print(case, flush=True)
+                    continue
                 times = paired_us([lambda i: unfused(x, r, g, ws[i % nc]),
                                    lambda i: torch.ops.coconut.add_rms_norm_linear(x, r, g, [ws[i % nc]], [None],
                                                                                    EPS)],
@@ -224,6 +229,10 @@ def gemv_part(args: argparse.Namespace, bw: float, t0: float) -> list[dict[str, 
                 if act == "silu_mul":
                     x64 = F.silu(x64[:, :k]) * x64[:, k:]
                 case["rel_err"] = round(rel_err(y, F.linear(x64, ws[0].double())), 6)
+                if args.no_time:
+                    rows.append(case)
+                    print(case, flush=True)
+                    continue
                 silu = act == "silu_mul"
                 times = paired_us([lambda i: unfused(x, ws[i % nc], silu),
                                    lambda i: torch.ops.nanovllm.linear_small_m(x, ws[i % nc], None, act)],
@@ -268,6 +277,11 @@ def attention_part(args: argparse.Namespace, bw: float, t0: float) -> list[dict[
                 ref = decode_attention_ref(q, caches[0][0], caches[0][1], tables, lens, scale)
                 case["rel_err"] = round(rel_err(o, ref), 6)
                 case["kv_copies"] = nc
+                if args.no_time:
+                    rows.append(case)
+                    print(case, flush=True)
+                    del caches
+                    continue
                 op = (lambda i: decode_attention(q, *caches[i % nc], tables, lens, scale, max_context_len=ctx))
                 times = paired_us([op, op], max(args.calls, nc), max(3, args.pairs // 2), dev)
                 op_us = median(times[0] + times[1])
