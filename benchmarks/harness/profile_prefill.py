@@ -71,9 +71,19 @@ def profile_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     from nanovllm import LLM, SamplingParams
     from nanovllm.engine import model_runner
 
-    saved = model_runner.ModelRunner._pretune_fusion, model_runner.FUSION_PREFILL
-    model_runner.ModelRunner._pretune_fusion = lambda self: None  # decode sizes only; not what is measured here
-    model_runner.FUSION_PREFILL = mode == "fusion-prefill"  # read when the engine is built
+    # Both hooks are optional (an engine without them is profiled as it builds itself): the decode-size pretune is
+    # skipped (not what is measured here), and the mode fusion-prefill needs the engine's coconut-prefill switch.
+    cls = model_runner.ModelRunner
+    saved_pretune = cls.__dict__.get("_pretune_fusion")
+    has_switch = hasattr(model_runner, "FUSION_PREFILL")
+    if mode == "fusion-prefill" and not has_switch:
+        raise ValueError("mode fusion-prefill: this engine has no switch that runs coconut in prefill "
+                         "(nanovllm.engine.model_runner.FUSION_PREFILL)")
+    saved_switch = getattr(model_runner, "FUSION_PREFILL", None)
+    if saved_pretune is not None:
+        cls._pretune_fusion = lambda self: None
+    if has_switch:
+        model_runner.FUSION_PREFILL = mode == "fusion-prefill"  # read when the engine is built
     try:
         t0 = time.perf_counter()
         kw: dict[str, Any] = dict(compile_fusion=mode != "nofusion", enforce_eager=False, max_num_seqs=4,
@@ -85,7 +95,10 @@ def profile_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         llm = LLM(args.model, **kw)
         build_s = time.perf_counter() - t0
     finally:
-        model_runner.ModelRunner._pretune_fusion, model_runner.FUSION_PREFILL = saved
+        if saved_pretune is not None:
+            cls._pretune_fusion = saved_pretune
+        if has_switch:
+            model_runner.FUSION_PREFILL = saved_switch
     sp = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
     high = int(common.load_hf_config(args.model)["vocab_size"]) - 1
     seed = [0]
