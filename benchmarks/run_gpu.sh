@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one script to run on the GPU machine, from the repository root:
 #
-#     bash benchmarks/run_gpu.sh [STAGE ...]          (default: the essential set: check latency throughput)
+#     bash benchmarks/run_gpu.sh [STAGE ...]          (default: the essential set: check latency throughput,
+#                                                      about 8-9 minutes on an H100; one stage per device call
+#                                                      when the call's limit is 10 minutes)
 #
 # The GPU kind (h100, h200, ...) comes from the device name; results go to $OUT/<gpu>/ when OUT is set (the
 # device machine's output folder), else to benchmarks/results/<gpu>/. Logs go to $OUT/logs/ (or /tmp/gpu-logs).
@@ -12,8 +14,10 @@
 #                 fp32 model both ways; the Qwen3-0.6B-shaped bf16 checkpoint eagerly), every fused variant,
 #                 the split-K fixup                                                                 (~2-3 min)
 #   latency       benchmarks/latency.py: fusion vs nofusion in interleaved pairs, batch 1, 8, 64, 256   (~3 min)
-#   throughput    benchmarks/throughput.py --peer: the 256-request workload, cold and warm builds per mode
-#                 (fresh Triton / Inductor caches), first run / second run, the transformers peer       (~5-6 min)
+#   throughput    benchmarks/throughput.py --no-cold: the 256-request workload per mode with the caches the
+#                 stages before left (warm builds), first run / second run of each fresh engine          (~2-3 min)
+#   throughput-cold  the same with cold and warm builds per mode (fresh Triton / Inductor caches) and the
+#                 transformers peer; writes the same file, so run it after `throughput`                (~5-6 min)
 #   latency-llama benchmarks/latency.py --second-only on the Llama-3.2-1B shape, added to latency.json
 #                 (needs scripts/make_qwen3_06b_checkpoint.py --shape llama-3.2-1b)               (~3 min)
 #   check-full    benchmarks/check.py with every part at full size                                   (~4 min)
@@ -103,7 +107,9 @@ for s in "${STAGES[@]}"; do
     latency-llama) checkpoint "$LLAMA_CKPT" llama-3.2-1b && \
                   stage latency-llama 480 "$PY benchmarks/latency.py --second-only --second-model $LLAMA_CKPT --budget-s 300 --out $RESULTS/latency.json ${LATENCY_ARGS:-}" ;;
     throughput)   checkpoint "$CKPT"
-                  stage throughput 540 "$PY benchmarks/throughput.py --model $CKPT --peer --budget-s 450 --out $RESULTS/throughput.json ${THROUGHPUT_ARGS:-}" ;;
+                  stage throughput 360 "$PY benchmarks/throughput.py --model $CKPT --no-cold --budget-s 300 --out $RESULTS/throughput.json ${THROUGHPUT_ARGS:-}" ;;
+    throughput-cold) checkpoint "$CKPT"
+                  stage throughput-cold 540 "$PY benchmarks/throughput.py --model $CKPT --peer --budget-s 450 --out $RESULTS/throughput.json ${THROUGHPUT_ARGS:-}" ;;
     kernels)      stage kernels 540 "$PY benchmarks/kernels.py --budget-s 420 --out $RESULTS/kernels.json ${KERNELS_ARGS:-}" ;;
     profile)      checkpoint "$CKPT"
                   stage profile 540 "$PY benchmarks/profile.py --model $CKPT --budget-s 420 --part-args 'decode=--budget-s 240' --out $RESULTS/profile.json ${PROFILE_ARGS:-}" ;;
@@ -117,7 +123,7 @@ for s in "${STAGES[@]}"; do
                   fi ;;
     tests)        stage tests 540 "$PY -m pytest $PYTEST_ARGS" ;;
     plot)         stage plot 60 "$PY benchmarks/plot.py --results $(dirname "$RESULTS") --img $IMG" ;;
-    *)            DONE+=("$(printf '%-14s UNKNOWN  (stages: check check-full latency latency-llama throughput kernels profile serving hf-decode tests plot)' "$s")")
+    *)            DONE+=("$(printf '%-14s UNKNOWN  (stages: check check-full latency latency-llama throughput throughput-cold kernels profile serving hf-decode tests plot)' "$s")")
                   echo "${DONE[-1]}" | tee -a "$SUMMARY" ;;
   esac
 done

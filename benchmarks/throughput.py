@@ -178,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
                                         "output_tokens": sum(max_tokens), "seed": args.seed,
                                         "input_len": [args.min_input_len, args.max_input_len],
                                         "output_len": [args.min_output_len, args.max_output_len]},
-                           "model": args.model, "children": {}}
+                           "model": args.model, "children": {},
+                           "build_caches": ("the machine's own Triton / Inductor caches as earlier runs left them "
+                                            "(--no-cold): warm_build_s is the build with them" if args.no_cold else
+                                            "one fresh temporary folder per mode: the first build cold, the second "
+                                            "warm")}
     failed = False
     child_argv = [a for a in argv if a != "--peer"]
     for mode in args.modes:
