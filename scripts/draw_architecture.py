@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name: (x, y, width, height, title, files, colour); coordinates in a 16 x 10 canvas
 BOXES: dict[str, tuple[float, float, float, float, str, str, str]] = {
-    "llm": (0.3, 8.2, 3.6, 1.4, "LLM / LLMEngine", "llm.py  engine/llm_engine.py\nvalidate, add_request, step()", "#dbe9f6"),
+    "llm": (0.3, 8.2, 3.6, 1.4, "LLM / LLMEngine / server", "llm.py  engine/llm_engine.py  serve/\n"
+            "generate(), or submit() + step_requests()", "#dbe9f6"),
     "sched": (4.6, 8.2, 3.6, 1.4, "Scheduler", "engine/scheduler.py\nprefill (chunked) or decode, preempt", "#dbe9f6"),
     "blocks": (8.9, 8.2, 3.4, 1.4, "BlockManager", "engine/block_manager.py\npaged blocks, prefix hashes", "#dbe9f6"),
     "runner": (4.6, 5.6, 3.6, 1.8, "ModelRunner", "engine/model_runner.py\ninputs: ids, positions, slot mapping,\n"
