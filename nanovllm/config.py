@@ -10,6 +10,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from nanovllm.models.registry import check_model_config
+from nanovllm.utils.loader import check_tokenizer_files
+
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # Measured on the H200 (benchmarks/kernels.py --what attention-full, docs/attention.md "Block size"): decode attention with
@@ -42,7 +45,8 @@ class Config:
     """Engine settings. Field names and defaults follow vLLM's ``LLM`` keywords.
 
     Args:
-        model: a folder holding a Hugging Face Qwen3 checkpoint (config.json, tokenizer, *.safetensors).
+        model: a folder holding a Hugging Face checkpoint of a supported architecture (models/registry.py: Llama,
+            Mistral, Qwen2, Qwen3) with config.json, tokenizer files and *.safetensors.
         device: "cuda" or "cpu"; defaults to "cuda" when a GPU is present.
         dtype: "auto" (the checkpoint's dtype on CUDA, float32 on the CPU), "bfloat16", "float16" or "float32".
         max_num_batched_tokens: the most tokens one step processes (prefill chunks are cut to fit).
@@ -162,10 +166,9 @@ class Config:
         if self.num_kvcache_blocks == 0 or self.num_kvcache_blocks < -1:
             raise ValueError(f"num_kvcache_blocks must be -1 (size from memory) or positive, got {self.num_kvcache_blocks}")
         self.hf_config = AutoConfig.from_pretrained(self.model)
-        if getattr(self.hf_config, "model_type", None) != "qwen3":
-            raise ValueError(f"model: only Qwen3 checkpoints are supported, got model_type "
-                             f"{getattr(self.hf_config, 'model_type', None)!r}")
         hf = self.hf_config
+        check_model_config(hf, min(self.max_model_len, hf.max_position_embeddings))  # architecture, RoPE, window
+        check_tokenizer_files(self.model)
         for name in ("num_attention_heads", "num_key_value_heads"):
             if getattr(hf, name) % self.tensor_parallel_size:
                 raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} does not divide {name}={getattr(hf, name)}")

@@ -9,15 +9,15 @@ from nanovllm.sampling_params import SamplingParams
 
 
 class LLM:
-    """An offline inference engine for a Qwen3 checkpoint.
+    """An offline inference engine for a Llama, Mistral, Qwen2 or Qwen3 checkpoint.
 
     Args:
-        model: a folder with a Hugging Face Qwen3 checkpoint (config.json, tokenizer files, safetensors).
+        model: a folder with a Hugging Face checkpoint (config.json, tokenizer files, safetensors).
         **config: engine settings; see :class:`nanovllm.config.Config` for every field and its default.
 
     Raises:
         TypeError: an unknown keyword (named) or a setting of the wrong type.
-        ValueError: a setting out of range, or a checkpoint that is missing or not Qwen3.
+        ValueError: a setting out of range, or a checkpoint that is missing, of an unsupported architecture or inconsistent with its config.
     """
 
     def __init__(self, model: str, **config: Any) -> None:

@@ -15,7 +15,7 @@ from nanovllm.engine.input_buffers import StepInputBuffers
 from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels.decode_attention import reserve_decode_locks
 from nanovllm.layers.sampler import Sampler
-from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.models.registry import model_class
 from nanovllm.utils.context import reset_context, set_context
 from nanovllm.utils.env import env_flag
 from nanovllm.utils.loader import load_model
@@ -72,7 +72,7 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                self.model = Qwen3ForCausalLM(hf)
+                self.model = model_class(hf)(hf)
         finally:
             torch.set_default_dtype(default_dtype)
         load_model(self.model, config.model)
