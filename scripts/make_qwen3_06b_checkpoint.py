@@ -1,4 +1,5 @@
-"""Write a random-weight Hugging Face checkpoint with Qwen3-0.6B's exact configuration.
+"""Write a random-weight Hugging Face checkpoint with Qwen3-0.6B's (or, ``--shape llama-3.2-1b``, Llama-3.2-1B's)
+exact configuration.
 
 The benchmarks need a model of Qwen3-0.6B's shapes (the model nano-vLLM's benchmark uses), but the GPU machine
 cannot download anything, so this script builds one: a ``Qwen3ForCausalLM`` with the published Qwen3-0.6B
@@ -17,6 +18,11 @@ Usage::
     python scripts/make_qwen3_06b_checkpoint.py --out /tmp/qwen3-0.6b
     python scripts/make_qwen3_06b_checkpoint.py --out /tmp/qwen3-0.6b-sharded --shard-size 300MB
     python scripts/make_qwen3_06b_checkpoint.py --out /tmp/q3-2l --num-layers 2     # small, for tests
+    python scripts/make_qwen3_06b_checkpoint.py --out /tmp/llama-1b --shape llama-3.2-1b
+
+``--shape llama-3.2-1b`` writes a ``LlamaForCausalLM`` with Llama-3.2-1B's published config (hidden 2048,
+16 layers, 32 query heads, 8 KV heads, head_dim 64, intermediate 8192, vocab 128256, tied embeddings, RoPE theta
+500000 with llama3 scaling: factor 32, low/high frequency factors 1 and 4, original 8192 positions).
 
 Output files: config.json, generation_config.json, model.safetensors (or model-0000x-of-0000y.safetensors +
 model.safetensors.index.json with --shard-size), and the tokenizer files (tokenizer.json,
@@ -67,6 +73,34 @@ QWEN3_06B: dict[str, object] = dict(
     max_window_layers=28,
 )
 
+# Llama-3.2-1B's published config.json (the values that shape the model).
+LLAMA_32_1B: dict[str, object] = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    hidden_act="silu",
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    attention_bias=False,
+    mlp_bias=False,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    initializer_range=0.02,
+)
+
+SHAPES: dict[str, tuple[str, dict[str, object]]] = {  # --shape -> (transformers class prefix, config)
+    "qwen3-0.6b": ("Qwen3", QWEN3_06B),
+    "llama-3.2-1b": ("Llama", LLAMA_32_1B),
+}
+
 SPECIAL_TOKENS: list[str] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -86,11 +120,11 @@ _CORPUS: list[str] = [
 
 
 def build_model(cfg_kwargs: dict[str, object], dtype: torch.dtype, seed: int, device: str, std: float,
-                norm_std: float = 0.1):
-    """Build a ``Qwen3ForCausalLM`` with random weights, directly in ``dtype`` on ``device``.
+                norm_std: float = 0.1, family: str = "Qwen3"):
+    """Build a ``<family>ForCausalLM`` with random weights, directly in ``dtype`` on ``device``.
 
     Args:
-        cfg_kwargs: ``Qwen3Config`` keyword arguments (``QWEN3_06B`` plus overrides).
+        cfg_kwargs: ``<family>Config`` keyword arguments (``QWEN3_06B`` or ``LLAMA_32_1B`` plus overrides).
         dtype: parameter dtype.
         seed: seed of the ``torch.Generator`` used for every weight (results differ between CPU and CUDA).
         device: "cpu" or "cuda" (where the random numbers are drawn).
@@ -99,17 +133,18 @@ def build_model(cfg_kwargs: dict[str, object], dtype: torch.dtype, seed: int, de
             forgets the norm weight gives visibly different outputs; 0 gives exact ones).
 
     Returns:
-        (model, config): the model (parameters on ``device``, eval mode) and its ``Qwen3Config``.
+        (model, config): the model (parameters on ``device``, eval mode) and its config.
+        family: "Qwen3" or "Llama" (the transformers class prefix).
     """
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    import transformers
 
-    config = Qwen3Config(**cfg_kwargs)
+    config = getattr(transformers, f"{family}Config")(**cfg_kwargs)
     config.dtype = dtype  # transformers >= 4.56 name; serialised as "dtype" in config.json
     old_default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = Qwen3ForCausalLM(config)
+            model = getattr(transformers, f"{family}ForCausalLM")(config)
     finally:
         torch.set_default_dtype(old_default)
     model = model.to_empty(device=device)
@@ -268,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (created; existing model files are replaced)")
+    ap.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES),
+                    help="the published config to copy (default qwen3-0.6b)")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--std", type=float, default=0.02, help="std of the random linear/embedding weights")
@@ -285,15 +322,17 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = dict(QWEN3_06B)
+    family, shape = SHAPES[args.shape]
+    cfg = dict(shape)
     if args.num_layers is not None:
         cfg["num_hidden_layers"] = args.num_layers
-        cfg["max_window_layers"] = args.num_layers
+        if family == "Qwen3":
+            cfg["max_window_layers"] = args.num_layers
     os.makedirs(args.out, exist_ok=True)
     for old in glob.glob(os.path.join(args.out, "model*.safetensors*")):
         os.remove(old)  # a previous sharded / unsharded save must not be mixed with this one
 
-    model, config = build_model(cfg, DTYPES[args.dtype], args.seed, device, args.std, args.norm_std)
+    model, config = build_model(cfg, DTYPES[args.dtype], args.seed, device, args.std, args.norm_std, family)
     n_params = sum(p.numel() for p in model.parameters())  # parameters() deduplicates the tied lm_head
     t_init = time.perf_counter() - t0
     _save(model, args.out, args.shard_size)
