@@ -77,6 +77,8 @@ def test_greedy_equals_transformers_and_tp2_equals_tp1(family_ckpt: tuple[str, s
     assert type(llm.engine.model_runner.model).__name__.lower().startswith(family)
     assert [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference
     llm.shutdown()
+    if family == "mistral":  # Llama's layers under another name: TP is covered by the llama case
+        return
     tp2 = LLM(path, tensor_parallel_size=2, **KW)
     try:
         assert [o["token_ids"] for o in tp2.generate(prompts, GREEDY, use_tqdm=False)] == reference
