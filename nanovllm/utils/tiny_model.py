@@ -1,4 +1,5 @@
-"""The embedded default model: a small random-weight Qwen3 checkpoint with a trained byte-level BPE tokenizer.
+"""The embedded tiny model: a small random-weight Qwen3 checkpoint with a trained byte-level BPE tokenizer (the
+main job's fallback where the real default model is not installed, see :mod:`nanovllm.utils.default_model`).
 
 It needs no download: the tokenizer is trained here with ``tokenizers`` on a built-in text, and the weights are
 drawn by ``transformers`` from a fixed seed, so every machine builds the same checkpoint. Tests use it (and
