@@ -4,6 +4,8 @@ same greedy ids as transformers for 8 prompts, and tensor parallel size 2 (gloo)
 The RoPE frequencies equal transformers' own for every supported type."""
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import pytest
@@ -59,25 +61,46 @@ def make_family_checkpoint(path: str, family: str, seed: int = 0, **overrides: A
     return path
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+CASES = {
+    "llama": {},  # llama3 RoPE, untied head, GQA 4/2, head_dim given
+    "qwen2": {},  # q/k/v biases, tied head
+    "mistral": {},
+    # Llama 2 style with every optional bias on, head_dim absent (hidden / heads) and a tied head
+    "llama_bias": {"attention_bias": True, "mlp_bias": True, "head_dim": None, "tie_word_embeddings": True,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
 def family_ckpt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    return request.param, make_family_checkpoint(str(tmp_path_factory.mktemp(request.param)), request.param)
+    family = request.param.split("_")[0]
+    path = make_family_checkpoint(str(tmp_path_factory.mktemp(request.param)), family, **CASES[request.param])
+    if "head_dim" in CASES[request.param]:  # as in Llama 2's config.json: no head_dim key at all
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        config.pop("head_dim", None)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config, f)
+    return request.param, path
 
 
 def test_greedy_equals_transformers_and_tp2_equals_tp1(family_ckpt: tuple[str, str]) -> None:
     from transformers import AutoModelForCausalLM
 
-    family, path = family_ckpt
+    case, path = family_ckpt
+    family = case.split("_")[0]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    if family == "qwen2":  # the biases the test relies on are really there and non-zero
+    if case in ("qwen2", "llama_bias"):  # the biases the test relies on are really there and non-zero
         assert hf.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
+    if case == "llama_bias":
+        assert hf.model.layers[0].mlp.down_proj.bias.abs().sum() > 0 and hf.model.layers[0].self_attn.o_proj.bias is not None
     prompts = random_prompts(LENGTHS, vocab=VOCAB, seed=3)
     reference = [hf_greedy(hf, p, MAX_TOKENS) for p in prompts]
     llm = LLM(path, **KW)
     assert type(llm.engine.model_runner.model).__name__.lower().startswith(family)
     assert [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference
     llm.shutdown()
-    if family == "mistral":  # Llama's layers under another name: TP is covered by the llama case
+    if case in ("mistral", "llama_bias"):  # the same layers as the llama case, whose TP run covers them
         return
     tp2 = LLM(path, tensor_parallel_size=2, **KW)
     try:
