@@ -18,7 +18,7 @@ DEFAULT_PROMPTS = [
 ]
 DEFAULT_QUESTIONS = [  # for the real default model, through its chat template
     "What is the capital of France?",
-    "How many legs does a spider have?",
+    "What color is the sky on a clear day?",
     "Give me one tip for writing clear code.",
 ]
 
