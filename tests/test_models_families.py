@@ -93,7 +93,8 @@ def test_greedy_equals_transformers_and_tp2_equals_tp1(family_ckpt: tuple[str, s
     if case in ("qwen2", "llama_bias"):  # the biases the test relies on are really there and non-zero
         assert hf.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
     if case == "llama_bias":
-        assert hf.model.layers[0].mlp.down_proj.bias.abs().sum() > 0 and hf.model.layers[0].self_attn.o_proj.bias is not None
+        layer = hf.model.layers[0]
+        assert layer.mlp.down_proj.bias.abs().sum() > 0 and layer.self_attn.o_proj.bias is not None
     prompts = random_prompts(LENGTHS, vocab=VOCAB, seed=3)
     reference = [hf_greedy(hf, p, MAX_TOKENS) for p in prompts]
     llm = LLM(path, **KW)

@@ -37,7 +37,8 @@ def check_rope(config: Any) -> None:
     """Raise ValueError if the config's RoPE type is not one of :data:`ROPE_TYPES` (naming the type found)."""
     rope_type = rope_parameters(config)["rope_type"]
     if rope_type not in ROPE_TYPES:
-        raise ValueError(f"model: rope_scaling type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+        raise ValueError(f"model: rope_scaling type {rope_type!r} is not supported "
+                         f"(supported: {', '.join(ROPE_TYPES)})")
 
 
 def rope_inv_freq(head_dim: int, config: Any) -> torch.Tensor:

@@ -18,7 +18,8 @@ class Qwen3Attention(LlamaAttention):
         super().__init__(config, layer_idx, rotary_emb, qkv_bias, o_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        # q/k norm + RoPE as one Triton kernel on the GPU (layers/qk_norm_rope_op.py; NANOVLLM_FUSED_QK_NORM_ROPE=0: off)
+        # q/k norm + RoPE as one Triton kernel on the GPU (layers/qk_norm_rope_op.py;
+        # NANOVLLM_FUSED_QK_NORM_ROPE=0: off)
         self.fused_qk_norm_rope = FUSED_QK_NORM_ROPE
 
     def rotate(self, positions: torch.Tensor, qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor
