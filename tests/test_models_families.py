@@ -162,3 +162,18 @@ def test_registry_resolves_model_type_without_architectures() -> None:
     config = transformers.Qwen2Config(**COMMON)
     config.architectures = None
     assert model_class(config).__name__ == "Qwen2ForCausalLM"
+
+
+@pytest.mark.usefixtures("fresh_compile_state")
+def test_fusion_on_biased_projections(tmp_path) -> None:  # noqa: ANN001
+    """Qwen2's q/k/v bias: the input norm -> qkv site is a norm -> addmm; all 2L+1 sites fuse, tokens unchanged."""
+    import fusion_pass
+
+    path = make_family_checkpoint(str(tmp_path / "qwen2"), "qwen2")
+    prompts = random_prompts([3, 17, 40], vocab=VOCAB, seed=4)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    ref = [o["token_ids"] for o in LLM(path, **KW).generate(prompts, params, use_tqdm=False)]
+    fused = LLM(path, compile_fusion=True, **KW)
+    assert [o["token_ids"] for o in fused.generate(prompts, params, use_tqdm=False)] == ref
+    stats = fusion_pass.all_stats()
+    assert stats and all(s["sites"] == 2 * COMMON["num_hidden_layers"] + 1 for s in stats), stats
