@@ -156,6 +156,16 @@ class BlockManager:
             prev_hash = block.hash
         seq.num_hashed_blocks = max(start, num_full)
 
+    def reset(self) -> None:
+        """Return to the state of a new pool: every block free (in id order), no reference, no hash. For
+        recovery after a failed step (:meth:`Scheduler.abort_all`); every block table must be dropped with it."""
+        for block in self.blocks:
+            block.ref_count = 0
+            block.hash = -1
+            block.token_ids = []
+        self.hash_to_block_id.clear()
+        self.free_block_ids = OrderedDict((i, None) for i in range(self.num_blocks))
+
     def reset_prefix_cache(self) -> None:
         """Forget every hash (after a failed step, whose blocks may hold partly written KV)."""
         self.hash_to_block_id.clear()

@@ -159,6 +159,11 @@ class StepInputBuffers:
         p32[:num_steps - 1, r + n:r + rows] = 0
         self._step_rows = num_steps - 1  # uploaded with the next upload()
 
+    def reset(self) -> None:
+        """Drop the staging of a round that did not run (after a failed step) and wait for the last upload."""
+        self._wait_for_last_upload()
+        self._step_rows = 0
+
     def load_step(self, j: int, n: int) -> None:
         """Before step ``j >= 1`` of a round (on the device, in stream order): the staged positions, slot
         mapping and context lengths into the static views, and the ``n`` tokens sampled by step ``j - 1`` into
@@ -193,6 +198,7 @@ class StepInputBuffers:
         ``block_table_rows`` block-table rows, and the multi-step staging rows that :meth:`fill_decode_steps`
         filled since the last upload (asynchronous on the GPU; nothing to do on the CPU)."""
         if not self.on_gpu:
+            self._step_rows = 0  # host and device are the same tensors
             return
         end32 = 4 * self.max_rows + block_table_rows * self.width
         self.dev64.copy_(self.host64, non_blocking=True)

@@ -6,6 +6,7 @@ import numbers
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
@@ -182,13 +183,17 @@ class LLMEngine:
                  ) -> list[Sequence]:
         """Run requests to completion; returns their sequences in input order.
 
-        If anything raises inside a step, every pending request is dropped and its blocks freed, so the engine
-        stays usable.
+        If anything raises (KeyboardInterrupt included) while requests are added or a step runs, every request
+        of the call and every pending one is dropped and the KV pool is emptied (:meth:`abort_all`), then the
+        exception propagates; the engine stays usable and its next call gives a fresh engine's tokens.
         """
-        seqs = [self.add_request(t, p) for t, p in zip(token_ids, params)]
-        bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        seqs: list[Sequence] = []
+        bar = None
         prefill_tps = decode_tps = 0.0
         try:
+            for t, p in zip(token_ids, params):
+                seqs.append(self.add_request(t, p))
+            bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
             while not self.scheduler.is_finished():
                 t0 = time.perf_counter()
                 finished, is_prefill, tokens = self.step()
@@ -199,12 +204,24 @@ class LLMEngine:
                     decode_tps = tokens / dt
                 bar.set_postfix(prefill=f"{prefill_tps:.0f} tok/s", decode=f"{decode_tps:.0f} tok/s", refresh=False)
                 bar.update(len(finished))
-        except BaseException:
-            self.scheduler.abort_all()
+        except BaseException:  # KeyboardInterrupt included: the engine must stay usable after Ctrl-C
+            self.abort_all(seqs)
             raise
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
         return seqs
+
+    def abort_all(self, seqs: Iterable[Sequence] = ()) -> None:
+        """Recover from an exception raised anywhere inside a step: drop every pending request (and ``seqs``,
+        the failed call's own sequences, which a step may hold outside the queues), return the KV pool to its
+        empty state and clear the model runner's per-step state (attention context, sampling flags, multi-step
+        staging). Afterwards the engine behaves as a fresh one: no block held, nothing scheduled, no prefix
+        cached (a block of the failed step may hold partly written KV)."""
+        self.scheduler.abort_all(seqs)
+        reset = getattr(self.model_runner, "reset_step_state", None)
+        if reset is not None:
+            reset()
 
     # ---- online requests (a server's loop) ---------------------------------------------------------------------
     def submit(self, token_ids: list[int], params: SamplingParams) -> int:
@@ -250,7 +267,8 @@ class LLMEngine:
             try:
                 self.step()
             except BaseException:
-                self.scheduler.abort_all()  # as in generate(): every pending request dropped, blocks freed
+                # as in generate(): every pending request dropped, the pool and the runner's step state reset
+                self.abort_all([seq for seq, _ in self._online.values()])
                 self.last_failed_request_ids = list(self._online)
                 for seq, _ in self._online.values():
                     seq.finish_reason = seq.finish_reason or "abort"

@@ -363,6 +363,16 @@ class ModelRunner:
             self.buffers.upload(0)
         return {**self.buffers.sampler_args(len(seqs)), **self._sampling_flags}
 
+    def reset_step_state(self) -> None:
+        """Forget what a step that raised left behind (:meth:`LLMEngine.abort_all`): the attention context, the
+        batch's sampling flags and the multi-step staging rows; on the GPU, wait for the device work already
+        queued, so that the failed step's KV writes land before its blocks are handed out again."""
+        reset_context()
+        self._sampling_flags = {}
+        self.buffers.reset()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # ---- running -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_indices: torch.Tensor,

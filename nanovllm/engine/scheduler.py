@@ -1,7 +1,9 @@
 """Decides which sequences run in each step: prefill (chunked) first, then decode, preempting when blocks run out."""
 from __future__ import annotations
 
+import itertools
 from collections import deque
+from typing import Iterable
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
@@ -194,12 +196,23 @@ class Scheduler:
             seq.finish_reason = "length"
         return seq.finish_reason
 
-    def abort_all(self) -> None:
-        """Drop every pending request and free its blocks (used after an error inside a step)."""
-        for seq in list(self.running) + list(self.waiting):
-            if seq.block_table:
-                self.block_manager.free(seq)
-            seq.status = SequenceStatus.FINISHED
+    def abort_all(self, seqs: Iterable[Sequence] = ()) -> None:
+        """Drop every pending request and empty the KV pool (used after an exception inside a step).
+
+        A step that raised may have left sequences half-scheduled: popped from ``running`` while a decode batch
+        was built, allocated but still waiting, or holding blocks reserved for a multi-step round. So this does
+        not free sequence by sequence: every queued sequence and every one of ``seqs`` (the failed call's) is
+        marked finished with no blocks, and the block manager returns to its empty state
+        (:meth:`BlockManager.reset`), which also forgets every prefix hash (blocks of the failed step may hold
+        partly written KV). Only the requests of the queues and ``seqs`` may hold blocks when this is called.
+        """
+        for seq in itertools.chain(self.running, self.waiting, seqs):
+            seq.block_table = []
+            seq.num_cached_tokens = seq.num_hashed_blocks = 0
+            seq.num_scheduled_tokens = 0
+            if seq.status != SequenceStatus.FINISHED:
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = seq.finish_reason or "abort"
         self.running.clear()
         self.waiting.clear()
-        self.block_manager.reset_prefix_cache()
+        self.block_manager.reset()
