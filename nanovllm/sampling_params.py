@@ -1,9 +1,10 @@
 """Per-request sampling settings."""
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
+
+FLOAT32_MAX = 3.4028234663852886e38  # the sampler divides by the temperature in float32
 
 
 @dataclass
@@ -11,10 +12,14 @@ class SamplingParams:
     """How one request samples its tokens.
 
     Args:
-        temperature: softmax temperature, finite and >= 0. 0 means greedy decoding (argmax, deterministic).
+        temperature: softmax temperature, >= 0 and at most float32's largest value (3.4e38; the sampler works in
+            float32). 0 means greedy decoding (argmax, deterministic); so does a value that rounds to 0 in
+            float32 (below ~1.4e-45); values in (0, 1e-5) act as 1e-5 (the logits are divided by it).
         top_p: nucleus sampling (Holtzman et al. 2019, arXiv 1904.09751): keep the smallest set of tokens whose
-            probabilities add up to at least ``top_p``. In (0, 1]; 1 turns it off.
-        top_k: keep the ``top_k`` most likely tokens; -1 turns it off, otherwise a positive integer.
+            probabilities add up to at least ``top_p``. In (0, 1]; 1 turns it off. The most likely token is
+            always kept, however small ``top_p`` is (also below float32's smallest value).
+        top_k: keep the ``top_k`` most likely tokens; -1 turns it off, otherwise a positive integer (a value
+            above the vocabulary size keeps every token).
         max_tokens: the most tokens to generate, >= 1.
         ignore_eos: keep generating after the end-of-sequence token (until max_tokens or max_model_len).
         stop_token_ids: extra token ids that end the request (finish_reason "stop"), like EOS.
@@ -49,8 +54,9 @@ class SamplingParams:
             setattr(self, name, int(value))
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"SamplingParams.ignore_eos must be a bool, got {self.ignore_eos!r}")
-        if not 0.0 <= self.temperature < math.inf:  # also catches NaN
-            raise ValueError(f"SamplingParams.temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 <= self.temperature <= FLOAT32_MAX:  # also catches NaN
+            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy) and finite in float32 "
+                             f"(at most {FLOAT32_MAX:.7g}), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k != -1 and self.top_k < 1:

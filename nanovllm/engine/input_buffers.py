@@ -31,6 +31,8 @@ import torch
 
 from nanovllm.engine.sequence import Sequence
 
+_TOP_K_MAX = 2**62  # a larger top_k keeps every token as well, and would not fit the int64 buffer
+
 
 class StepInputBuffers:
     """The decode step's and the sampler's inputs, for up to ``max_rows`` sequences.
@@ -188,7 +190,7 @@ class StepInputBuffers:
         top_ks = self.np_top_ks[:n]
         top_ps = self.np_top_ps[:n]
         temps[:] = np.fromiter((p.temperature for p in params), dtype=np.float32, count=n)
-        top_ks[:] = np.fromiter((p.top_k for p in params), dtype=np.int64, count=n)
+        top_ks[:] = np.fromiter((min(p.top_k, _TOP_K_MAX) for p in params), dtype=np.int64, count=n)
         top_ps[:] = np.fromiter((p.top_p for p in params), dtype=np.float32, count=n)
         return {"all_greedy": not temps.any(), "use_top_k": bool((top_ks > 0).any()),
                 "use_top_p": bool((top_ps < 1).any())}

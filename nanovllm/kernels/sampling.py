@@ -341,8 +341,9 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, seed: int, o
         force_triton: run the Triton kernels on CPU tensors (``TRITON_INTERPRET=1`` tests).
 
     Returns:
-        int64 ``[B]`` token ids on the logits' device. NaN logits are never chosen by the Triton path (unlike
-        ``torch.argmax``).
+        int64 ``[B]`` token ids on the logits' device. A token whose logit is -inf is never chosen unless the
+        whole row is -inf (then token 0); NaN logits are never chosen by the Triton path (unlike ``torch.argmax``).
+        At any temperature in (0, 3.4e38] the scores stay free of NaN for finite logits (``1 / T`` is finite).
 
     The Triton path does no device->host synchronization (CUDA-graph capturable).
 

@@ -8,6 +8,8 @@ from nanovllm.kernels.sampling import MIN_TEMPERATURE_F, sample_tokens_triton
 
 _SEED_MOD = 2**31 - 1  # Philox keys and call counters are int32 kernel arguments
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TINY = torch.finfo(torch.float32).tiny
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 class Sampler(nn.Module):
@@ -78,7 +80,8 @@ class Sampler(nn.Module):
             return sample_tokens_triton(logits, temperatures, *self.next_philox_seed(generator))
         logits = logits.float()
         greedy_ids = logits.argmax(-1)
-        logits = logits / temperatures.clamp_min(MIN_TEMPERATURE_F).unsqueeze(-1)
+        # a huge logit over a tiny temperature overflows to +inf (and softmax to NaN): the largest float32 instead
+        logits = (logits / temperatures.clamp_min(MIN_TEMPERATURE_F).unsqueeze(-1)).clamp_max_(_FLOAT32_MAX)
         if use_k or use_p:
             sorted_logits, order = logits.sort(-1, descending=True)
             drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
@@ -88,11 +91,16 @@ class Sampler(nn.Module):
                 drop |= ranks.unsqueeze(0) >= k.unsqueeze(-1)
             if use_p:
                 probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
-                mass_before = probs.cumsum(-1) - probs  # the first token is always kept
+                mass_before = probs.cumsum(-1) - probs
                 drop |= mass_before >= top_ps.unsqueeze(-1)
+                # the most likely token always survives, also when top_p rounds to 0 in float32 (below ~1.4e-45)
+                drop[:, 0] = False
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-        probs = logits.softmax(-1)
-        noise = torch.empty_like(probs).exponential_(generator=generator)
+        # a row of -inf only (no candidate at all) has NaN probabilities: zeros instead, so it takes token 0
+        probs = logits.softmax(-1).nan_to_num_(0.0)
+        # E ~ Exp(1) kept >= the smallest normal float32: p / E is then finite, and 0 (never the argmax over a row
+        # with a candidate) exactly for the tokens of probability 0
+        noise = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(_TINY)
         sampled = (probs / noise).argmax(-1)
         return torch.where(greedy, greedy_ids, sampled)
