@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import difflib
 import json
+import numbers
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
@@ -24,6 +26,9 @@ MAX_SCHEDULER_STEPS = 64  # the largest num_scheduler_steps accepted (the runner
 # throughput.py): 8 steps per round against 1 took the decode step from 1.35 to 1.23 ms at batch 1 and from
 # 7.04 to 6.27 ms at batch 256, and nano-vLLM's workload from 18,456 to 20,734-21,051 output tokens/s.
 GPU_DEFAULT_SCHEDULER_STEPS = 8
+# torch.Generator.manual_seed accepts [-2^63, 2^64 - 1] (a negative seed is mapped to 2^64 + seed) and raises
+# RuntimeError outside it
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 def default_num_scheduler_steps(device: str, tensor_parallel_size: int) -> int:
@@ -61,7 +66,8 @@ class Config:
         kvcache_block_size: tokens per KV block, a power of two.
         num_kvcache_blocks: -1 sizes the KV cache from memory; a positive value is used as given.
         compile_fusion: compile the model with the ``coconut`` backend (RMSNorm -> Linear fusion).
-        seed: seed of the sampler's random generator (None: nondeterministic sampling).
+        seed: seed of the sampler's random generator (None: nondeterministic sampling), an int in
+            ``[-2**63, 2**64 - 1]`` (``torch.Generator.manual_seed``'s range).
         num_scheduler_steps: the most decode steps run back to back per scheduling round (multi-step decode,
             vLLM's keyword of the same name), in [1, 64]. With k > 1, a round runs up to k steps (fewer when no
             running sequence may produce that many tokens, near max_model_len, or when free KV blocks are short:
@@ -78,6 +84,8 @@ class Config:
     Derived (not keywords): ``hf_config``; ``eos_token_ids``, every id that ends a request (unless
     ``ignore_eos``): the union of ``eos_token_id`` in config.json and in generation_config.json, each an int
     or a list; ``eos_token_id``, the first of them (-1 when there is none).
+
+    Integer fields accept any integral number (numpy integers included) and are stored as Python ints.
 
     Raises:
         TypeError: an unknown keyword (named, with the closest known one) or a field of the wrong type.
@@ -126,15 +134,23 @@ class Config:
             value = getattr(self, name)
             if value is None and name == "num_scheduler_steps":
                 continue  # resolved below, once the device is known
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {value!r}")
+            setattr(self, name, int(value))  # numpy integers become Python ints
         for name in ("enforce_eager", "compile_fusion"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if isinstance(self.gpu_memory_utilization, bool) or not isinstance(self.gpu_memory_utilization, (int, float)):
+        if isinstance(self.gpu_memory_utilization, (bool, np.bool_)) or not isinstance(self.gpu_memory_utilization,
+                                                                                          numbers.Real):
             raise TypeError(f"gpu_memory_utilization must be a number, got {self.gpu_memory_utilization!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+        self.gpu_memory_utilization = float(self.gpu_memory_utilization)
+        if self.seed is not None:
+            if isinstance(self.seed, (bool, np.bool_)) or not isinstance(self.seed, numbers.Integral):
+                raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+            self.seed = int(self.seed)
+            if not SEED_MIN <= self.seed <= SEED_MAX:
+                raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX}] (torch.Generator.manual_seed's range), "
+                                 f"got {self.seed}")
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device not in ("cuda", "cpu"):

@@ -8,6 +8,39 @@ from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.sampling_params import SamplingParams
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates know
+
+
+def _check_conversations(conversations: Any) -> list[list[dict[str, Any]]]:
+    """``LLM.chat``'s argument as a list of conversations, each checked message by message (see ``LLM.chat``)."""
+    if not isinstance(conversations, (list, tuple)):
+        raise TypeError(f"conversations must be a list of messages (one conversation) or a list of such lists, "
+                        f"got {type(conversations).__name__}")
+    if not conversations:
+        raise ValueError("conversations is empty: give one conversation (a list of messages) or a list of them")
+    if all(isinstance(c, dict) for c in conversations):
+        conversations = [conversations]  # one conversation
+    out = []
+    for i, conv in enumerate(conversations):
+        if not isinstance(conv, (list, tuple)):
+            raise TypeError(f"conversation {i}: expected a list of message dicts, got {type(conv).__name__}")
+        if not conv:
+            raise ValueError(f"conversation {i} is empty")
+        for j, msg in enumerate(conv):
+            where = f"conversation {i}, message {j}"
+            if not isinstance(msg, dict):
+                raise TypeError(f"{where}: expected a dict with 'role' and 'content', got {type(msg).__name__}")
+            missing = [k for k in ("role", "content") if k not in msg]
+            if missing:
+                raise ValueError(f"{where}: missing {' and '.join(repr(k) for k in missing)}")
+            if msg["role"] not in CHAT_ROLES:
+                raise ValueError(f"{where}: unknown role {msg['role']!r} (one of {', '.join(CHAT_ROLES)})")
+            if not isinstance(msg["content"], str):
+                raise TypeError(f"{where}: content must be a string, got {type(msg['content']).__name__}")
+        out.append(list(conv))
+    return out
+
+
 class LLM:
     """An offline inference engine for a Llama, Mistral, Qwen2 or Qwen3 checkpoint.
 
@@ -90,11 +123,16 @@ class LLM:
 
         Returns:
             As :meth:`generate`.
+
+        Raises:
+            TypeError: ``conversations`` is not a list of messages or a list of such lists (a single dict, None,
+                a string), or a message is not a dict / its content not a string (the conversation index and the
+                message index are named).
+            ValueError: an empty list, an empty conversation, a message without ``role`` or ``content``, or a
+                role outside :data:`CHAT_ROLES` (named likewise). Nothing runs before these checks.
         """
-        if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]  # type: ignore[list-item]
-        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                   for c in conversations]
+        convs = _check_conversations(conversations)
+        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def kv_cache_usage(self) -> float:
