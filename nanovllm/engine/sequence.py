@@ -26,7 +26,7 @@ class Sequence:
         num_cached_tokens: prompt tokens whose KV came from the prefix cache at the last allocation.
         num_computed_tokens: tokens whose KV is in the cache (after the last finished step).
         num_scheduled_tokens: tokens the current step computes for this sequence.
-        finish_reason: "stop" or "length" once finished.
+        finish_reason: "stop" or "length" once finished; "abort" when the call that ran it raised.
     """
 
     _ids = count()
