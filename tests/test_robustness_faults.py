@@ -167,3 +167,31 @@ def test_fault_after_a_round_reserved_blocks(engines, monkeypatch) -> None:
     assert seen["extra"] > 0  # the fault hit a round that had reserved blocks
     assert_as_new(llm)
     assert [o["token_ids"] for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)] == ref
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_fault_in_an_online_step_leaves_the_engine_as_new(engines, monkeypatch, exc: type[BaseException]) -> None:
+    """The server's loop (``submit`` / ``step_requests``) recovers the same way: the failed requests are named in
+    ``last_failed_request_ids`` and the next requests get a fresh engine's tokens."""
+    llm, ref, _ = engines["multi"]
+    eng = llm.engine
+
+    def run_online() -> dict[int, list[int]]:
+        ids = [eng.submit(p, PARAMS) for p in PROMPTS]
+        got: dict[int, list[int]] = {i: [] for i in ids}
+        for _ in range(200):
+            for out in eng.step_requests():
+                got[out.request_id] += out.new_token_ids
+            if not eng.num_unfinished_requests:
+                return got
+        raise AssertionError("online requests did not finish")
+
+    calls = {"n": 0}
+    monkeypatch.setattr(eng.model_runner, "run", faulty(eng.model_runner.run, 3, exc, "after", calls))
+    with pytest.raises(exc, match="injected fault"):
+        run_online()
+    monkeypatch.undo()
+    assert 1 <= len(eng.last_failed_request_ids) <= len(PROMPTS)  # those not finished when the step failed
+    assert_as_new(llm)
+    assert list(run_online().values()) == ref
+    assert_as_new(llm, after_fault=False)
