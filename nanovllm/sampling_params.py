@@ -14,7 +14,7 @@ class SamplingParams:
     Args:
         temperature: softmax temperature, >= 0 and at most float32's largest value (3.4e38; the sampler works in
             float32). 0 means greedy decoding (argmax, deterministic); so does a value that rounds to 0 in
-            float32 (below ~1.4e-45); values in (0, 1e-5) act as 1e-5 (the logits are divided by it).
+            float32 (below about 7e-46); values in (0, 1e-5) act as 1e-5 (the logits are divided by it).
         top_p: nucleus sampling (Holtzman et al. 2019, arXiv 1904.09751): keep the smallest set of tokens whose
             probabilities add up to at least ``top_p``. In (0, 1]; 1 turns it off. The most likely token is
             always kept, however small ``top_p`` is (also below float32's smallest value).

@@ -58,7 +58,8 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a)[:40] for a, _ in BAD_FLAGS])
-def test_bad_flag_gives_one_stderr_line_and_exit_2(tripwire, capsys, argv: list[str], message: str) -> None:  # noqa: ANN001
+def test_bad_flag_gives_one_stderr_line_and_exit_2(tripwire, capsys, argv: list[str],  # noqa: ANN001
+                                                   message: str) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
