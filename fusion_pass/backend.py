@@ -1,40 +1,61 @@
-"""The "coconut" torch.compile backend: Inductor's compile_fx with the RMSNorm -> linear fusion pass installed.
+"""The "coconut" torch.compile backend: Inductor (with the caller's `mode` and `options`) plus the RMSNorm -> linear
+fusion pass.
 
 Usage:
     import fusion_pass                       # registers the backend (also found via the package entry point)
     f = torch.compile(model, backend="coconut")
+    f = torch.compile(model, backend="coconut", mode="reduce-overhead")       # CUDA-graph trees, as Inductor
+    f = torch.compile(model, backend="coconut", options={"max_autotune": True, "coconut.min_sites": 1})
     fusion_pass.fused_site_count()          # sites rewritten since the last reset_stats()
 
+How `mode` and `options` reach a backend other than Inductor (torch 2.11-2.13, torch/__init__.py): torch.compile
+wraps the backend in ``_TorchCompileWrapper``, which calls ``compiler_fn(gm, example_inputs, mode=..., options=...)``
+(each only when given and not "default"/empty). torch.compile itself refuses `mode` and `options` together
+("Either mode or options can be specified"), for every backend. Inductor validates its options when torch.compile
+is called; a custom backend sees them only when the first graph compiles, so a bad key surfaces at the first call
+(Dynamo wraps it in ``torch._dynamo.exc.BackendCompilerFailed``, a RuntimeError whose message carries ours).
+`make_backend(mode, options)` validates at once and returns a backend callable for ``torch.compile(backend=...)``.
+`dynamic=` and `fullgraph=` are Dynamo's arguments, applied before any backend runs: they behave as with Inductor.
+
 The pass runs as Inductor's `post_grad_custom_pre_pass` (before Inductor's own post-grad pattern passes, which may
-otherwise rewrite mm + bias or reorder the norm chain), on the functionalized, normalized ATen graph.
-Its uuid() hashes the source of the pass (patterns.py, ops.py, kernels.py, this file) so Inductor's FX graph cache
-is invalidated whenever the pass changes. Note: on an FX-graph-cache hit the pass does not run, so the counters
-below only count graphs that were actually compiled (tests disable the cache).
+otherwise rewrite mm + bias or reorder the norm chain), on the functionalized, normalized ATen graph; a pass that
+the caller installed there already (config or options) runs first. Its uuid() hashes the pass's source files, so
+Inductor's FX graph cache is invalidated whenever the pass changes. On an FX-graph-cache hit the pass does not run,
+so the counters (fusion_pass.stats) only count graphs that were actually compiled.
+
+CUDA graphs (mode "reduce-overhead" / "max-autotune"): Inductor's CUDA-graph trees replay the compiled graph,
+coconut ops included. The ops are safe there: no host synchronization (eps is a Python float, or a 0-d CPU
+tensor), outputs allocated by the caching allocator (the trees' private pool), and the kernel choice measured
+before any capture: at compile time for every static-shape site ("coconut.pretune"), and the dispatcher never
+measures while a stream is capturing (fusion_pass.kernels.choose).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-import os
-import threading
+import operator
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from . import kernels, ops, patterns
+from . import kernels, ops, options as _options, patterns, stats
+from .options import CoconutOptionError, Settings, parse_options
+from .stats import all_stats, fused_site_count, last_stats, reset_stats
+
+__all__ = ["CoconutFusionPass", "CoconutOptionError", "FUSION_PASS", "all_stats", "coconut_backend",
+           "fused_site_count", "last_stats", "make_backend", "reset_stats"]
 
 log = logging.getLogger("fusion_pass")
 
-_lock = threading.Lock()
-_total_sites = 0
-_history: list[dict[str, Any]] = []
+_OPS = (patterns.OP_PLAIN, patterns.OP_RESIDUAL)
 
 
 def _source_hash() -> str:
     h = hashlib.sha256()
-    for mod in (patterns, ops, kernels):
+    for mod in (patterns, ops, kernels, _options, stats):
         with open(mod.__file__, "rb") as f:
             h.update(f.read())
     with open(__file__, "rb") as f:
@@ -42,21 +63,45 @@ def _source_hash() -> str:
     return h.hexdigest()
 
 
+def _static_sites(graph: fx.Graph) -> list[tuple[int, int, int, torch.dtype, torch.device]]:
+    """(M, N, K, dtype, device) of each linear served by a coconut op of `graph` whose shapes are all integers."""
+    out = []
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target not in _OPS:
+            continue
+        x = n.args[0].meta.get("val")
+        weights = n.args[3] if n.target is patterns.OP_RESIDUAL else n.args[2]
+        if not isinstance(x, torch.Tensor) or not all(isinstance(d, int) for d in x.shape):
+            continue
+        m = functools.reduce(operator.mul, x.shape[:-1], 1)
+        for w in weights:
+            wv = w.meta.get("val")
+            if isinstance(wv, torch.Tensor) and all(isinstance(d, int) for d in wv.shape):
+                out.append((m, wv.shape[0], wv.shape[1], x.dtype, x.device))
+    return out
+
+
 class CoconutFusionPass(CustomGraphPass):
-    """Inductor custom graph pass: rewrites (add +) RMSNorm -> linear(s) sites into torch.ops.coconut calls."""
+    """Inductor custom graph pass: rewrites (add +) RMSNorm -> linear(s) sites into torch.ops.coconut calls.
+
+    Each run records its statistics (fusion_pass.stats: one INFO log line per graph, a WARNING when candidates
+    exist and none was fused) and remembers the static shapes of the fused linears (`static_sites`) for pretuning.
+    Raises RuntimeError when a graph fuses fewer than `settings.min_sites` sites.
+    """
 
     _uuid: Optional[str] = None
 
+    def __init__(self, settings: Settings = Settings()) -> None:
+        self.settings = settings
+        self.static_sites: list[tuple[int, int, int, torch.dtype, torch.device]] = []
+
     def __call__(self, graph: fx.Graph) -> None:
-        global _total_sites
-        stats = patterns.rewrite_graph(graph)
-        with _lock:
-            _total_sites += stats.sites
-            _history.append(stats.as_dict())
-        log.info("coconut: rewrote %d RMSNorm->linear site(s) (%d with residual add, %d linears, %d norms seen)",
-                 stats.sites, stats.residual_sites, stats.linears, stats.norms_seen)
-        for s in stats.skipped:
-            log.debug("coconut: skipped %s", s)
+        result = patterns.rewrite_graph(graph)
+        stats.record(result.as_dict(), warn_unfused=self.settings.warn_unfused)
+        if result.sites < self.settings.min_sites:
+            raise RuntimeError(f"coconut: the graph fused {result.sites} site(s), fewer than coconut.min_sites = "
+                               f"{self.settings.min_sites}; left alone: {result.skipped}")
+        self.static_sites.extend(_static_sites(graph))
 
     def uuid(self) -> str:
         if CoconutFusionPass._uuid is None:
@@ -79,47 +124,83 @@ class _ChainedPass(CustomGraphPass):
         return None if u is None else (u, self.second.uuid())
 
 
+#: The pass with default settings (for callers that install it into Inductor's config themselves).
 FUSION_PASS = CoconutFusionPass()
 
 
-def fused_site_count() -> int:
-    """Number of sites rewritten by the pass since import or the last reset_stats()."""
-    return _total_sites
+def _pretune(sites: list[tuple[int, int, int, torch.dtype, torch.device]]) -> None:
+    """Measure the dispatch decision of every CUDA site now, outside any CUDA-graph capture (kernels.pretune)."""
+    cuda = [s for s in sites if s[4].type == "cuda"]
+    if not cuda or torch.cuda.is_current_stream_capturing():
+        return
+    by_kind: dict[tuple[torch.dtype, torch.device], set[tuple[int, int, int]]] = {}
+    for m, n, k, dt, dev in cuda:
+        by_kind.setdefault((dt, dev), set()).add((m, n, k))
+    for (dt, dev), shapes in by_kind.items():
+        kernels.pretune(sorted(shapes), dtype=dt, device=dev)
 
 
-def last_stats() -> dict[str, Any]:
-    """Stats of the most recent pass run (one graph): sites, residual_sites, linears, norms_seen, skipped."""
-    return dict(_history[-1]) if _history else {"sites": 0, "residual_sites": 0, "linears": 0, "norms_seen": 0,
-                                                "skipped": []}
-
-
-def all_stats() -> list[dict[str, Any]]:
-    """Stats of every pass run since the last reset_stats(), in order."""
-    return [dict(h) for h in _history]
-
-
-def reset_stats() -> None:
-    """Reset the counters of fused_site_count / last_stats / all_stats."""
-    global _total_sites
-    with _lock:
-        _total_sites = 0
-        _history.clear()
-
-
-def coconut_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
-    """torch.compile backend: compile_fx with the coconut fusion pass as post_grad_custom_pre_pass.
-
-    Set COCONUT_FUSION=0 to compile with plain Inductor (same code path, pass disabled).
-    """
+def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any],
+             settings: Settings) -> Callable:
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
-    if os.environ.get("COCONUT_FUSION", "1") == "0":
-        return compile_fx(gm, example_inputs)
-    existing = inductor_config.post_grad_custom_pre_pass
-    the_pass: Any = FUSION_PASS if existing is None or existing is FUSION_PASS else _ChainedPass(existing,
-                                                                                                  FUSION_PASS)
-    return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_pre_pass": the_pass})
+    if patches.get("triton.cudagraphs"):
+        coconut_backend._used_cudagraphs = True  # type: ignore[attr-defined]
+    if not settings.enable:
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    the_pass = CoconutFusionPass(settings)
+    existing = patches.get("post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass)
+    chained: Any = the_pass if existing is None else _ChainedPass(existing, the_pass)
+    compiled = compile_fx(gm, example_inputs, config_patches={**patches, "post_grad_custom_pre_pass": chained})
+    if settings.pretune:
+        _pretune(the_pass.static_sites)
+    return compiled
+
+
+def coconut_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: Optional[str] = None,
+                    options: Optional[dict[str, Any]] = None) -> Callable:
+    """torch.compile backend: Inductor's compile_fx with `mode` / `options` applied and the fusion pass installed.
+
+    Args:
+        gm, example_inputs: from Dynamo.
+        mode: torch.compile's mode ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs").
+        options: Inductor config keys and "coconut.*" keys (fusion_pass.options.COCONUT_OPTIONS).
+    Returns:
+        The compiled callable (Inductor's, CUDA-graph trees included under reduce-overhead / max-autotune).
+    Raises:
+        CoconutOptionError (RuntimeError, ValueError): a bad mode or option. RuntimeError: fewer fused sites than
+        "coconut.min_sites".
+    """
+    patches, settings = parse_options(mode, options)
+    return _compile(gm, example_inputs, patches, settings)
+
+
+def _reset() -> None:
+    """Called by torch._dynamo.reset() (through torch.compile's wrapper): drop CUDA-graph trees, as Inductor does."""
+    if getattr(coconut_backend, "_used_cudagraphs", False):
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+        reset_cudagraph_trees()
+
+
+coconut_backend.reset = _reset  # type: ignore[attr-defined]
+
+
+def make_backend(mode: Optional[str] = None, options: Optional[dict[str, Any]] = None) -> Callable:
+    """A backend callable with `mode` and `options` bound and validated now (not at the first compile).
+
+    ``torch.compile(model, backend=fusion_pass.make_backend("reduce-overhead", {"coconut.min_sites": 1}))``:
+    unlike torch.compile's own arguments, mode and options may be combined here.
+    Raises CoconutOptionError (RuntimeError, ValueError) on a bad mode or option.
+    """
+    patches, settings = parse_options(mode, options)
+
+    def coconut(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        return _compile(gm, example_inputs, patches, settings)
+
+    coconut.reset = _reset  # type: ignore[attr-defined]
+    return coconut
 
 
 def _register() -> None:

@@ -87,11 +87,12 @@ class PassStats:
     residual_sites: int = 0
     linears: int = 0
     norms_seen: int = 0
-    skipped: list[str] = field(default_factory=list)
+    candidates: int = 0  # matched norms with at least one mm/addmm use (direct or through a flatten view)
+    skipped: list[str] = field(default_factory=list)  # "<norm node>: <reason>" for each matched norm left alone
 
     def as_dict(self) -> dict[str, Any]:
         return {"sites": self.sites, "residual_sites": self.residual_sites, "linears": self.linears,
-                "norms_seen": self.norms_seen, "skipped": list(self.skipped)}
+                "norms_seen": self.norms_seen, "candidates": self.candidates, "skipped": list(self.skipped)}
 
 
 def _val(n: Any) -> Any:
@@ -316,6 +317,32 @@ def find_consumers(site: Site) -> Optional[list[Consumer]]:
     return out or None
 
 
+def _refusal(site: Site) -> tuple[str, bool]:
+    """Why find_consumers(site) refused the site, and whether the norm feeds at least one mm/addmm (a candidate)."""
+    xv = _val(site.out)
+    k = xv.shape[-1] if isinstance(xv, torch.Tensor) else -1
+    mms = {aten.mm.default, aten.addmm.default}
+    uses: list[Node] = []
+    for u in site.out.users:
+        if _is_call(u, _VIEWS) and u.args[0] is site.out and _is_flatten(u, k) and u.users:
+            uses.extend(u.users)
+        else:
+            uses.append(u)
+    candidate = any(_is_call(u, mms) for u in uses)
+    for u in uses:
+        if u.op == "output":
+            return "an output of the graph (in training: saved for the backward)", candidate
+        if _is_call(u, mms):
+            if _as_linear(u, site.out, k, xv.dtype) is None and all(
+                    _as_linear(u, v, k, xv.dtype) is None for v in u.all_input_nodes if _is_call(v, _VIEWS)):
+                return f"{u.name} is not a fusable linear (weight not an [N, K] transpose of the activation dtype, " \
+                       "or an unusual bias)", candidate
+            continue
+        target = getattr(u.target, "__name__", str(u.target))
+        return f"used by {u.name} ({target}), not a linear", candidate
+    return "a use is not a linear", candidate
+
+
 def _residual(x: Node) -> Optional[tuple[Node, Node]]:
     if not _is_call(x, aten.add.Tensor) or _binary(x) is None:
         return None
@@ -450,8 +477,11 @@ def rewrite_graph(graph: fx.Graph) -> PassStats:
         stats.norms_seen += 1
         consumers = find_consumers(site)
         if consumers is None:
-            stats.skipped.append(f"{n.name}: a use is not a linear")
+            reason, candidate = _refusal(site)
+            stats.candidates += candidate
+            stats.skipped.append(f"{n.name}: {reason}")
             continue
+        stats.candidates += 1
         site.consumers = consumers
         sites.append(site)
     renamed: dict[Node, Node] = {}

@@ -1,0 +1,113 @@
+"""The coconut backend's `mode` and `options`: Inductor's own, plus a few settings of its own under "coconut.*".
+
+    torch.compile(model, backend="coconut", mode="reduce-overhead")
+    torch.compile(model, backend="coconut", options={"max_autotune": True, "coconut.min_sites": 1})
+
+`mode` is resolved with Inductor's own table (``torch._inductor.list_mode_options``), so "reduce-overhead" and
+"max-autotune" patch the same Inductor settings (``triton.cudagraphs``, ``max_autotune``,
+``coordinate_descent_tuning``) as ``backend="inductor"`` does. Every other option key is an Inductor config key
+(``torch._inductor.list_options()``; "-" may stand for "_"), checked for existence and type as Inductor checks it.
+Keys that start with "coconut." are the backend's own (see `COCONUT_OPTIONS`).
+
+Errors: an unknown key, a value of the wrong type or an unknown mode raise `CoconutOptionError`, a subclass of
+both RuntimeError (what Inductor raises for the same mistakes) and ValueError.
+"""
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+#: The backend's own option keys: name -> (type, default, meaning). Add kernel settings here (and to Settings).
+COCONUT_OPTIONS: dict[str, tuple[type, Any, str]] = {
+    "coconut.enable": (bool, True, "install the fusion pass; False compiles with plain Inductor (same mode and "
+                                   "options), for A/B comparisons"),
+    "coconut.pretune": (bool, True, "on CUDA, time the kernel variants of every fused site of static shape while "
+                                    "the graph compiles, so nothing is measured later (inside a CUDA-graph "
+                                    "warm-up or capture)"),
+    "coconut.min_sites": (int, 0, "raise RuntimeError from the compile when a graph fuses fewer sites (0: never); "
+                                  "a guard for benchmarks and CI that must not silently run unfused"),
+    "coconut.warn_unfused": (bool, True, "log a WARNING when a graph has RMSNorm -> linear candidates and none "
+                                         "was fused"),
+}
+
+
+class CoconutOptionError(RuntimeError, ValueError):
+    """A bad `mode` or `options` for the coconut backend (RuntimeError like Inductor's, and ValueError)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The parsed "coconut.*" options (defaults in `COCONUT_OPTIONS`)."""
+
+    enable: bool = True
+    pretune: bool = True
+    min_sites: int = 0
+    warn_unfused: bool = True
+
+
+def _inductor_check(key: str, val: Any, current: dict[str, Any]) -> str:
+    """Inductor's own validation of one option (torch/__init__.py, _TorchCompileInductorWrapper.apply_options)."""
+    from torch._inductor import config
+
+    name = key.replace("-", "_")
+    if name not in current:
+        raise CoconutOptionError(f"Unexpected optimization option {key}, known options are "
+                                 f"{sorted(current) + sorted(COCONUT_OPTIONS)}")
+    get_type = getattr(config, "get_type", None)
+    typ = get_type(name) if get_type is not None else None
+    if isinstance(typ, type) and typing.get_origin(typ) is None and not isinstance(val, typ):
+        raise CoconutOptionError(f"Unexpected type of attr {key}, got {type(val).__name__} should be "
+                                 f"{type(current[name]).__name__}")
+    return name
+
+
+def parse_options(mode: Optional[str] = None, options: Optional[dict[str, Any]] = None,
+                  dynamic: Optional[bool] = None) -> tuple[dict[str, Any], Settings]:
+    """Split torch.compile's `mode` / `options` into Inductor config patches and the coconut `Settings`.
+
+    Args:
+        mode: None or a mode name of ``torch._inductor.list_mode_options()`` ("default", "reduce-overhead",
+            "max-autotune", "max-autotune-no-cudagraphs", ...); its patches come first, `options` override them.
+        options: {key: value}; "coconut.*" keys per `COCONUT_OPTIONS`, every other key an Inductor config key.
+        dynamic: torch.compile's `dynamic`, handed to ``list_mode_options`` as Inductor does.
+    Returns:
+        (Inductor config patches {dotted name: value}, Settings).
+    Raises:
+        CoconutOptionError (RuntimeError and ValueError): unknown mode, unknown key, value of the wrong type,
+        `options` not a dict.
+    """
+    from torch._inductor import config, list_mode_options
+
+    patches: dict[str, Any] = {}
+    if mode is not None and mode != "default":
+        if not isinstance(mode, str):
+            raise CoconutOptionError(f"mode must be a string, got {type(mode).__name__}")
+        try:
+            patches.update(list_mode_options(mode, dynamic))
+        except RuntimeError as e:  # "Unrecognized mode=..., should be one of: ..."
+            raise CoconutOptionError(str(e)) from None
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise CoconutOptionError(f"options must be a dict, got {type(options).__name__}")
+    own: dict[str, Any] = {}
+    current = config.get_config_copy() if any(not str(k).startswith("coconut.") for k in options) else {}
+    for key, val in options.items():
+        if not isinstance(key, str):
+            raise CoconutOptionError(f"option keys must be strings, got {key!r}")
+        if key.startswith("coconut."):
+            if key not in COCONUT_OPTIONS:
+                raise CoconutOptionError(f"Unexpected coconut option {key}, known coconut options are "
+                                         f"{sorted(COCONUT_OPTIONS)}")
+            typ = COCONUT_OPTIONS[key][0]
+            if not isinstance(val, typ) or (typ is int and isinstance(val, bool)):
+                raise CoconutOptionError(f"Unexpected type of attr {key}, got {type(val).__name__} should be "
+                                         f"{typ.__name__}")
+            if key == "coconut.min_sites" and val < 0:
+                raise CoconutOptionError(f"coconut.min_sites must be >= 0, got {val}")
+            own[key.split(".", 1)[1]] = val
+        else:
+            patches[_inductor_check(key, val, current)] = val
+    names = {f.name for f in fields(Settings)}
+    return patches, Settings(**{k: v for k, v in own.items() if k in names})
