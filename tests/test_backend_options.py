@@ -1,0 +1,185 @@
+"""The coconut backend honours torch.compile's mode and options as Inductor does (the Inductor config seen inside
+the compile), its own "coconut.*" options, refuses unknown keys, fuses under every mode, and logs one line per
+graph (a WARNING when candidates were left unfused)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from torch._inductor import config as inductor_config  # noqa: E402
+from torch._inductor.custom_graph_pass import CustomGraphPass  # noqa: E402
+
+import fusion_pass  # noqa: E402
+from fusion_pass import backend as coconut  # noqa: E402
+from fusion_pass.options import CoconutOptionError, parse_options  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("fresh_compile_state", "one_thread")
+
+MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+WATCHED = ("triton.cudagraphs", "triton.cudagraph_trees", "max_autotune", "coordinate_descent_tuning")
+
+
+class NormLinear(torch.nn.Module):
+    """RMSNorm -> Linear (one fusable site) -> Linear (a plain mm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(32, eps=1e-6)
+        self.up = torch.nn.Linear(32, 16, bias=False)
+        self.down = torch.nn.Linear(16, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.up(self.norm(x)))
+
+
+class Probe(CustomGraphPass):
+    """A post-grad pass that records the Inductor config in force while the graph compiles."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, object] = {}
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for key in WATCHED:
+            obj = inductor_config
+            for part in key.split("."):
+                obj = getattr(obj, part)
+            self.seen[key] = obj
+
+    def uuid(self) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def model() -> NormLinear:
+    torch.manual_seed(0)
+    m = NormLinear().eval()
+    with torch.no_grad():
+        m.norm.weight.uniform_(0.5, 1.5)
+    return m
+
+
+def compile_run(model: torch.nn.Module, x: torch.Tensor, **kw) -> tuple[torch.Tensor, dict[str, object]]:
+    probe = Probe()
+    torch._dynamo.reset()
+    with inductor_config.patch(post_grad_custom_post_pass=probe), torch.no_grad():
+        out = torch.compile(model, **kw)(x)
+    return out, probe.seen
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mode_patches_inductor_config_and_still_fuses(model, mode):
+    x = torch.randn(3, 32)
+    out, seen = compile_run(model, x, backend="coconut", mode=mode)
+    expected = torch._inductor.list_mode_options(mode)
+    for key in ("triton.cudagraphs", "max_autotune", "coordinate_descent_tuning"):
+        assert seen[key] == expected.get(key, False), (mode, key, seen)
+    if "cudagraphs" in expected:  # what a GPU gets: CUDA-graph trees (the CPU skips graphs at run time)
+        assert seen["triton.cudagraphs"] is True and seen["triton.cudagraph_trees"] is True
+    assert fusion_pass.fused_site_count() == 1, fusion_pass.all_stats()
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_options_reach_inductor_and_coconut_settings(model, monkeypatch):
+    x = torch.randn(3, 32)
+    _, seen = compile_run(model, x, backend="coconut", options={"max_autotune": True, "coordinate-descent-tuning": True})
+    assert seen["max_autotune"] is True and seen["coordinate_descent_tuning"] is True
+    assert fusion_pass.fused_site_count() == 1
+
+    fusion_pass.reset_stats()
+    out, _ = compile_run(model, x, backend="coconut", options={"coconut.enable": False})
+    assert fusion_pass.fused_site_count() == 0 and fusion_pass.all_stats() == []  # the pass never ran
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+
+    pretuned: list = []
+    monkeypatch.setattr(coconut, "_pretune", lambda sites: pretuned.append(list(sites)))
+    compile_run(model, x, backend="coconut")
+    assert pretuned == [[(3, 16, 32, torch.float32, torch.device("cpu"))]]  # M, N, K of the fused linear
+    compile_run(model, x, backend="coconut", options={"coconut.pretune": False})
+    assert len(pretuned) == 1
+
+
+def test_min_sites_raises_from_the_compile(model):
+    with pytest.raises(RuntimeError, match="fewer than coconut.min_sites = 2"):
+        compile_run(model, torch.randn(3, 32), backend="coconut", options={"coconut.min_sites": 2})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"no_such_inductor_option": 1}, "Unexpected optimization option no_such_inductor_option"),
+    ({"coconut.no_such_option": 1}, "Unexpected coconut option coconut.no_such_option"),
+    ({"max_autotune": "yes"}, "Unexpected type of attr max_autotune"),
+    ({"coconut.min_sites": True}, "Unexpected type of attr coconut.min_sites"),
+])
+def test_bad_option_raises_like_inductor(model, options, message):
+    with pytest.raises(RuntimeError, match=message):  # at the first compile, wrapped by Dynamo
+        compile_run(model, torch.randn(3, 32), backend="coconut", options=options)
+    with pytest.raises(CoconutOptionError, match=message):  # at once
+        fusion_pass.make_backend(options=options)
+    if not next(iter(options)).startswith("coconut."):  # Inductor refuses the same key, with a RuntimeError
+        with pytest.raises(RuntimeError, match=message):
+            torch.compile(model, backend="inductor", options=options)
+
+
+def test_bad_mode_raises_and_make_backend_combines_mode_and_options(model):
+    with pytest.raises(ValueError, match="Unrecognized mode=fast"):
+        parse_options("fast", None)
+    patches, settings = parse_options("max-autotune", {"max_autotune": False, "coconut.min_sites": 1})
+    assert patches == {"max_autotune": False, "triton.cudagraphs": True, "coordinate_descent_tuning": True}
+    assert settings.min_sites == 1 and settings.enable
+    _, seen = compile_run(model, torch.randn(3, 32), backend=fusion_pass.make_backend("reduce-overhead",
+                                                                                       {"max_autotune": True}))
+    assert seen["triton.cudagraphs"] is True and seen["max_autotune"] is True
+    assert fusion_pass.fused_site_count() == 1
+
+
+def test_dynamic_and_fullgraph_behave_as_with_inductor(model):
+    with torch.no_grad():
+        f = torch.compile(model, backend="coconut", dynamic=True)
+        for rows in (3, 5):
+            x = torch.randn(rows, 32)
+            torch.testing.assert_close(f(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(fusion_pass.all_stats()) == 1 and fusion_pass.fused_site_count() == 1  # one dynamic graph
+
+    def broken(x: torch.Tensor) -> torch.Tensor:
+        y = model(x)
+        torch._dynamo.graph_break()
+        return y + 1
+
+    errors = []
+    for backend in ("inductor", "coconut"):
+        torch._dynamo.reset()
+        with pytest.raises(Exception) as e, torch.no_grad():
+            torch.compile(broken, backend=backend, fullgraph=True)(torch.randn(3, 32))
+        errors.append(type(e.value))
+    assert errors[0] is errors[1] and issubclass(errors[0], torch._dynamo.exc.Unsupported)
+
+
+def test_one_info_line_per_graph_and_a_warning_when_nothing_fuses(model, caplog):
+    x = torch.randn(3, 32)
+    with caplog.at_level(logging.INFO, logger="fusion_pass"):
+        compile_run(model, x, backend="coconut")
+    lines = [r for r in caplog.records if r.name == "fusion_pass" and "graph 1" in r.getMessage()]
+    assert [r.levelno for r in lines] == [logging.INFO]
+    assert "fused 1 of 1 RMSNorm->linear candidate site(s) (0 with the residual add, 1 without), 1 linear(s)" \
+        in lines[0].getMessage()
+
+    # Training: grad mode on, trainable weights -> the normalized activations are saved for the backward.
+    torch._dynamo.reset()
+    fusion_pass.reset_stats()
+    caplog.clear()
+    train = NormLinear().train()
+    with caplog.at_level(logging.INFO, logger="fusion_pass"):
+        torch.compile(train, backend="coconut")(x).sum().backward()
+    stats = fusion_pass.all_stats()[0]  # the forward graph
+    assert stats["sites"] == 0 and stats["candidates"] == 1, stats
+    assert "an output of the graph" in stats["skipped"][0]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "fusion_pass"]
+    assert len(warnings) == 1 and "1 RMSNorm->linear candidate(s) and none was fused" in warnings[0]
