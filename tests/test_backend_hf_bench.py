@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
 
@@ -14,6 +15,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 pytest.importorskip("transformers")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from benchmarks.harness import hf_decode  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_compile_state", "one_thread")
