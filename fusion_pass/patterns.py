@@ -18,6 +18,9 @@ Linear consumers of `out` (every use must be one, else the site is left alone):
     mm(out2d, permute(W, [1, 0]) | t(W))          (+ an optional add(mm, b) with b: [N] as the only use of mm)
     addmm(b, out2d, permute(W, [1, 0]))           (beta = alpha = 1)
     where out2d is `out` itself (2-D) or view/reshape/_unsafe_view(out, [M, K]) (a flatten of the leading dims).
+    `out` may also reach them through one row slice (slice over a non-last dim, step 1: generate's last-token
+    selection before lm_head); the op then reads the same rows of x (of both residual inputs, unless the sum has
+    other uses, when the plain form reads rows of the sum).
 All consumers of one norm become ONE coconut call with a list of weights; each replaced node (mm, addmm or the
 bias add) is replaced by the matching 2-D output of the op.
 
@@ -40,6 +43,7 @@ import torch.fx as fx
 from torch.fx import Node
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.coconut.*)
+from .fx_edit import fake_run as _fake_run, hoist_all as _hoist_all
 
 log = logging.getLogger("fusion_pass")
 
@@ -77,6 +81,7 @@ class Site:
     chain: list[Node]
     consumers: list[Consumer]
     residual: Optional[tuple[Node, Node]] = None
+    rows: Optional[tuple[int, Any, Any]] = None  # (dim, start, end): the linears read out[rows] (a row slice)
 
 
 @dataclass
@@ -290,15 +295,40 @@ def _is_flatten(v: Node, k: int) -> bool:
     return isinstance(val, torch.Tensor) and val.dim() == 2 and val.shape[1] == k
 
 
+def _row_slice(u: Node, src: Node) -> Optional[tuple[int, Any, Any]]:
+    """(dim, start, end) when u = slice(src, dim, start, end) with step 1 over a dim that is not the last."""
+    v = _val(src)
+    if not _is_call(u, aten.slice.Tensor) or u.args[0] is not src or not isinstance(v, torch.Tensor):
+        return None
+    dim, start, end, step = (list(u.args[1:]) + [0, None, None, 1][len(u.args) - 1:])[:4]
+    if u.kwargs or step != 1 or not isinstance(dim, int) or dim % v.dim() == v.dim() - 1:
+        return None
+    if any(b is not None and not isinstance(b, int) for b in (start, end)):
+        return None
+    return dim % v.dim(), start, end
+
+
 def find_consumers(site: Site) -> Optional[list[Consumer]]:
-    """Every use of site.out as linear consumers, or None if any use is something else."""
-    xv = _val(site.out)
+    """Every use of site.out as linear consumers, or None if any use is something else.
+
+    A norm whose only use is a row slice (generate's last-token selection before lm_head) is matched through it:
+    site.rows is set and the slice joins site.chain (the op then normalizes the sliced rows only).
+    """
+    src = site.out
+    rows = _row_slice(next(iter(src.users)), src) if len(src.users) == 1 else None
+    passed: list[Node] = []  # the slice, then the contiguous copy that a reshape of it makes
+    if rows is not None:
+        passed.append(src := next(iter(src.users)))
+        c = next(iter(src.users)) if len(src.users) == 1 else None
+        if c is not None and _is_call(c, aten.clone.default) and len(c.args) == 1:
+            passed.append(src := c)
+    xv = _val(src)
     if not isinstance(xv, torch.Tensor):
         return None
     k, dt = xv.shape[-1], xv.dtype
     out: list[Consumer] = []
-    for u in site.out.users:
-        if _is_call(u, _VIEWS) and u.args[0] is site.out:
+    for u in src.users:
+        if _is_call(u, _VIEWS) and u.args[0] is src:
             if not _is_flatten(u, k) or not u.users:
                 return None
             for uu in u.users:
@@ -308,12 +338,15 @@ def find_consumers(site: Site) -> Optional[list[Consumer]]:
                 c.extra.append(u)
                 out.append(c)
         elif xv.dim() == 2:
-            c = _as_linear(u, site.out, k, dt)
+            c = _as_linear(u, src, k, dt)
             if c is None:
                 return None
             out.append(c)
         else:
             return None
+    if out and rows is not None:
+        site.rows = rows
+        site.chain.extend(passed)
     return out or None
 
 
@@ -355,46 +388,6 @@ def _residual(x: Node) -> Optional[tuple[Node, Node]]:
     return a, b
 
 
-def _fake_run(target: Any, args: tuple) -> Any:
-    """Run the op's fake impl on the args' meta values (under the graph's fake mode)."""
-    vals = fx.node.map_arg(args, _val)
-    flat = [v for v in torch.utils._pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)]
-    mode = torch._guards.detect_fake_mode(flat)
-    if mode is None:
-        return None
-    with mode:
-        return target(*vals)
-
-
-def _hoist_all(inputs: list[Node], first: Node, order: dict[Node, int], forbidden: set[Node]) -> bool:
-    """Make every input precede `first`, moving pure nodes (and their late dependencies) up when needed.
-
-    Returns False, leaving the graph unchanged, when an input depends on a forbidden node (one that must follow
-    the op) or on an impure node that cannot be moved.
-    """
-    limit = order[first]
-    to_move: list[Node] = []
-    seen: set[Node] = set()
-
-    def visit(n: Node) -> bool:
-        if n in seen or order.get(n, limit) < limit:
-            return True
-        if n in forbidden or n.op != "call_function" or n.is_impure():
-            return False
-        seen.add(n)
-        for a in n.all_input_nodes:
-            if not visit(a):
-                return False
-        to_move.append(n)
-        return True
-
-    if not all(visit(n) for n in inputs):
-        return False
-    for n in sorted(to_move, key=order.__getitem__):
-        first.prepend(n)
-    return True
-
-
 def _rewrite(graph: fx.Graph, site: Site, stats: PassStats, renamed: dict[Node, Node]) -> bool:
     site.x = renamed.get(site.x, site.x)
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -403,6 +396,8 @@ def _rewrite(graph: fx.Graph, site: Site, stats: PassStats, renamed: dict[Node, 
     h_users: list[Node] = []
     if residual is not None:
         h_users = [u for u in site.x.users if u not in chain]
+        if site.rows is not None and h_users:  # h is needed whole: keep the add, normalize rows of its result
+            residual, h_users = None, []
     targets = [c.node for c in site.consumers] + h_users
     first = min(targets, key=order.__getitem__)
     weights = [c.weight for c in site.consumers]
@@ -419,13 +414,21 @@ def _rewrite(graph: fx.Graph, site: Site, stats: PassStats, renamed: dict[Node, 
             stats.skipped.append(f"{site.out.name}: an input depends on a node that must follow the op")
             return False
     order = {n: i for i, n in enumerate(graph.nodes)}
+    xs = list(residual) if residual is not None else [site.x]
+    if site.rows is not None:  # the op reads the same rows of its inputs as the linears read of the norm
+        sliced = []
+        for n in xs:
+            with graph.inserting_before(first):
+                sn = graph.call_function(aten.slice.Tensor, (n, *site.rows))
+            sn.meta["val"] = _fake_run(aten.slice.Tensor, (n, *site.rows))
+            sliced.append(sn)
+        xs = sliced
     if residual is not None:
         target = OP_RESIDUAL
-        args: tuple = (residual[0], residual[1], site.gain, weights, biases, site.eps, site.eps_node,
-                       site.weight_in_fp32)
+        args: tuple = (xs[0], xs[1], site.gain, weights, biases, site.eps, site.eps_node, site.weight_in_fp32)
     else:
         target = OP_PLAIN
-        args = (site.x, site.gain, weights, biases, site.eps, site.eps_node, site.weight_in_fp32)
+        args = (xs[0], site.gain, weights, biases, site.eps, site.eps_node, site.weight_in_fp32)
     fake = _fake_run(target, args)
     with graph.inserting_before(first):
         op_node = graph.call_function(target, args)
@@ -441,7 +444,7 @@ def _rewrite(graph: fx.Graph, site: Site, stats: PassStats, renamed: dict[Node, 
         if "stack_trace" in c.node.meta:
             it.meta["stack_trace"] = c.node.meta["stack_trace"]
         c.node.replace_all_uses_with(it)
-    if residual is not None:
+    if residual is not None and site.rows is None:
         h = items[-1]
         for u in h_users:
             u.replace_input_with(site.x, h)

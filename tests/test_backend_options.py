@@ -183,3 +183,34 @@ def test_one_info_line_per_graph_and_a_warning_when_nothing_fuses(model, caplog)
     assert "an output of the graph" in stats["skipped"][0]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "fusion_pass"]
     assert len(warnings) == 1 and "1 RMSNorm->linear candidate(s) and none was fused" in warnings[0]
+
+
+class SlicedHead(torch.nn.Module):
+    """residual add -> RMSNorm -> last-token row slice -> Linear, as generate's lm_head reads the final norm;
+    with `reuse`, the sum is also used afterwards (the residual form cannot slice its inputs then)."""
+
+    def __init__(self, reuse: bool) -> None:
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(32, eps=1e-6)
+        self.head = torch.nn.Linear(32, 24, bias=False)
+        self.reuse = reuse
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        h = x + r
+        y = self.head(self.norm(h)[:, -2:, :])
+        return (y, h * 2) if self.reuse else y
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_row_slice_between_norm_and_linear_is_fused(reuse):
+    torch.manual_seed(0)
+    m = SlicedHead(reuse).eval()
+    with torch.no_grad():
+        m.norm.weight.uniform_(0.5, 1.5)
+    x, r = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        ref = m(x, r)
+        out = torch.compile(m, backend="coconut")(x, r)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    stats = fusion_pass.last_stats()
+    assert (stats["sites"], stats["residual_sites"], stats["linears"]) == (1, 0 if reuse else 1, 1), stats
