@@ -217,10 +217,25 @@ def _prefill(model: torch.nn.Module, cache: Any, args: argparse.Namespace, batch
         model(input_ids=ids, **_forward_kwargs(model, cache, 0, args.context, batch))
 
 
+def pretune(model: torch.nn.Module, batch: int, args: argparse.Namespace) -> None:
+    """Measure coconut's kernel choice for the model's fused linears at `batch` rows before anything compiles or
+    captures (the backend also does it at compile time, but not for a graph served from the FX-graph cache)."""
+    import fusion_pass
+
+    if args.device != "cuda":
+        return
+    c = model.config
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    ns = {c.num_attention_heads * hd, c.num_key_value_heads * hd, c.intermediate_size, c.vocab_size}
+    fusion_pass.pretune([(batch, n, c.hidden_size) for n in sorted(ns)], dtype=next(model.parameters()).dtype,
+                        device=args.device)
+
+
 def step_row(model: torch.nn.Module, mode: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     """The decode-step comparison of one (model, mode, batch); see the module docstring."""
     import transformers
 
+    pretune(model, batch, args)
     cache = transformers.StaticCache(config=model.config, max_cache_len=args.context + args.replays + 8)
     _prefill(model, cache, args, batch)
     runners = {b: _step_runner(model, b, mode, cache, args, batch) for b in BACKENDS}
@@ -252,6 +267,7 @@ def generate_row(model: torch.nn.Module, mode: str, batch: int, args: argparse.N
 
     ids = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len), device=args.device,
                         generator=torch.Generator(args.device).manual_seed(args.seed + 2))
+    pretune(model, batch, args)
     configs = {}
     for b in BACKENDS:
         cc = transformers.CompileConfig(backend=b, mode=mode, fullgraph=True)
