@@ -25,7 +25,8 @@ so the counters (fusion_pass.stats) only count graphs that were actually compile
 
 CUDA graphs (mode "reduce-overhead" / "max-autotune"): Inductor's CUDA-graph trees replay the compiled graph,
 coconut ops included. The ops are safe there: no host synchronization (eps is a Python float, or a 0-d CPU
-tensor), outputs allocated by the caching allocator (the trees' private pool), and the kernel choice measured
+tensor), outputs allocated by the caching allocator (the trees' private pool), the one persistent buffer (the
+split-K fixup counters) allocated here at compile time, outside the trees' pool, and the kernel choice measured
 before any capture: at compile time for every static-shape site ("coconut.pretune"), and the dispatcher never
 measures while a stream is capturing (fusion_pass.kernels.choose).
 """
@@ -149,6 +150,10 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], patches: d
         coconut_backend._used_cudagraphs = True  # type: ignore[attr-defined]
     if not settings.enable:
         return compile_fx(gm, example_inputs, config_patches=patches)
+    for dev in {t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"}:
+        # the split-K counters are global and live for the process: allocate them now, not in a CUDA-graph
+        # tree's warm-up run, whose private memory pool would hold them
+        kernels.fixup_counters(dev, 0)
     the_pass = CoconutFusionPass(settings)
     existing = patches.get("post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass)
     chained: Any = the_pass if existing is None else _ChainedPass(existing, the_pass)
