@@ -44,6 +44,7 @@ from torch.fx import Node
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.coconut.*)
 from .fx_edit import fake_run as _fake_run, hoist_all as _hoist_all
+from .stats import PassStats
 
 log = logging.getLogger("fusion_pass")
 
@@ -82,22 +83,6 @@ class Site:
     consumers: list[Consumer]
     residual: Optional[tuple[Node, Node]] = None
     rows: Optional[tuple[int, Any, Any]] = None  # (dim, start, end): the linears read out[rows] (a row slice)
-
-
-@dataclass
-class PassStats:
-    """What one run of the pass over one graph found."""
-
-    sites: int = 0
-    residual_sites: int = 0
-    linears: int = 0
-    norms_seen: int = 0
-    candidates: int = 0  # matched norms with at least one mm/addmm use (direct or through a flatten view)
-    skipped: list[str] = field(default_factory=list)  # "<norm node>: <reason>" for each matched norm left alone
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"sites": self.sites, "residual_sites": self.residual_sites, "linears": self.linears,
-                "norms_seen": self.norms_seen, "candidates": self.candidates, "skipped": list(self.skipped)}
 
 
 def _val(n: Any) -> Any:

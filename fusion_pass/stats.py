@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger("fusion_pass")
@@ -19,6 +20,23 @@ log = logging.getLogger("fusion_pass")
 _lock = threading.Lock()
 _total_sites = 0
 _history: list[dict[str, Any]] = []
+
+
+@dataclass
+class PassStats:
+    """What one run of the pass over one graph found."""
+
+    sites: int = 0
+    residual_sites: int = 0
+    linears: int = 0
+    norms_seen: int = 0
+    candidates: int = 0  # matched norms with at least one mm/addmm use (direct or through a flatten view)
+    skipped: list[str] = field(default_factory=list)  # "<norm node>: <reason>" for each matched norm left alone
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sites": self.sites, "residual_sites": self.residual_sites, "linears": self.linears,
+                "norms_seen": self.norms_seen, "candidates": self.candidates, "skipped": list(self.skipped)}
+
 
 _EMPTY = {"sites": 0, "residual_sites": 0, "linears": 0, "norms_seen": 0, "candidates": 0, "skipped": []}
 
