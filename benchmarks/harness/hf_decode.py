@@ -19,8 +19,8 @@ Two parts per (model, mode, batch), each run with both backends:
   the backend and mode), greedy, `--new-tokens` tokens after a `--prompt-len` prompt; one warm-up call (compiles),
   then `--generate-runs` timed calls per backend, interleaved; tokens/s = batch * new tokens / median seconds
   (prefill included). Reported: both tokens/s, their ratio, and whether the greedy tokens are equal.
-Rows run in priority order (batch 1 first, then 8, 32; the step before generate) until `--budget-s` is spent;
-the rest are recorded as skipped. Compile times are reported per row and never enter a timing.
+Rows run in priority order (every step row before any generate row; within a part batch 1, then 8, then 32) until
+`--budget-s` is spent; the rest are recorded as skipped. Compile times are reported per row and never enter a timing.
 
 Output JSON: {"meta": {gpu, torch, triton, transformers, date, git_commit, command, args}, "rows": [...],
 "summary": {"step_batch1_speedup": {model/mode: ratio}, "step_worst_ratio": {model/mode: min over batches},
@@ -351,7 +351,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), 64))
     t0 = time.perf_counter()
-    plan = [(b, part, m, mode) for b in map(int, _list(args.batches)) for part in _list(args.parts)
+    plan = [(b, part, m, mode) for part in _list(args.parts) for b in map(int, _list(args.batches))
             for m in _list(args.models) for mode in _list(args.modes)]
     models: dict[str, torch.nn.Module] = {}
     rows: list[dict[str, Any]] = []
