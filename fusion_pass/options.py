@@ -18,7 +18,9 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-#: The backend's own option keys: name -> (type, default, meaning). Add kernel settings here (and to Settings).
+#: The backend's own option keys: name -> (type, default, meaning). A new setting (a kernel setting, say) is one
+#: entry here, one field of Settings (same name after "coconut.", same default), and its use in
+#: fusion_pass.backend._compile, which receives the Settings of each compile.
 COCONUT_OPTIONS: dict[str, tuple[type, Any, str]] = {
     "coconut.enable": (bool, True, "install the fusion pass; False compiles with plain Inductor (same mode and "
                                    "options), for A/B comparisons"),
