@@ -239,3 +239,13 @@ def test_cuda_graph_trees_replay_the_fused_ops(mode):
             assert ((out - ref).norm() / ref.norm()).item() < 1e-2
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     assert fusion_pass.fused_site_count() >= 1 and all(s["sites"] == 1 for s in fusion_pass.all_stats())
+
+
+def test_every_coconut_option_is_a_setting_with_its_default():
+    from dataclasses import fields
+
+    from fusion_pass.options import COCONUT_OPTIONS, Settings
+
+    assert {f"coconut.{f.name}": f.default for f in fields(Settings)} == {k: v[1] for k, v in COCONUT_OPTIONS.items()}
+    _, settings = parse_options(None, {k: v[1] for k, v in COCONUT_OPTIONS.items()})
+    assert settings == Settings()
