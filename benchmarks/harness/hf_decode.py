@@ -80,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--new-tokens", type=int, default=64)
     a("--generate-runs", type=int, default=3, help="timed generate calls per backend")
     a("--budget-s", type=float, default=240.0, help="stop starting new rows after this many seconds")
+    a("--fullgraph", type=int, default=1, choices=[0, 1], help="torch.compile's fullgraph for both backends")
     a("--seed", type=int, default=0)
 
 
@@ -174,7 +175,7 @@ def _step_runner(model: torch.nn.Module, backend: str, mode: str, cache: Any, ar
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=args.device,
                         generator=torch.Generator(args.device).manual_seed(args.seed + 1))
     compiled = torch.compile(model.forward, backend=backend, mode=None if mode == "default" else mode,
-                             fullgraph=True)
+                             fullgraph=bool(args.fullgraph))
     trees = mode in ("reduce-overhead", "max-autotune") and args.device == "cuda"
     out: dict[str, torch.Tensor] = {}
 
@@ -237,7 +238,13 @@ def step_row(model: torch.nn.Module, mode: str, batch: int, args: argparse.Names
     import transformers
 
     pretune(model, batch, args)
-    cache = transformers.StaticCache(config=model.config, max_cache_len=args.context + args.replays + 8)
+    length = args.context + args.replays + 8
+    try:  # transformers 5.x: sized lazily by the first forward
+        cache = transformers.StaticCache(config=model.config, max_cache_len=length)
+    except TypeError:  # releases that size it up front
+        p = next(model.parameters())
+        cache = transformers.StaticCache(config=model.config, max_cache_len=length, max_batch_size=batch,
+                                         device=p.device, dtype=p.dtype)
     _prefill(model, cache, args, batch)
     runners = {b: _step_runner(model, b, mode, cache, args, batch) for b in BACKENDS}
     clock = _Clock(args.device)
@@ -275,7 +282,7 @@ def generate_row(model: torch.nn.Module, mode: str, batch: int, args: argparse.N
     pretune(model, batch, args)
     configs = {}
     for b in BACKENDS:
-        cc = transformers.CompileConfig(backend=b, mode=mode, fullgraph=True)
+        cc = transformers.CompileConfig(backend=b, mode=mode, fullgraph=bool(args.fullgraph))
         cc._compile_all_devices = True  # generate compiles on CUDA only unless told (the CPU smoke run)
         configs[b] = cc
 
