@@ -138,7 +138,11 @@ def _pretune(sites: list[tuple[int, int, int, torch.dtype, torch.device]]) -> No
     for m, n, k, dt, dev in cuda:
         by_kind.setdefault((dt, dev), set()).add((m, n, k))
     for (dt, dev), shapes in by_kind.items():
-        kernels.pretune(sorted(shapes), dtype=dt, device=dev)
+        try:
+            kernels.pretune(sorted(shapes), dtype=dt, device=dev)
+        except Exception as e:  # e.g. out of memory: the dispatcher measures on first use or takes the safe path
+            log.warning("coconut: pretuning %s on %s failed (%s: %s); measuring on first use instead",
+                        sorted(shapes), dev, type(e).__name__, e)
 
 
 def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any],
