@@ -56,8 +56,8 @@ _OPS = (patterns.OP_PLAIN, patterns.OP_RESIDUAL)
 
 def _source_hash() -> str:
     h = hashlib.sha256()
-    for mod in (patterns, ops, kernels, _options, stats):
-        with open(mod.__file__, "rb") as f:
+    for path in (patterns.__file__, ops.__file__, _options.__file__, stats.__file__, *kernels.source_files()):
+        with open(path, "rb") as f:
             h.update(f.read())
     with open(__file__, "rb") as f:
         h.update(f.read())

@@ -1,0 +1,282 @@
+"""The dispatcher: per shape, the fastest of the candidate paths, measured on the GPU it runs on and cached.
+
+A site is an [M, K] x [N, K]^T product of one dtype on one GPU. Its candidates are the unfused path (Triton norm +
+cuBLAS) and every configuration of every fused variant of the registry whose range holds M. On first use outside a
+CUDA-graph capture each candidate is timed inside a CUDA graph (weights rotated beyond L2) and the fastest is cached
+under (GPU name, M bucket, N, K, dtype); while a capture runs, a shape never measured takes the unfused path. The
+decisions can be measured ahead of time (:func:`pretune`), saved and loaded (:func:`save_tuning`,
+:func:`load_tuning`): a file holds the decisions of each GPU by name, and only the running GPU's are ever used.
+The timing helpers (:func:`time_in_graph`, :func:`capture_graph`, :func:`replay_ms`) serve the engine's own
+small-M dispatch too.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..launch import device_name
+from ..settings import kernel_settings
+from .common import log, m_bucket
+from .norm import triton_rms_norm
+from .registry import FUSED_VARIANTS, fused_linear
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A dispatch decision: "unfused" or a key of FUSED_VARIANTS, and its config tuple (() for unfused).
+
+    times_us: the measured time per call of each candidate (microseconds), empty unless measured.
+    source: "measured", "loaded", "forced" (the ``variant`` setting), "default" (not measured: the unfused path),
+    or "failed" (the measurement raised or no candidate ran: the unfused path, kept and never measured again, so a
+    failing measurement costs once, not on every call).
+    """
+
+    variant: str
+    config: tuple[int, ...] = ()
+    source: str = "default"
+    times_us: tuple[tuple[str, float], ...] = ()
+
+
+Key = tuple[str, int, int, int, str]  # (GPU name, M bucket, N, K, dtype)
+_CACHE: dict[Key, Choice] = {}
+_DEFAULT = Choice("unfused", (), "default")
+
+
+def _key(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> Key:
+    return (device_name(device if isinstance(device, torch.device) else torch.device(device)), m_bucket(m), int(n), int(k), str(dtype).replace("torch.", ""))
+
+
+def dispatch_table() -> dict[str, dict]:
+    """The cached decisions: {"<GPU>/M=<bucket>,N=..,K=..,<dtype>": {variant, config, source, times_us}}."""
+    return {f"{k[0]}/M={k[1]},N={k[2]},K={k[3]},{k[4]}": {"variant": c.variant, "config": list(c.config),
+                                                          "source": c.source, "times_us": dict(c.times_us)}
+            for k, c in sorted(_CACHE.items())}
+
+
+def clear_dispatch_cache() -> None:
+    """Forget every cached decision (measured, loaded or failed)."""
+    _CACHE.clear()
+
+
+def save_tuning(path: str) -> None:
+    """Write the measured and loaded decisions of every GPU to a JSON file (a list of rows)."""
+    rows = [{"gpu": k[0], "m_bucket": k[1], "n": k[2], "k": k[3], "dtype": k[4], "variant": c.variant,
+             "config": list(c.config)}
+            for k, c in _CACHE.items() if c.source in ("measured", "loaded")]
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+def load_tuning(path: str) -> int:
+    """Read decisions written by :func:`save_tuning`; returns the number loaded (rows of every GPU: each is used
+    only on the GPU of its name).
+
+    Raises:
+        OSError: the file cannot be read. ValueError: a row without a field of :func:`save_tuning` or with an
+        unknown variant.
+    """
+    with open(path) as f:
+        rows = json.load(f)
+    for r in rows:
+        missing = {"gpu", "m_bucket", "n", "k", "dtype", "variant", "config"} - set(r)
+        if missing:
+            raise ValueError(f"{path}: a tuning row lacks {sorted(missing)}: {r}")
+        if r["variant"] not in ("unfused",) + tuple(FUSED_VARIANTS):
+            raise ValueError(f"bad variant in {path}: {r['variant']}")
+        _CACHE[(str(r["gpu"]), int(r["m_bucket"]), int(r["n"]), int(r["k"]), str(r["dtype"]))] = Choice(
+            r["variant"], tuple(r["config"]), "loaded")
+    return len(rows)
+
+
+def _forced_choice(m: int) -> Optional[Choice]:
+    """The choice the ``variant`` setting forces for M rows (None for "auto"): a fused variant outside its range of
+    M takes the unfused path."""
+    v = kernel_settings().variant
+    if v == "auto":
+        return None
+    if v in FUSED_VARIANTS:
+        cfgs = FUSED_VARIANTS[v].configs(m)
+        if cfgs:
+            return Choice(v, cfgs[0], "forced")
+    return Choice("unfused", (), "forced")
+
+
+def time_in_graph(fn: Callable[[int], object], reps: int, iters: int = 7, warmup_calls: int = 2,
+                  warmup_replays: int = 1) -> float:
+    """Median time per call (us) of fn(i) for i in range(reps), captured in one CUDA graph and replayed.
+
+    fn(0..warmup_calls-1) runs eagerly before the capture (compilation, allocator), and the graph is replayed
+    warmup_replays times untimed before the `iters` timed replays. Needs a CUDA device.
+    """
+    g = capture_graph(fn, reps, warmup_calls, warmup_replays)
+    times = [replay_ms(g) * 1e3 / reps for _ in range(iters)]
+    del g
+    return statistics.median(times)
+
+
+def capture_graph(fn: Callable[[int], object], reps: int, warmup_calls: int = 2,
+                  warmup_replays: int = 1) -> "torch.cuda.CUDAGraph":
+    """fn(0..warmup_calls-1) eagerly, then one CUDA graph of fn(i) for i in range(reps), replayed warmup_replays
+    times untimed (synchronized). Needs a CUDA device."""
+    for i in range(warmup_calls):
+        fn(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(reps):
+            fn(i)
+    for _ in range(warmup_replays):
+        g.replay()
+    torch.cuda.synchronize()
+    return g
+
+
+def replay_ms(g: "torch.cuda.CUDAGraph") -> float:
+    """Milliseconds of one replay of g, timed with CUDA events on the current stream (waits for it)."""
+    a = torch.cuda.Event(enable_timing=True)
+    b = torch.cuda.Event(enable_timing=True)
+    a.record()
+    g.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
+def rotated_weights(n: int, k: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator,
+                    l2_bytes: int = 120 << 20) -> list[Tensor]:
+    """Enough [n, k] random weights (at most 16) to exceed ``l2_bytes`` together, so that a timing loop rotating
+    over them reads them from HBM, as a model's layers do; fewer when memory runs out (at least one)."""
+    copies = max(1, min(16, math.ceil(l2_bytes / max(1, n * k * torch.empty((), dtype=dtype).element_size()))))
+    ws: list[Tensor] = []
+    for _ in range(copies):
+        try:
+            ws.append(torch.randn(n, k, device=device, dtype=dtype, generator=gen) * k ** -0.5)
+        except torch.cuda.OutOfMemoryError:
+            if not ws:
+                raise
+            break  # fewer copies: L2 may then flatter every candidate alike
+    return ws
+
+
+def candidates(m: int) -> list[tuple[str, tuple[int, ...]]]:
+    """All (variant, config) pairs the dispatcher measures for M rows (the unfused path first)."""
+    out: list[tuple[str, tuple[int, ...]]] = [("unfused", ())]
+    for name, entry in FUSED_VARIANTS.items():
+        out += [(name, c) for c in entry.configs(m)]
+    return out
+
+
+def measure(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device | str = "cuda",
+            reps: int = 10, l2_bytes: int = 120 << 20) -> Choice:
+    """Time every candidate for an [m, k] x [n, k]^T site on `device` (a CUDA device) and return the fastest.
+
+    Weights are rotated over enough copies to exceed `l2_bytes` (2x the H200's 60 MB L2) so they come from HBM,
+    as in the real model. Each candidate is timed inside a CUDA graph of `reps` calls (median of 7 replays), with
+    a residual input and the h = x + r output, the form of every site of a decoder but its first (a variant can
+    tie without the residual and lose with it). A candidate that fails to compile or run is skipped (logged). A
+    single candidate (M beyond every fused variant) is returned unmeasured. Raises RuntimeError on a device other
+    than CUDA or while the current stream is capturing a CUDA graph.
+    """
+    mb = m_bucket(m)
+    cands = candidates(mb)
+    if len(cands) == 1:
+        return Choice(cands[0][0], cands[0][1], "measured")
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise RuntimeError(f"coconut: measuring needs a CUDA device, got {dev}")
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("coconut: refusing to benchmark while a CUDA graph is being captured")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(mb, k, device=dev, dtype=dtype, generator=gen)
+    r = torch.randn(mb, k, device=dev, dtype=dtype, generator=gen)
+    h = torch.empty_like(x)
+    g = 1.0 + 0.1 * torch.randn(k, device=dev, dtype=dtype, generator=gen)
+    ws = rotated_weights(n, k, dtype, dev, gen, l2_bytes)
+    copies = len(ws)
+    times: dict[str, float] = {}
+    best: Optional[tuple[float, str, tuple[int, ...]]] = None
+    for variant, cfg in cands:
+        name = variant + ("" if not cfg else str(list(cfg)).replace(" ", ""))
+        try:
+            if variant == "unfused":
+                def fn(i: int) -> object:
+                    a, _ = triton_rms_norm(x, g, 1e-6, residual2d=r)
+                    return F.linear(a, ws[i % copies])
+            else:
+                def fn(i: int, variant: str = variant, cfg: tuple[int, ...] = cfg) -> object:
+                    return fused_linear(x, g, ws[i % copies], None, 1e-6, residual2d=r, h_out=h, variant=variant,
+                                        config=cfg)
+            t = time_in_graph(fn, reps)
+        except Exception as e:  # a config that does not compile (e.g. shared memory) is simply not a candidate
+            log.warning("coconut: candidate %s failed for M=%d N=%d K=%d: %s", name, mb, n, k, e)
+            continue
+        times[name] = round(t, 3)
+        if best is None or t < best[0]:
+            best = (t, variant, cfg)
+    if best is None:
+        return Choice("unfused", (), "default")
+    return Choice(best[1], best[2], "measured", tuple(times.items()))
+
+
+def choose(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> Choice:
+    """The dispatch decision for a CUDA site.
+
+    Order: the forced ``variant`` setting; the cached (measured, pre-tuned or loaded) decision of this GPU; a
+    measurement (not while a CUDA graph is being captured, nor with ``autotune`` off), cached and written to the
+    ``tuning_file`` setting when set; otherwise the unfused path (a fused kernel is only used where it was measured
+    to win).
+    """
+    forced = _forced_choice(m)
+    if forced is not None:
+        return forced
+    key = _key(m, n, k, dtype, device)
+    c = _CACHE.get(key)
+    if c is not None:
+        return c
+    settings = kernel_settings()
+    capturing = torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing or not settings.autotune:
+        return _DEFAULT
+    try:
+        c = measure(m, n, k, dtype, device)
+    except Exception as e:  # e.g. out of memory while the KV cache holds the GPU: fall back, do not crash
+        log.warning("coconut: measuring M<=%d N=%d K=%d failed (%s); using the unfused path", key[1], n, k, e)
+        c = Choice("unfused", (), "failed")
+    if c.source == "default":  # no candidate ran: keep the fallback instead of measuring again on every call
+        c = Choice("unfused", (), "failed")
+    _CACHE[key] = c
+    log.info("coconut: %s M<=%d N=%d K=%d %s -> %s %s %s", key[0], key[1], n, k, key[4], c.variant, c.config,
+             c.times_us)
+    if settings.tuning_file and c.source == "measured":  # keep the decisions measured on first use too
+        try:
+            save_tuning(settings.tuning_file)
+        except OSError as e:
+            log.warning("coconut: could not save the tuning file %s: %s", settings.tuning_file, e)
+    return c
+
+
+def pretune(shapes: Iterable[tuple[int, int, int]], dtype: torch.dtype = torch.bfloat16,
+            device: torch.device | str = "cuda") -> dict[str, dict]:
+    """Measure and cache the dispatch decision for each (M, N, K) (M is bucketed to the next power of two).
+
+    Call before capturing CUDA graphs (the engine does, for its batch sizes and its qkv / gate_up / lm_head
+    shapes). Returns `dispatch_table()`. Raises RuntimeError if called during graph capture or without CUDA.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("coconut.pretune needs CUDA")
+    dev = torch.device(device)
+    for m, n, k in shapes:
+        key = _key(m, n, k, dtype, dev)
+        if key in _CACHE and _CACHE[key].source in ("measured", "loaded"):
+            continue
+        c = measure(key[1], n, k, dtype, dev)
+        _CACHE[key] = c
+        log.info("coconut pretune: %s M<=%d N=%d K=%d -> %s %s", key[0], key[1], n, k, c.variant, c.config)
+    return dispatch_table()

@@ -1,0 +1,113 @@
+"""The "stream" fused variant: decode-shaped (M = 1-2 rows) add + RMSNorm + GEMV on the CUDA cores.
+
+Each program owns BN whole rows of W (one [BN, next_pow2(K)] load) and loops over the tiles with a persistent grid
+(c programs per SM), the next tile's W requested before the current one is reduced (register double buffering).
+No tl.dot: at one or two rows the tensor cores would idle on padding; the weight stream is the whole cost.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..launch import launch_options, sm_count, use_pdl
+from .common import m_bucket
+
+# The most rows one launch takes with an explicit config (BM = next_power_of_2(M) rows, unrolled).
+STREAM_MAX_ROWS = 16
+# (BN, num_warps, programs per SM; 0 = one program per tile) per M bucket: the candidates the dispatcher measures.
+STREAM_CONFIGS: dict[int, list[tuple[int, int, int]]] = {
+    1: [(4, 4, 4), (2, 2, 8), (4, 2, 8)],
+    2: [(4, 4, 4), (2, 2, 8), (4, 2, 8)],
+}
+
+
+def stream_configs(m: int) -> list[tuple[int, int, int]]:
+    """Stream configs (BN, num_warps, programs per SM or 0) for M rows; empty unless M <= 2."""
+    return list(STREAM_CONFIGS.get(m_bucket(m), []))
+
+
+@triton.jit
+def _fused_stream_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, eps,
+                         K: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BKP: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """Fused GEMV with whole-row W tiles and a persistent grid, for M <= BM (a few) rows.
+
+    Program p handles the tiles t = p, p + P, p + 2P, ... (P programs; tile t = W rows [t*BN, t*BN + BN)). Each
+    tile is ONE [BN, BKP] load of whole W rows (BKP = next_power_of_2(K), K a compile-time constant), issued for
+    tile t + P before tile t is reduced (register double buffering; past the last tile the load is fully
+    masked). Per row m: h = x (+ r) [BKP] (L1/L2-resident), sum of squares, y = sum_k W_nk (h_k g_k) * 1/rms(h)
+    (FlashNorm epilogue) + b. Program 0 writes h = x + r on its first tile. x, r, h: [M, K] row-major; g: [K];
+    W: [N, K] row-major; b: [N]; y: [M, N]. fp32 accumulation.
+    USE_PDL (programmatic dependent launch, see `use_pdl`): the first W tile and g are loaded before
+    waiting for the previous kernel in the stream; x, r, h and y are touched only after the wait.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    num_tiles = tl.cdiv(N, BN)
+    rk = tl.arange(0, BKP)
+    k_mask = rk < K
+    rn0 = tl.arange(0, BN)
+    dt = y_ptr.dtype.element_ty
+    rn = pid * BN + rn0
+    w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :], mask=(rn < N)[:, None] & k_mask[None, :],
+                other=0.0, eviction_policy="evict_first")
+    g = tl.load(g_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    for t in range(pid, num_tiles, nprog):
+        rn = t * BN + rn0
+        n_mask = rn < N
+        rn_next = (t + nprog) * BN + rn0
+        w_next = tl.load(w_ptr + rn_next.to(tl.int64)[:, None] * K + rk[None, :],
+                         mask=(rn_next < N)[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
+        wf = w.to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        for m in tl.static_range(BM):
+            if m < M:
+                h = tl.load(x_ptr + m * K + rk, mask=k_mask, other=0.0)
+                if HAS_RES:
+                    h = (h.to(tl.float32) + tl.load(r_ptr + m * K + rk, mask=k_mask, other=0.0)
+                         .to(tl.float32)).to(dt)
+                    if WRITE_H:
+                        if (t == pid) & (pid == 0):
+                            tl.store(h_ptr + m * K + rk, h, mask=k_mask)
+                hf = h.to(tl.float32)
+                inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / K + eps)
+                y = tl.sum(wf * (hf * g)[None, :], axis=1) * inv
+                if HAS_BIAS:
+                    y += bias
+                tl.store(y_ptr + m * N + rn, y.to(dt), mask=n_mask)
+        w = w_next
+
+
+def launch_stream(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor, weight: Tensor,
+                  bias: Optional[Tensor], y: Tensor, h_out: Optional[Tensor], eps: float,
+                  config: tuple[int, ...]) -> None:
+    """Write y [M, N] (and h_out = x + r when both are given) with one stream launch; shapes as
+    :func:`fusion_pass.kernels.fused_linear`. config: (BN, num_warps, programs per SM or 0).
+
+    Raises:
+        ValueError: M > STREAM_MAX_ROWS.
+    """
+    M, K = x2d.shape
+    N = weight.shape[0]
+    bn, warps, per_sm = config
+    bm = m_bucket(M)
+    if bm > STREAM_MAX_ROWS:
+        raise ValueError(f"stream variant handles at most {STREAM_MAX_ROWS} rows, got M={M}")
+    tiles = triton.cdiv(N, bn)
+    pdl = use_pdl(x2d)
+    grid = tiles if per_sm <= 0 or not x2d.is_cuda else min(tiles, per_sm * sm_count(x2d.device))
+    has_res = residual2d is not None
+    write_h = has_res and h_out is not None
+    _fused_stream_kernel[(grid,)](
+        x2d, residual2d if has_res else x2d, norm_weight, weight, bias if bias is not None else weight, y,
+        h_out if write_h else y, M, N, float(eps), K=K,
+        HAS_RES=has_res, HAS_BIAS=bias is not None, WRITE_H=write_h,
+        BM=bm, BN=bn, BKP=triton.next_power_of_2(K), USE_PDL=pdl, num_warps=warps, num_stages=1,
+        **launch_options(pdl))
