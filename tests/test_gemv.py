@@ -1,4 +1,4 @@
-"""Tests of the small-M GEMV (nanovllm/kernels/gemv.py) and the op torch.ops.nanovllm.linear_small_m
+"""Tests of the small-M GEMV (nanovllm/kernels/gemv/) and the op torch.ops.nanovllm.linear_small_m
 (nanovllm/layers/gemv_op.py): Triton kernel in the interpreter vs a float64 reference, NaN-poisoned outputs,
 the K loop, argument errors, the op's PyTorch path, its fake implementation under torch.compile, the row-parallel
 layer on the CPU, and an ahead-of-time sm_90 compile of every config (no register spills at the Qwen3 shapes).
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -156,7 +155,7 @@ def test_op_torch_path_equals_reference(act: str) -> None:
     for m, bias in ((1, False), (3, True), (40, False)):
         x, w, b = make_case(m, 24, 48, act, torch.float32, bias, m)
         x, w, b = x.cpu(), w.cpu(), None if b is None else b.cpu()
-        assert not gemv_op.uses_gemv(x, w, b)
+        assert G.choose_path(x, w, b, act) == ("torch", None)
         y = torch.ops.nanovllm.linear_small_m(x, w, b, act)
         assert torch.equal(y, F.linear(G.apply_act(x, act), w, b))
         assert rel_err(y, ref64(x, w, b, act)) < 1e-5
@@ -166,54 +165,53 @@ def test_op_torch_path_equals_reference(act: str) -> None:
         assert torch.equal(G.apply_act(x, act), SiluAndMul()(x))
 
 
-def test_op_dispatch_rule() -> None:
-    """uses_gemv: CUDA only, 1 <= M <= GEMV_MAX_M, one supported dtype."""
+def test_op_dispatch_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """choose_path: the table of the GPU by name (the H100 and H200 have one, another GPU none: cuBLAS); in a table,
+    the GEMV up to gemv_max_m, the skinny kernel (fp16 / bf16) up to skinny_max_m with the table's launch shape,
+    F.linear elsewhere and on the CPU. Bad tables are refused."""
+    h200 = G.TABLES["H200"]
+    assert G.TABLES["H100"] == h200 and (h200.gemv_max_m, h200.skinny_max_m) == (2, 32)
+    assert h200.skinny_config(8, "silu_mul") == G.SkinnyConfig(128, 256, 8, True)
+    assert h200.skinny_config(17, "silu_mul") == G.SkinnyConfig(64, 256, 4, True)
+    assert h200.skinny_config(16, "none") == G.SKINNY_DEFAULT and h200.skinny_config(32, "none").block_n == 64
+    with pytest.raises(ValueError, match="gemv_max_m"):
+        G.SmallMTable(G.MAX_M + 1, 32, ())
+    with pytest.raises(ValueError, match="skinny_max_m"):
+        G.SmallMTable(2, G.SKINNY_MAX_M + 1, ())
     w = torch.zeros(3, 8)
-    assert not gemv_op.uses_gemv(torch.zeros(1, 8), w, None)  # CPU
-    if torch.cuda.is_available():
-        wc = w.cuda()
-        assert gemv_op.uses_gemv(torch.zeros(1, 8, device="cuda"), wc, None)
-        assert not gemv_op.uses_gemv(torch.zeros(gemv_op.GEMV_MAX_M + 1, 8, device="cuda"), wc, None)
-        assert not gemv_op.uses_gemv(torch.zeros(0, 8, device="cuda"), wc, None)
-        assert not gemv_op.uses_gemv(torch.zeros(1, 8, device="cuda", dtype=torch.float64), wc.double(), None)
-        m = gemv_op.GEMV_MAX_M + 1
-        xb, wb = torch.zeros(m, 8, device="cuda", dtype=torch.bfloat16), wc.bfloat16()
-        assert gemv_op.uses_skinny(xb, wb, None) == (m <= gemv_op.SKINNY_MAX_M)
-        assert not gemv_op.uses_skinny(torch.zeros(m, 8, device="cuda"), wc, None)  # fp32: cuBLAS
-        assert not gemv_op.uses_skinny(torch.zeros(gemv_op.SKINNY_MAX_M + 1, 8, device="cuda").bfloat16(), wb, None)
-    assert not gemv_op.uses_skinny(torch.zeros(gemv_op.GEMV_MAX_M + 1, 8), w, None)  # CPU
+    assert G.choose_path(torch.zeros(1, 8), w, None, "none") == ("torch", None)  # CPU
+
+    class FakeCuda:  # a CUDA tensor's attributes, without a GPU
+        def __init__(self, m: int, dtype: torch.dtype, device: str) -> None:
+            self.is_cuda, self.shape, self.dtype, self.device = True, (m, 8), dtype, torch.device(device)
+
+    G.table_for.cache_clear()
+    monkeypatch.setattr(G.dispatch, "device_name", lambda d: {"cuda:0": "NVIDIA H200", "cuda:1": "NVIDIA A100"}[str(d)])
+    try:
+        bf = torch.bfloat16
+        for m, dtype, want in ((1, bf, "gemv"), (2, torch.float32, "gemv"), (3, bf, "skinny"), (32, bf, "skinny"),
+                               (33, bf, "torch"), (3, torch.float32, "torch"), (0, bf, "torch")):
+            path, cfg = G.choose_path(FakeCuda(m, dtype, "cuda:0"), w.to(dtype), None, "none")  # type: ignore[arg-type]
+            assert path == want and (cfg == h200.skinny_config(m, "none") if want == "skinny" else cfg is None)
+        assert G.choose_path(FakeCuda(1, bf, "cuda:1"), w.to(bf), None, "none") == ("torch", None)  # type: ignore
+        assert G.choose_path(FakeCuda(1, bf, "cuda:0"), w, None, "none") == ("torch", None)  # type: ignore  # mixed
+    finally:
+        G.table_for.cache_clear()
 
 
 def test_op_skinny_path_in_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    """GEMV_MAX_M < M <= SKINNY_MAX_M on a 'GPU' tensor runs the skinny kernel: the op with uses_skinny forced
-    (the interpreter stands in for the GPU) equals the float64 reference, for both activations."""
-    monkeypatch.setattr(gemv_op, "uses_gemv", lambda x, w, b: False)
-    monkeypatch.setattr(gemv_op, "uses_skinny", lambda x, w, b: True)
+    """The skinny path of the op (its choice forced: the interpreter stands in for the GPU) equals the float64
+    reference, for both activations, with the launch shape the table chose."""
+    table = G.TABLES["H200"]
+    monkeypatch.setattr(gemv_op, "choose_path", lambda x, w, b, act: ("skinny", table.skinny_config(x.shape[0], act)))
     calls = []
-    real = G.gemv_skinny_triton
-    monkeypatch.setattr(G, "gemv_skinny_triton", lambda *a, **kw: calls.append(kw["config"]) or real(*a, **kw))
+    real = gemv_op.gemv_skinny_triton
+    monkeypatch.setattr(gemv_op, "gemv_skinny_triton", lambda *a, **kw: calls.append(kw["config"]) or real(*a, **kw))
     for act in G.ACTS:
         x, w, b = make_case(9, 24, 40, act, torch.float32, True, 3)
         y = gemv_op.linear_small_m(x, w, b, act)
         assert rel_err(y, ref64(x, w, b, act)) < 1e-5
-    assert calls == [G.skinny_config(9, 24, 40, act) for act in G.ACTS]
-
-
-def test_gemv_max_m_from_env() -> None:
-    assert gemv_op.max_m_from_env(None) == gemv_op.DEFAULT_GEMV_MAX_M == 2
-    assert gemv_op.max_m_from_env("  ") == 2
-    assert gemv_op.max_m_from_env("0") == 0
-    assert gemv_op.max_m_from_env(str(G.MAX_M)) == G.MAX_M
-    for bad in ("x", "2.5", "-1", str(G.MAX_M + 1)):
-        with pytest.raises(ValueError):
-            gemv_op.max_m_from_env(bad)
-    expected = gemv_op.max_m_from_env(os.environ.get(gemv_op.ENV_GEMV_MAX_M))
-    assert gemv_op.GEMV_MAX_M == expected
-    sk = dict(name=gemv_op.ENV_SKINNY_MAX_M, default=gemv_op.DEFAULT_SKINNY_MAX_M, limit=G.SKINNY_MAX_M)
-    assert gemv_op.max_m_from_env(None, **sk) == G.SKINNY_MAX_M == 32
-    assert gemv_op.max_m_from_env("0", **sk) == 0
-    with pytest.raises(ValueError, match=gemv_op.ENV_SKINNY_MAX_M):
-        gemv_op.max_m_from_env("33", **sk)
+    assert calls == [table.skinny_config(9, act) for act in G.ACTS]
 
 
 def test_op_traces_with_symbolic_m() -> None:
@@ -283,22 +281,8 @@ def test_skinny_matches_float64_reference(dtype: torch.dtype, m: int, n: int, k:
                 # the in-kernel fixup sums the same partials in the same order as the reduction kernel
                 yf = G.gemv_skinny_triton(x, w, b, act, out=nan_out(m, n, dtype), config=cfg._replace(fixup=True))
                 assert torch.equal(yf, y), (act, bias, cfg)
-    counters = fusion_kernels._FIXUP_BUFFERS.get(str(torch.device(DEVICE)))
+    counters = fusion_kernels.skinny._FIXUP_BUFFERS.get(str(torch.device(DEVICE)))
     assert counters is not None and int(counters.count_nonzero()) == 0  # every tile's counter reset for the next launch
-
-
-def test_skinny_config_override_parsing() -> None:
-    assert G.parse_skinny_config(None) is None and G.parse_skinny_config(" ") is None
-    assert G.parse_skinny_config("32,256,8") == G.SkinnyConfig(32, 256, 8)
-    assert G.parse_skinny_config("64,256,4,1") == G.SkinnyConfig(64, 256, 4, True)
-    assert G.parse_skinny_config("64,256,4,0") == G.SkinnyConfig(64, 256, 4, False)
-    for bad in ("16,512", "a,b,c", "8,512,4", "16,500,4", "16,512,3", "16,512,4,2", "16,512,4,1,0"):
-        with pytest.raises(ValueError, match="NANOVLLM_SKINNY_CONFIG"):
-            G.parse_skinny_config(bad)
-    assert G.skinny_config(8, 1024, 2048) == (G.SKINNY_OVERRIDE or G.SKINNY_DEFAULT)
-    if G.SKINNY_OVERRIDE is None:  # SwiGLU (down_proj) takes the in-kernel fixup, the plain o_proj shape does not
-        assert all(G.skinny_config(m, 1024, 3072, "silu_mul").fixup for m in (3, 16, 17, 32))
-        assert not any(G.skinny_config(m, 1024, 2048).fixup for m in (3, 16, 17, 32))
 
 
 def test_skinny_errors_and_empty() -> None:
@@ -311,7 +295,7 @@ def test_skinny_errors_and_empty() -> None:
     for bad in (G.SkinnyConfig(16, 32, 3), G.SkinnyConfig(16, 32, 4, 2)):  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="num_warps"):
             G.gemv_skinny_triton(x[:4], w, config=bad)
-    with pytest.raises(ValueError, match="shared memory"):  # e.g. a bad NANOVLLM_SKINNY_CONFIG at K = 3072
+    with pytest.raises(ValueError, match="shared memory"):  # K = 3072
         G.gemv_skinny_triton(*make_case(4, 16, 3072, "none", torch.float16, False, 0)[:2],
                              config=G.SkinnyConfig(64, 4096, 4))
     with pytest.raises(ValueError, match="x must be"):
@@ -334,7 +318,7 @@ from nanovllm.kernels import gemv as G
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 def compile_one(act, bm, cfg, k):
-    fn = G._gemv_kernel
+    fn = G.rows._gemv_kernel
     consts = dict(ACT=act, HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                   ONE_TILE=cfg.block_k >= k)
     sig, attrs = {}, {}
@@ -370,7 +354,7 @@ for act, n, k in (("none", 1024, 2048), ("silu_mul", 1024, 3072), ("none", 4096,
 assert seen == set(G.CONFIG_CHOICES), seen  # every config of the rule is compiled at least once
 for act, k in (("none", 2048), ("silu_mul", 3072)):  # the M = 1 row kernel at the Qwen3-0.6B shapes
     bn, warps = G.row_config(k)
-    fn = G._gemv_row_kernel
+    fn = G.rows._gemv_row_kernel
     consts = dict(K=k, ACT=act, HAS_BIAS=False, BLOCK_N=bn, BKP=triton.next_power_of_2(k), USE_PDL=act == "none")
     sig = {n: ("constexpr" if n in consts else "*bf16" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")}
@@ -380,10 +364,10 @@ for act, k in (("none", 2048), ("silu_mul", 3072)):  # the M = 1 row kernel at t
     assert re.search(r"ld\.global[\w:.]*\.v4\.b32", c.asm["ptx"]), "weight loads are not 16-byte vectors"
     assert ("griddepcontrol.wait" in c.asm["ptx"]) == consts["USE_PDL"]
     assert spills(c) == 0, (act, k)
-fn = G._gemv_skinny_kernel  # the split-K skinny kernel with the rule's configs at the Qwen3-0.6B shapes, M = 8 / 32
+fn = G.skinny._gemv_skinny_kernel  # the split-K skinny kernel with the rule's configs at the Qwen3-0.6B shapes, M = 8 / 32
 for act, k in (("none", 2048), ("silu_mul", 3072)):
     for m, fixup in ((8, False), (8, True), (32, False), (32, True)):
-        cfg = G.skinny_config(m, 1024, k, act)
+        cfg = G.TABLES["H200"].skinny_config(m, act)
         consts = dict(K=k, ACT=act, HAS_BIAS=False, SPLIT=True, IEEE=False, BM=max(16, m), BN=cfg.block_n,
                       KS=cfg.chunk_k, USE_PDL=True, FIXUP=fixup, S=triton.cdiv(k, cfg.chunk_k))
         sig = {n: ("constexpr" if n in consts else "*fp32" if n == "p_ptr" else "*i32" if n == "c_ptr"
@@ -396,13 +380,13 @@ for act, k in (("none", 2048), ("silu_mul", 3072)):
         assert "mma" in c.asm["ptx"] and "griddepcontrol.wait" in c.asm["ptx"]
         assert ("atom.global.gpu.acq_rel.add" in c.asm["ptx"]) == fixup  # the fixup's tile counter
         assert spills(c) == 0, (act, k, m, cfg, fixup)
-fn = G._splitk_reduce_kernel
+fn = G.skinny._splitk_reduce_kernel
 sig = {n: ("*fp32" if n == "p_ptr" else "*bf16" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
 sig.update(S="constexpr", HAS_BIAS="constexpr", BLOCK="constexpr", USE_PDL="constexpr")
 c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=dict(S=8, HAS_BIAS=False, BLOCK=1024, USE_PDL=True)),
                    target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "launch_pdl": True})
 assert "cubin" in c.asm
-fn = G._silu_mul_kernel  # the op's one-pass SwiGLU for large M
+fn = G.common._silu_mul_kernel  # the op's one-pass SwiGLU for large M
 sig = {n: ("*bf16" if n.endswith("_ptr") else "i32") for n in fn.arg_names if n != "BLOCK"}
 sig["BLOCK"] = "constexpr"
 c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs={"BLOCK": 1024}),
@@ -423,7 +407,7 @@ def test_bf16_and_op_on_gpu() -> None:
     for m in (1, 2, 4):
         for act, n, k in (("none", 1024, 2048), ("silu_mul", 1024, 3072)):
             x, w, _ = make_case(m, n, k, act, torch.bfloat16, False, m)
-            assert gemv_op.uses_gemv(x, w, None) == (m <= gemv_op.GEMV_MAX_M)
+            assert (G.choose_path(x, w, None, act)[0] == "gemv") == (m <= G.table_for(x.device).gemv_max_m)
             y = torch.ops.nanovllm.linear_small_m(x, w, None, act)
             assert rel_err(y, ref64(x, w, None, act)) < 1e-2
 
@@ -431,11 +415,12 @@ def test_bf16_and_op_on_gpu() -> None:
 def test_pdl_is_never_used_off_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Even when enabled, a CPU tensor (the Triton interpreter) gets no PDL launch option: the interpreter would
     take ``launch_pdl`` for a kernel argument."""
-    from nanovllm.kernels import pdl
+    from fusion_pass import launch
+    from fusion_pass.settings import kernel_settings
 
-    monkeypatch.setattr(pdl, "ENABLED", True)
+    assert kernel_settings().pdl
     x = torch.zeros(1, 8)
-    assert not pdl.use_pdl(x) and pdl.pdl_launch_options(x) == {}
+    assert not launch.use_pdl(x) and launch.pdl_launch_options(x) == {}
     w = torch.randn(4, 8)
     assert torch.allclose(G.gemv(x + 1, w, force_triton=True), (x + 1) @ w.t(), atol=1e-5)
 

@@ -57,7 +57,7 @@ def _fused_skinny_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr,
     program has the whole row and finishes y itself. Programs with pid_n == 0 write h = x + r (WRITE_H).
     x, r, h: [M, K] row-major; g: [K]; W: [N, K] row-major; b: [N]; y: [M, N]. USE_PDL: the W chunk and g are
     loaded before waiting for the previous kernel (see `use_pdl`). The engine's plain linears have a twin of this
-    kernel (nanovllm.kernels.gemv._gemv_skinny_kernel, an activation instead of the norm); fusion_pass never
+    kernel (nanovllm.kernels.gemv.skinny, an activation instead of the norm); fusion_pass never
     imports nanovllm, so the chunk indexing below is written in both.
     """
     pid_n = tl.program_id(0)

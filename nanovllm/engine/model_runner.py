@@ -132,13 +132,7 @@ class ModelRunner:
             return self.model
         if cfg.compile_fusion:
             import fusion_pass.backend  # noqa: F401 - registers backend="coconut"
-            import fusion_pass.kernels
 
-            from nanovllm.kernels import pdl
-
-            # NANOVLLM_PDL=0 turns programmatic dependent launch off for the coconut kernels too (COCONUT_PDL=0
-            # does it for them alone)
-            fusion_pass.kernels.PDL_ENABLED = fusion_pass.kernels.PDL_ENABLED and pdl.ENABLED
             backend = "coconut"
         elif self.device.type == "cuda":
             backend = "inductor"

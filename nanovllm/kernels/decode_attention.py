@@ -44,7 +44,7 @@ import triton.language as tl
 
 from nanovllm.utils.env import env_flag
 
-from .pdl import launch_options, use_pdl
+from fusion_pass.launch import launch_options, use_pdl
 from .attention_common import LOG2E, check_out, check_paged_attention_args, online_softmax_tile
 from .reference import decode_attention_ref
 
@@ -155,7 +155,7 @@ def _decode_split_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if USE_PDL:  # q and the newest K/V come from the previous kernels (kernels/pdl.py)
+    if USE_PDL:  # q and the newest K/V come from the previous kernels (fusion_pass/launch.py)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     ctx_len = tl.load(ctx_ptr + seq)

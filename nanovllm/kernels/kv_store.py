@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import launch_options, use_pdl
+from fusion_pass.launch import launch_options, use_pdl
 from .reference import _check_store_shapes, store_kvcache_ref
 
 
@@ -31,7 +31,7 @@ def _store_kvcache_kernel(
     USE_PDL: tl.constexpr = False,
 ):
     token = tl.program_id(0)
-    if USE_PDL:  # everything depends on the previous kernels (kernels/pdl.py)
+    if USE_PDL:  # everything depends on the previous kernels (fusion_pass/launch.py)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     slot = tl.load(slot_ptr + token).to(tl.int64)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.pdl import launch_options, use_pdl
+from fusion_pass.launch import launch_options, use_pdl
 from nanovllm.layers.layernorm import rms_norm
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 
@@ -54,7 +54,7 @@ def _qk_norm_rope_kernel(qkv_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr, q_ptr, k_ptr,
     """One token: rows ``[0, NUM_HEADS)`` are its q heads, ``[NUM_HEADS, NUM_HEADS + NUM_KV_HEADS)`` its k heads,
     each split in two halves of ``HALF`` columns; q is written ``[T, NUM_HEADS, 2 HALF]``, k likewise."""
     t = tl.program_id(0)
-    if USE_PDL:  # everything below depends on the previous kernel (kernels/pdl.py)
+    if USE_PDL:  # everything below depends on the previous kernel (fusion_pass/launch.py)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     r = tl.arange(0, ROWS)
