@@ -7,7 +7,7 @@ an empty kernel took 7.8 us per call against 11.6 as a custom_op on our developm
 real ops took 6-11 us less per call, 7-14 % of their host time (benchmarks/kernels.py --what host-overhead times both
 registrations of each op side by side; benchmarks/results/h200/kernels.json). It matters where no CUDA graph
 replays the calls: a prefill calls the engine's ops 112 times for Qwen3-0.6B (56 linear_small_m, 28 qk_norm_rope,
-28 attention), plus 57 coconut ops when coconut compiles the prefill (``NANOVLLM_FUSION_PREFILL=1``).
+28 attention).
 
 `define_op` gives the op that ``custom_op(qualname, mutates_args=())`` + ``register_fake`` would, except:
 

@@ -80,6 +80,12 @@ class Config:
             end, so up to k - 1 steps later. Greedy outputs are the same for every value. 1 = one step per
             round. None (the default): 8 on one GPU, 1 on the CPU and with tensor parallelism
             (:func:`default_num_scheduler_steps`); tensor parallelism always runs 1.
+        tuning_file: with ``compile_fusion`` on CUDA, a JSON file of the fused op's dispatch decisions
+            (``fusion_pass.save_tuning``): decisions of this GPU found there are loaded instead of measured when
+            the engine starts, and every decision is written back (None: measure every start, write nothing).
+        tp_timeout_s: seconds a tensor-parallel collective may wait for a peer before failing (> 0).
+        tp_start_timeout_s: seconds each phase of the tensor-parallel start-up (load, KV sizing, compile, graph
+            capture) may take before the start fails (> 0).
 
     Derived (not keywords): ``hf_config``; ``eos_token_ids``, every id that ends a request (unless
     ``ignore_eos``): the union of ``eos_token_id`` in config.json and in generation_config.json, each an int
@@ -106,6 +112,9 @@ class Config:
     compile_fusion: bool = False
     seed: int | None = None
     num_scheduler_steps: int | None = None
+    tuning_file: str | None = None
+    tp_timeout_s: float = 600.0
+    tp_start_timeout_s: float = 900.0
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
     eos_token_id: int = -1  # the first EOS id (-1: none); every id that ends a request is in eos_token_ids
     eos_token_ids: frozenset[int] = frozenset()
@@ -181,6 +190,7 @@ class Config:
             raise ValueError(f"kvcache_block_size must be a power of two, got {bs}")
         if self.num_kvcache_blocks == 0 or self.num_kvcache_blocks < -1:
             raise ValueError(f"num_kvcache_blocks must be -1 (size from memory) or positive, got {self.num_kvcache_blocks}")
+        self._check_runtime_keywords()
         self.hf_config = AutoConfig.from_pretrained(self.model)
         hf = self.hf_config
         check_model_config(hf, min(self.max_model_len, hf.max_position_embeddings))  # architecture, RoPE, window
@@ -196,6 +206,21 @@ class Config:
                 ids += [i for i in _as_id_list(json.load(f).get("eos_token_id")) if i not in ids]
         self.eos_token_id = ids[0] if ids else -1
         self.eos_token_ids = frozenset(ids)
+
+    def _check_runtime_keywords(self) -> None:
+        """Validate ``tuning_file``, ``tp_timeout_s`` and ``tp_start_timeout_s`` (TypeError / ValueError)."""
+        if self.tuning_file is not None:
+            if not isinstance(self.tuning_file, (str, os.PathLike)):
+                raise TypeError(f"tuning_file must be a path or None, got {self.tuning_file!r}")
+            self.tuning_file = os.fspath(self.tuning_file)
+            if not self.tuning_file.strip():
+                raise ValueError("tuning_file must not be empty (None: no file)")
+        for name in ("tp_timeout_s", "tp_start_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

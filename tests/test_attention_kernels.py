@@ -188,9 +188,7 @@ DECODE_CTX = [1, 15, 16, 17, 100, 257, 300]
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("heads", [(2, 2), (4, 2), (8, 2)], ids=lambda h: f"H{h[0]}kv{h[1]}")
 @pytest.mark.parametrize("num_splits", [None, 1, 3, 16])
-@pytest.mark.parametrize("fused_reduce", [False, True], ids=["2launch", "fused"])
-def test_decode_attention(dtype: torch.dtype, block_size: int, heads: tuple[int, int], num_splits: int | None,
-                          fused_reduce: bool) -> None:
+def test_decode_attention(dtype: torch.dtype, block_size: int, heads: tuple[int, int], num_splits: int | None) -> None:
     num_heads, num_kv_heads = heads
     head_dim = 32 if dtype == torch.float32 else 64
     ctx_lens = DECODE_CTX
@@ -205,8 +203,7 @@ def test_decode_attention(dtype: torch.dtype, block_size: int, heads: tuple[int,
     assert rel_err(ref.cpu(), dense) <= TOL[dtype]
 
     out = torch.full_like(q, float("nan"))
-    decode_attention_triton(q, k_cache, v_cache, bt, lens, scale, num_splits=num_splits, out=out,
-                            fused_reduce=fused_reduce)
+    decode_attention_triton(q, k_cache, v_cache, bt, lens, scale, num_splits=num_splits, out=out)
     assert torch.isfinite(out).all(), "some output element was not written"
     err = rel_err(out.cpu(), dense)
     assert err <= TOL[dtype], err
@@ -225,38 +222,12 @@ def test_decode_max_context_len_hint_and_padding_rows() -> None:
     ref = decode_attention_ref(q, k_cache, v_cache, bt, lens, 0.2)
     assert torch.equal(ref[3], torch.zeros_like(ref[3]))
     # 5 and 13 splits: more splits than a short row has tiles, and tiles dealt unevenly over the splits
-    for fused in (False, True):
-        for splits, hint in [(None, 200), (4, 200), (1, None), (5, None), (13, None)]:
-            out = torch.full_like(q, float("nan"))
-            decode_attention_triton(q, k_cache, v_cache, bt, lens, 0.2, num_splits=splits, max_context_len=hint,
-                                    out=out, fused_reduce=fused)
-            assert torch.isfinite(out).all()
-            assert rel_err(out[:3].cpu(), dense) <= 1e-4
-            assert torch.equal(out[3], torch.zeros_like(out[3]))
-
-
-def test_fused_reduce_leaves_its_counters_at_zero() -> None:
-    """The fused reduction's last program resets its (sequence, kv head) counter, so the next launch (a CUDA-graph
-    replay) starts from zero; a second call on the same buffer gives the same output."""
-    import importlib
-
-    da = importlib.import_module("nanovllm.kernels.decode_attention")
-    gen = torch.Generator().manual_seed(5)
-    ctx_lens = [70, 1, 0, 300]
-    k_cache, v_cache, bt = make_paged([max(c, 1) for c in ctx_lens], 16, 2, 32, torch.float32, gen)
-    q = torch.randn(4, 4, 32, generator=gen).to(DEVICE)
-    lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
-    locks = da.reserve_decode_locks(q.device, 4 * 2)
-    outs = []
-    for _ in range(2):
-        outs.append(decode_attention_triton(q, k_cache, v_cache, bt, lens, 0.3, num_splits=6, fused_reduce=True))
-        assert int(locks.abs().sum()) == 0
-    assert torch.equal(outs[0], outs[1])
-    ref = decode_attention_ref(q, k_cache, v_cache, bt, lens, 0.3)
-    assert rel_err(outs[0], ref) <= 1e-5
-    # growing the buffer keeps the old one alive: a CUDA graph captured with it still points at it
-    bigger = da.reserve_decode_locks(q.device, locks.numel() + 1)
-    assert bigger.numel() > locks.numel() and any(r is locks for r in da._RETIRED_LOCKS)
+    for splits, hint in [(None, 200), (4, 200), (1, None), (5, None), (13, None)]:
+        out = torch.full_like(q, float("nan"))
+        decode_attention_triton(q, k_cache, v_cache, bt, lens, 0.2, num_splits=splits, max_context_len=hint, out=out)
+        assert torch.isfinite(out).all()
+        assert rel_err(out[:3].cpu(), dense) <= 1e-4
+        assert torch.equal(out[3], torch.zeros_like(out[3]))
 
 
 def test_choose_num_splits() -> None:
@@ -407,10 +378,10 @@ for ptr, prec, bn, mma in (("*bf16", "tf32", 64, True), ("*fp32", "ieee", 32, Fa
     for bs in (16, 256):
         compile_one(pa._prefill_kernel, ptr, dict(GROUP=2, GROUP_PAD=2, BLOCK_M=64, BLOCK_N=bn, BLOCK_SIZE=bs,
                                                   HEAD_DIM=128, DOT_PRECISION=prec), 8, 2, mma)
-for bs, direct, fused, pdl in ((16, False, False, False), (256, True, False, True), (16, False, True, True)):
+for bs, direct, pdl in ((16, False, False), (256, True, True), (16, False, True)):
     compile_one(da._decode_split_kernel, "*bf16", dict(NUM_HEADS=16, GROUP=2,
                 ROWS=16, BLOCK_N=64, BLOCK_SIZE=bs, HEAD_DIM=128, DIRECT=direct, DOT_PRECISION="tf32",
-                FUSED_REDUCE=fused, SPLITS_PAD=64, USE_PDL=pdl), 4, 3, True)
+                USE_PDL=pdl), 4, 3, True)
 ks = importlib.import_module("nanovllm.kernels.kv_store")
 for pdl in (False, True):
     compile_one(ks._store_kvcache_kernel, "*bf16", dict(NUM_KV_HEADS=8, HEAD_DIM=128, HEADS_PAD=8, DIM_PAD=128,

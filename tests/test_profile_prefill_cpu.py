@@ -33,15 +33,12 @@ def test_profile_prefill_on_cpu(tmp_path) -> None:  # noqa: ANN001
 
 def test_prefill_steps_get_their_own_inductor_compile_only_with_fusion_on_cuda() -> None:
     """compile_fusion on CUDA: prefill steps run an Inductor-compiled model (the coconut op's host cost is not
-    paid where no CUDA graph replays), unless NANOVLLM_FUSION_PREFILL=1; one forward elsewhere."""
+    paid where no CUDA graph replays); one forward elsewhere."""
     from nanovllm.engine import model_runner
 
-    assert model_runner.separate_prefill_compile(True, "cuda", False) is True
-    assert model_runner.separate_prefill_compile(True, "cuda", True) is False
-    assert model_runner.separate_prefill_compile(True, "cpu", False) is False
-    assert model_runner.separate_prefill_compile(False, "cuda", False) is False
-    if os.environ.get(model_runner.ENV_FUSION_PREFILL) is None:
-        assert model_runner.FUSION_PREFILL is False
+    assert model_runner.separate_prefill_compile(True, "cuda") is True
+    assert model_runner.separate_prefill_compile(True, "cpu") is False
+    assert model_runner.separate_prefill_compile(False, "cuda") is False
 
 
 def test_profile_prefill_modes() -> None:

@@ -11,7 +11,6 @@ import torch
 from conftest import rel_err, run_aot_script
 from nanovllm.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
 from nanovllm.layers.layernorm import RMSNorm
-from nanovllm.utils.env import env_flag
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,32 +75,6 @@ def test_bad_arguments_raise() -> None:
         qk_norm_rope(qkv, qw, kw, cs, positions[:2], 4, 2, 1e-6)
 
 
-@pytest.mark.parametrize("value, default, want", [(None, True, True), ("", False, False), (" 1 ", False, True),
-                                                   ("0", True, False), ("yes", True, None), ("2", False, None)])
-def test_env_flag_parsing(value: str | None, default: bool, want: bool | None) -> None:
-    if want is None:
-        with pytest.raises(ValueError, match="NANOVLLM_X"):
-            env_flag("NANOVLLM_X", value, default)
-    else:
-        assert env_flag("NANOVLLM_X", value, default) is want
-
-
-def test_flag_defaults_without_the_environment() -> None:
-    """Unset, the q/k norm + RoPE kernel and PDL are on and the fused split-KV reduction is off (the measured
-    defaults; docs/performance.md)."""
-    import importlib
-
-    from nanovllm.kernels import pdl
-    from nanovllm.layers import qk_norm_rope_op
-
-    da = importlib.import_module("nanovllm.kernels.decode_attention")
-    for module, name, attr, want in ((qk_norm_rope_op, "NANOVLLM_FUSED_QK_NORM_ROPE", "FUSED_QK_NORM_ROPE", True),
-                                     (pdl, "NANOVLLM_PDL", "ENABLED", True),
-                                     (da, "NANOVLLM_DECODE_FUSED_REDUCE", "DECODE_FUSED_REDUCE", False)):
-        if os.environ.get(name) is None:
-            assert getattr(module, attr) is want, name
-
-
 def test_op_traces_with_symbolic_tokens() -> None:
     """The op's fake implementation keeps one graph for every token count (dynamic=True, fullgraph)."""
     import nanovllm.layers.qk_norm_rope_op  # noqa: F401 - registers the op
@@ -126,23 +99,17 @@ def test_bf16_and_engine_tokens_on_gpu(tiny_ckpt: str) -> None:
     q, k = qk_norm_rope(*args)
     q_ref, k_ref = qk_norm_rope_ref(*args)
     assert rel_err(q, q_ref) <= 1e-2 and rel_err(k, k_ref) <= 1e-2
-    # the engine with the fused op gives the tokens of the engine without it (tiny fp32, CUDA graphs)
-    import subprocess
-    import sys
-    script = ("import sys, json; sys.path.insert(0, 'tests'); from conftest import random_prompts; "
-              "from nanovllm import LLM, SamplingParams; "
-              f"llm = LLM({tiny_ckpt!r}, dtype='float32', max_model_len=256, max_num_seqs=8); "
-              "outs = llm.generate(random_prompts([5, 40, 90], seed=3), SamplingParams(temperature=0, max_tokens=12, "
-              "ignore_eos=True), use_tqdm=False); print(json.dumps([o['token_ids'] for o in outs]))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    runs = []
-    for flag in ("0", "1"):
-        env = dict(os.environ, NANOVLLM_FUSED_QK_NORM_ROPE=flag)
-        p = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
-                           timeout=600)
-        assert p.returncode == 0, p.stderr[-2000:]
-        runs.append(p.stdout.strip().splitlines()[-1])
-    assert runs[0] == runs[1]
+    # the engine with the fused op (tiny fp32, CUDA graphs) gives the greedy tokens of transformers
+    from conftest import hf_greedy, random_prompts
+    from transformers import AutoModelForCausalLM
+
+    from nanovllm import LLM, SamplingParams
+
+    prompts = random_prompts([5, 40, 90], seed=3)
+    llm = LLM(tiny_ckpt, dtype="float32", max_model_len=256, max_num_seqs=8)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 12) for p in prompts]
 
 
 _AOT_SCRIPT = r"""
@@ -154,7 +121,7 @@ m = importlib.import_module("nanovllm.kernels.qk_norm_rope")
 fn = m._qk_norm_rope_kernel
 types = {"qkv_ptr": "*bf16", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "cs_ptr": "*fp32", "pos_ptr": "*i64",
          "q_ptr": "*bf16", "k_ptr": "*bf16", "stride_t": "i32", "stride_cs": "i32", "eps": "fp32"}
-for pdl in (False, True):  # with programmatic dependent launch (kernels/pdl.py): griddepcontrol in the PTX
+for pdl in (False, True):  # with programmatic dependent launch (fusion_pass/launch.py): griddepcontrol in the PTX
     consts = dict(NUM_HEADS=16, NUM_KV_HEADS=8, ROWS=32, HALF=64, USE_PDL=pdl)
     sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
     c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),

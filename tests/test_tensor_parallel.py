@@ -6,6 +6,7 @@ another and side by side, and turn a worker's failure into an exception in the p
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 from conftest import random_prompts
 from nanovllm import LLM, SamplingParams
+from nanovllm.engine import tp_runner
 from nanovllm.engine.tp_runner import TensorParallelRunner, TPWorkerError
 
 LENGTHS = [1, 7, 16, 33, 64, 129]  # 6 prompts, including several chunks of 16-token blocks
@@ -48,6 +50,31 @@ def _wait_gone(pids: list[int], within_s: float = EXIT_WITHIN_S) -> list[int]:
             return []
         time.sleep(0.1)
     return [p for p in pids if not _pid_gone(p)]
+
+
+def _faulty_worker(fault: str, config, rank: int, world: int, *args) -> None:  # noqa: ANN001
+    """The worker's entry point with a fault injected on the last rank ("load": right after loading its weights,
+    "step": in its first step). Runs in the spawned worker process, where it wraps the ModelRunner class that
+    ``_worker_main`` imports."""
+    from nanovllm.engine import model_runner
+
+    if rank == world - 1:
+        base = model_runner.ModelRunner
+
+        class Faulty(base):  # type: ignore[misc, valid-type]
+            def __init__(self, config, on_loaded=None) -> None:  # noqa: ANN001
+                def fail() -> None:
+                    raise RuntimeError(f"injected fault: rank {rank} fails after loading its weights")
+
+                super().__init__(config, on_loaded=fail if fault == "load" else on_loaded)
+
+            def run(self, seqs, is_prefill):  # noqa: ANN001, ANN201
+                if fault == "step":
+                    raise RuntimeError(f"injected fault: rank {rank} fails in a step")
+                return super().run(seqs, is_prefill)
+
+        model_runner.ModelRunner = Faulty
+    tp_runner._worker_main(config, rank, world, *args)
 
 
 def _worker_pids(llm: LLM) -> list[int]:
@@ -132,7 +159,7 @@ def test_worker_failure_at_load_raises_in_parent(tiny_ckpt: str, monkeypatch: py
 
     import torch.distributed as dist
 
-    monkeypatch.setenv("NANOVLLM_TP_TEST_FAULT", "load")
+    monkeypatch.setattr(tp_runner, "_worker_main", functools.partial(_faulty_worker, "load"))
     before = {p.pid for p in multiprocessing.active_children()}
     t0 = time.monotonic()
     with pytest.raises(TPWorkerError, match="injected fault: rank 1 fails after loading"):
@@ -164,7 +191,7 @@ def test_worker_failure_in_step_raises_in_parent(tiny_ckpt: str, prompts, monkey
     """A worker that raises in a step: rank 0's collective fails, the parent raises TPWorkerError with the cause."""
     import torch.distributed as dist
 
-    monkeypatch.setenv("NANOVLLM_TP_TEST_FAULT", "step")
+    monkeypatch.setattr(tp_runner, "_worker_main", functools.partial(_faulty_worker, "step"))
     llm = LLM(tiny_ckpt, tensor_parallel_size=2, **KW)
     pids = _worker_pids(llm)
     t0 = time.monotonic()

@@ -13,24 +13,16 @@ import torch
 from nanovllm.config import Config
 from nanovllm.engine.input_buffers import StepInputBuffers
 from nanovllm.engine.sequence import Sequence
-from nanovllm.kernels.decode_attention import reserve_decode_locks
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.registry import model_class
 from nanovllm.utils.context import reset_context, set_context
-from nanovllm.utils.env import env_flag
 from nanovllm.utils.loader import load_model
 from nanovllm.utils.parallel import tp_rank, tp_size
 
-# NANOVLLM_FUSION_PREFILL=1 (read at import): prefill steps also run the coconut-compiled model when compile_fusion
-# is on; by default they run the Inductor-compiled one (ModelRunner._build_prefill_forward says why).
-ENV_FUSION_PREFILL = "NANOVLLM_FUSION_PREFILL"
-FUSION_PREFILL: bool = env_flag(ENV_FUSION_PREFILL, os.environ.get(ENV_FUSION_PREFILL), default=False)
-
-
-def separate_prefill_compile(compile_fusion: bool, device_type: str, fusion_prefill: bool) -> bool:
-    """Whether prefill steps get their own Inductor-compiled model: with ``compile_fusion`` on CUDA, unless
-    ``fusion_prefill`` (``NANOVLLM_FUSION_PREFILL=1``). Elsewhere the one compiled (or eager) forward runs both."""
-    return compile_fusion and device_type == "cuda" and not fusion_prefill
+def separate_prefill_compile(compile_fusion: bool, device_type: str) -> bool:
+    """Whether prefill steps get their own Inductor-compiled model: with ``compile_fusion`` on CUDA (see
+    ``ModelRunner._build_prefill_forward``). Elsewhere the one compiled (or eager) forward runs both."""
+    return compile_fusion and device_type == "cuda"
 
 
 CPU_KV_CACHE_BYTES = 256 << 20  # the KV budget when sizing from memory on the CPU
@@ -156,7 +148,7 @@ class ModelRunner:
 
     def _build_prefill_forward(self):  # noqa: ANN202 - a callable with the model's forward signature
         """The forward of prefill steps: ``self.forward``, except with ``compile_fusion`` on the GPU, where it is the
-        model compiled by plain Inductor (unless ``NANOVLLM_FUSION_PREFILL=1``).
+        model compiled by plain Inductor.
 
         Why: the fused kernels pay at decode sizes (M <= 32 rows), which CUDA graphs replay; at prefill sizes the
         dispatcher picks the unfused path (Triton norm + cuBLAS, the same work as Inductor's), and a prefill is
@@ -166,7 +158,7 @@ class ModelRunner:
         kernels (benchmarks/results/prefill-profile-h200.json). Dynamo keeps one cache entry per backend, so the
         two compiled callables of one module never mix.
         """
-        if not separate_prefill_compile(self.config.compile_fusion, self.device.type, FUSION_PREFILL):
+        if not separate_prefill_compile(self.config.compile_fusion, self.device.type):
             return self.forward
         return self._compile("inductor")
 
@@ -174,9 +166,10 @@ class ModelRunner:
         """Time the fused op's variants for this model's three sites (qkv, gate_up, lm_head) at the decode batch
         sizes, before the KV cache takes the memory the timing needs; larger prefill sizes are timed on first use.
 
-        With the environment variable ``COCONUT_TUNING_FILE`` set, decisions saved there by an earlier run (same
-        GPU and versions) are loaded first and not measured again, and all decisions are written back."""
+        With ``tuning_file`` set, decisions saved there by an earlier run (same GPU and versions) are loaded first and
+        not measured again, and all decisions are written back (later first-use measurements too)."""
         import fusion_pass
+        from fusion_pass.settings import configure_kernels
 
         hf = self.config.hf_config
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
@@ -185,8 +178,9 @@ class ModelRunner:
                  -(-hf.vocab_size // self.world)]
         sizes = sorted({1 << i for i in range(0, 14) if (1 << i) <= max(graph_batch_sizes(self.config.max_num_seqs))}
                        | {max(graph_batch_sizes(self.config.max_num_seqs))})
-        # COCONUT_TUNING_FILE: reuse the decisions of an earlier run on the same GPU (and keep the new ones)
-        path = os.environ.get("COCONUT_TUNING_FILE")
+        path = self.config.tuning_file
+        if self.rank == 0:
+            configure_kernels(tuning_file=path)  # first-use measurements are written there too
         if path and os.path.exists(path):
             fusion_pass.load_tuning(path)
         fusion_pass.pretune([(m, n, hf.hidden_size) for n in sites for m in sizes], dtype=self.dtype,
@@ -447,9 +441,8 @@ class ModelRunner:
         """
         buf = self.buffers
         pool = None
-        # the decode attention's fused-reduction counters, allocated here: never inside a capture
-        reserve_decode_locks(self.device, self.config.max_num_seqs * self.config.hf_config.num_key_value_heads)
-        # likewise the split-K fixup counters of the skinny kernels (coconut's and the engine's GEMV)
+        # the split-K fixup counters of the skinny kernels (coconut's and the engine's GEMV), allocated here: never
+        # inside a capture
         from fusion_pass.kernels import fixup_counters
 
         fixup_counters(self.device, 0)

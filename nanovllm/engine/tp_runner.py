@@ -48,10 +48,6 @@ import torch.multiprocessing as mp
 from nanovllm.config import Config
 from nanovllm.engine.sequence import Sequence
 
-#: seconds a collective may wait for a peer before failing (also bounds rendezvous); NANOVLLM_TP_TIMEOUT_S overrides.
-DEFAULT_PG_TIMEOUT_S = 600.0
-#: seconds the start-up handshake may take per phase (compiling / capturing can be slow); NANOVLLM_TP_START_TIMEOUT_S.
-DEFAULT_START_TIMEOUT_S = 900.0
 #: seconds shutdown() waits for a worker to exit before terminating it.
 SHUTDOWN_JOIN_S = 10.0
 
@@ -65,10 +61,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _timeout_s(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
 
 
 # ---- what crosses the control plane per step ---------------------------------------------------------------------
@@ -173,11 +165,7 @@ def _worker_main(config: Config, rank: int, world: int, init_method: str, conn: 
         conn.send(("started", rank))
         _init_group(config, rank, world, init_method, pg_timeout_s)
 
-        fault = os.environ.get("NANOVLLM_TP_TEST_FAULT", "") if rank == world - 1 else ""  # tests only
-
         def loaded() -> None:
-            if fault == "load":
-                raise RuntimeError(f"injected fault: rank {rank} fails after loading its weights")
             conn.send(("loaded", rank))
             msg = conn.recv()
             if msg.op != "go":
@@ -188,8 +176,6 @@ def _worker_main(config: Config, rank: int, world: int, init_method: str, conn: 
         while True:
             msg = conn.recv()
             if msg.op == "run":
-                if fault == "step":
-                    raise RuntimeError(f"injected fault: rank {rank} fails in a step")
                 runner.run(msg.seqs, msg.is_prefill)
             elif msg.op == "shutdown":
                 break
@@ -282,8 +268,8 @@ class TensorParallelRunner:
         self._released = False  # every rank loaded its weights and got "go"
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        self.pg_timeout_s = _timeout_s("NANOVLLM_TP_TIMEOUT_S", DEFAULT_PG_TIMEOUT_S)
-        self.start_timeout_s = _timeout_s("NANOVLLM_TP_START_TIMEOUT_S", DEFAULT_START_TIMEOUT_S)
+        self.pg_timeout_s = float(config.tp_timeout_s)  # a collective's wait for a peer (also bounds rendezvous)
+        self.start_timeout_s = float(config.tp_start_timeout_s)  # each phase of the start-up handshake
         for key, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
                            ("NVSHMEM_DISABLE_NVLS", "1")):
             os.environ.setdefault(key, value)
@@ -349,7 +335,7 @@ class TensorParallelRunner:
             if left <= 0:
                 ranks = sorted(self.conns.index(c) + 1 for c in pending)
                 raise TPWorkerError(f"tensor-parallel start: no {what!r} from rank(s) {ranks} within "
-                                    f"{self.start_timeout_s:.0f} s (NANOVLLM_TP_START_TIMEOUT_S)")
+                                    f"{self.start_timeout_s:.0f} s (tp_start_timeout_s)")
             ready = wait(list(pending) + [p.sentinel for p in pending.values()], timeout=min(left, 1.0))
             for c, p in list(pending.items()):
                 if c in ready:

@@ -8,8 +8,8 @@ PyTorch reference in :mod:`nanovllm.kernels.reference`, or in :mod:`nanovllm.ker
 - :func:`decode_attention` - one query token per sequence, split-KV (flash-decoding) on the GPU.
 - :func:`sample_tokens` - one token per row, greedy or temperature sampling (Gumbel-max on a Philox stream), one
   pass over the logits; the reference is :func:`sample_tokens_ref` on :func:`sample_uniforms_ref`.
-- :func:`qk_norm_rope` - Qwen3's per-head q/k RMSNorm + RoPE in one kernel (the model's GPU path; off with
-  ``NANOVLLM_FUSED_QK_NORM_ROPE=0``); the reference is :func:`qk_norm_rope_ref`.
+- :func:`qk_norm_rope` - Qwen3's per-head q/k RMSNorm + RoPE in one kernel (the model's GPU path); the
+  reference is :func:`qk_norm_rope_ref`.
 
 Design notes: docs/attention.md (attention), the docstring of :mod:`nanovllm.kernels.sampling` (sampling).
 """

@@ -13,17 +13,6 @@ float32) over its tiles, and writes the partial ``(max m_s, sum l_s, unnormalize
 which is exact (the same rescaling identity as the online softmax; the order of the tiles does not matter).
 With ``num_splits == 1`` kernel 1 writes the normalized output directly and kernel 2 is skipped.
 
-Fused reduction (``fused_reduce=True``, one launch instead of two): after writing its partials, each split
-program of a ``(sequence, kv head)`` increments that pair's counter in a small int32 buffer (an acquire-release
-atomic, after a CTA barrier so every thread's partial stores are ordered before it); the program that sees the
-count reach the number of non-empty splits is the last one, so every partial is visible to it: it combines them
-for its ``G`` heads with the formula above (loads that bypass L1) and resets the counter to 0 for the next launch.
-This is the "last block does the reduction" pattern of CUDA's threadFenceReduction sample (CUDA Programming
-Guide, memory fence functions). The counters are allocated once per device (:func:`reserve_decode_locks`, called
-by the engine before it captures CUDA graphs); a launch that finds no large enough buffer while a graph is being
-captured falls back to the two kernels. Correct on the H200 (48/48 cases of bench_attention's correctness section,
-CUDA-graph replays included) but slower there, so it is off unless ``NANOVLLM_DECODE_FUSED_REDUCE=1``.
-
 The number of splits depends only on static quantities (``B``, ``Hkv``, the SM count and the context bound
 ``W * block_size`` from the block-table width, or ``max_context_len`` if given), never on ``context_lens``'
 values, so the launch needs no device->host sync and can be captured in a CUDA graph. Dealing tiles
@@ -35,16 +24,12 @@ reduction.
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from nanovllm.utils.env import env_flag
+from fusion_pass.launch import launch_options, sm_count, use_pdl
 
-from fusion_pass.launch import launch_options, use_pdl
 from .attention_common import LOG2E, check_out, check_paged_attention_args, online_softmax_tile
 from .reference import decode_attention_ref
 
@@ -53,46 +38,6 @@ DECODE_BLOCK_N = 64  # key positions per tile
 DECODE_MIN_TILES_PER_SPLIT = 1  # a split covers at least this many tiles of the context bound
 DECODE_WAVES = 4  # aim for about this many programs per SM
 DECODE_MAX_SPLITS = 64
-ENV_FUSED_REDUCE = "NANOVLLM_DECODE_FUSED_REDUCE"
-
-
-# One launch (split + last-program reduction) instead of two (module docstring); read once, at import. Off by default:
-# on the H200 it was 5-14 % SLOWER than the two launches at batch 1-64 (bench_attention's decode timing, e.g. batch 1,
-# 512 tokens: 7.09 us against 6.52; benchmarks/results/attention-fused-reduce-h200.json): the last program's serial
-# combine and the atomics cost more than the second launch saves inside a CUDA graph.
-DECODE_FUSED_REDUCE: bool = env_flag(ENV_FUSED_REDUCE, os.environ.get(ENV_FUSED_REDUCE), default=False)
-_LOCKS: dict[tuple[str, int], torch.Tensor] = {}
-# Buffers replaced by a larger one stay referenced: a CUDA graph captured earlier keeps using the old address.
-_RETIRED_LOCKS: list[torch.Tensor] = []
-_MIN_LOCKS = 8192
-
-
-def reserve_decode_locks(device: torch.device | str, count: int) -> torch.Tensor:
-    """The int32 zero-initialized counters of the fused reduction on ``device``, at least ``count`` of them (one per
-    ``(sequence, kv head)`` of a launch), allocated on first use and grown when needed, never shrunk.
-
-    Call it outside CUDA-graph capture (the engine does before capturing): an allocation during capture would
-    belong to the graph's memory pool.
-
-    Raises:
-        RuntimeError: a new buffer is needed while the current stream is capturing a CUDA graph.
-    """
-    dev = torch.device(device)
-    key = (dev.type, dev.index or 0)
-    buf = _LOCKS.get(key)
-    if buf is None or buf.numel() < count:
-        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("reserve_decode_locks: cannot allocate while a CUDA graph is being captured")
-        if buf is not None:
-            _RETIRED_LOCKS.append(buf)
-        buf = torch.zeros(max(count, _MIN_LOCKS), dtype=torch.int32, device=dev)
-        _LOCKS[key] = buf
-    return buf
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, sm_count: int, block_n: int = DECODE_BLOCK_N) -> int:
@@ -129,7 +74,6 @@ def _decode_split_kernel(
     m_part_ptr,
     l_part_ptr,
     acc_part_ptr,
-    lock_ptr,
     stride_qb,
     stride_qh,
     stride_ob,
@@ -148,8 +92,6 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr,
     DIRECT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
@@ -206,18 +148,6 @@ def _decode_split_kernel(
         tl.store(m_part_ptr + part, m_i, mask=row_ok)
         tl.store(l_part_ptr + part, l_i, mask=row_ok)
         tl.store(acc_part_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
-        if FUSED_REDUCE:
-            # every thread's partial stores happen before the (release) atomic of this program
-            tl.debug_barrier()
-            used = tl.maximum(tl.minimum(tl.cdiv(ctx_len, BLOCK_N), num_splits), 1)  # programs that got here
-            lock = lock_ptr + seq.to(tl.int64) * tl.num_programs(1) + kv_head
-            done = tl.atomic_add(lock, 1, sem="acq_rel")
-            if done == used - 1:  # the last split of this (sequence, kv head): all partials are visible
-                for g in tl.static_range(GROUP):
-                    _combine_splits(ctx_len, o_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, seq, kv_head * GROUP + g,
-                                    stride_ob, stride_oh, num_splits, NUM_HEADS, SPLITS_PAD, BLOCK_N, HEAD_DIM,
-                                    ".cg")
-                tl.atomic_xchg(lock, 0)
 
 
 @triton.jit
@@ -275,10 +205,8 @@ def decode_attention_triton(
     max_context_len: int | None = None,
     block_n: int | None = None,
     out: torch.Tensor | None = None,
-    fused_reduce: bool | None = None,
 ) -> torch.Tensor:
-    """Triton version of :func:`decode_attention` (same contract plus tuning overrides; ``fused_reduce``: one launch
-    with the last-program reduction instead of two, default :data:`DECODE_FUSED_REDUCE`)."""
+    """Triton version of :func:`decode_attention` (same contract plus tuning overrides)."""
     _check_decode_shapes(q, k_cache, v_cache, block_tables, context_lens)
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -291,22 +219,10 @@ def decode_attention_triton(
     if max_context_len is not None:
         bound = min(bound, max_context_len)
     if num_splits is None:
-        sms = _sm_count(q.device.index or 0) if q.is_cuda else 132
+        sms = sm_count(q.device) if q.is_cuda else 132
         num_splits = choose_num_splits(batch, num_kv_heads, bound, sms, bn)
     num_splits = max(1, int(num_splits))
     direct = num_splits == 1
-    fused = (DECODE_FUSED_REDUCE if fused_reduce is None else bool(fused_reduce)) and not direct
-    locks = out  # unused unless fused
-    if fused:
-        key = (q.device.type, q.device.index or 0)
-        have = _LOCKS.get(key)
-        need = batch * num_kv_heads
-        if have is not None and have.numel() >= need:
-            locks = have
-        elif q.is_cuda and torch.cuda.is_current_stream_capturing():
-            fused = False  # no counters reserved before the capture: two launches
-        else:
-            locks = reserve_decode_locks(q.device, need)
     splits_pad = max(2, triton.next_power_of_2(num_splits))
     if direct:
         m_part = l_part = acc_part = out  # unused
@@ -326,7 +242,6 @@ def decode_attention_triton(
         m_part,
         l_part,
         acc_part,
-        locks,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -345,14 +260,12 @@ def decode_attention_triton(
         HEAD_DIM=head_dim,
         DIRECT=direct,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        FUSED_REDUCE=fused,
-        SPLITS_PAD=splits_pad,
         USE_PDL=pdl,
         num_warps=4,
         num_stages=3,
         **launch_options(pdl),
     )
-    if not direct and not fused:
+    if not direct:
         _decode_reduce_kernel[(batch, num_heads)](
             context_lens,
             out,

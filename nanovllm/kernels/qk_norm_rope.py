@@ -13,10 +13,8 @@ Rounding follows the PyTorch path (``nanovllm.layers.layernorm.RMSNorm`` then
 head rounded to the model dtype before the weight multiply, the product rounded again, the rotated head rounded
 once at the end.
 
-Measured on the H200 (benchmarks/bench_qk_norm_rope.py, Qwen3-0.6B heads, bf16, CUDA graphs): 1.85 / 2.16 / 2.58 /
-6.44 us for 1 / 64 / 256 / 2048 tokens, against 3.28 / 4.36 / 7.50 / 23.3 us for Inductor's compilation of the
-PyTorch path (1.8-3.6x). The engine's model uses it on the GPU by default (``NANOVLLM_FUSED_QK_NORM_ROPE=0``
-restores the PyTorch path); it is tested in the Triton interpreter against the PyTorch path (fp32/fp16) and in bf16
+The engine's model uses it on the GPU (docs/performance.md compares it with Inductor's compilation of the PyTorch
+path); it is tested in the Triton interpreter against the PyTorch path (fp32/fp16) and in bf16
 with greedy engine tokens on the GPU.
 
 Public API: :func:`qk_norm_rope` (Triton on CUDA / ``force_triton``, reference otherwise),

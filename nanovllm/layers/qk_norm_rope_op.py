@@ -3,24 +3,14 @@ the GPU, :mod:`nanovllm.kernels.qk_norm_rope`; the PyTorch path elsewhere).
 
     q, k = torch.ops.nanovllm.qk_norm_rope(qkv, q_weight, k_weight, cos_sin, positions, num_heads, num_kv_heads, eps)
 
-The model uses it on CUDA unless the environment variable ``NANOVLLM_FUSED_QK_NORM_ROPE`` is ``0`` at import
-(:data:`FUSED_QK_NORM_ROPE`); then, and on the CPU, the model keeps the plain PyTorch chain, which Inductor compiles
-into several small kernels per layer (1.8-3.6x slower on the H200: benchmarks/results/qk-norm-rope-h200.json).
+The model uses it on CUDA; on the CPU it keeps the plain PyTorch chain.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
 from fusion_pass.registration import define_op
 from nanovllm.kernels.qk_norm_rope import qk_norm_rope as _qk_norm_rope
-from nanovllm.utils.env import env_flag
-
-ENV_FUSED_QK_NORM_ROPE = "NANOVLLM_FUSED_QK_NORM_ROPE"
-
-
-FUSED_QK_NORM_ROPE: bool = env_flag(ENV_FUSED_QK_NORM_ROPE, os.environ.get(ENV_FUSED_QK_NORM_ROPE), default=True)
 
 
 def _qk_norm_rope_impl(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos_sin: torch.Tensor,

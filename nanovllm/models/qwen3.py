@@ -5,7 +5,7 @@ import torch
 from transformers import PretrainedConfig
 
 from nanovllm.layers.layernorm import RMSNorm
-from nanovllm.layers.qk_norm_rope_op import FUSED_QK_NORM_ROPE
+import nanovllm.layers.qk_norm_rope_op  # noqa: F401 - registers torch.ops.nanovllm.qk_norm_rope
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 from nanovllm.models.llama import LlamaAttention, LlamaForCausalLM, head_dim_of
 
@@ -18,14 +18,11 @@ class Qwen3Attention(LlamaAttention):
         super().__init__(config, layer_idx, rotary_emb, qkv_bias, o_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        # q/k norm + RoPE as one Triton kernel on the GPU (layers/qk_norm_rope_op.py;
-        # NANOVLLM_FUSED_QK_NORM_ROPE=0: off)
-        self.fused_qk_norm_rope = FUSED_QK_NORM_ROPE
 
     def rotate(self, positions: torch.Tensor, qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalize then rotate: q ``[T, H * D]``, k ``[T, Hkv * D]`` -> ``(q [T, H, D], k [T, Hkv, D])``."""
-        if self.fused_qk_norm_rope and qkv.is_cuda:
+        if qkv.is_cuda:  # q/k norm + RoPE as one Triton kernel (layers/qk_norm_rope_op.py)
             return torch.ops.nanovllm.qk_norm_rope(qkv, self.q_norm.weight, self.k_norm.weight,
                                                    self.rotary_emb.cos_sin_cache, positions, self.num_heads,
                                                    self.num_kv_heads, self.q_norm.eps)
