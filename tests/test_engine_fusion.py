@@ -68,17 +68,17 @@ def test_prefill_steps_run_their_own_inductor_compile(ckpt3: str, monkeypatch: p
     """The GPU layout of compile_fusion forced on the CPU: prefill steps through a plain-Inductor compile of the
     model, decode steps through the coconut one. Greedy tokens equal the plain engine's, every prefill step goes
     through ``prefill_forward``, and only the decode graphs hold the 2L+1 coconut sites."""
-    from nanovllm.engine import model_runner
+    from nanovllm.engine import compilation
 
-    monkeypatch.setattr(model_runner, "separate_prefill_compile", lambda fusion, device_type, fusion_prefill: fusion)
+    monkeypatch.setattr(compilation, "separate_prefill_compile", lambda fusion, device_type: fusion)
     backends: list[str] = []
-    compile_model = model_runner.ModelRunner._compile
+    compile_model = compilation.compile_model
 
-    def spy(self: model_runner.ModelRunner, backend: str):  # noqa: ANN202
+    def spy(model: torch.nn.Module, backend: str):  # noqa: ANN202
         backends.append(backend)
-        return compile_model(self, backend)
+        return compile_model(model, backend)
 
-    monkeypatch.setattr(model_runner.ModelRunner, "_compile", spy)
+    monkeypatch.setattr(compilation, "compile_model", spy)
     prompts = random_prompts([1, 6, 40, 75], seed=5)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     plain = LLM(ckpt3, device="cpu", kvcache_block_size=16, max_model_len=256)

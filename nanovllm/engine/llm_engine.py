@@ -5,7 +5,7 @@ import gc
 import numbers
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 from tqdm.auto import tqdm
@@ -15,6 +15,7 @@ from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.step_runner import StepRunner
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -29,7 +30,6 @@ class StepStats:
     decode_steps: int = 0  # model steps of decode (a multi-step round counts each of its steps)
     decode_rounds: int = 0  # step() calls that decoded (a multi-step round counts once)
     steps: int = 0  # calls of LLMEngine.step (a multi-step round is one)
-    step_log: list[tuple[bool, int, float]] = field(default_factory=list)  # (is_prefill, tokens, seconds)
 
 
 @dataclass
@@ -64,6 +64,7 @@ class LLMEngine:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.model_runner: StepRunner
         if config.tensor_parallel_size > 1:
             from nanovllm.engine.tp_runner import TensorParallelRunner
             self.model_runner = TensorParallelRunner(config)
@@ -73,7 +74,6 @@ class LLMEngine:
         self.block_manager = BlockManager(config.num_kvcache_blocks, config.kvcache_block_size)
         self.scheduler = Scheduler(config, self.block_manager)
         self.stats = StepStats()
-        self.record_steps = False
         self.last_num_steps = 1  # model steps run by the last call of step()
         # online requests (submit / abort / step_requests): the inboxes may be filled from any thread; the rest
         # is touched only by the thread that calls step_requests
@@ -151,8 +151,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         seqs, is_prefill = self.scheduler.schedule()
         num_steps = 1
-        if not is_prefill and self.config.num_scheduler_steps > 1 and getattr(self.model_runner,
-                                                                               "supports_multi_step", False):
+        if not is_prefill and self.config.num_scheduler_steps > 1 and self.model_runner.supports_multi_step:
             num_steps = self.scheduler.extend_decode(seqs, self.config.num_scheduler_steps)
         if num_steps > 1:
             before = sum(len(s) for s in seqs)
@@ -175,8 +174,6 @@ class LLMEngine:
             st.decode_steps += num_steps
             st.decode_rounds += 1
         self.last_num_steps = num_steps
-        if self.record_steps:
-            st.step_log.append((is_prefill, tokens, dt))
         return finished, is_prefill, tokens
 
     def generate(self, token_ids: list[list[int]], params: list[SamplingParams], use_tqdm: bool = True

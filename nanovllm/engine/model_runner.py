@@ -1,9 +1,10 @@
-"""Runs the model for one step: builds the batch tensors, owns the KV cache, replays CUDA graphs, samples."""
+"""Runs the model for one step: builds the batch tensors, owns the KV cache, runs the model, samples.
+
+Compiling and tuning live in engine/compilation.py, the decode CUDA graphs in engine/cuda_graphs.py.
+"""
 from __future__ import annotations
 
 import math
-import os
-import time
 from typing import Callable
 
 import numpy as np
@@ -11,6 +12,8 @@ import numpy as np
 import torch
 
 from nanovllm.config import Config
+from nanovllm.engine.compilation import build_forwards, pretune_fusion, separate_prefill_compile  # noqa: F401
+from nanovllm.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from nanovllm.engine.input_buffers import StepInputBuffers
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import Sampler
@@ -19,23 +22,12 @@ from nanovllm.utils.context import reset_context, set_context
 from nanovllm.utils.loader import load_model
 from nanovllm.utils.parallel import tp_rank, tp_size
 
-def separate_prefill_compile(compile_fusion: bool, device_type: str) -> bool:
-    """Whether prefill steps get their own Inductor-compiled model: with ``compile_fusion`` on CUDA (see
-    ``ModelRunner._build_prefill_forward``). Elsewhere the one compiled (or eager) forward runs both."""
-    return compile_fusion and device_type == "cuda"
-
-
 CPU_KV_CACHE_BYTES = 256 << 20  # the KV budget when sizing from memory on the CPU
 
 
-def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """Decode batch sizes that get a CUDA graph: 1, 2, 4, 8, then every multiple of 16, and max_num_seqs itself."""
-    sizes = {b for b in (1, 2, 4, 8) if b <= max_num_seqs} | set(range(16, max_num_seqs + 1, 16)) | {max_num_seqs}
-    return sorted(sizes)
-
-
 class ModelRunner:
-    """Holds the model, its KV cache and its compiled / graph-captured forward on one device (one TP rank).
+    """Holds the model, its KV cache and its compiled / graph-captured forward on one device (one TP rank);
+    implements :class:`~nanovllm.engine.step_runner.StepRunner`.
 
     Args:
         config: the engine configuration (``config.num_kvcache_blocks`` is filled in when sized from memory).
@@ -56,9 +48,6 @@ class ModelRunner:
         else:
             self.device = torch.device("cpu")
         self.max_blocks_per_seq = math.ceil(config.max_model_len / self.block_size)
-        # seconds spent in each phase of the build (benchmarks print them; device time is scarce)
-        self.init_seconds: dict[str, float] = {}
-        t0 = time.perf_counter()
 
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
@@ -77,117 +66,31 @@ class ModelRunner:
             self.generator = torch.Generator(self.device)
             self.generator.manual_seed(config.seed)
 
-        self.init_seconds["load"] = time.perf_counter() - t0
-        self.forward = self._build_forward()
-        self.prefill_forward = self._build_prefill_forward()
+        self.forward, self.prefill_forward = build_forwards(self.model, config, self.device)
         if config.compile_fusion and self.device.type == "cuda":
-            t0 = time.perf_counter()
-            self._pretune_fusion()
-            self.init_seconds["pretune"] = time.perf_counter() - t0
+            pretune_fusion(config, self.dtype, self.device, self.world, self.rank,
+                           graph_batch_sizes(config.max_num_seqs))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        t0 = time.perf_counter()
         self.allocate_kv_cache()  # on the GPU this runs (and compiles) the largest prefill first
-        self.init_seconds["kv_cache"] = time.perf_counter() - t0
         # Inference tensors, like the prefill inputs that run() creates under inference mode: the compiled forward
         # guards on its inputs' dispatch keys, so mixing the two kinds doubled its graphs (and the guard checks
-        # of every prefill call). All writes to the buffers happen inside run(), run_decode_steps() and
-        # capture_cudagraphs(), which run under inference mode (prepare_decode / prepare_sample called on their own,
-        # outside it, would raise on the GPU).
+        # of every prefill call). All writes to the buffers happen inside run(), run_decode_steps() and the graph
+        # capture, which run under inference mode (prepare_decode / prepare_sample called on their own, outside it,
+        # would raise on the GPU).
         with torch.inference_mode():
             self.buffers = StepInputBuffers(config.max_num_seqs, self.max_blocks_per_seq, self.block_size,
                                             self.device,
                                             max_steps=config.num_scheduler_steps if self.supports_multi_step else 1)
-        self._sampling_flags: dict = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.graph_logits: torch.Tensor | None = None
-        self.graph_size_for: list[int] = []
+        self.graphs = DecodeGraphs(config.max_num_seqs)
         if self.device.type == "cuda" and not config.enforce_eager:
-            t0 = time.perf_counter()
-            self.capture_cudagraphs()
-            self.init_seconds["cudagraphs"] = time.perf_counter() - t0
+            self.graphs.capture(self.forward, self.buffers, self.kv_caches, self.device)
 
     @property
     def supports_multi_step(self) -> bool:
         """Whether :meth:`run_decode_steps` may run (one process: tensor-parallel workers step one at a time)."""
         return self.world == 1
 
-    # ---- setup ---------------------------------------------------------------------------------------------
-    def _build_forward(self):  # noqa: ANN202 - a callable with the model's forward signature
-        """The model's forward, compiled as one graph unless eager.
-
-        GPU: ``enforce_eager=False`` compiles with Inductor, or with the ``coconut`` backend when
-        ``compile_fusion``. CPU: only ``compile_fusion=True`` compiles (Inductor's CPU code gains little over
-        eager for small models and costs compile time); otherwise the model runs eagerly.
-        """
-        cfg = self.config
-        if cfg.enforce_eager and not cfg.compile_fusion:
-            return self.model
-        if cfg.compile_fusion:
-            import fusion_pass.backend  # noqa: F401 - registers backend="coconut"
-
-            backend = "coconut"
-        elif self.device.type == "cuda":
-            backend = "inductor"
-        else:
-            return self.model
-        return self._compile(backend)
-
-    def _compile(self, backend: str):  # noqa: ANN202
-        """``torch.compile`` of the model with ``backend``: one graph, dynamic token count."""
-        # One graph serves every token count (dynamic=True); a batch of one token gets its own specialization.
-        # Prefill and decode share the graph (attention is one opaque op), so few recompiles ever happen; with
-        # compile_fusion on CUDA, prefill steps use a second compile (_build_prefill_forward).
-        cfg_dynamo = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
-            if hasattr(cfg_dynamo, name):
-                setattr(cfg_dynamo, name, max(getattr(cfg_dynamo, name), 32))
-        # Module guards stay on: Dynamo's cache belongs to the model class's forward, shared by every engine of the
-        # process, and only those guards tell apart two models of different shapes (measured with
-        # torch.compiler.skip_guard_on_all_nn_modules_unsafe: a second engine reused the first one's graph).
-        return torch.compile(self.model, backend=backend, fullgraph=True, dynamic=True)
-
-    def _build_prefill_forward(self):  # noqa: ANN202 - a callable with the model's forward signature
-        """The forward of prefill steps: ``self.forward``, except with ``compile_fusion`` on the GPU, where it is the
-        model compiled by plain Inductor.
-
-        Why: the fused kernels pay at decode sizes (M <= 32 rows), which CUDA graphs replay; at prefill sizes the
-        dispatcher picks the unfused path (Triton norm + cuBLAS, the same work as Inductor's), and a prefill is
-        launched from Python, where each coconut op cost about 135 us of host time on the H200 machine against
-        Inductor's few tens for its own norm kernel and mm (benchmarks/results/host-overhead-h200.json): a
-        512-token batch-1 prefill took 19.9 ms with coconut and 14.2 ms with Inductor for the same 3.9 ms of GPU
-        kernels (benchmarks/results/prefill-profile-h200.json). Dynamo keeps one cache entry per backend, so the
-        two compiled callables of one module never mix.
-        """
-        if not separate_prefill_compile(self.config.compile_fusion, self.device.type):
-            return self.forward
-        return self._compile("inductor")
-
-    def _pretune_fusion(self) -> None:
-        """Time the fused op's variants for this model's three sites (qkv, gate_up, lm_head) at the decode batch
-        sizes, before the KV cache takes the memory the timing needs; larger prefill sizes are timed on first use.
-
-        With ``tuning_file`` set, decisions saved there by an earlier run (same GPU and versions) are loaded first and
-        not measured again, and all decisions are written back (later first-use measurements too)."""
-        import fusion_pass
-        from fusion_pass.settings import configure_kernels
-
-        hf = self.config.hf_config
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        sites = [(hf.num_attention_heads + 2 * hf.num_key_value_heads) * head_dim // self.world,
-                 2 * hf.intermediate_size // self.world,
-                 -(-hf.vocab_size // self.world)]
-        sizes = sorted({1 << i for i in range(0, 14) if (1 << i) <= max(graph_batch_sizes(self.config.max_num_seqs))}
-                       | {max(graph_batch_sizes(self.config.max_num_seqs))})
-        path = self.config.tuning_file
-        if self.rank == 0:
-            configure_kernels(tuning_file=path)  # first-use measurements are written there too
-        if path and os.path.exists(path):
-            fusion_pass.load_tuning(path)
-        fusion_pass.pretune([(m, n, hf.hidden_size) for n in sites for m in sizes], dtype=self.dtype,
-                            device=self.device)
-        if path and self.rank == 0:
-            fusion_pass.save_tuning(path)
-
+    # ---- KV cache -------------------------------------------------------------------------------------------
     def _block_bytes(self) -> int:
         hf = self.config.hf_config
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
@@ -324,32 +227,36 @@ class ModelRunner:
         """One new token per sequence (its last); set the decode context. Returns like :meth:`prepare_prefill`.
 
         The inputs go through the persistent :class:`StepInputBuffers` (numpy on the host, one asynchronous copy
-        per dtype), padded up to the CUDA graph's batch size when a graph will run the step. With ``num_steps``
+        per dtype, which also carries the sampling rows :meth:`prepare_sample` wrote before it), padded up to the
+        CUDA graph's batch size when a graph will run the step. With ``num_steps``
         > 1 the later steps of a multi-step round are staged and uploaded too (:meth:`run_decode_steps`); the
         context then serves every step of the round (its tensors are the static views that each step refills).
         """
         n = len(seqs)
-        rows = self.graph_size_for[n] if self.graphs and n <= self.config.max_num_seqs else n
+        rows = self.graphs.padded_rows(n)
         buf = self.buffers
         buf.fill_decode(seqs, rows)
         if num_steps > 1:
             buf.fill_decode_steps(seqs, rows, num_steps)
-        if self.rank == 0:  # only rank 0 samples (a worker's sequence views carry no sampling parameters)
-            self._sampling_flags = buf.fill_sampling(seqs)
         buf.upload(rows)
         set_context(False, slot_mapping=buf.slot_mapping[:rows], context_lens=buf.context_lens[:rows],
                     block_tables=buf.block_tables[:rows], kv_caches=self.kv_caches)
         return buf.input_ids[:rows], buf.positions[:rows], buf.row_index[:rows]
 
-    def prepare_sample(self, seqs: list[Sequence], is_prefill: bool = True) -> dict:
-        """The sampler's keyword arguments: per-row ``temperatures`` (float32), ``top_ks`` (int64), ``top_ps``
-        (float32), each ``[B]`` on the device, and the host-side flags ``all_greedy``, ``use_top_k``, ``use_top_p``
-        (so the sampler never waits for the GPU to learn them). A decode step staged them in
-        :meth:`prepare_decode` already."""
-        if is_prefill:
-            self._sampling_flags = self.buffers.fill_sampling(seqs)
+    def prepare_sample(self, seqs: list[Sequence], upload: bool) -> dict:
+        """Write the batch's sampling settings into the step buffers and return the sampler's keyword arguments:
+        per-row ``temperatures`` (float32), ``top_ks`` (int64), ``top_ps`` (float32), each ``[B]`` on the device,
+        and the host-side flags ``all_greedy``, ``use_top_k``, ``use_top_p`` (so the sampler never waits for the
+        GPU to learn them).
+
+        Args:
+            upload: copy the rows to the device now (a prefill step); False when the step's inputs are uploaded
+                after this call (:meth:`prepare_decode` copies them with its own upload).
+        """
+        flags = self.buffers.fill_sampling(seqs)
+        if upload:
             self.buffers.upload(0)
-        return {**self.buffers.sampler_args(len(seqs)), **self._sampling_flags}
+        return {**self.buffers.sampler_args(len(seqs)), **flags}
 
     def reset_step_state(self) -> None:
         """Forget what a step that raised left behind (:meth:`LLMEngine.abort_all`): the attention context, the
@@ -373,8 +280,7 @@ class ModelRunner:
             return self.prefill_forward(input_ids, positions, logits_indices)
         if rows not in self.graphs:
             return self.forward(input_ids, positions, logits_indices)
-        self.graphs[rows].replay()
-        return self.graph_logits[:rows]
+        return self.graphs.replay(rows)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int | None]:
@@ -383,15 +289,20 @@ class ModelRunner:
         Returns:
             One token id per sequence, or None for a prefill chunk that does not end its prompt.
         """
+        sample_args: dict = {}
         if is_prefill:
             input_ids, positions, logits_indices = self.prepare_prefill(seqs)
         else:
+            if self.rank == 0:  # only rank 0 samples (a worker's sequence views carry no sampling parameters)
+                sample_args = self.prepare_sample(seqs, upload=False)
             input_ids, positions, logits_indices = self.prepare_decode(seqs)
         logits = self.run_model(input_ids, positions, logits_indices, is_prefill)[:len(seqs)]
         reset_context()
         if self.rank != 0:
             return []
-        token_ids = self.sampler(logits, generator=self.generator, **self.prepare_sample(seqs, is_prefill)).tolist()
+        if is_prefill:  # staged while the GPU runs the prefill
+            sample_args = self.prepare_sample(seqs, upload=True)
+        token_ids = self.sampler(logits, generator=self.generator, **sample_args).tolist()
         if not is_prefill:
             return token_ids
         return [t if s.num_computed_tokens + s.num_scheduled_tokens == len(s) else None
@@ -419,8 +330,8 @@ class ModelRunner:
             raise RuntimeError("multi-step decode runs only without tensor parallelism")
         n = len(seqs)
         buf = self.buffers
+        sample_args = self.prepare_sample(seqs, upload=False)
         input_ids, positions, logits_indices = self.prepare_decode(seqs, num_steps)
-        sample_args = self.prepare_sample(seqs, is_prefill=False)
         for j in range(num_steps):
             if j:
                 buf.load_step(j, n)
@@ -429,37 +340,3 @@ class ModelRunner:
         reset_context()
         per_step = buf.step_tokens[:num_steps, :n].tolist()
         return [list(t) for t in zip(*per_step)]
-
-    @torch.inference_mode()
-    def capture_cudagraphs(self) -> None:
-        """Capture one decode graph per size of :func:`graph_batch_sizes`, largest first, sharing one pool.
-
-        Static inputs: the device views of :class:`StepInputBuffers` (input ids, positions, slot mapping, context
-        lengths, block tables as wide as max_model_len needs); static output: one ``[max_num_seqs, vocab]``
-        logits buffer shared by every graph. A smaller batch is padded up to the next captured size (slot -1,
-        context length 0).
-        """
-        buf = self.buffers
-        pool = None
-        # the split-K fixup counters of the skinny kernels (coconut's and the engine's GEMV), allocated here: never
-        # inside a capture
-        from fusion_pass.kernels import fixup_counters
-
-        fixup_counters(self.device, 0)
-        for size in reversed(graph_batch_sizes(self.config.max_num_seqs)):
-            set_context(False, slot_mapping=buf.slot_mapping[:size], context_lens=buf.context_lens[:size],
-                        block_tables=buf.block_tables[:size], kv_caches=self.kv_caches)
-            args = (buf.input_ids[:size], buf.positions[:size], buf.row_index[:size])
-            out = self.forward(*args)  # warm up (and compile) outside the capture
-            if self.graph_logits is None:  # one static output for every graph: each graph's own output is freed
-                self.graph_logits = torch.empty(self.config.max_num_seqs, out.shape[-1], dtype=out.dtype,
-                                                device=self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
-                self.graph_logits[:size].copy_(self.forward(*args))
-            pool = graph.pool()
-            self.graphs[size] = graph
-            torch.cuda.synchronize()
-        reset_context()
-        sizes = sorted(self.graphs)  # batch of n rows -> the smallest captured size >= n
-        self.graph_size_for = [0] + [next(b for b in sizes if b >= n) for n in range(1, self.config.max_num_seqs + 1)]

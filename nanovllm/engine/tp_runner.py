@@ -39,7 +39,7 @@ import traceback
 import weakref
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,9 @@ import torch.multiprocessing as mp
 
 from nanovllm.config import Config
 from nanovllm.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from nanovllm.engine.model_runner import ModelRunner
 
 #: seconds shutdown() waits for a worker to exit before terminating it.
 SHUTDOWN_JOIN_S = 10.0
@@ -241,7 +244,8 @@ def _monitor(ref: "weakref.ref[TensorParallelRunner]", sentinels: list[int], sto
 
 
 class TensorParallelRunner:
-    """Runs one model over ``config.tensor_parallel_size`` processes; same interface as ``ModelRunner``.
+    """Runs one model over ``config.tensor_parallel_size`` processes; implements
+    :class:`~nanovllm.engine.step_runner.StepRunner`, like ``ModelRunner``.
 
     Args:
         config: the engine configuration; ``num_kvcache_blocks`` is filled in (the minimum over the ranks).
@@ -262,7 +266,7 @@ class TensorParallelRunner:
         self.rank = 0
         self.workers: list[mp.Process] = []
         self.conns: list[Connection] = []
-        self.runner: Any = None
+        self.runner: ModelRunner | None = None
         self._closed = False
         self._broken: str | None = None
         self._released = False  # every rank loaded its weights and got "go"
@@ -393,13 +397,30 @@ class TensorParallelRunner:
                     errors.append(f"{p.name} exited with code {p.exitcode}")
         return "\n".join(errors)
 
-    # ---- pass-throughs -----------------------------------------------------------------------------------------
-    def __getattr__(self, name: str) -> Any:
-        # attributes of rank 0's ModelRunner (device, dtype, kv_cache, graphs, forward ...) for tools and tests
-        runner = self.__dict__.get("runner")
-        if runner is None:
-            raise AttributeError(name)
-        return getattr(runner, name)
+    # ---- the rest of the StepRunner interface ------------------------------------------------------------------
+    @property
+    def supports_multi_step(self) -> bool:
+        """False: the workers follow single steps, so the engine never asks for a multi-step round."""
+        return False
+
+    def run_decode_steps(self, seqs: list[Sequence], num_steps: int) -> list[list[int]]:
+        """Not supported under tensor parallelism (:attr:`supports_multi_step` is False).
+
+        Raises:
+            RuntimeError: always.
+        """
+        raise RuntimeError("multi-step decode runs only without tensor parallelism")
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """Rank 0's KV cache (its shard of the kv heads).
+
+        Raises:
+            TPWorkerError: the runner is shut down.
+        """
+        if self.runner is None:
+            raise TPWorkerError("the tensor-parallel runner is shut down")
+        return self.runner.kv_cache
 
     # ---- shutdown ----------------------------------------------------------------------------------------------
     def shutdown(self) -> None:

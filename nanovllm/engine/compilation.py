@@ -1,0 +1,95 @@
+"""Compiling the model and tuning the fused kernels: the forward callables that a model runner calls.
+
+Decode steps run ``forward``: the model compiled as one graph (Inductor on the GPU, or the ``coconut`` backend with
+``compile_fusion``), or the eager model. Prefill steps run ``prefill_forward``: the same callable, except with
+``compile_fusion`` on the GPU, where it is the model compiled by plain Inductor. The fused kernels pay at decode
+sizes (M <= 32 rows), which CUDA graphs replay; at prefill sizes the dispatcher picks the unfused path (the same
+work as Inductor's), and a prefill is launched from Python, where each coconut op costs more host time than
+Inductor's own norm kernel and matmul (docs/performance.md). Dynamo keeps one cache entry per backend, so the two
+compiled callables of one module never mix.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from nanovllm.config import Config
+
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, positions, rows) -> logits
+
+
+def separate_prefill_compile(compile_fusion: bool, device_type: str) -> bool:
+    """Whether prefill steps get their own Inductor-compiled model: with ``compile_fusion`` on CUDA. Elsewhere the
+    one compiled (or eager) forward runs both."""
+    return compile_fusion and device_type == "cuda"
+
+
+def compile_model(model: torch.nn.Module, backend: str) -> Forward:
+    """``torch.compile`` of the model with ``backend``: one graph, dynamic token count."""
+    # One graph serves every token count (dynamic=True); a batch of one token gets its own specialization.
+    # Prefill and decode share the graph (attention is one opaque op), so few recompiles ever happen.
+    cfg_dynamo = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(cfg_dynamo, name):
+            setattr(cfg_dynamo, name, max(getattr(cfg_dynamo, name), 32))
+    # Module guards stay on: Dynamo's cache belongs to the model class's forward, shared by every engine of the
+    # process, and only those guards tell apart two models of different shapes.
+    return torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
+
+
+def build_forwards(model: torch.nn.Module, config: Config, device: torch.device) -> tuple[Forward, Forward]:
+    """``(forward, prefill_forward)`` of the model (module docstring).
+
+    GPU: ``enforce_eager=False`` compiles with Inductor, or with the ``coconut`` backend when ``compile_fusion``.
+    CPU: only ``compile_fusion=True`` compiles (Inductor's CPU code gains little over eager for small models and
+    costs compile time); otherwise the model runs eagerly.
+    """
+    if config.enforce_eager and not config.compile_fusion:
+        return model, model
+    if config.compile_fusion:
+        import fusion_pass.backend  # noqa: F401 - registers backend="coconut"
+
+        forward = compile_model(model, "coconut")
+    elif device.type == "cuda":
+        forward = compile_model(model, "inductor")
+    else:
+        return model, model
+    if separate_prefill_compile(config.compile_fusion, device.type):
+        return forward, compile_model(model, "inductor")
+    return forward, forward
+
+
+def fused_site_shapes(config: Config, world: int) -> list[int]:
+    """Output sizes N of the model's three fused sites on one rank: qkv, gate_up and lm_head."""
+    hf = config.hf_config
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return [(hf.num_attention_heads + 2 * hf.num_key_value_heads) * head_dim // world,
+            2 * hf.intermediate_size // world,
+            -(-hf.vocab_size // world)]
+
+
+def pretune_fusion(config: Config, dtype: torch.dtype, device: torch.device, world: int, rank: int,
+                   batch_sizes: list[int]) -> None:
+    """Time the fused op's candidates for the model's three sites (qkv, gate_up, lm_head) at the decode batch
+    sizes, before the KV cache takes the memory the timing needs; larger prefill sizes are timed on first use.
+
+    With ``config.tuning_file``, decisions of this GPU saved there by an earlier run are loaded first and not
+    measured again, and all decisions are written back (by rank 0; later first-use measurements too).
+    """
+    import fusion_pass
+    from fusion_pass.settings import configure_kernels
+
+    path = config.tuning_file
+    if rank == 0:
+        configure_kernels(tuning_file=path)
+    if path and os.path.exists(path):
+        fusion_pass.load_tuning(path)
+    largest = max(batch_sizes)
+    sizes = sorted({1 << i for i in range(0, 14) if (1 << i) <= largest} | {largest})
+    k = config.hf_config.hidden_size
+    fusion_pass.pretune([(m, n, k) for n in fused_site_shapes(config, world) for m in sizes], dtype=dtype,
+                        device=device)
+    if path and rank == 0:
+        fusion_pass.save_tuning(path)
