@@ -297,13 +297,13 @@ def test_tuning_roundtrip(tmp_path):
     kernels.clear_dispatch_cache()
     try:
         path = tmp_path / "tune.json"
-        path.write_text('[{"gpu": "cpu", "m_bucket": 4, "n": 8, "k": 16, "dtype": "bfloat16", "variant": "skinny",'
+        path.write_text('[{"gpu": "cpu", "op": "rms_norm_linear", "m_bucket": 4, "n": 8, "k": 16, "dtype": "bfloat16", "variant": "skinny",'
                         ' "config": [64, 256, 4, 1]},'
-                        ' {"gpu": "NVIDIA H200", "m_bucket": 1, "n": 8, "k": 16, "dtype": "bfloat16",'
+                        ' {"gpu": "NVIDIA H200", "op": "rms_norm_linear", "m_bucket": 1, "n": 8, "k": 16, "dtype": "bfloat16",'
                         ' "variant": "stream", "config": [4, 4, 4]}]')
         assert kernels.load_tuning(str(path)) == 2
         table = kernels.dispatch_table()
-        assert table["cpu/M=4,N=8,K=16,bfloat16"]["variant"] == "skinny"
+        assert table["cpu/rms_norm_linear/M=4,N=8,K=16,bfloat16"]["variant"] == "skinny"
         cpu = torch.device("cpu")
         assert kernels.choose(3, 8, 16, torch.bfloat16, cpu) == kernels.Choice("skinny", (64, 256, 4, 1), "loaded")
         assert kernels.choose(1, 8, 16, torch.bfloat16, cpu).source == "failed"  # the H200's row is not the CPU's

@@ -24,6 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from conftest import run_aot_script  # noqa: E402
 from fusion_pass import kernels as fusion_kernels  # noqa: E402
+from fusion_pass.settings import configure_kernels  # noqa: E402
 from nanovllm.kernels import gemv as G  # noqa: E402
 from nanovllm.layers import gemv_op  # noqa: E402
 
@@ -186,17 +187,42 @@ def test_op_dispatch_table(monkeypatch: pytest.MonkeyPatch) -> None:
             self.is_cuda, self.shape, self.dtype, self.device = True, (m, 8), dtype, torch.device(device)
 
     G.table_for.cache_clear()
-    monkeypatch.setattr(G.dispatch, "device_name", lambda d: {"cuda:0": "NVIDIA H200", "cuda:1": "NVIDIA A100"}[str(d)])
+    names = {"cuda:0": "NVIDIA H200", "cuda:1": "NVIDIA A100"}
+    monkeypatch.setattr(G.dispatch, "device_name", lambda d: names[str(d)])
+    monkeypatch.setattr(fusion_kernels.dispatch, "device_name", lambda d: names[str(d)])
     try:
         bf = torch.bfloat16
         for m, dtype, want in ((1, bf, "gemv"), (2, torch.float32, "gemv"), (3, bf, "skinny"), (32, bf, "skinny"),
                                (33, bf, "torch"), (3, torch.float32, "torch"), (0, bf, "torch")):
             path, cfg = G.choose_path(FakeCuda(m, dtype, "cuda:0"), w.to(dtype), None, "none")  # type: ignore[arg-type]
             assert path == want and (cfg == h200.skinny_config(m, "none") if want == "skinny" else cfg is None)
-        assert G.choose_path(FakeCuda(1, bf, "cuda:1"), w.to(bf), None, "none") == ("torch", None)  # type: ignore
         assert G.choose_path(FakeCuda(1, bf, "cuda:0"), w, None, "none") == ("torch", None)  # type: ignore  # mixed
+        # a GPU without a table: cuBLAS until measured (never while capturing, nor with autotune off); then the
+        # measured choice, cached per GPU name, op and shape by the coconut op's dispatcher
+        previous = configure_kernels(autotune=False)
+        assert G.choose_path(FakeCuda(3, bf, "cuda:1"), w.to(bf), None, "none") == ("torch", None)  # type: ignore
+        configure_kernels(autotune=True)
+        calls = []
+
+        def fake_measure(m, n, k, dtype, device, act):  # noqa: ANN001, ANN202
+            calls.append((m, n, k, act))
+            return fusion_kernels.Choice("skinny", (64, 256, 4, True), "measured")
+
+        monkeypatch.setattr(G.dispatch, "measure", fake_measure)
+        monkeypatch.setattr(fusion_kernels.dispatch.torch.cuda, "is_current_stream_capturing", lambda: False)
+        for _ in range(2):
+            path, cfg = G.choose_path(FakeCuda(3, bf, "cuda:1"), w.to(bf), None, "silu_mul")  # type: ignore
+            assert (path, cfg) == ("skinny", G.SkinnyConfig(64, 256, 4, True))
+        assert calls == [(3, 3, 8, "silu_mul")]  # measured once
+        assert "NVIDIA A100/linear_small_m:silu_mul/M=4,N=3,K=8,bfloat16" in fusion_kernels.dispatch_table()
+        assert G.choose_path(FakeCuda(33, bf, "cuda:1"), w.to(bf), None, "none") == ("torch", None)  # type: ignore
+        assert [p for p, _ in G.dispatch.candidates(4, torch.bfloat16)] == ["torch", "gemv"] + ["skinny"] * 4
+        assert [p for p, _ in G.dispatch.candidates(17, torch.float32)] == ["torch"]
     finally:
         G.table_for.cache_clear()
+        fusion_kernels.clear_dispatch_cache()
+        if "previous" in locals():
+            configure_kernels(**previous.as_dict())
 
 
 def test_op_skinny_path_in_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:

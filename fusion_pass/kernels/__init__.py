@@ -21,8 +21,9 @@ from __future__ import annotations
 import os
 
 from .common import m_bucket, new_buffer
-from .dispatch import (Choice, candidates, capture_graph, choose, clear_dispatch_cache, dispatch_table,
-                       load_tuning, measure, pretune, replay_ms, rotated_weights, save_tuning, time_in_graph)
+from .dispatch import (OP, Choice, cached_choice, candidates, capture_graph, choose, clear_dispatch_cache,
+                       dispatch_table, load_tuning, measure, pretune, replay_ms, rotated_weights, save_tuning,
+                       time_in_graph)
 from .gemv import STREAM_CONFIGS, STREAM_MAX_ROWS, stream_configs
 from .linear import rms_norm_linear
 from .norm import triton_rms_norm
@@ -38,7 +39,7 @@ def source_files() -> list[str]:
     return sorted(os.path.join(here, f) for f in os.listdir(here) if f.endswith(".py"))
 
 
-__all__ = ["Choice", "FIXUP_COUNTERS", "FUSED_VARIANTS", "FusedVariant", "SKINNY_CONFIGS", "SKINNY_MAX_M",
+__all__ = ["OP", "Choice", "cached_choice", "FIXUP_COUNTERS", "FUSED_VARIANTS", "FusedVariant", "SKINNY_CONFIGS", "SKINNY_MAX_M",
            "SKINNY_MAX_SMEM", "STREAM_CONFIGS", "STREAM_MAX_ROWS", "VARIANTS", "candidates", "capture_graph",
            "choose", "clear_dispatch_cache", "dispatch_table", "fixup_counters", "fused_linear", "load_tuning",
            "m_bucket", "measure", "new_buffer", "pretune", "reference_rms_norm", "reference_rms_norm_linear",

@@ -1,16 +1,17 @@
 """The dispatcher: per shape, the fastest of the candidate paths, measured on the GPU it runs on and cached.
 
-A site is an [M, K] x [N, K]^T product of one dtype on one GPU. Its candidates are the unfused path (Triton norm +
-cuBLAS) and every configuration of every fused variant of the registry whose range holds M. On first use outside a
-CUDA-graph capture each candidate is timed inside a CUDA graph (weights rotated beyond L2) and the fastest is cached
-under (GPU name, M bucket, N, K, dtype); while a capture runs, a shape never measured takes the unfused path. The
-decisions can be measured ahead of time (:func:`pretune`), saved and loaded (:func:`save_tuning`,
-:func:`load_tuning`): a file holds the decisions of each GPU by name, and only the running GPU's are ever used.
-The timing helpers (:func:`time_in_graph`, :func:`capture_graph`, :func:`replay_ms`) serve the engine's own
-small-M dispatch too.
+A site is an [M, K] x [N, K]^T product of one op, one dtype, on one GPU. On first use outside a CUDA-graph capture
+each candidate path is timed inside a CUDA graph (weights rotated beyond L2) and the fastest is cached under (GPU
+name, op, M bucket, N, K, dtype); while a capture runs, a shape never measured takes the op's fallback path. The
+mechanism (:func:`cached_choice`) serves every op: the coconut op (``OP``: candidates are the unfused path, Triton
+norm + cuBLAS, and every configuration of every fused variant of the registry whose range holds M) and the engine's
+small-M linear (nanovllm/kernels/gemv/dispatch.py). The decisions can be measured ahead of time (:func:`pretune`),
+saved and loaded (:func:`save_tuning`, :func:`load_tuning`): a file holds the decisions of each GPU by name, and
+only the running GPU's are ever used.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -44,19 +45,21 @@ class Choice:
     times_us: tuple[tuple[str, float], ...] = ()
 
 
-Key = tuple[str, int, int, int, str]  # (GPU name, M bucket, N, K, dtype)
+OP = "rms_norm_linear"  # the coconut op's name in the cache and in tuning files
+Key = tuple[str, str, int, int, int, str]  # (GPU name, op, M bucket, N, K, dtype)
 _CACHE: dict[Key, Choice] = {}
 _DEFAULT = Choice("unfused", (), "default")
 
 
-def _key(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> Key:
-    return (device_name(device if isinstance(device, torch.device) else torch.device(device)), m_bucket(m), int(n), int(k), str(dtype).replace("torch.", ""))
+def _key(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device | str, op: str = OP) -> Key:
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    return (device_name(dev), op, m_bucket(m), int(n), int(k), str(dtype).replace("torch.", ""))
 
 
 def dispatch_table() -> dict[str, dict]:
-    """The cached decisions: {"<GPU>/M=<bucket>,N=..,K=..,<dtype>": {variant, config, source, times_us}}."""
-    return {f"{k[0]}/M={k[1]},N={k[2]},K={k[3]},{k[4]}": {"variant": c.variant, "config": list(c.config),
-                                                          "source": c.source, "times_us": dict(c.times_us)}
+    """The cached decisions: {"<GPU>/<op>/M=<bucket>,N=..,K=..,<dtype>": {variant, config, source, times_us}}."""
+    return {f"{k[0]}/{k[1]}/M={k[2]},N={k[3]},K={k[4]},{k[5]}": {"variant": c.variant, "config": list(c.config),
+                                                                 "source": c.source, "times_us": dict(c.times_us)}
             for k, c in sorted(_CACHE.items())}
 
 
@@ -67,7 +70,7 @@ def clear_dispatch_cache() -> None:
 
 def save_tuning(path: str) -> None:
     """Write the measured and loaded decisions of every GPU to a JSON file (a list of rows)."""
-    rows = [{"gpu": k[0], "m_bucket": k[1], "n": k[2], "k": k[3], "dtype": k[4], "variant": c.variant,
+    rows = [{"gpu": k[0], "op": k[1], "m_bucket": k[2], "n": k[3], "k": k[4], "dtype": k[5], "variant": c.variant,
              "config": list(c.config)}
             for k, c in _CACHE.items() if c.source in ("measured", "loaded")]
     with open(path, "w") as f:
@@ -85,13 +88,13 @@ def load_tuning(path: str) -> int:
     with open(path) as f:
         rows = json.load(f)
     for r in rows:
-        missing = {"gpu", "m_bucket", "n", "k", "dtype", "variant", "config"} - set(r)
+        missing = {"gpu", "op", "m_bucket", "n", "k", "dtype", "variant", "config"} - set(r)
         if missing:
             raise ValueError(f"{path}: a tuning row lacks {sorted(missing)}: {r}")
-        if r["variant"] not in ("unfused",) + tuple(FUSED_VARIANTS):
+        if r["op"] == OP and r["variant"] not in ("unfused",) + tuple(FUSED_VARIANTS):
             raise ValueError(f"bad variant in {path}: {r['variant']}")
-        _CACHE[(str(r["gpu"]), int(r["m_bucket"]), int(r["n"]), int(r["k"]), str(r["dtype"]))] = Choice(
-            r["variant"], tuple(r["config"]), "loaded")
+        _CACHE[(str(r["gpu"]), str(r["op"]), int(r["m_bucket"]), int(r["n"]), int(r["k"]), str(r["dtype"]))] = \
+            Choice(r["variant"], tuple(r["config"]), "loaded")
     return len(rows)
 
 
@@ -225,41 +228,44 @@ def measure(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device | s
     return Choice(best[1], best[2], "measured", tuple(times.items()))
 
 
-def choose(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> Choice:
-    """The dispatch decision for a CUDA site.
-
-    Order: the forced ``variant`` setting; the cached (measured, pre-tuned or loaded) decision of this GPU; a
-    measurement (not while a CUDA graph is being captured, nor with ``autotune`` off), cached and written to the
-    ``tuning_file`` setting when set; otherwise the unfused path (a fused kernel is only used where it was measured
-    to win).
-    """
-    forced = _forced_choice(m)
-    if forced is not None:
-        return forced
-    key = _key(m, n, k, dtype, device)
+def cached_choice(op: str, m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
+                  measure_fn: Callable[[], Choice], fallback: Choice) -> Choice:
+    """The decision of one op for a shape on this GPU: the cached (measured, pre-tuned or loaded) one; else a
+    measurement by ``measure_fn`` (not while a CUDA graph is being captured, nor with the ``autotune`` setting off),
+    cached and written to the ``tuning_file`` setting when set; else ``fallback`` (not cached). A measurement that
+    raises or finds no candidate caches ``fallback`` with source "failed", so it costs once, not on every call."""
+    key = _key(m, n, k, dtype, device, op)
     c = _CACHE.get(key)
     if c is not None:
         return c
     settings = kernel_settings()
-    capturing = torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if capturing or not settings.autotune:
-        return _DEFAULT
+    if not settings.autotune or (torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return fallback
     try:
-        c = measure(m, n, k, dtype, device)
+        c = measure_fn()
     except Exception as e:  # e.g. out of memory while the KV cache holds the GPU: fall back, do not crash
-        log.warning("coconut: measuring M<=%d N=%d K=%d failed (%s); using the unfused path", key[1], n, k, e)
-        c = Choice("unfused", (), "failed")
+        log.warning("%s: measuring M<=%d N=%d K=%d failed (%s); using %s", op, key[2], n, k, e, fallback.variant)
+        c = dataclasses.replace(fallback, source="failed")
     if c.source == "default":  # no candidate ran: keep the fallback instead of measuring again on every call
-        c = Choice("unfused", (), "failed")
+        c = dataclasses.replace(fallback, source="failed")
     _CACHE[key] = c
-    log.info("coconut: %s M<=%d N=%d K=%d %s -> %s %s %s", key[0], key[1], n, k, key[4], c.variant, c.config,
+    log.info("%s: %s M<=%d N=%d K=%d %s -> %s %s %s", op, key[0], key[2], n, k, key[5], c.variant, c.config,
              c.times_us)
     if settings.tuning_file and c.source == "measured":  # keep the decisions measured on first use too
         try:
             save_tuning(settings.tuning_file)
         except OSError as e:
-            log.warning("coconut: could not save the tuning file %s: %s", settings.tuning_file, e)
+            log.warning("could not save the tuning file %s: %s", settings.tuning_file, e)
     return c
+
+
+def choose(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> Choice:
+    """The coconut op's decision for a CUDA site: the forced ``variant`` setting, else :func:`cached_choice` with
+    :func:`measure` (the unfused path as the fallback: a fused kernel is only used where it was measured to win)."""
+    forced = _forced_choice(m)
+    if forced is not None:
+        return forced
+    return cached_choice(OP, m, n, k, dtype, device, lambda: measure(m, n, k, dtype, device), _DEFAULT)
 
 
 def pretune(shapes: Iterable[tuple[int, int, int]], dtype: torch.dtype = torch.bfloat16,
@@ -276,7 +282,7 @@ def pretune(shapes: Iterable[tuple[int, int, int]], dtype: torch.dtype = torch.b
         key = _key(m, n, k, dtype, dev)
         if key in _CACHE and _CACHE[key].source in ("measured", "loaded"):
             continue
-        c = measure(key[1], n, k, dtype, dev)
+        c = measure(key[2], n, k, dtype, dev)
         _CACHE[key] = c
-        log.info("coconut pretune: %s M<=%d N=%d K=%d -> %s %s", key[0], key[1], n, k, c.variant, c.config)
+        log.info("coconut pretune: %s M<=%d N=%d K=%d -> %s %s", key[0], key[2], n, k, c.variant, c.config)
     return dispatch_table()

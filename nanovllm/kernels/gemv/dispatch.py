@@ -1,9 +1,11 @@
-"""Which kernel the engine's small-M linear runs for a shape, from a table of the GPU it runs on.
+"""Which kernel the engine's small-M linear runs for a shape on the GPU it runs on.
 
 Each entry of :data:`TABLES` holds the choices measured on one GPU model with the kernel benchmark (the GEMV up to
 ``gemv_max_m`` rows, the skinny kernel up to ``skinny_max_m`` with the launch shape of its rows, cuBLAS above; see
-docs/performance.md). The table is picked at run time by the name the driver reports for the tensor's device; a GPU
-without a table runs every shape through ``F.linear`` (cuBLAS), the safe default until it is measured.
+docs/performance.md); the table is picked at run time by the name the driver reports for the tensor's device. A GPU
+without a table measures its candidates per shape on first use, with the dispatcher of the coconut op
+(:func:`fusion_pass.kernels.cached_choice`: cached per GPU name and shape, saved in the same tuning file), and runs
+``F.linear`` (cuBLAS) for a shape not measured yet.
 """
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
+from fusion_pass.kernels import Choice, cached_choice, m_bucket, rotated_weights, time_in_graph
 from fusion_pass.launch import device_name
 
-from .common import GEMV_DTYPES
-from .rows import MAX_M
-from .skinny import SKINNY_MAX_M, SkinnyConfig
+from .common import GEMV_DTYPES, apply_act, silu_mul_triton
+from .rows import MAX_M, gemv_triton
+from .skinny import SKINNY_MAX_M, SkinnyConfig, gemv_skinny_triton
 
 SKINNY_DTYPES = (torch.float16, torch.bfloat16)  # fp32 multiplies on the CUDA cores there and spills (ptxas)
 
@@ -59,6 +63,9 @@ _H200 = SmallMTable(
 # GPU name substring -> its table (the first match in order). The H100 is not measured yet: it runs the H200's
 # choices (the same sm_90 kernels) until the kernel benchmark gives its own.
 TABLES: dict[str, SmallMTable] = {"H200": _H200, "H100": _H200}
+# The skinny launch shapes a GPU without a table measures: the ones some table picks.
+SKINNY_CANDIDATES: tuple[SkinnyConfig, ...] = tuple(dict.fromkeys(cfg for _, _, cfg in _H200.skinny))
+_TORCH = Choice("torch", (), "default")
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,13 +81,71 @@ def choose_path(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 ) -> tuple[str, Optional[SkinnyConfig]]:
     """The path of ``act(x) @ weight^T (+ bias)`` for these (concrete) tensors: ("gemv", None), ("skinny", its
     launch shape) or ("torch", None) (``F.linear``: CPU, other dtypes, mixed dtypes, M out of the table's ranges,
-    or a GPU without a table)."""
-    table = table_for(x.device) if x.is_cuda else None
+    or a GPU without a table that has not measured the shape yet)."""
     m = x.shape[0]
-    if table is None or m < 1 or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+    if not x.is_cuda or m < 1 or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return "torch", None
+    table = table_for(x.device)
+    if table is None:
+        return _measured_path(m, weight.shape[0], weight.shape[1], x.dtype, x.device, act)
     if m <= table.gemv_max_m and x.dtype in GEMV_DTYPES:
         return "gemv", None
     if table.gemv_max_m < m <= table.skinny_max_m and x.dtype in SKINNY_DTYPES:
         return "skinny", table.skinny_config(m, act)
     return "torch", None
+
+
+def candidates(m: int, dtype: torch.dtype) -> list[tuple[str, tuple]]:
+    """The paths a GPU without a table measures for M rows of ``dtype``: cuBLAS first, the GEMV (M <= MAX_M), the
+    skinny kernel's :data:`SKINNY_CANDIDATES` (M <= SKINNY_MAX_M, fp16 / bf16)."""
+    out: list[tuple[str, tuple]] = [("torch", ())]
+    if m <= MAX_M and dtype in GEMV_DTYPES:
+        out.append(("gemv", ()))
+    if m <= SKINNY_MAX_M and dtype in SKINNY_DTYPES:
+        out += [("skinny", tuple(c)) for c in SKINNY_CANDIDATES]
+    return out
+
+
+def _run_path(path: str, config: tuple, x: torch.Tensor, w: torch.Tensor, act: str) -> torch.Tensor:
+    if path == "gemv":
+        return gemv_triton(x, w, None, act)
+    if path == "skinny":
+        return gemv_skinny_triton(x, w, None, act, config=SkinnyConfig(*config))
+    return F.linear(silu_mul_triton(x) if act == "silu_mul" else apply_act(x, act), w)
+
+
+def measure(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, act: str, reps: int = 10) -> Choice:
+    """Time every candidate of an [m, k] x [n, k]^T linear (its input [m, 2k] with SwiGLU) on a CUDA device, each in
+    a CUDA graph of ``reps`` calls over weights rotated beyond L2, and return the fastest (candidates that fail
+    are skipped; a single candidate is returned unmeasured)."""
+    mb = m_bucket(m)
+    cands = candidates(mb, dtype)
+    if len(cands) == 1:
+        return Choice(cands[0][0], cands[0][1], "measured")
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(mb, 2 * k if act == "silu_mul" else k, device=device, dtype=dtype, generator=gen)
+    ws = rotated_weights(n, k, dtype, device, gen)
+    times: dict[str, float] = {}
+    best: tuple[float, str, tuple] | None = None
+    for path, cfg in cands:
+        name = path + ("" if not cfg else str(list(cfg)).replace(" ", ""))
+        try:
+            t = time_in_graph(lambda i, p=path, c=cfg: _run_path(p, c, x, ws[i % len(ws)], act), reps)
+        except Exception:  # noqa: BLE001 - a launch shape that does not compile is not a candidate
+            continue
+        times[name] = round(t, 3)
+        if best is None or t < best[0]:
+            best = (t, path, cfg)
+    if best is None:
+        return _TORCH
+    return Choice(best[1], best[2], "measured", tuple(times.items()))
+
+
+def _measured_path(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, act: str
+                   ) -> tuple[str, Optional[SkinnyConfig]]:
+    """The measured (and cached) path of a GPU without a table; cuBLAS above SKINNY_MAX_M rows or until measured."""
+    if m > SKINNY_MAX_M or dtype not in GEMV_DTYPES:
+        return "torch", None
+    c = cached_choice(f"linear_small_m:{act}", m, n, k, dtype, device,
+                      lambda: measure(m, n, k, dtype, device, act), _TORCH)
+    return c.variant, (SkinnyConfig(*c.config) if c.variant == "skinny" else None)
