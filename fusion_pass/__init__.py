@@ -7,7 +7,7 @@
 
 Public API: coconut_backend, make_backend, CoconutOptionError, COCONUT_OPTIONS, fused_site_count, last_stats,
 all_stats, reset_stats, rewrite_graph, pretune, dispatch_table, save_tuning, load_tuning, clear_dispatch_cache
-(see backend.py, options.py, stats.py, kernels.py).
+(see backend.py, options.py, stats.py, kernels/); kernel settings in settings.py.
 Ops: torch.ops.coconut.rms_norm_linear, torch.ops.coconut.add_rms_norm_linear (see ops.py).
 This package never imports nanovllm.
 """

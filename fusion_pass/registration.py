@@ -1,13 +1,10 @@
 """Defining an inference-only op of the ``coconut`` / ``nanovllm`` namespaces with a low host cost per call.
 
 ``torch.library.custom_op`` wraps every call in Python layers (an autograd kernel that redispatches, an aliasing
-check of the outputs). Defined with ``torch.library.Library`` instead, an op with the coconut op's arguments and
-an empty kernel took 7.8 us per call against 11.6 as a custom_op on our development CPU under
-``torch.inference_mode`` (21 against 30 under ``torch.no_grad``); on the H200 machine, under inference mode, the
-real ops took 6-11 us less per call, 7-14 % of their host time (benchmarks/kernels.py --what host-overhead times both
-registrations of each op side by side; benchmarks/results/h200/kernels.json). It matters where no CUDA graph
-replays the calls: a prefill calls the engine's ops 112 times for Qwen3-0.6B (56 linear_small_m, 28 qk_norm_rope,
-28 attention).
+check of the outputs). Defined with ``torch.library.Library`` instead, an op costs less host time per call
+(benchmarks/kernels.py --what host-overhead times both registrations side by side; the figures are in
+docs/performance.md). It matters where no CUDA graph replays the calls: a prefill calls the engine's ops 112 times
+for Qwen3-0.6B (56 linear_small_m, 28 qk_norm_rope, 28 attention).
 
 `define_op` gives the op that ``custom_op(qualname, mutates_args=())`` + ``register_fake`` would, except:
 

@@ -1,9 +1,7 @@
 """The fused q/k RMSNorm + RoPE kernel (nanovllm/kernels/qk_norm_rope.py) against the model's PyTorch path, in the
 Triton interpreter on the CPU (float32 / float16), and its op under torch.compile. The GPU test (bf16 and the
-engine's tokens with and without it) runs only where a GPU is present."""
+engine's tokens against transformers) runs only where a GPU is present."""
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch

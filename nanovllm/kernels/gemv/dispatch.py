@@ -54,8 +54,9 @@ class SmallMTable:
         raise ValueError(f"no skinny launch shape for M = {m}, act = {act!r}")
 
 
-# Measured on the H200 (bf16, Qwen3-0.6B's o_proj and down_proj; docs/performance.md): the GEMV wins at M <= 2, the
-# skinny kernel at M = 3-32. SwiGLU: wide tiles (fewer programs recompute the activation) with the in-kernel fixup.
+# The H200's choices (bf16, Qwen3-0.6B's o_proj and down_proj; the measurements are in docs/performance.md): the
+# GEMV up to M = 2, the skinny kernel above. SwiGLU: wide tiles (fewer programs recompute the activation) with the
+# in-kernel fixup.
 _H200 = SmallMTable(
     gemv_max_m=2, skinny_max_m=32,
     skinny=((16, "silu_mul", SkinnyConfig(128, 256, 8, True)), (32, "silu_mul", SkinnyConfig(64, 256, 4, True)),
