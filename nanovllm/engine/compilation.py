@@ -93,3 +93,19 @@ def pretune_fusion(config: Config, dtype: torch.dtype, device: torch.device, wor
                         device=device)
     if path and rank == 0:
         fusion_pass.save_tuning(path)
+
+
+def pretune_small_m(config: Config, dtype: torch.dtype, device: torch.device, world: int,
+                    batch_sizes: list[int]) -> None:
+    """Measure the engine's small-M linears (o_proj, and down_proj with its SwiGLU input) at the decode batch
+    sizes on a GPU without a table of its own (nanovllm/kernels/gemv/dispatch.py), before the KV cache is sized;
+    a GPU with a table has nothing to measure."""
+    from nanovllm.kernels.gemv import SKINNY_MAX_M
+    from nanovllm.kernels.gemv.dispatch import pretune
+
+    hf = config.hf_config
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    sites = [(hf.hidden_size, hf.num_attention_heads * head_dim // world, "none"),
+             (hf.hidden_size, hf.intermediate_size // world, "silu_mul")]
+    sizes = sorted({m for m in batch_sizes if m <= SKINNY_MAX_M})
+    pretune([(m, n, k, act) for n, k, act in sites for m in sizes], dtype, device)

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from nanovllm.config import Config
-from nanovllm.engine.compilation import build_forwards, pretune_fusion, separate_prefill_compile  # noqa: F401
+from nanovllm.engine.compilation import (build_forwards, pretune_fusion, pretune_small_m,  # noqa: F401
+                                         separate_prefill_compile)
 from nanovllm.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from nanovllm.engine.input_buffers import StepInputBuffers
 from nanovllm.engine.sequence import Sequence
@@ -67,9 +68,11 @@ class ModelRunner:
             self.generator.manual_seed(config.seed)
 
         self.forward, self.prefill_forward = build_forwards(self.model, config, self.device)
-        if config.compile_fusion and self.device.type == "cuda":
-            pretune_fusion(config, self.dtype, self.device, self.world, self.rank,
-                           graph_batch_sizes(config.max_num_seqs))
+        if self.device.type == "cuda":
+            sizes = graph_batch_sizes(config.max_num_seqs)
+            if config.compile_fusion:
+                pretune_fusion(config, self.dtype, self.device, self.world, self.rank, sizes)
+            pretune_small_m(config, self.dtype, self.device, self.world, sizes)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.allocate_kv_cache()  # on the GPU this runs (and compiles) the largest prefill first
         # Inference tensors, like the prefill inputs that run() creates under inference mode: the compiled forward

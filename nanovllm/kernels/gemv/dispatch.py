@@ -150,3 +150,12 @@ def _measured_path(m: int, n: int, k: int, dtype: torch.dtype, device: torch.dev
     c = cached_choice(f"linear_small_m:{act}", m, n, k, dtype, device,
                       lambda: measure(m, n, k, dtype, device, act), _TORCH)
     return c.variant, (SkinnyConfig(*c.config) if c.variant == "skinny" else None)
+
+
+def pretune(shapes: list[tuple[int, int, int, str]], dtype: torch.dtype, device: torch.device) -> None:
+    """Measure and cache the path of each (M, N, K, act) on a GPU without a table (nothing to do on one with a
+    table, or off CUDA); call before the KV cache takes the memory the timing needs."""
+    if device.type != "cuda" or table_for(device) is not None:
+        return
+    for m, n, k, act in shapes:
+        _measured_path(m, n, k, dtype, device, act)
