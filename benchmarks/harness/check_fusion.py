@@ -2,7 +2,7 @@
 tiny HF Qwen3 compiled with backend="coconut" vs eager.
 
 Cases: M in {1, 2, 3, 16, 17, 255, 1024, 4097} x (N, K) in {4096, 6144, 151936} x 1024 and odd sizes; with and
-without residual and bias. Outputs are NaN-poisoned (fusion_pass.kernels.POISON_OUTPUTS) so unwritten elements
+without residual and bias. Outputs are NaN-poisoned (the poison_outputs kernel setting) so unwritten elements
 fail. For N = 151936 the reference covers every 37th output column (a float64 [4097, 151936] would need 5 GB).
 Pass: rel err ||y - ref|| / ||ref|| <= --tol (1e-2), no NaN, h == x + r exactly.
 
@@ -35,7 +35,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="path of the JSON report")
     p.add_argument("--tol", type=float, default=1e-2)
     p.add_argument("--quick", action="store_true", help="M in {1, 17, 1024}, shapes qkv and odd only")
-    p.add_argument("--no-autotune", action="store_true", help="COCONUT_AUTOTUNE=0 for the dispatched op")
+    p.add_argument("--no-autotune", action="store_true", help="the autotune kernel setting off for the dispatched op")
     p.add_argument("--skip-model", action="store_true", help="skip the HF Qwen3 compile check")
     return p.parse_args(argv)
 
@@ -71,11 +71,12 @@ def check_case(m: int, n: int, k: int, residual: bool, bias: bool, variants: lis
                     *ys, h = torch.ops.coconut.add_rms_norm_linear(x, r, g, [w], [b], eps)
                 else:
                     ys, h = torch.ops.coconut.rms_norm_linear(x, g, [w], [b], eps), None
-                row["chosen"] = kernels.dispatch_table().get(
-                    f"M={kernels.m_bucket(m)},N={n},K={k},{str(DTYPE).replace('torch.', '')}", {}).get("variant", "?")
+                suffix = f"/{kernels.OP}/M={kernels.m_bucket(m)},N={n},K={k},{str(DTYPE).replace('torch.', '')}"
+                table = kernels.dispatch_table()
+                row["chosen"] = next((c["variant"] for key, c in table.items() if key.endswith(suffix)), "?")
             else:
-                if v in kernels._CONFIG_LISTS and not kernels._CONFIG_LISTS[v](m):
-                    continue  # outside the variant's range of M (gemv / decode / multirow / stream / skinny)
+                if v in kernels.FUSED_VARIANTS and not kernels.FUSED_VARIANTS[v].configs(m):
+                    continue  # outside the variant's range of M (stream / skinny)
                 ys, h = kernels.rms_norm_linear(x, g, [w], [b], eps, residual2d=r, variant=v)
             y = ys[0]
             torch.cuda.synchronize() if DEVICE == "cuda" else None
@@ -124,18 +125,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not torch.cuda.is_available():
         print("the fusion check needs a CUDA GPU", file=sys.stderr)
         return 2
-    if args.no_autotune:
-        os.environ["COCONUT_AUTOTUNE"] = "0"
     import triton
 
     import fusion_pass  # noqa: F401
     from fusion_pass import kernels
+    from fusion_pass.settings import configure_kernels
 
-    kernels.POISON_OUTPUTS = True
+    configure_kernels(poison_outputs=True, autotune=not args.no_autotune)
     t0 = time.time()
     ms = [1, 17, 1024] if args.quick else MS
     shapes = [SHAPES[0], SHAPES[4]] if args.quick else SHAPES
-    variants = ["op", "torch", "unfused", "gemv", "multirow", "stream", "skinny", "gemm"]
+    variants = ["op", "torch", "unfused", "stream", "skinny"]
     rows: list[dict[str, Any]] = []
     for n, k in shapes:
         for m in ms:

@@ -35,7 +35,6 @@ from typing import Any, Callable
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
-import importlib  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -51,9 +50,6 @@ from nanovllm.kernels import (  # noqa: E402
     store_kvcache,
     store_kvcache_ref,
 )
-
-# the module (the package re-exports a function of the same name): DECODE_FUSED_REDUCE, reserve_decode_locks
-DA = importlib.import_module("nanovllm.kernels.decode_attention")
 
 from . import common as _common
 
@@ -186,45 +182,35 @@ def check_decode(ctx_lens: list[int], block_size: int, heads: tuple[int, int], h
     q = torch.randn(len(ctx_lens), num_heads, head_dim, device="cuda", dtype=DTYPE, generator=gen)
     lens = torch.tensor(ctx_lens, dtype=torch.int32, device="cuda")
     ref = decode_attention_ref(q, k_cache, v_cache, bt, lens, head_dim**-0.5)
-    res: dict[str, Any] = {}
-    for fused in (False, True):  # two launches, and the fused last-program reduction
-        out = torch.full_like(q, float("nan"))
-        decode_attention_triton(q, k_cache, v_cache, bt, lens, head_dim**-0.5, num_splits=num_splits, out=out,
-                                fused_reduce=fused)
-        res["fused_reduce" if fused else "two_launches"] = {"rel_err": rel_err(out, ref),
-                                                            "all_written": bool(torch.isfinite(out).all())}
-    err = max(v["rel_err"] for v in res.values())
-    all_written = all(v["all_written"] for v in res.values())
-    return {"rel_err": err, "all_written": all_written, "ok": err <= TOL and all_written, **res}
+    out = torch.full_like(q, float("nan"))
+    decode_attention_triton(q, k_cache, v_cache, bt, lens, head_dim**-0.5, num_splits=num_splits, out=out)
+    err = rel_err(out, ref)
+    all_written = bool(torch.isfinite(out).all())
+    return {"rel_err": err, "all_written": all_written, "ok": err <= TOL and all_written}
 
 
 def check_decode_graph(block_size: int, seed: int) -> dict[str, Any]:
-    """Capture decode in a CUDA graph at max context, replay with other lengths, compare with the reference; both
-    reduction paths (the fused one's counters must be back at 0 after every replay)."""
+    """Capture decode in a CUDA graph at max context, replay with other lengths, compare with the reference."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     batch, max_ctx = 8, 4096
     k_cache, v_cache, bt = make_cache([max_ctx] * batch, block_size, HKV, D, gen)
     q = torch.randn(batch, H, D, device="cuda", dtype=DTYPE, generator=gen)
     lens = torch.full((batch,), max_ctx, dtype=torch.int32, device="cuda")
     worst = 0.0
-    for fused in (False, True):
-        out = torch.empty_like(q)
-        lens.fill_(max_ctx)
-        decode_attention_triton(q, k_cache, v_cache, bt, lens, D**-0.5, out=out, fused_reduce=fused)  # compile first
+    out = torch.empty_like(q)
+    lens.fill_(max_ctx)
+    decode_attention_triton(q, k_cache, v_cache, bt, lens, D**-0.5, out=out)  # compile first
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_attention_triton(q, k_cache, v_cache, bt, lens, D**-0.5, out=out)
+    for trial in range(3):
+        new_lens = torch.randint(1, max_ctx + 1, (batch,), device="cuda", generator=gen, dtype=torch.int32)
+        lens.copy_(new_lens)
+        q.copy_(torch.randn(batch, H, D, device="cuda", dtype=DTYPE, generator=gen))
+        graph.replay()
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            decode_attention_triton(q, k_cache, v_cache, bt, lens, D**-0.5, out=out, fused_reduce=fused)
-        for trial in range(3):
-            new_lens = torch.randint(1, max_ctx + 1, (batch,), device="cuda", generator=gen, dtype=torch.int32)
-            lens.copy_(new_lens)
-            q.copy_(torch.randn(batch, H, D, device="cuda", dtype=DTYPE, generator=gen))
-            graph.replay()
-            torch.cuda.synchronize()
-            worst = max(worst, rel_err(out, decode_attention_ref(q, k_cache, v_cache, bt, lens, D**-0.5)))
-        if fused:
-            locks = DA.reserve_decode_locks(q.device, 0)
-            worst = max(worst, float(locks.abs().sum()))  # a counter not reset would show up here
+        worst = max(worst, rel_err(out, decode_attention_ref(q, k_cache, v_cache, bt, lens, D**-0.5)))
     return {"rel_err": worst, "ok": worst <= TOL}
 
 
@@ -305,20 +291,16 @@ def bench_decode(batch: int, ctx: int, block_size: int, padded: bool) -> dict[st
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     splits = choose_num_splits(batch, HKV, bt.shape[1] * block_size, sms)
     counter = [0]
-    res: dict[str, Any] = {}
-    for fused in (False, True):  # "us": the default path; us_two_launches / us_fused_reduce: each forced
-        def step(fused: bool = fused) -> None:
-            kc, vc = caches[counter[0] % sets]
-            counter[0] += 1
-            decode_attention_triton(q, kc, vc, bt, lens, D**-0.5, out=out, fused_reduce=fused)
 
-        ms, how = bench_ms(step)
-        res["us_fused_reduce" if fused else "us_two_launches"] = ms * 1e3
-    ms = (res["us_fused_reduce"] if DA.DECODE_FUSED_REDUCE and splits > 1 else res["us_two_launches"]) * 1e-3
+    def step() -> None:
+        kc, vc = caches[counter[0] % sets]
+        counter[0] += 1
+        decode_attention_triton(q, kc, vc, bt, lens, D**-0.5, out=out)
+
+    ms, how = bench_ms(step)
     bw = kv_bytes / (ms * 1e-3)
     return {"num_splits": splits, "us": ms * 1e3, "kv_MB": kv_bytes / 1e6, "TB_s": bw / 1e12,
-            "pct_peak": 100 * bw / PEAK_BW, "timer": how, "l2_rotation_sets": sets, **res,
-            "fused_reduce_speedup": res["us_two_launches"] / res["us_fused_reduce"]}
+            "pct_peak": 100 * bw / PEAK_BW, "timer": how, "l2_rotation_sets": sets}
 
 
 def section_decode(r: Runner, quick: bool) -> None:

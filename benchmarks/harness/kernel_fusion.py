@@ -5,7 +5,7 @@ For every Qwen3-0.6B site (qkv 4096x1024, gate_up 6144x1024, lm_head 151936x1024
   cublas_us   : F.linear alone (cuBLAS)
   unfused_us  : Inductor-compiled (x + r -> RMSNorm) followed by F.linear   (the baseline)
   op_us       : torch.ops.coconut.add_rms_norm_linear with the measured dispatch (what the engine runs)
-  variants_us : every raw candidate of the dispatcher, forced (unfused = Triton norm + cuBLAS, gemv[..], gemm[..])
+  variants_us : every raw candidate of the dispatcher, forced (unfused = Triton norm + cuBLAS, stream[..], skinny[..])
 Timing: each callable runs --reps times inside one CUDA graph, weights rotated over enough copies to exceed
 2x the 60 MB L2 (so they stream from HBM as in a real model), replayed --iters times, median.
 floor_us = bytes moved (W + x + r + h + y) / 4.3 TB/s. speedup = unfused_us / op_us; speedup_paired = the same ratio
@@ -71,12 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def graph_time_us(fn: Callable[[int], Any], reps: int, iters: int) -> float:
     """Median microseconds per call of fn(i), i = 0..reps-1, captured in one CUDA graph and replayed `iters` times.
 
-    The dispatcher's timer (fusion_pass.kernels._graph_time_us) with this benchmark's warm-up: 3 eager calls
+    The dispatcher's timer (fusion_pass.kernels.time_in_graph) with this benchmark's warm-up: 3 eager calls
     before the capture, 2 untimed replays.
     """
     from fusion_pass import kernels
 
-    return kernels._graph_time_us(fn, reps, iters, warmup_calls=3, warmup_replays=2)
+    return kernels.time_in_graph(fn, reps, iters, warmup_calls=3, warmup_replays=2)
 
 
 def pair_order(p: int) -> tuple[int, int]:
@@ -145,7 +145,7 @@ def bench_case(name: str, n: int, k: int, m: int, ws: list[torch.Tensor], g: tor
     row["floor_us"] = round((n * k + 3 * m * k + m * n + k) * 2 / HBM_BPS * 1e6, 3)
     # the dispatcher's own measurement (also times every raw variant, forced, without the residual)
     choice = kernels.measure(m, n, k, dt, "cuda", reps=args.reps)
-    kernels._CACHE[kernels._key(m, n, k, dt)] = choice
+    kernels.dispatch._CACHE[kernels.dispatch._key(m, n, k, dt, "cuda")] = choice
     row["variants_us"] = dict(choice.times_us)
     row["chosen"] = choice.variant + (str(list(choice.config)).replace(" ", "") if choice.config else "")
     fused_times = {kk: v for kk, v in choice.times_us if not kk.startswith("unfused")}
@@ -193,12 +193,12 @@ def main(argv: list[str] | None = None) -> int:
             kernels.SKINNY_CONFIGS[b] = list(SKINNY_SWEEP)
     if args.variants:
         keep = {"unfused"} | set(args.variants.split(","))
-        all_candidates = kernels.candidates
-        kernels.candidates = lambda m: [c for c in all_candidates(m) if c[0] in keep]  # this run only
+        all_candidates = kernels.dispatch.candidates
+        kernels.dispatch.candidates = lambda m: [c for c in all_candidates(m) if c[0] in keep]  # this run only
     if args.precompile_workers > 0:
 
         ks = sorted({k for _, _, k in sites})
-        jobs = [(m, k, v, tuple(c)) for m in ms for k in ks for v, c in kernels.candidates(kernels.m_bucket(m))
+        jobs = [(m, k, v, tuple(c)) for m in ms for k in ks for v, c in kernels.dispatch.candidates(kernels.m_bucket(m))
                 if v != "unfused"]
         secs = common.run_in_spawned_workers(_precompile, jobs, args.precompile_workers)
         print(f"precompiled {len(jobs)} fused candidates in {secs:.1f} s", flush=True)

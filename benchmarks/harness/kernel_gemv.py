@@ -15,14 +15,15 @@ and M in {1, 2, 3, 4, 6, 8, 12, 16}. Times in microseconds per call:
 Timing: each callable runs `--reps` times per CUDA graph; weights are rotated over enough copies to exceed 2x the
 60 MB L2 (one graph per `--reps` copies, the graphs replayed in turn, so every call reads its weight from HBM);
 `--rounds` rounds over all graphs, one CUDA-event interval per round; median over the rounds.
-Correctness: bf16 GEMV vs a float32 reference (rel err ||y - ref|| / ||ref|| < 1e-2), and the op at GEMV_MAX_M.
+Correctness: bf16 GEMV vs a float32 reference (rel err ||y - ref|| / ||ref|| < 1e-2), and the op at the GPU table's
+gemv_max_m (nanovllm/kernels/gemv/dispatch.py).
 
 Before timing, the Triton variants are compiled in parallel worker processes (`--precompile-workers`, default 8)
 that fill Triton's on-disk cache, so the whole run takes well under a minute.
 
 Usage (repository root, on the GPU):  python benchmarks/kernels.py --what gemv [--part-args 'gemv=--ms 1,2,4 --shapes o_proj']
 Writes JSON {meta: GPU/torch/triton/date/command, rows, crossover} to ``--out``.
-NANOVLLM_GEMV_MAX_M (the op's threshold, default 2) only affects the op check; the table shows every M.
+The table's gemv_max_m (the op's threshold) only affects the op check; the table shows every M.
 """
 from __future__ import annotations
 
@@ -76,14 +77,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------------ cases
 def gemv_configs(m: int, n: int, k: int, all_configs: bool, skinny: bool = False, act: str = "none") -> list[Any]:
-    """The rule's config first: what ``torch.ops.nanovllm.linear_small_m`` runs for these rows (the skinny kernel's
-    ``skinny_config`` above GEMV_MAX_M, else the GEMV's ``choose_config``); then every SKINNY_CHOICES config when
+    """The rule's config first: what ``torch.ops.nanovllm.linear_small_m`` runs for these rows (the GPU table's
+    ``skinny_config`` above its gemv_max_m, else the GEMV's ``choose_config``); then every SKINNY_CHOICES config when
     skinny (or M > MAX_M, where only the skinny kernel applies), and the other CONFIG_CHOICES and EXTRA_CONFIGS
     (with their block_k) when all_configs and M <= MAX_M."""
     from nanovllm.kernels import gemv as G
-    from nanovllm.layers import gemv_op
 
-    rule = G.skinny_config(m, n, k, act) if m > min(gemv_op.GEMV_MAX_M, G.MAX_M) else G.choose_config(m, n, k)
+    table = engine_table()
+    rule = table.skinny_config(m, act) if m > min(table.gemv_max_m, G.MAX_M) else G.choose_config(m, n, k)
     out = [rule]
     if skinny or m > G.MAX_M:
         out += [c for c in G.SKINNY_CHOICES if c not in out]
@@ -93,6 +94,15 @@ def gemv_configs(m: int, n: int, k: int, all_configs: bool, skinny: bool = False
             if cfg not in out:
                 out.append(cfg)
     return out
+
+
+def engine_table() -> Any:
+    """The engine's table of the GPU at hand (nanovllm/kernels/gemv/dispatch.py), or the H200's where there is none
+    (the CPU logic tests, a GPU not measured yet)."""
+    from nanovllm.kernels import gemv as G
+
+    table = G.table_for(torch.device(DEVICE)) if str(DEVICE).startswith("cuda") else None
+    return table or G.TABLES["H200"]
 
 
 def cfg_name(cfg: Any) -> str:
@@ -233,18 +243,19 @@ def bench_shape(name: str, ms: list[int], args: argparse.Namespace, t0: float) -
 
 
 def op_check() -> dict[str, Any]:
-    """torch.ops.nanovllm.linear_small_m at M = GEMV_MAX_M (the GEMV) and GEMV_MAX_M + 1 (the skinny kernel, or
-    PyTorch when it is off) vs float32."""
+    """torch.ops.nanovllm.linear_small_m at M = gemv_max_m (the GEMV) and gemv_max_m + 1 (the skinny kernel) of the
+    GPU's table vs float32."""
     from nanovllm.kernels import gemv as G
-    from nanovllm.layers import gemv_op
+    from nanovllm.layers import gemv_op  # noqa: F401 - registers the op
 
-    out: dict[str, Any] = {"GEMV_MAX_M": gemv_op.GEMV_MAX_M}
+    max_m = engine_table().gemv_max_m
+    out: dict[str, Any] = {"gemv_max_m": max_m}
     n, k, act = SHAPES["down_proj"]
     w = torch.randn(n, k, device=DEVICE, dtype=DTYPE) * k ** -0.5
-    for m in {max(1, gemv_op.GEMV_MAX_M), gemv_op.GEMV_MAX_M + 1}:
+    for m in {max(1, max_m), max_m + 1}:
         x = torch.randn(m, 2 * k, device=DEVICE, dtype=DTYPE)
         y = torch.ops.nanovllm.linear_small_m(x, w, None, act)
-        path = "gemv" if gemv_op.uses_gemv(x, w, None) else "skinny" if gemv_op.uses_skinny(x, w, None) else "torch"
+        path = G.choose_path(x, w, None, act)[0]
         out[f"M={m}"] = {"path": path,
                          "rel_err": rel_err(y, G.gemv_ref(x.float(), w.float(), None, act))}
     out["ok"] = all(v["rel_err"] < 1e-2 for kk, v in out.items() if kk.startswith("M="))
@@ -264,7 +275,7 @@ def crossover(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if ok:
             res[name] = best
     models = [res[s] for s in ("o_proj", "down_proj") if s in res]
-    res["suggested_NANOVLLM_GEMV_MAX_M"] = min(models) if models else None
+    res["suggested_gemv_max_m"] = min(models) if models else None
     return res
 
 

@@ -20,7 +20,7 @@ persistent grids did not win there, and at M = 4 cuBLAS or the register-blocked 
 Timed like the gemv part (CUDA graphs, weights rotated over > 2x the L2, median of rounds), against:
   cublas      F.linear on the precomputed activation
   unfused     norm sites: Triton RMSNorm (+ residual) kernel then F.linear (the coconut op's unfused path)
-  current     what the engine runs now: the coconut fused "decode"/"multirow" kernel (norm sites) or
+  current     what the engine runs now: the coconut op's dispatched path (norm sites) or
               nanovllm.kernels.gemv (plain / silu_mul sites)
 
 Usage: python benchmarks/kernels.py --what gemv-sweep [--part-args 'gemv-sweep=--sites qkv,gate_up --ms 1,4']
@@ -87,7 +87,7 @@ def stream(x: torch.Tensor, r: torch.Tensor | None, g: torch.Tensor | None, w: t
     if m != 1 or grid != "tiles":
         raise ValueError("the row kernel takes one row and one program per tile")
     y = torch.empty(1, n, device=x.device, dtype=x.dtype)
-    G._gemv_row_kernel[(triton.cdiv(n, bn),)](x, w, w, y, n, K=k, ACT="silu_mul" if mode == 2 else "none",
+    G.rows._gemv_row_kernel[(triton.cdiv(n, bn),)](x, w, w, y, n, K=k, ACT="silu_mul" if mode == 2 else "none",
                                               HAS_BIAS=False, BLOCK_N=bn, BKP=triton.next_power_of_2(k),
                                               num_warps=warps, num_stages=1)
     return y
@@ -166,9 +166,7 @@ def baselines(site: str, m: int, inp: dict[str, Any], copies: int, time_fn: Call
     if mode == 1:
         out["unfused"] = time_fn(lambda i: F.linear(FK.triton_rms_norm(x, g, EPS, residual2d=r)[0], ws[i]))
         if site != "lm_head":
-            variant, cfg = ("decode", (4, 1024, 4, 1, 0)) if m <= 2 else ("multirow", (4, 1024, 1))
-            out["current"] = time_fn(lambda i: FK.fused_linear(x, g, ws[i], None, EPS, residual2d=r, h_out=h,
-                                                               variant=variant, config=cfg))
+            out["current"] = time_fn(lambda i: FK.rms_norm_linear(x, g, [ws[i]], [None], EPS, residual2d=r)[0][0])
     else:
         act = "silu_mul" if mode == 2 else "none"
         out["current"] = time_fn(lambda i: G.gemv_triton(x, ws[i], None, act))

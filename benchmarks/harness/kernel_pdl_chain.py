@@ -6,8 +6,8 @@ with its own weights, 840 MB in all, so every GEMV reads from HBM), captured in 
     fused residual + RMSNorm + qkv ("stream")  ->  q/k norm + RoPE  ->  KV store  ->  split-KV decode attention
     ->  o_proj row GEMV  ->  fused residual + RMSNorm + gate_up ("stream")  ->  down_proj row GEMV with SwiGLU
 
-PDL (nanovllm/kernels/pdl.py) lets each kernel start while the previous one runs and load its weights before
-waiting. The graph is captured twice, PDL off and on (module flags set before each capture), replayed `--rounds`
+PDL (fusion_pass/launch.py) lets each kernel start while the previous one runs and load its weights before
+waiting. The graph is captured twice, PDL off and on (the pdl kernel setting changed before each capture), replayed `--rounds`
 times each in alternation; reported: median ms per step, the ratio, and whether both outputs are bitwise equal.
 
 Usage (GPU): python benchmarks/kernels.py --what pdl-chain [--part-args 'pdl-chain=--ctx 512']
@@ -16,7 +16,6 @@ Writes JSON to ``--out``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import statistics
 import sys
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from nanovllm.kernels import decode_attention, qk_norm_rope, store_kvcache
     from nanovllm.kernels import gemv as G
     from nanovllm.layers.rotary_embedding import RotaryEmbedding
-    pdl = importlib.import_module("nanovllm.kernels.pdl")
+    from fusion_pass.settings import configure_kernels
 
     dev, dt, eps = "cuda", torch.bfloat16, 1e-6
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -92,14 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     graphs, outs = {}, {}
     for mode in ("off", "on"):
-        pdl.ENABLED = FK.PDL_ENABLED = mode == "on"
+        configure_kernels(pdl=mode == "on")
         step()  # compile this mode's kernel variants outside the capture
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             outs[mode] = step()
         graphs[mode] = g
-    pdl.ENABLED = FK.PDL_ENABLED = False
+    configure_kernels(pdl=False)
     times: dict[str, list[float]] = {"off": [], "on": []}
     for mode in ("off", "on"):
         for _ in range(3):

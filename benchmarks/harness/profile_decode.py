@@ -28,7 +28,7 @@ which is valid because each step waits for the GPU before it returns). Kernels a
 - ``attention``: ``_decode_split_kernel``, ``_decode_reduce_kernel``, ``_prefill_kernel``
 - ``kv_store``: ``_store_kvcache*``
 - ``inductor``: Inductor-generated kernels (names starting ``triton_``: norms, RoPE, SiLU*mul, residual adds), and
-  ``_qk_norm_rope_kernel``, which replaces the q/k norm + RoPE ones when ``NANOVLLM_FUSED_QK_NORM_ROPE=1``
+  ``_qk_norm_rope_kernel``, which replaces the q/k norm + RoPE ones on the GPU
 - ``sampler``: every kernel launched inside ``Sampler.forward``, else by name (softmax, argmax, exponential, ...)
 - ``memcpy``: memcpy / memset activities and copy / fill kernels (the host-to-device inputs, the graph's static
   input staging, the ``.tolist()`` read-back)
@@ -581,11 +581,12 @@ def profile_case(llm: Any, mode: str, batch: int, args: argparse.Namespace, shap
         v["fraction_of_floor"] = (round(groups[g]["floor_ms"] / v["ms"], 4)
                                   if g and len(GROUPS[g]) == 1 and v["ms"] > 0 else None)
     host_ms = wall_ms - agg["gpu_busy_ms"]
-    graphs = getattr(engine.model_runner, "graph_size_for", None)
+    graphs = getattr(engine.model_runner, "graphs", None)  # DecodeGraphs (engine/cuda_graphs.py)
     res.update({
         "steps": args.steps,
         "context_tokens_mean": round(live_mean / batch, 1),
-        "graph_size": (graphs[batch] if graphs and batch < len(graphs) else None),
+        "graph_size": (graphs.padded_rows(batch) if graphs is not None and graphs.padded_rows(batch) in graphs
+                       else None),
         "wall_ms": round(wall_ms, 5),
         "wall_ms_mean": round(sum(walls) / len(walls) * 1e3, 5),
         "wall_ms_profiled": round(wall_prof_ms, 5),

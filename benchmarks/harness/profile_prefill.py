@@ -4,8 +4,7 @@ Why: a prefill is not a CUDA graph: every kernel is launched from Python, so per
 the batch-1 TTFT of a 512-token prompt is host-bound (docs/performance.md).
 
 Modes: ``fusion`` (compile_fusion=True: its prefill steps run the Inductor-compiled model, its decode steps the
-coconut one), ``nofusion`` (Inductor), ``fusion-prefill`` (compile_fusion=True with the coconut model in prefill
-too: ``NANOVLLM_FUSION_PREFILL=1``).
+coconut one), ``nofusion`` (Inductor).
 
 Method: for each mode, one small engine (``max_num_seqs`` 4, ``max_model_len`` and ``max_num_batched_tokens``
 1024, CUDA graphs on; the decode pretune is skipped: a prefill of M = --prompt-len rows has its dispatch decision
@@ -35,7 +34,7 @@ common.add_repo_to_path()
 
 import torch  # noqa: E402
 
-MODES = ("fusion", "nofusion", "fusion-prefill")
+MODES = ("fusion", "nofusion")
 LAUNCH_NAMES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 
 
@@ -71,19 +70,10 @@ def profile_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     from nanovllm import LLM, SamplingParams
     from nanovllm.engine import model_runner
 
-    # Both hooks are optional (an engine without them is profiled as it builds itself): the decode-size pretune is
-    # skipped (not what is measured here), and the mode fusion-prefill needs the engine's coconut-prefill switch.
-    cls = model_runner.ModelRunner
-    saved_pretune = cls.__dict__.get("_pretune_fusion")
-    has_switch = hasattr(model_runner, "FUSION_PREFILL")
-    if mode == "fusion-prefill" and not has_switch:
-        raise ValueError("mode fusion-prefill: this engine has no switch that runs coconut in prefill "
-                         "(nanovllm.engine.model_runner.FUSION_PREFILL)")
-    saved_switch = getattr(model_runner, "FUSION_PREFILL", None)
+    # the decode-size pretune is skipped (not what is measured here)
+    saved_pretune = getattr(model_runner, "pretune_fusion", None)
     if saved_pretune is not None:
-        cls._pretune_fusion = lambda self: None
-    if has_switch:
-        model_runner.FUSION_PREFILL = mode == "fusion-prefill"  # read when the engine is built
+        model_runner.pretune_fusion = lambda *args, **kwargs: None
     try:
         t0 = time.perf_counter()
         kw: dict[str, Any] = dict(compile_fusion=mode != "nofusion", enforce_eager=False, max_num_seqs=4,
@@ -96,9 +86,7 @@ def profile_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         build_s = time.perf_counter() - t0
     finally:
         if saved_pretune is not None:
-            cls._pretune_fusion = saved_pretune
-        if has_switch:
-            model_runner.FUSION_PREFILL = saved_switch
+            model_runner.pretune_fusion = saved_pretune
     sp = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
     high = int(common.load_hf_config(args.model)["vocab_size"]) - 1
     seed = [0]
