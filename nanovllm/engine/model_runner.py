@@ -5,6 +5,7 @@ Compiling and tuning live in engine/compilation.py, the decode CUDA graphs in en
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable
 
 import numpy as np
@@ -49,6 +50,8 @@ class ModelRunner:
         else:
             self.device = torch.device("cpu")
         self.max_blocks_per_seq = math.ceil(config.max_model_len / self.block_size)
+        self.init_seconds: dict[str, float] = {}  # seconds of each phase of the build (the CLI's start line)
+        t0 = time.perf_counter()
 
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
@@ -67,14 +70,19 @@ class ModelRunner:
             self.generator = torch.Generator(self.device)
             self.generator.manual_seed(config.seed)
 
+        self.init_seconds["load"] = time.perf_counter() - t0
         self.forward, self.prefill_forward = build_forwards(self.model, config, self.device)
         if self.device.type == "cuda":
+            t0 = time.perf_counter()
             sizes = graph_batch_sizes(config.max_num_seqs)
             if config.compile_fusion:
                 pretune_fusion(config, self.dtype, self.device, self.world, self.rank, sizes)
             pretune_small_m(config, self.dtype, self.device, self.world, sizes)
+            self.init_seconds["pretune"] = time.perf_counter() - t0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        t0 = time.perf_counter()
         self.allocate_kv_cache()  # on the GPU this runs (and compiles) the largest prefill first
+        self.init_seconds["kv_cache"] = time.perf_counter() - t0
         # Inference tensors, like the prefill inputs that run() creates under inference mode: the compiled forward
         # guards on its inputs' dispatch keys, so mixing the two kinds doubled its graphs (and the guard checks
         # of every prefill call). All writes to the buffers happen inside run(), run_decode_steps() and the graph
@@ -86,7 +94,9 @@ class ModelRunner:
                                             max_steps=config.num_scheduler_steps if self.supports_multi_step else 1)
         self.graphs = DecodeGraphs(config.max_num_seqs)
         if self.device.type == "cuda" and not config.enforce_eager:
+            t0 = time.perf_counter()
             self.graphs.capture(self.forward, self.buffers, self.kv_caches, self.device)
+            self.init_seconds["cudagraphs"] = time.perf_counter() - t0
 
     @property
     def supports_multi_step(self) -> bool:
