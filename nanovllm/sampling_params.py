@@ -4,6 +4,10 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
+
+from nanovllm.config import SEED_MAX, SEED_MIN
+
 FLOAT32_MAX = 3.4028234663852886e38  # the sampler divides by the temperature in float32
 
 
@@ -23,6 +27,10 @@ class SamplingParams:
         max_tokens: the most tokens to generate, >= 1.
         ignore_eos: keep generating after the end-of-sequence token (until max_tokens or max_model_len).
         stop_token_ids: extra token ids that end the request (finish_reason "stop"), like EOS.
+        seed: this request's own random seed (None: the engine's generator). An int (or numpy integer) in
+            ``[-2**63, 2**64 - 1]``, ``torch.Generator.manual_seed``'s range. With a seed, the noise that draws
+            the token at position ``p`` depends on ``(seed, p)`` only (:mod:`nanovllm.layers.seeded_noise`), so
+            the request samples the same tokens alone or in any batch, and whatever the engine's own seed.
 
     Raises:
         ValueError: a field is out of range; the message names the field.
@@ -35,6 +43,7 @@ class SamplingParams:
     max_tokens: int = 64
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -72,6 +81,13 @@ class SamplingParams:
             if any(t < 0 for t in ids):
                 raise ValueError(f"SamplingParams.stop_token_ids must be token ids >= 0, got {ids}")
             self.stop_token_ids = [int(t) for t in ids]
+        if self.seed is not None:
+            if isinstance(self.seed, (bool, np.bool_)) or not isinstance(self.seed, numbers.Integral):
+                raise TypeError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
+            self.seed = int(self.seed)
+            if not SEED_MIN <= self.seed <= SEED_MAX:
+                raise ValueError(f"SamplingParams.seed must be in [{SEED_MIN}, {SEED_MAX}] "
+                                 f"(torch.Generator.manual_seed's range), got {self.seed}")
 
     @property
     def greedy(self) -> bool:

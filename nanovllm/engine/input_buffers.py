@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.seeded_noise import SeededRows
 
 _TOP_K_MAX = 2**62  # a larger top_k keeps every token as well, and would not fit the int64 buffer
 
@@ -179,7 +180,9 @@ class StepInputBuffers:
         """Write each row's sampling settings; return the host-side flags of the batch.
 
         Returns:
-            ``{"all_greedy": bool, "use_top_k": bool, "use_top_p": bool}``.
+            ``{"all_greedy": bool, "use_top_k": bool, "use_top_p": bool, "seeded": SeededRows | None}``; ``seeded``
+            lists the rows with ``SamplingParams.seed`` and temperature > 0, each with its sequence's length (the
+            position of the token sampled next).
         """
         n = len(seqs)
         if n > self.max_rows:
@@ -192,8 +195,11 @@ class StepInputBuffers:
         temps[:] = np.fromiter((p.temperature for p in params), dtype=np.float32, count=n)
         top_ks[:] = np.fromiter((min(p.top_k, _TOP_K_MAX) for p in params), dtype=np.int64, count=n)
         top_ps[:] = np.fromiter((p.top_p for p in params), dtype=np.float32, count=n)
+        seeded = [(i, s) for i, s in enumerate(seqs) if s.sampling_params.seed is not None and temps[i] > 0]
         return {"all_greedy": not temps.any(), "use_top_k": bool((top_ks > 0).any()),
-                "use_top_p": bool((top_ps < 1).any())}
+                "use_top_p": bool((top_ps < 1).any()),
+                "seeded": SeededRows([i for i, _ in seeded], [s.sampling_params.seed for _, s in seeded],
+                                     [len(s) for _, s in seeded]) if seeded else None}
 
     def upload(self, block_table_rows: int) -> None:
         """Copy the host side to the device: all of ``i64`` and the ``i32`` prefix that ends after

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from nanovllm.kernels.sampling import MIN_TEMPERATURE_F, sample_tokens_triton
+from nanovllm.layers.seeded_noise import SeededRows, seeded_exponentials
 
 _SEED_MOD = 2**31 - 1  # Philox keys and call counters are int32 kernel arguments
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -22,16 +23,24 @@ class Sampler(nn.Module):
     Paths (kernels per call on the GPU):
 
     - every row greedy: ``logits.argmax(-1)`` (1 kernel, no float32 copy);
-    - CUDA logits (or ``force_triton``) and no row with top-k / top-p: the one-pass Triton kernel of
+    - CUDA logits (or ``force_triton``), no row with top-k / top-p and no seeded row: the one-pass Triton kernel of
       :mod:`nanovllm.kernels.sampling` (Gumbel-max on a Philox stream; 2 kernels, a split scan and a tiny
       reduction, below ``B = 8 * SMs`` rows, 1 above);
-    - otherwise (a top-k / top-p row, or CPU logits): the torch path below (a float32 copy, softmax, the
+    - otherwise (a top-k / top-p row, a row with its own ``SamplingParams.seed``, or CPU logits): the torch path
+      below (a float32 copy, softmax, the
       generator's exponential noise, and a sort for top-k / top-p; about 8 kernels without the sort).
 
     The Triton path takes its randomness from a host-side Philox key and call counter, so it never reads the
     GPU: the key is ``generator.initial_seed()`` folded into 31 bits when a generator is given (an engine with
     ``seed=`` is reproducible run to run), else one draw of torch's CPU generator at the first call; the counter
     counts this sampler's Triton calls. The generator's own state is neither read nor advanced by that path.
+
+    Seeded rows (``seeded``, requests with ``SamplingParams.seed`` and temperature > 0) replace the generator's
+    noise of their row by :func:`~nanovllm.layers.seeded_noise.seeded_exponentials` of ``(seed, token
+    position)``, so their draws do not depend on the batch; a batch with such a row takes the torch path on every
+    device, also inside a multi-step decode round (the sampler runs eagerly after each step's graph replay, never
+    inside a CUDA graph; the ``SeededRows`` object advances its positions by one per call). The other rows of
+    that batch keep the engine generator's noise.
     """
 
     def __init__(self, force_triton: bool = False) -> None:
@@ -55,7 +64,8 @@ class Sampler(nn.Module):
 
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
                 generator: torch.Generator | None = None, all_greedy: bool | None = None,
-                use_top_k: bool | None = None, use_top_p: bool | None = None) -> torch.Tensor:
+                use_top_k: bool | None = None, use_top_p: bool | None = None,
+                seeded: SeededRows | None = None) -> torch.Tensor:
         """
         Args:
             logits: ``[B, V]`` any float dtype.
@@ -65,6 +75,7 @@ class Sampler(nn.Module):
             generator: the random generator of the engine (on the logits' device), or None.
             all_greedy, use_top_k, use_top_p: what the batch needs, when the caller knows it on the host (the model
                 runner does, from the requests); None reads it from the tensors, which waits for the GPU.
+            seeded: the rows with their own seed and the positions of their tokens (host data), or None.
 
         Returns:
             int64 ``[B]`` token ids.
@@ -76,7 +87,9 @@ class Sampler(nn.Module):
             return logits.argmax(-1)  # no float32 copy of the logits
         use_k = bool((top_ks > 0).any()) if use_top_k is None else use_top_k
         use_p = bool((top_ps < 1).any()) if use_top_p is None else use_top_p
-        if not (use_k or use_p) and (logits.is_cuda or self.force_triton) and logits.dtype in _TRITON_DTYPES:
+        if seeded is not None and not seeded.rows:
+            seeded = None
+        if not (use_k or use_p) and seeded is None and (logits.is_cuda or self.force_triton) and logits.dtype in _TRITON_DTYPES:
             return sample_tokens_triton(logits, temperatures, *self.next_philox_seed(generator))
         logits = logits.float()
         greedy_ids = logits.argmax(-1)
@@ -102,5 +115,8 @@ class Sampler(nn.Module):
         # E ~ Exp(1) kept >= the smallest normal float32: p / E is then finite, and 0 (never the argmax over a row
         # with a candidate) exactly for the tokens of probability 0
         noise = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(_TINY)
+        if seeded is not None:
+            rows = torch.tensor(seeded.rows, dtype=torch.int64, device=noise.device)
+            noise[rows] = seeded_exponentials(seeded.seeds, seeded.next_positions(), noise.shape[-1], noise.device)
         sampled = (probs / noise).argmax(-1)
         return torch.where(greedy, greedy_ids, sampled)

@@ -130,15 +130,11 @@ class Server:
     def sampling_params(self, req: SamplingFields, max_tokens: int | None, default_max_tokens: int) -> SamplingParams:
         """Map the request's sampling fields onto :class:`SamplingParams` (400 naming the field when bad)."""
         temperature = 1.0 if req.temperature is None else req.temperature
-        if req.seed is not None and temperature > 0:
-            raise RequestError(400, "seed: per-request seeds are not supported for sampling (temperature > 0); "
-                               "start the server with --seed for reproducible sampling, or use temperature 0",
-                               param="seed")
         try:
             return SamplingParams(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
                                   top_k=-1 if req.top_k is None else req.top_k,
                                   max_tokens=default_max_tokens if max_tokens is None else max_tokens,
-                                  ignore_eos=req.ignore_eos, stop_token_ids=req.stop_token_ids)
+                                  ignore_eos=req.ignore_eos, stop_token_ids=req.stop_token_ids, seed=req.seed)
         except (ValueError, TypeError) as e:
             m = re.search(r"SamplingParams\.(\w+)", str(e))
             raise RequestError(400, str(e).replace("SamplingParams.", ""), param=m.group(1) if m else None) from None
