@@ -37,14 +37,23 @@ def test_fill_decode_rows_and_padding() -> None:
 def test_fill_sampling_values_and_flags() -> None:
     buf = StepInputBuffers(max_rows=4, width=2, block_size=4, device=torch.device("cpu"))
     flags = buf.fill_sampling([make_seq(2, [0], temperature=0.0), make_seq(2, [1], temperature=0.7, top_k=5)])
-    assert flags == {"all_greedy": False, "use_top_k": True, "use_top_p": False}
+    assert flags == {"all_greedy": False, "use_top_k": True, "use_top_p": False, "seeded": None}
     args = buf.sampler_args(2)
     assert args["temperatures"].dtype == torch.float32 and args["top_ps"].dtype == torch.float32
     assert args["temperatures"].tolist() == pytest.approx([0.0, 0.7])
     assert args["top_ks"].tolist() == [-1, 5]
     assert args["top_ps"].tolist() == [1.0, 1.0]
     flags = buf.fill_sampling([make_seq(2, [0], temperature=0.0, top_p=0.5)])
-    assert flags == {"all_greedy": True, "use_top_k": False, "use_top_p": True}
+    assert flags == {"all_greedy": True, "use_top_k": False, "use_top_p": True, "seeded": None}
+
+
+def test_fill_sampling_lists_seeded_rows_that_sample() -> None:
+    """Rows with a seed and temperature > 0, each with the position of its next token (the sequence's length)."""
+    buf = StepInputBuffers(max_rows=4, width=2, block_size=4, device=torch.device("cpu"))
+    seqs = [make_seq(3, [0], temperature=0.7, seed=5), make_seq(2, [1], temperature=0.0, seed=6),
+            make_seq(6, [2], temperature=0.7), make_seq(7, [3], temperature=1.0, seed=-1)]
+    seeded = buf.fill_sampling(seqs)["seeded"]
+    assert (seeded.rows, seeded.seeds, seeded.positions) == ([0, 3], [5, -1], [3, 7])
 
 
 def test_bad_sizes_raise() -> None:
