@@ -173,6 +173,9 @@ def test_seeded_sampling_is_reproducible(client: "openai.OpenAI", llm: LLM) -> N
         outs = list(pool.map(lambda s: client.completions.create(seed=s, **kw), [1234, None, 1234, 99]))
     assert outs[0].choices[0].text == outs[2].choices[0].text == ref["text"]
     assert outs[3].choices[0].text != ref["text"]  # 10 tokens of a random-weight model's near-flat softmax
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(seed=2**64, **kw)
+    assert e.value.body["param"] == "seed" and "seed must be in" in e.value.body["message"]
 
 
 def test_bad_requests_get_errors_and_server_keeps_serving(server: SimpleNamespace, client: "openai.OpenAI") -> None:

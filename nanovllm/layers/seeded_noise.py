@@ -69,7 +69,7 @@ def seeded_exponentials(seeds: list[int], positions: list[int], vocab: int,
     quads = triton.cdiv(vocab, 4)
     q = torch.arange(quads, dtype=torch.int64, device=device).unsqueeze(0)
     zero = torch.zeros((), dtype=torch.int64, device=device)
-    words = philox4x32_ref(q, pos, zero, zero, k0, k1)
+    words = philox4x32_ref(q, pos, zero, zero, k0, k1)  # int64 [S, 1] keys broadcast like the counters
     w = torch.stack(words, -1).reshape(len(seeds), quads * 4)[:, :vocab]  # token i: word i % 4 of counter i // 4
     u = ((w >> 9).float() + 0.5) * 2.0**-23
     return (-torch.log(u)).clamp_min_(_TINY)
