@@ -112,3 +112,39 @@ def test_engine_seeded_request_under_multistep_preemption_and_another_engine_see
     assert tokens(tight, prompts, params) == ref
     assert tight.stats()["num_preemptions"] > 0, "the pool was meant to force preemption"
     assert tight.engine.stats.decode_steps > tight.engine.stats.decode_rounds  # multi-step rounds ran
+
+
+# ---- on a GPU (skipped elsewhere) -------------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_gpu_noise_equals_cpu_noise_and_seeded_rows_leave_the_triton_path_correct() -> None:
+    seeds, positions = [3, 2**64 - 1, -7], [0, 17, 4096]
+    assert torch.equal(seeded_exponentials(seeds, positions, 1001, "cuda").cpu(),
+                       seeded_exponentials(seeds, positions, 1001, "cpu"))
+    torch.manual_seed(1)
+    logits = torch.randn(6, 5000, device="cuda", dtype=torch.bfloat16)
+    temps = torch.full((6,), T, device="cuda")
+    ks, ps = torch.full((6,), -1, device="cuda"), torch.ones(6, device="cuda")
+    kw = dict(all_greedy=False, use_top_k=False, use_top_p=False)
+    sampler = Sampler()
+    alone = sampler(logits[4:5], temps[:1], ks[:1], ps[:1], seeded=SeededRows([0], [77], [9]), **kw)
+    batch = sampler(logits, temps, ks, ps, generator=torch.Generator("cuda").manual_seed(0),
+                    seeded=SeededRows([1, 4], [5, 77], [9, 9]), **kw)
+    assert batch[4].item() == alone.item()
+
+
+@needs_cuda
+def test_gpu_engine_seeded_request_with_cuda_graphs_and_multistep(tiny_ckpt: str) -> None:
+    """The GPU defaults: CUDA graphs and multi-step rounds (8 steps); seeded rows sample in the eager sampler."""
+    gpu = LLM(tiny_ckpt, device="cuda", max_model_len=128, max_num_seqs=8, seed=1)
+    assert gpu.config.num_scheduler_steps > 1
+    p, q, r = random_prompts([11, 5, 23], seed=33)
+    params = dict(temperature=T, max_tokens=20, ignore_eos=True)
+    alone = tokens(gpu, [p], [SamplingParams(seed=42, **params)])[0]
+    batch = tokens(gpu, [q, p, r], [SamplingParams(**params), SamplingParams(seed=42, **params),
+                                    SamplingParams(seed=8, **params)])
+    assert batch[1] == alone
+    assert tokens(gpu, [p], [SamplingParams(seed=43, **params)])[0] != alone
+    gpu.shutdown()

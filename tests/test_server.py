@@ -163,7 +163,7 @@ def test_sixteen_concurrent_clients(client: "openai.OpenAI") -> None:
     assert [(n, "length", n) for n, _, _ in results] == results
 
 
-def test_seeded_sampling_is_reproducible(client: "openai.OpenAI", llm: LLM) -> None:
+def test_seeded_completion_is_reproducible_in_any_batch(client: "openai.OpenAI", llm: LLM) -> None:
     """temperature 0.8 with a seed: the same text twice (while other requests come and go) and LLM.generate's."""
     prompt = "A paged KV cache splits keys and values into"
     ref = llm.generate([prompt], SamplingParams(temperature=0.8, max_tokens=10, ignore_eos=True, seed=1234),

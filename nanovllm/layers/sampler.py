@@ -89,7 +89,8 @@ class Sampler(nn.Module):
         use_p = bool((top_ps < 1).any()) if use_top_p is None else use_top_p
         if seeded is not None and not seeded.rows:
             seeded = None
-        if not (use_k or use_p) and seeded is None and (logits.is_cuda or self.force_triton) and logits.dtype in _TRITON_DTYPES:
+        triton_ok = (logits.is_cuda or self.force_triton) and logits.dtype in _TRITON_DTYPES
+        if not (use_k or use_p) and seeded is None and triton_ok:
             return sample_tokens_triton(logits, temperatures, *self.next_philox_seed(generator))
         logits = logits.float()
         greedy_ids = logits.argmax(-1)
