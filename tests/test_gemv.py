@@ -167,11 +167,12 @@ def test_op_torch_path_equals_reference(act: str) -> None:
 
 
 def test_op_dispatch_table(monkeypatch: pytest.MonkeyPatch) -> None:
-    """choose_path: the table of the GPU by name (the H100 and H200 have one, another GPU none: cuBLAS); in a table,
+    """choose_path: the table of the GPU by name (the H200 has one; another GPU, the H100 included, none: cuBLAS until
+    measured on itself); in a table,
     the GEMV up to gemv_max_m, the skinny kernel (fp16 / bf16) up to skinny_max_m with the table's launch shape,
     F.linear elsewhere and on the CPU. Bad tables are refused."""
     h200 = G.TABLES["H200"]
-    assert G.TABLES["H100"] == h200 and (h200.gemv_max_m, h200.skinny_max_m) == (2, 32)
+    assert "H100" not in G.TABLES and (h200.gemv_max_m, h200.skinny_max_m) == (2, 32)
     assert h200.skinny_config(8, "silu_mul") == G.SkinnyConfig(128, 256, 8, True)
     assert h200.skinny_config(17, "silu_mul") == G.SkinnyConfig(64, 256, 4, True)
     assert h200.skinny_config(16, "none") == G.SKINNY_DEFAULT and h200.skinny_config(32, "none").block_n == 64

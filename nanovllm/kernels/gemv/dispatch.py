@@ -61,9 +61,9 @@ _H200 = SmallMTable(
     gemv_max_m=2, skinny_max_m=32,
     skinny=((16, "silu_mul", SkinnyConfig(128, 256, 8, True)), (32, "silu_mul", SkinnyConfig(64, 256, 4, True)),
             (16, "none", SkinnyConfig(32, 256, 4)), (32, "none", SkinnyConfig(64, 256, 4))))
-# GPU name substring -> its table (the first match in order). The H100 is not measured yet: it runs the H200's
-# choices (the same sm_90 kernels) until the kernel benchmark gives its own.
-TABLES: dict[str, SmallMTable] = {"H200": _H200, "H100": _H200}
+# GPU name substring -> its table (the first match in order). A GPU without a row (the H100 included) measures
+# each shape on itself at engine start (`fusion_pass.kernels.cached_choice`): one GPU's choices never serve another.
+TABLES: dict[str, SmallMTable] = {"H200": _H200}
 # The skinny launch shapes a GPU without a table measures: the ones some table picks.
 SKINNY_CANDIDATES: tuple[SkinnyConfig, ...] = tuple(dict.fromkeys(cfg for _, _, cfg in _H200.skinny))
 _TORCH = Choice("torch", (), "default")
