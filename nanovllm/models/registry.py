@@ -58,7 +58,7 @@ def check_model_config(config: PretrainedConfig, max_model_len: int) -> None:
     check_rope(config)
     window = getattr(config, "sliding_window", None)
     use_window = getattr(config, "use_sliding_window", True)  # Qwen configs carry a window they do not use
-    if window is not None and use_window and window is not None and use_window and window < max_model_len:
+    if window is not None and use_window and window < max_model_len:
         raise ValueError(f"model: sliding-window attention is not supported (sliding_window={window} < "
                          f"max_model_len={max_model_len}); pass max_model_len <= {window}")
 
