@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from . import kernels, ops, options as _options, patterns, stats
+from . import kernels, ops, options as _options, patterns, settings as _kernel_settings, stats
 from .options import CoconutOptionError, Settings, parse_options
 from .stats import all_stats, fused_site_count, last_stats, reset_stats
 
@@ -145,6 +145,34 @@ def _pretune(sites: list[tuple[int, int, int, torch.dtype, torch.device]]) -> No
                         sorted(shapes), dev, type(e).__name__, e)
 
 
+#: Kernel settings applied by earlier compiles: field -> value (to warn when a later compile changes one).
+_applied_by_compile: dict[str, Any] = {}
+
+
+def _apply_kernel_settings(settings: Settings) -> None:
+    """Apply the compile's "coconut.<kernel setting>" options to the process-wide KernelSettings.
+
+    They are process-wide (fusion_pass.settings), so the last compile that names a key wins for every compiled
+    graph and for the engine's kernels: an INFO line when a value changes, a WARNING when it overrides a value
+    that an earlier compile set.
+    """
+    changes = settings.kernel_changes()
+    current = _kernel_settings.kernel_settings()
+    differing = {k: v for k, v in changes.items() if getattr(current, k) != v}
+    if not differing:
+        return
+    overridden = {k: _applied_by_compile[k] for k in differing
+                  if k in _applied_by_compile and _applied_by_compile[k] != differing[k]}
+    _kernel_settings.configure_kernels(**differing)
+    _applied_by_compile.update(changes)
+    was = {k: getattr(current, k) for k in differing}
+    if overridden:
+        log.warning("coconut: kernel settings %s replace %s set by an earlier compile; kernel settings are "
+                    "process-wide, so the last compile's values apply to every compiled graph", differing, overridden)
+    else:
+        log.info("coconut: kernel settings %s (were %s; process-wide)", differing, was)
+
+
 def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any],
              settings: Settings) -> Callable:
     from torch._inductor import config as inductor_config
@@ -152,6 +180,7 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], patches: d
 
     if patches.get("triton.cudagraphs"):
         coconut_backend._used_cudagraphs = True  # type: ignore[attr-defined]
+    _apply_kernel_settings(settings)
     if not settings.enable:
         return compile_fx(gm, example_inputs, config_patches=patches)
     for dev in {t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"}:

@@ -7,7 +7,8 @@
 "max-autotune" patch the same Inductor settings (``triton.cudagraphs``, ``max_autotune``,
 ``coordinate_descent_tuning``) as ``backend="inductor"`` does. Every other option key is an Inductor config key
 (``torch._inductor.list_options()``; "-" may stand for "_"), checked for existence and type as Inductor checks it.
-Keys that start with "coconut." are the backend's own (see `COCONUT_OPTIONS`).
+Keys that start with "coconut." are the backend's own (see `COCONUT_OPTIONS`); five of them
+(`KERNEL_OPTIONS`) set fields of the process-wide :class:`fusion_pass.settings.KernelSettings` when a graph compiles.
 
 Errors: an unknown key, a value of the wrong type or an unknown mode raise `CoconutOptionError`, a subclass of
 both RuntimeError (what Inductor raises for the same mistakes) and ValueError.
@@ -18,9 +19,11 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-#: The backend's own option keys: name -> (type, default, meaning). A new setting (a kernel setting, say) is one
-#: entry here, one field of Settings (same name after "coconut.", same default), and its use in
-#: fusion_pass.backend._compile, which receives the Settings of each compile.
+from .settings import FORCED_VARIANTS
+
+#: The backend's own option keys: name -> (type, default, meaning). A new setting is one entry here, one field of
+#: Settings (same name after "coconut.", same default), and its use in fusion_pass.backend._compile, which
+#: receives the Settings of each compile (a new kernel setting: also an entry of KERNEL_OPTIONS).
 COCONUT_OPTIONS: dict[str, tuple[type, Any, str]] = {
     "coconut.enable": (bool, True, "install the fusion pass; False compiles with plain Inductor (same mode and "
                                    "options), for A/B comparisons"),
@@ -31,7 +34,24 @@ COCONUT_OPTIONS: dict[str, tuple[type, Any, str]] = {
                                   "a guard for benchmarks and CI that must not silently run unfused"),
     "coconut.warn_unfused": (bool, True, "log a WARNING when a graph has RMSNorm -> linear candidates and none "
                                          "was fused"),
+    # Kernel settings (fusion_pass.settings.KernelSettings, same field names). None (the default): leave the
+    # process-wide value as it is. Applied when a graph compiles; they are process-wide, so the last compile that
+    # names a key decides its value for every compiled graph and for the engine's kernels.
+    "coconut.pdl": (bool, None, "programmatic dependent launch of the decode kernels on GPUs of compute "
+                                "capability >= 9"),
+    "coconut.autotune": (bool, None, "measure the kernel candidates of a new shape on first use; False: unmeasured "
+                                     "shapes take the unfused path"),
+    "coconut.tuning_file": (str, None, "JSON file that every new dispatch measurement is written to"),
+    "coconut.variant": (str, None, f"one of {FORCED_VARIANTS}: 'auto' measures, the others force one path at "
+                                   "every site"),
+    "coconut.poison_outputs": (bool, None, "fill the Triton paths' output buffers with NaN before the kernels run "
+                                           "(correctness checks)"),
 }
+
+#: The "coconut.*" keys that are kernel settings: option key -> KernelSettings field.
+KERNEL_OPTIONS: dict[str, str] = {k: k.split(".", 1)[1] for k in
+                                  ("coconut.pdl", "coconut.autotune", "coconut.tuning_file", "coconut.variant",
+                                   "coconut.poison_outputs")}
 
 
 class CoconutOptionError(RuntimeError, ValueError):
@@ -40,12 +60,21 @@ class CoconutOptionError(RuntimeError, ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    """The parsed "coconut.*" options (defaults in `COCONUT_OPTIONS`)."""
+    """The parsed "coconut.*" options (defaults in `COCONUT_OPTIONS`); a kernel setting left None is not changed."""
 
     enable: bool = True
     pretune: bool = True
     min_sites: int = 0
     warn_unfused: bool = True
+    pdl: Optional[bool] = None
+    autotune: Optional[bool] = None
+    tuning_file: Optional[str] = None
+    variant: Optional[str] = None
+    poison_outputs: Optional[bool] = None
+
+    def kernel_changes(self) -> dict[str, Any]:
+        """The kernel settings these options set: {KernelSettings field: value}, the None ones left out."""
+        return {f: getattr(self, f) for f in KERNEL_OPTIONS.values() if getattr(self, f) is not None}
 
 
 def _inductor_check(key: str, val: Any, current: dict[str, Any]) -> str:
@@ -77,7 +106,8 @@ def parse_options(mode: Optional[str] = None, options: Optional[dict[str, Any]] 
         (Inductor config patches {dotted name: value}, Settings).
     Raises:
         CoconutOptionError (RuntimeError and ValueError): unknown mode, unknown key, value of the wrong type,
-        `options` not a dict.
+        `options` not a dict, a negative "coconut.min_sites", a "coconut.variant" outside FORCED_VARIANTS, an
+        empty "coconut.tuning_file"; the message names the key.
     """
     from torch._inductor import config, list_mode_options
 
@@ -103,11 +133,17 @@ def parse_options(mode: Optional[str] = None, options: Optional[dict[str, Any]] 
                 raise CoconutOptionError(f"Unexpected coconut option {key}, known coconut options are "
                                          f"{sorted(COCONUT_OPTIONS)}")
             typ = COCONUT_OPTIONS[key][0]
+            if val is None and key in KERNEL_OPTIONS:
+                continue  # leave the process-wide kernel setting as it is
             if not isinstance(val, typ) or (typ is int and isinstance(val, bool)):
                 raise CoconutOptionError(f"Unexpected type of attr {key}, got {type(val).__name__} should be "
                                          f"{typ.__name__}")
             if key == "coconut.min_sites" and val < 0:
                 raise CoconutOptionError(f"coconut.min_sites must be >= 0, got {val}")
+            if key == "coconut.variant" and val not in FORCED_VARIANTS:
+                raise CoconutOptionError(f"coconut.variant must be one of {FORCED_VARIANTS}, got {val!r}")
+            if key == "coconut.tuning_file" and not val.strip():
+                raise CoconutOptionError("coconut.tuning_file must be a non-empty path")
             own[key.split(".", 1)[1]] = val
         else:
             patches[_inductor_check(key, val, current)] = val

@@ -249,3 +249,82 @@ def test_every_coconut_option_is_a_setting_with_its_default():
     assert {f"coconut.{f.name}": f.default for f in fields(Settings)} == {k: v[1] for k, v in COCONUT_OPTIONS.items()}
     _, settings = parse_options(None, {k: v[1] for k, v in COCONUT_OPTIONS.items()})
     assert settings == Settings()
+
+
+# A value of each kernel-setting key other than its KernelSettings default.
+KERNEL_VALUES = {"coconut.pdl": False, "coconut.autotune": False, "coconut.tuning_file": "tuning.json",
+                 "coconut.variant": "unfused", "coconut.poison_outputs": True}
+
+
+@pytest.fixture
+def kernel_settings_restored():
+    """The process-wide kernel settings and the backend's record of them as they were before the test."""
+    from fusion_pass.settings import configure_kernels, kernel_settings
+
+    before = kernel_settings()
+    applied = dict(coconut._applied_by_compile)
+    yield
+    configure_kernels(**before.as_dict())
+    coconut._applied_by_compile.clear()
+    coconut._applied_by_compile.update(applied)
+
+
+def test_kernel_options_reach_the_kernel_settings_when_a_graph_compiles(model, kernel_settings_restored, tmp_path):
+    from fusion_pass.settings import KernelSettings, kernel_settings
+
+    options = {**KERNEL_VALUES, "coconut.tuning_file": str(tmp_path / "t.json")}
+    backend = fusion_pass.make_backend(options=options)
+    assert kernel_settings() == KernelSettings()  # validated at once, applied only when a graph compiles
+    x = torch.randn(3, 32)
+    out, _ = compile_run(model, x, backend=backend)
+    assert kernel_settings() == KernelSettings(pdl=False, autotune=False, tuning_file=str(tmp_path / "t.json"),
+                                               variant="unfused", poison_outputs=True)
+    assert fusion_pass.fused_site_count() == 1
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", sorted(KERNEL_VALUES))
+def test_each_kernel_option_sets_its_field_only(key, kernel_settings_restored):
+    from fusion_pass.settings import kernel_settings
+
+    before = kernel_settings().as_dict()
+    _, settings = parse_options(None, {key: KERNEL_VALUES[key]})
+    field = key.split(".", 1)[1]
+    assert settings.kernel_changes() == {field: KERNEL_VALUES[key]}
+    coconut._apply_kernel_settings(settings)
+    assert kernel_settings().as_dict() == {**before, field: KERNEL_VALUES[key]}
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("coconut.pdl", "yes", "Unexpected type of attr coconut.pdl"),
+    ("coconut.autotune", 1, "Unexpected type of attr coconut.autotune"),
+    ("coconut.poison_outputs", "true", "Unexpected type of attr coconut.poison_outputs"),
+    ("coconut.variant", "gemv", "coconut.variant must be one of"),
+    ("coconut.variant", 2, "Unexpected type of attr coconut.variant"),
+    ("coconut.tuning_file", " ", "coconut.tuning_file must be a non-empty path"),
+    ("coconut.tuning_file", 3, "Unexpected type of attr coconut.tuning_file"),
+])
+def test_bad_kernel_option_raises_naming_the_key(key, value, message, kernel_settings_restored):
+    from fusion_pass.settings import kernel_settings
+
+    before = kernel_settings()
+    with pytest.raises(CoconutOptionError, match=message):
+        fusion_pass.make_backend(options={key: value})
+    assert kernel_settings() == before
+
+
+def test_a_later_compile_with_other_kernel_values_wins_with_a_warning(kernel_settings_restored, caplog):
+    from fusion_pass.settings import kernel_settings
+
+    first = parse_options(None, {"coconut.variant": "unfused", "coconut.pdl": False})[1]
+    second = parse_options(None, {"coconut.variant": "auto"})[1]
+    with caplog.at_level(logging.INFO, logger="fusion_pass"):
+        coconut._apply_kernel_settings(first)
+        coconut._apply_kernel_settings(parse_options()[1])  # a compile naming no kernel key changes nothing
+        assert (kernel_settings().variant, kernel_settings().pdl) == ("unfused", False)
+        coconut._apply_kernel_settings(second)
+    assert (kernel_settings().variant, kernel_settings().pdl) == ("auto", False)
+    records = [(r.levelname, r.getMessage()) for r in caplog.records if "kernel settings" in r.getMessage()]
+    assert [level for level, _ in records] == ["INFO", "WARNING"], records
+    assert "'variant': 'auto'" in records[1][1] and "'variant': 'unfused'" in records[1][1]
