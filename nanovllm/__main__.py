@@ -22,9 +22,11 @@ from nanovllm.cli_args import (CliParser, add_engine_arguments, add_sampling_arg
 
 DEFAULT_QUESTIONS = [  # for the real default model, through its chat template
     "What is the capital of France?",
-    "What color is the sky on a clear day?",
-    "Give me one tip for writing clear code.",
+    "What does a CPU do? Answer in one sentence.",
+    "Give me one tip for writing clear code, in one sentence.",
 ]
+QUESTIONS_MAX_TOKENS = 96  # enough for the real default model to finish its answers (finish reason "stop")
+PROMPTS_MAX_TOKENS = 32  # any other prompts or model, unless --max-tokens is given
 DEFAULT_PROMPTS = [
     "Hello world! How are you today?",
     "A paged KV cache splits keys and values into",
@@ -55,9 +57,19 @@ def build_parser() -> CliParser:
     parser.add_argument("--prompt", action="append", type=nonempty_text, default=None,
                         help="a prompt (repeatable; none: a few built-in prompts)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
-    add_sampling_arguments(parser)
+    add_sampling_arguments(parser, max_tokens=argparse.SUPPRESS,
+                           max_tokens_help=f"the most tokens to generate per prompt (default: {QUESTIONS_MAX_TOKENS} "
+                                           f"for the default model's built-in prompts, {PROMPTS_MAX_TOKENS} otherwise)")
     add_engine_arguments(parser)
     return parser
+
+
+def max_tokens(args: argparse.Namespace) -> int:
+    """``--max-tokens`` if given; else QUESTIONS_MAX_TOKENS for the default model's built-in prompts (no
+    ``--model``, no ``--prompt``: room for the answers to end with "stop"), PROMPTS_MAX_TOKENS otherwise."""
+    if getattr(args, "max_tokens", None) is not None:
+        return args.max_tokens
+    return QUESTIONS_MAX_TOKENS if args.model is None and not args.prompt else PROMPTS_MAX_TOKENS
 
 
 def warm_up(llm: LLM, requests: Callable[[list[SamplingParams]], object], n: int) -> None:
@@ -97,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         return serve_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.max_tokens = max_tokens(args)
     params = sampling_params(parser, args)  # every flag is checked before any model is built
 
     model, real_default = (args.model, False) if args.model else default_model()

@@ -140,10 +140,13 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in ENGINE_FLAGS}
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int = 32) -> None:
-    """Add the sampling flags (:class:`nanovllm.SamplingParams`) to ``parser``."""
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int | str = 32,
+                           max_tokens_help: str = "the most tokens to generate per prompt") -> None:
+    """Add the sampling flags (:class:`nanovllm.SamplingParams`) to ``parser``. ``max_tokens`` may be
+    ``argparse.SUPPRESS`` (no ``args.max_tokens`` unless given: the command picks the default, told in
+    ``max_tokens_help``)."""
     g = parser.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int_in(1), default=max_tokens, help="the most tokens to generate per prompt")
+    g.add_argument("--max-tokens", type=int_in(1), default=max_tokens, help=max_tokens_help)
     g.add_argument("--temperature", type=float_in(0.0, FLOAT32_MAX), default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=1.0,
                    help="nucleus sampling, in (0, 1]; 1 = off")

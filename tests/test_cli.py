@@ -93,7 +93,9 @@ def test_help_shows_defaults_choices_and_the_cache_folder(capsys) -> None:  # no
         cli.main(["--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # unwrap the formatter's lines
-    for flag, default in [("--max-tokens", "32"), ("--temperature", "0.0"), ("--top-p", "1.0"), ("--top-k", "-1"),
+    assert re.search(r"--max-tokens\b[^\n]*?\(default: 96 for the default model's built-in prompts, 32 otherwise\)$",
+                     text.split(" --temperature")[0]), text
+    for flag, default in [("--temperature", "0.0"), ("--top-p", "1.0"), ("--top-k", "-1"),
                           ("--max-model-len", "1024"), ("--dtype", "auto"), ("--seed", "0"),
                           ("--max-num-seqs", "512"), ("--kvcache-block-size", "16"), ("--num-kvcache-blocks", "-1"),
                           ("--gpu-memory-utilization", "0.9"), ("--compile-fusion", "False")]:
@@ -101,6 +103,13 @@ def test_help_shows_defaults_choices_and_the_cache_folder(capsys) -> None:  # no
     assert "--dtype {auto,bfloat16,float16,float32}" in text and "--device {cuda,cpu}" in text
     assert "NANOVLLM_CACHE" in text and "max_position_embeddings" in text
     assert "the checkpoint's dtype on CUDA, float32 on the CPU" in text
+
+
+@pytest.mark.parametrize("argv, expected", [([], 96), (["--prompt", "hi"], 32), (["--max-tokens", "5"], 5),
+                                            (["--model", "CKPT"], 32), (["--model", "CKPT", "--max-tokens", "200"], 200)])
+def test_max_tokens_default_depends_on_the_prompts(tiny_ckpt: str, argv: list[str], expected: int) -> None:
+    args = cli.build_parser().parse_args([tiny_ckpt if a == "CKPT" else a for a in argv])
+    assert cli.max_tokens(args) == expected
 
 
 def test_engine_arguments_reusable_by_another_command() -> None:
