@@ -3,4 +3,4 @@ from nanovllm.llm import LLM
 from nanovllm.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
