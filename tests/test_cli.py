@@ -105,8 +105,9 @@ def test_help_shows_defaults_choices_and_the_cache_folder(capsys) -> None:  # no
     assert "the checkpoint's dtype on CUDA, float32 on the CPU" in text
 
 
-@pytest.mark.parametrize("argv, expected", [([], 96), (["--prompt", "hi"], 32), (["--max-tokens", "5"], 5),
-                                            (["--model", "CKPT"], 32), (["--model", "CKPT", "--max-tokens", "200"], 200)])
+@pytest.mark.parametrize("argv, expected", [
+    ([], 96), (["--prompt", "hi"], 32), (["--max-tokens", "5"], 5), (["--model", "CKPT"], 32),
+    (["--model", "CKPT", "--max-tokens", "200"], 200)])
 def test_max_tokens_default_depends_on_the_prompts(tiny_ckpt: str, argv: list[str], expected: int) -> None:
     args = cli.build_parser().parse_args([tiny_ckpt if a == "CKPT" else a for a in argv])
     assert cli.max_tokens(args) == expected
