@@ -230,6 +230,32 @@ def test_disconnect_mid_stream_frees_kv_blocks(server: SimpleNamespace) -> None:
     assert m['nanovllm_request_success_total{finish_reason="abort"}'] == aborted_before + 1
 
 
+def test_disconnect_while_a_non_streamed_request_decodes_aborts_it(server: SimpleNamespace) -> None:
+    """The client of a non-streamed request leaves while its request decodes (events arrive every step): the server
+    aborts it (the "abort" count grows, "length" does not) instead of generating the rest for nobody."""
+    before = _metrics(server.url)
+    length_key, abort_key = (f'nanovllm_request_success_total{{finish_reason="{r}"}}' for r in ("length", "abort"))
+    body = json.dumps({"model": MODEL, "prompt": "A paged KV cache", "max_tokens": MAX_MODEL_LEN - 16,
+                       "ignore_eos": True})
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    deadline = time.monotonic() + 30
+    while _metrics(server.url)["nanovllm_generation_tokens_total"] < before["nanovllm_generation_tokens_total"] + 2:
+        assert time.monotonic() < deadline, "the request never started decoding"
+        time.sleep(0.05)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.monotonic() + 30
+    while True:
+        m = _metrics(server.url)
+        if m["nanovllm_kv_cache_usage_perc"] == 0 and m["nanovllm_num_requests_running"] == 0:
+            break
+        assert time.monotonic() < deadline, f"the request still runs after its client left: {m}"
+        time.sleep(0.1)
+    assert m.get(abort_key, 0.0) == before.get(abort_key, 0.0) + 1
+    assert m.get(length_key, 0.0) == before.get(length_key, 0.0)
+
+
 def test_detokenizer_deltas_concatenate_to_full_decode(llm: LLM) -> None:
     tok = llm.tokenizer
     text = "héllo wörld: 日本語 🙂 ok"

@@ -177,6 +177,7 @@ class Server:
         """
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStrings(stop) if stop else None
+        poll_at = time.monotonic() + DISCONNECT_POLL_SECONDS
         while True:
             if request is None:
                 event = await handle.queue.get()
@@ -184,8 +185,13 @@ class Server:
                 try:
                     event = await asyncio.wait_for(handle.queue.get(), DISCONNECT_POLL_SECONDS)
                 except asyncio.TimeoutError:
+                    event = None
+                # checked once a second whether or not events arrive (a decoding request sends one every step)
+                if event is None or time.monotonic() >= poll_at:
+                    poll_at = time.monotonic() + DISCONNECT_POLL_SECONDS
                     if await request.is_disconnected():
                         raise ClientGone() from None
+                if event is None:
                     continue
             if event.error is not None:
                 raise RequestError(500, f"the engine failed while running this request: {event.error}",
