@@ -135,7 +135,8 @@ class Config:
             raise TypeError(f"model must be a path to a checkpoint folder, got {self.model!r}")
         self.model = os.fspath(self.model)
         if not os.path.isdir(self.model):
-            raise ValueError(f"model: checkpoint folder {self.model!r} does not exist")
+            what = "is a file, not a folder" if os.path.exists(self.model) else "does not exist"
+            raise ValueError(f"model: checkpoint folder {self.model!r} {what}")
         if not os.path.isfile(os.path.join(self.model, "config.json")):
             raise ValueError(f"model: {self.model!r} holds no config.json (not a Hugging Face checkpoint folder)")
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size",

@@ -101,3 +101,19 @@ def test_missing_tokenizer(ckpt: str) -> None:
             os.remove(os.path.join(ckpt, f))
     with pytest.raises(ValueError, match=r"no tokenizer files in .*expected one of tokenizer.json"):
         LLM(ckpt, **KW)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_safetensors"])
+def test_unreadable_safetensors_file_is_named(ckpt: str, damage: str) -> None:
+    file = os.path.join(ckpt, "model.safetensors")
+    with open(file, "rb") as f:
+        data = f.read()
+    with open(file, "wb") as f:
+        f.write(data[: len(data) // 2] if damage == "truncated" else b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"model: '.*model\.safetensors' is not a readable safetensors file"):
+        LLM(ckpt, **KW)
+
+
+def test_a_file_given_as_the_checkpoint_folder_is_named(ckpt: str) -> None:
+    with pytest.raises(ValueError, match=r"config\.json' is a file, not a folder"):
+        LLM(os.path.join(ckpt, "config.json"), **KW)

@@ -5,7 +5,7 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 
@@ -46,12 +46,19 @@ def check_tokenizer_files(path: str) -> None:
 
 
 def checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """Every tensor name of the checkpoint and its shape, read from the safetensors headers (no tensor data)."""
+    """Every tensor name of the checkpoint and its shape, read from the safetensors headers (no tensor data).
+
+    Raises:
+        ValueError: a file whose header cannot be read (truncated, or not a safetensors file), named.
+    """
     shapes: dict[str, tuple[int, ...]] = {}
     for file in checkpoint_files(path):
-        with safe_open(file, "pt", "cpu") as f:
-            for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
+        try:
+            with safe_open(file, "pt", "cpu") as f:
+                for name in f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except SafetensorError as e:
+            raise ValueError(f"model: {file!r} is not a readable safetensors file ({e})") from e
     return shapes
 
 
