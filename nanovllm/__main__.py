@@ -52,7 +52,8 @@ def build_parser() -> CliParser:
                        epilog="environment: NANOVLLM_CACHE is the cache folder of the default model (default "
                               "~/.cache/nanovllm). Timing: the start line covers load, compile, KV cache, CUDA "
                               "graphs and a warm-up run of the same batch; the generation line's tokens/s count "
-                              "generation only.",
+                              "generation only. The OpenAI-compatible server: python -m nanovllm serve (its "
+                              "flags: python -m nanovllm serve --help).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--prompt", action="append", type=nonempty_text, default=None,
                         help="a prompt (repeatable; none: a few built-in prompts)")

@@ -102,6 +102,7 @@ def test_help_shows_defaults_choices_and_the_cache_folder(capsys) -> None:  # no
         assert re.search(rf"{flag}\b[^\n]*?\(default: {re.escape(default)}\)", text), flag
     assert "--dtype {auto,bfloat16,float16,float32}" in text and "--device {cuda,cpu}" in text
     assert "NANOVLLM_CACHE" in text and "max_position_embeddings" in text
+    assert "python -m nanovllm serve --help" in text  # the server subcommand can be found from --help
     assert "the checkpoint's dtype on CUDA, float32 on the CPU" in text
 
 
