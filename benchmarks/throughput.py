@@ -6,11 +6,12 @@ Workload (nano-vLLM's bench.py): ``random.seed(0)``; 256 prompts of ``randint(10
 requests in one batch (142,827 prompt and 133,966 output tokens).
 
 Each engine is built in a child process, twice per mode, with ``TRITON_CACHE_DIR`` and
-``TORCHINDUCTOR_CACHE_DIR`` pointed at one fresh temporary folder: the first build is the cold one (empty
-caches), the second the warm one (the caches the first filled). Each child runs the workload twice on its fresh
-engine, without warm-up: ``first_run_over_second`` = tokens/s of run 1 / run 2. ``output_tokens_per_s`` is run 2
-of the warm child (output tokens / wall time of the run). Each run shifts the first token of every prompt, so
-the prefix cache never serves one run's prompts to the next.
+``TORCHINDUCTOR_CACHE_DIR`` pointed at one fresh temporary folder, and the engine's tuning file in it: the first
+build is the cold one (empty caches, nothing tuned), the second the warm one (the caches and the tuning file the
+first filled). Each child runs the workload twice on its fresh engine, without warm-up: ``first_run_over_second``
+= tokens/s of run 1 / run 2. ``output_tokens_per_s`` is run 2 of the warm child (output tokens / wall time of the
+run). Each run shifts the first token of every prompt, so the prefix cache never serves one run's prompts to the
+next.
 
 Floor: per decode step, reading the weights and the live KV cache at the copy bandwidth measured in the same
 run, or the step's FLOPs at the bf16 peak, whichever is longer; prefill at the bf16 peak. The transformers peer
@@ -73,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="JSON path (default: results/<gpu>/throughput.json)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)       # internal: mode to build and run
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)   # internal: its JSON
+    ap.add_argument("--child-tuning-file", default=None, help=argparse.SUPPRESS)  # internal: its tuning file
     args = ap.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in args.modes if m not in engine.MODES]
@@ -111,6 +113,8 @@ def child(args: argparse.Namespace) -> int:
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
                               num_scheduler_steps=args.num_scheduler_steps, device=args.device)
+    if args.child_tuning_file:  # a cold build starts without the tuning decisions of earlier runs too
+        kw["tuning_file"] = args.child_tuning_file
     prompts, max_tokens = workload(args)
     high = engine.prompt_id_high(args.model)
     llm, build_s = engine.build(args.model, kw)
@@ -142,6 +146,8 @@ def spawn(args: argparse.Namespace, argv: list[str], mode: str, cache_root: str 
         env["TRITON_CACHE_DIR"] = os.path.join(cache_root, "triton")
         env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_root, "inductor")
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", mode, "--child-out", out]
+    if cache_root:
+        cmd += ["--child-tuning-file", os.path.join(cache_root, "tuning.json")]
     p = subprocess.run(cmd, env=env, cwd=common.REPO_ROOT)
     try:
         if p.returncode != 0:

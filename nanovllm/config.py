@@ -80,9 +80,12 @@ class Config:
             end, so up to k - 1 steps later. Greedy outputs are the same for every value. 1 = one step per
             round. None (the default): 8 on one GPU, 1 on the CPU and with tensor parallelism
             (:func:`default_num_scheduler_steps`); tensor parallelism always runs 1.
-        tuning_file: with ``compile_fusion`` on CUDA, a JSON file of the fused op's dispatch decisions
-            (``fusion_pass.save_tuning``): decisions of this GPU found there are loaded instead of measured when
-            the engine starts, and every decision is written back (None: measure every start, write nothing).
+        tuning_file: the JSON file of the dispatch decisions measured on CUDA (the fused op's and the small-M
+            linear's, ``fusion_pass.save_tuning`` format): decisions of this GPU found there are loaded instead of
+            measured when the engine starts, and the file is written when something new was measured. None (the
+            default): ``<cache folder>/tuning/<gpu>-torch<version>-triton<version>-f<format>.json`` in
+            ``$NANOVLLM_CACHE`` or ``~/.cache/nanovllm`` (nanovllm/engine/tuning_cache.py); a path: that file;
+            False: no file (every start measures again).
         tp_timeout_s: seconds a tensor-parallel collective may wait for a peer before failing (> 0).
         tp_start_timeout_s: seconds each phase of the tensor-parallel start-up (load, KV sizing, compile, graph
             capture) may take before the start fails (> 0).
@@ -112,7 +115,7 @@ class Config:
     compile_fusion: bool = False
     seed: int | None = None
     num_scheduler_steps: int | None = None
-    tuning_file: str | None = None
+    tuning_file: str | bool | None = None
     tp_timeout_s: float = 600.0
     tp_start_timeout_s: float = 900.0
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
@@ -210,12 +213,13 @@ class Config:
 
     def _check_runtime_keywords(self) -> None:
         """Validate ``tuning_file``, ``tp_timeout_s`` and ``tp_start_timeout_s`` (TypeError / ValueError)."""
-        if self.tuning_file is not None:
+        if self.tuning_file is not None and self.tuning_file is not False:
             if not isinstance(self.tuning_file, (str, os.PathLike)):
-                raise TypeError(f"tuning_file must be a path or None, got {self.tuning_file!r}")
+                raise TypeError("tuning_file must be a path, None (the default file in the cache folder) or False "
+                                f"(no file), got {self.tuning_file!r}")
             self.tuning_file = os.fspath(self.tuning_file)
             if not self.tuning_file.strip():
-                raise ValueError("tuning_file must not be empty (None: no file)")
+                raise ValueError("tuning_file must not be empty (None: the default file, False: no file)")
         for name in ("tp_timeout_s", "tp_start_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):

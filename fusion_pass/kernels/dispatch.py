@@ -7,16 +7,24 @@ mechanism (:func:`cached_choice`) serves every op: the coconut op (``OP``: candi
 norm + cuBLAS, and every configuration of every fused variant of the registry whose range holds M) and the engine's
 small-M linear (nanovllm/kernels/gemv/dispatch.py). The decisions can be measured ahead of time (:func:`pretune`),
 saved and loaded (:func:`save_tuning`, :func:`load_tuning`): a file holds the decisions of each GPU by name, and
-only the running GPU's are ever used.
+only the running GPU's are ever used. Each row also carries the versions that can change a decision
+(:func:`versions_tag`: torch, Triton, the format of the candidate set); rows of other versions are skipped on load,
+so an upgrade measures again. With the ``tuning_file`` setting, :func:`pretune` (inside :func:`tuning_batch`) loads
+that file first (a missing, unreadable or corrupt one is skipped with one warning) and writes it once at the end
+when it measured something new; a first-use measurement outside a batch writes it at once. Writes are atomic (a
+temporary file renamed into place), so an interrupted write never leaves a partial file.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import statistics
+import tempfile
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +57,19 @@ OP = "rms_norm_linear"  # the coconut op's name in the cache and in tuning files
 Key = tuple[str, str, int, int, int, str]  # (GPU name, op, M bucket, N, K, dtype)
 _CACHE: dict[Key, Choice] = {}
 _DEFAULT = Choice("unfused", (), "default")
+# Bump when the candidate sets change (a new variant or configuration), so that saved decisions are measured again.
+TUNING_FORMAT = 1
+_ROW_FIELDS = ("gpu", "op", "m_bucket", "n", "k", "dtype", "variant", "config")
+
+
+class _State:
+    """Process-wide bookkeeping of the tuning file: measurements so far, the depth of :func:`tuning_batch`, the paths
+    loaded and the paths already warned about."""
+
+    measured = 0
+    batch_depth = 0
+    loaded: set[str] = set()
+    warned: set[str] = set()
 
 
 def _key(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device | str, op: str = OP) -> Key:
@@ -64,38 +85,137 @@ def dispatch_table() -> dict[str, dict]:
 
 
 def clear_dispatch_cache() -> None:
-    """Forget every cached decision (measured, loaded or failed)."""
+    """Forget every cached decision (measured, loaded or failed) and which tuning files were loaded."""
     _CACHE.clear()
+    _State.loaded.clear()
+
+
+def measurement_count() -> int:
+    """How many decisions this process has measured so far (pretune and first use), for callers that write a
+    tuning file only when something new was measured."""
+    return _State.measured
+
+
+def versions_tag() -> str:
+    """The versions that can change a decision: ``"torch<version>-triton<version>-f<TUNING_FORMAT>"`` (torch's
+    version includes its CUDA build, e.g. ``2.11.0+cu128``)."""
+    import triton
+
+    return f"torch{torch.__version__}-triton{triton.__version__}-f{TUNING_FORMAT}"
 
 
 def save_tuning(path: str) -> None:
-    """Write the measured and loaded decisions of every GPU to a JSON file (a list of rows)."""
+    """Write the measured and loaded decisions of every GPU to a JSON file (a list of rows, each with the fields
+    ``gpu, op, m_bucket, n, k, dtype, variant, config, versions``).
+
+    The file is written under a temporary name in the same folder (created if missing) and renamed into place, so
+    a reader never sees a partial file and an interrupted write leaves the previous file (or none).
+
+    Raises:
+        OSError: the folder or file cannot be written.
+    """
+    tag = versions_tag()
     rows = [{"gpu": k[0], "op": k[1], "m_bucket": k[2], "n": k[3], "k": k[4], "dtype": k[5], "variant": c.variant,
-             "config": list(c.config)}
-            for k, c in _CACHE.items() if c.source in ("measured", "loaded")]
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1)
+             "config": list(c.config), "versions": tag}
+            for k, c in sorted(_CACHE.items()) if c.source in ("measured", "loaded")]
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(rows, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _parse_row(path: str, r: Any) -> Optional[tuple[Key, Choice]]:
+    """One row of a tuning file as a cache entry (None: a row of other versions); ValueError when malformed."""
+    if not isinstance(r, dict):
+        raise ValueError(f"{path}: a tuning row must be a JSON object, got {r!r}")
+    missing = set(_ROW_FIELDS) - set(r)
+    if missing:
+        raise ValueError(f"{path}: a tuning row lacks {sorted(missing)}: {r}")
+    if r["op"] == OP and r["variant"] not in ("unfused",) + tuple(FUSED_VARIANTS):
+        raise ValueError(f"bad variant in {path}: {r['variant']}")
+    if "versions" in r and r["versions"] != versions_tag():
+        return None
+    if not isinstance(r["config"], list) or not all(isinstance(c, (int, bool)) for c in r["config"]):
+        raise ValueError(f"{path}: a tuning row's config must be a list of integers: {r}")
+    try:
+        key = (str(r["gpu"]), str(r["op"]), int(r["m_bucket"]), int(r["n"]), int(r["k"]), str(r["dtype"]))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: a tuning row has a field of the wrong type ({e}): {r}") from None
+    return key, Choice(str(r["variant"]), tuple(r["config"]), "loaded")
 
 
 def load_tuning(path: str) -> int:
     """Read decisions written by :func:`save_tuning`; returns the number loaded (rows of every GPU: each is used
-    only on the GPU of its name).
+    only on the GPU of its name). Rows whose ``versions`` differ from :func:`versions_tag` are skipped (a row
+    without the field is loaded). Nothing is loaded from a file with a malformed row.
 
     Raises:
-        OSError: the file cannot be read. ValueError: a row without a field of :func:`save_tuning` or with an
-        unknown variant.
+        OSError: the file cannot be read. ValueError: not JSON, not a list of rows, a row without a field of
+        :func:`save_tuning`, of the wrong type or with an unknown variant.
     """
     with open(path) as f:
         rows = json.load(f)
-    for r in rows:
-        missing = {"gpu", "op", "m_bucket", "n", "k", "dtype", "variant", "config"} - set(r)
-        if missing:
-            raise ValueError(f"{path}: a tuning row lacks {sorted(missing)}: {r}")
-        if r["op"] == OP and r["variant"] not in ("unfused",) + tuple(FUSED_VARIANTS):
-            raise ValueError(f"bad variant in {path}: {r['variant']}")
-        _CACHE[(str(r["gpu"]), str(r["op"]), int(r["m_bucket"]), int(r["n"]), int(r["k"]), str(r["dtype"]))] = \
-            Choice(r["variant"], tuple(r["config"]), "loaded")
-    return len(rows)
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: a tuning file holds a JSON list of rows, got {type(rows).__name__}")
+    entries = [e for e in (_parse_row(path, r) for r in rows) if e is not None]
+    _CACHE.update(entries)
+    _State.loaded.add(path)
+    return len(entries)
+
+
+def load_tuning_file(path: str) -> int:
+    """:func:`load_tuning`, forgiving: a missing file loads nothing; an unreadable or corrupt one loads nothing and
+    is logged once per path (the next save replaces it). Returns the number of rows loaded."""
+    if not os.path.exists(path):
+        _State.loaded.add(path)
+        return 0
+    try:
+        return load_tuning(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        _State.loaded.add(path)
+        if path not in _State.warned:
+            _State.warned.add(path)
+            log.warning("ignoring the tuning file %s (%s: %s); its decisions are measured again", path,
+                        type(e).__name__, e)
+        return 0
+
+
+def _save_quietly(path: str) -> None:
+    """:func:`save_tuning`, logging instead of raising an OSError (a read-only cache folder costs a warning)."""
+    try:
+        save_tuning(path)
+    except OSError as e:
+        log.warning("could not save the tuning file %s: %s", path, e)
+
+
+@contextlib.contextmanager
+def tuning_batch() -> Iterator[None]:
+    """Measure many shapes with one read and one write of the ``tuning_file`` setting (when set).
+
+    On entry the file is loaded (:func:`load_tuning_file`) unless this process loaded it already; inside, first-use
+    measurements do not write it; on leaving the outermost batch (also on an exception) it is written once if
+    anything new was measured. Nests.
+    """
+    path = kernel_settings().tuning_file
+    if path and path not in _State.loaded:
+        load_tuning_file(path)
+    before = _State.measured
+    _State.batch_depth += 1
+    try:
+        yield
+    finally:
+        _State.batch_depth -= 1
+        if path and _State.batch_depth == 0 and _State.measured > before:
+            _save_quietly(path)
 
 
 def _forced_choice(m: int) -> Optional[Choice]:
@@ -232,7 +352,8 @@ def cached_choice(op: str, m: int, n: int, k: int, dtype: torch.dtype, device: t
                   measure_fn: Callable[[], Choice], fallback: Choice) -> Choice:
     """The decision of one op for a shape on this GPU: the cached (measured, pre-tuned or loaded) one; else a
     measurement by ``measure_fn`` (not while a CUDA graph is being captured, nor with the ``autotune`` setting off),
-    cached and written to the ``tuning_file`` setting when set; else ``fallback`` (not cached). A measurement that
+    cached and written to the ``tuning_file`` setting when set (at the end of a :func:`tuning_batch` inside one);
+    else ``fallback`` (not cached). A measurement that
     raises or finds no candidate caches ``fallback`` with source "failed", so it costs once, not on every call."""
     key = _key(m, n, k, dtype, device, op)
     c = _CACHE.get(key)
@@ -251,11 +372,10 @@ def cached_choice(op: str, m: int, n: int, k: int, dtype: torch.dtype, device: t
     _CACHE[key] = c
     log.info("%s: %s M<=%d N=%d K=%d %s -> %s %s %s", op, key[0], key[2], n, k, key[5], c.variant, c.config,
              c.times_us)
-    if settings.tuning_file and c.source == "measured":  # keep the decisions measured on first use too
-        try:
-            save_tuning(settings.tuning_file)
-        except OSError as e:
-            log.warning("could not save the tuning file %s: %s", settings.tuning_file, e)
+    if c.source == "measured":
+        _State.measured += 1
+        if settings.tuning_file and _State.batch_depth == 0:  # keep the decisions measured on first use too
+            _save_quietly(settings.tuning_file)
     return c
 
 
@@ -273,16 +393,21 @@ def pretune(shapes: Iterable[tuple[int, int, int]], dtype: torch.dtype = torch.b
     """Measure and cache the dispatch decision for each (M, N, K) (M is bucketed to the next power of two).
 
     Call before capturing CUDA graphs (the engine does, for its batch sizes and its qkv / gate_up / lm_head
-    shapes). Returns `dispatch_table()`. Raises RuntimeError if called during graph capture or without CUDA.
+    shapes). Runs in a :func:`tuning_batch`: with the ``tuning_file`` setting, the file's decisions are loaded
+    first, only shapes missing there are measured, and the file is written when something was. Returns
+    `dispatch_table()`. Raises RuntimeError if called during graph capture or without CUDA.
     """
     if not torch.cuda.is_available():
         raise RuntimeError("coconut.pretune needs CUDA")
     dev = torch.device(device)
-    for m, n, k in shapes:
-        key = _key(m, n, k, dtype, dev)
-        if key in _CACHE and _CACHE[key].source in ("measured", "loaded"):
-            continue
-        c = measure(key[2], n, k, dtype, dev)
-        _CACHE[key] = c
-        log.info("coconut pretune: %s M<=%d N=%d K=%d -> %s %s", key[0], key[2], n, k, c.variant, c.config)
+    with tuning_batch():
+        for m, n, k in shapes:
+            key = _key(m, n, k, dtype, dev)
+            if key in _CACHE and _CACHE[key].source in ("measured", "loaded"):
+                continue
+            c = measure(key[2], n, k, dtype, dev)
+            _CACHE[key] = c
+            if c.source == "measured":
+                _State.measured += 1
+            log.info("coconut pretune: %s M<=%d N=%d K=%d -> %s %s", key[0], key[2], n, k, c.variant, c.config)
     return dispatch_table()

@@ -10,12 +10,12 @@ compiled callables of one module never mix.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
 
 from nanovllm.config import Config
+from nanovllm.engine.tuning_cache import current_rank, use_tuning_file
 
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, positions, rows) -> logits
 
@@ -75,33 +75,30 @@ def pretune_fusion(config: Config, dtype: torch.dtype, device: torch.device, wor
     """Time the fused op's candidates for the model's three sites (qkv, gate_up, lm_head) at the decode batch
     sizes, before the KV cache takes the memory the timing needs; larger prefill sizes are timed on first use.
 
-    With ``config.tuning_file``, decisions of this GPU saved there by an earlier run are loaded first and not
-    measured again, and all decisions are written back (by rank 0; later first-use measurements too).
+    The decisions of this GPU in the engine's tuning file (``config.tuning_file``, resolved by
+    :func:`nanovllm.engine.tuning_cache.use_tuning_file`) are loaded first and not measured again; the file is
+    written (by rank 0) when something new was measured, and later on each first-use measurement.
     """
     import fusion_pass
-    from fusion_pass.settings import configure_kernels
 
-    path = config.tuning_file
-    if rank == 0:
-        configure_kernels(tuning_file=path)
-    if path and os.path.exists(path):
-        fusion_pass.load_tuning(path)
+    use_tuning_file(config.tuning_file, device, rank)
     largest = max(batch_sizes)
     sizes = sorted({1 << i for i in range(0, 14) if (1 << i) <= largest} | {largest})
     k = config.hf_config.hidden_size
     fusion_pass.pretune([(m, n, k) for n in fused_site_shapes(config, world) for m in sizes], dtype=dtype,
                         device=device)
-    if path and rank == 0:
-        fusion_pass.save_tuning(path)
 
 
 def pretune_small_m(config: Config, dtype: torch.dtype, device: torch.device, world: int,
                     batch_sizes: list[int]) -> None:
     """Measure the engine's small-M linears (o_proj, and down_proj with its SwiGLU input) at the decode batch
     sizes on a GPU without a table of its own (nanovllm/kernels/gemv/dispatch.py), before the KV cache is sized;
-    a GPU with a table has nothing to measure."""
+    a GPU with a table has nothing to measure. The engine's tuning file is loaded first and written when
+    something new was measured, as in :func:`pretune_fusion`."""
     from nanovllm.kernels.gemv import SKINNY_MAX_M
     from nanovllm.kernels.gemv.dispatch import pretune
+
+    use_tuning_file(config.tuning_file, device, current_rank())
 
     hf = config.hf_config
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads

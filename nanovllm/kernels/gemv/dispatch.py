@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fusion_pass.kernels import Choice, cached_choice, m_bucket, rotated_weights, time_in_graph
+from fusion_pass.kernels import Choice, cached_choice, m_bucket, rotated_weights, time_in_graph, tuning_batch
 from fusion_pass.launch import device_name
 
 from .common import GEMV_DTYPES, apply_act, silu_mul_triton
@@ -154,8 +154,11 @@ def _measured_path(m: int, n: int, k: int, dtype: torch.dtype, device: torch.dev
 
 def pretune(shapes: list[tuple[int, int, int, str]], dtype: torch.dtype, device: torch.device) -> None:
     """Measure and cache the path of each (M, N, K, act) on a GPU without a table (nothing to do on one with a
-    table, or off CUDA); call before the KV cache takes the memory the timing needs."""
+    table, or off CUDA); call before the KV cache takes the memory the timing needs. With the ``tuning_file``
+    kernel setting, the file is read once before and written once after, when something was measured
+    (:func:`fusion_pass.kernels.tuning_batch`)."""
     if device.type != "cuda" or table_for(device) is not None:
         return
-    for m, n, k, act in shapes:
-        _measured_path(m, n, k, dtype, device, act)
+    with tuning_batch():
+        for m, n, k, act in shapes:
+            _measured_path(m, n, k, dtype, device, act)
