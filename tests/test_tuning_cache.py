@@ -178,6 +178,22 @@ def test_interrupted_write_leaves_no_partial_file(gpu: FakeGpu, tmp_path: Path, 
     assert path.read_text() == good and os.listdir(tmp_path) == ["t.json"]
 
 
+def test_first_use_reads_the_file_before_writing_it(gpu: FakeGpu, tmp_path: Path) -> None:
+    """A first-use measurement (no pretune before it) loads the setting's file first: its rows are used, and kept
+    when the new measurement is written."""
+    path = tmp_path / "t.json"
+    K.clear_dispatch_cache()
+    fusion_pass.pretune([(1, 8, 16)], torch.bfloat16, "cuda")
+    K.save_tuning(str(path))
+    assert path.stat().st_mode & 0o777 == 0o644
+    K.clear_dispatch_cache()
+    configure_kernels(tuning_file=str(path))
+    cuda = torch.device("cuda")
+    assert K.choose(1, 8, 16, torch.bfloat16, cuda).source == "loaded" and len(gpu.fused) == 1
+    assert K.choose(2, 8, 16, torch.bfloat16, cuda).source == "measured" and len(gpu.fused) == 2
+    assert sorted(r["m_bucket"] for r in rows_of(str(path))) == [1, 2]
+
+
 @pytest.mark.parametrize("value, err", [(True, TypeError), (3, TypeError), (" ", ValueError), ("", ValueError)])
 def test_tuning_file_keyword_is_validated(tiny_ckpt: str, value: Any, err: type) -> None:
     with pytest.raises(err, match="tuning_file"):

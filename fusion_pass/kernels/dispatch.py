@@ -126,6 +126,7 @@ def save_tuning(path: str) -> None:
             json.dump(rows, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # readable like a file open() makes (mkstemp makes it private)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -352,14 +353,19 @@ def cached_choice(op: str, m: int, n: int, k: int, dtype: torch.dtype, device: t
                   measure_fn: Callable[[], Choice], fallback: Choice) -> Choice:
     """The decision of one op for a shape on this GPU: the cached (measured, pre-tuned or loaded) one; else a
     measurement by ``measure_fn`` (not while a CUDA graph is being captured, nor with the ``autotune`` setting off),
-    cached and written to the ``tuning_file`` setting when set (at the end of a :func:`tuning_batch` inside one);
-    else ``fallback`` (not cached). A measurement that
+    cached and written to the ``tuning_file`` setting when set (at the end of a :func:`tuning_batch` inside one;
+    that file is loaded on the first miss if it was not yet); else ``fallback`` (not cached). A measurement that
     raises or finds no candidate caches ``fallback`` with source "failed", so it costs once, not on every call."""
     key = _key(m, n, k, dtype, device, op)
     c = _CACHE.get(key)
     if c is not None:
         return c
     settings = kernel_settings()
+    if settings.tuning_file and settings.tuning_file not in _State.loaded:  # its rows first, and kept on save
+        load_tuning_file(settings.tuning_file)
+        c = _CACHE.get(key)
+        if c is not None:
+            return c
     if not settings.autotune or (torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return fallback
     try:
