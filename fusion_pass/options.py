@@ -41,7 +41,8 @@ COCONUT_OPTIONS: dict[str, tuple[type, Any, str]] = {
                                 "capability >= 9"),
     "coconut.autotune": (bool, None, "measure the kernel candidates of a new shape on first use; False: unmeasured "
                                      "shapes take the unfused path"),
-    "coconut.tuning_file": (str, None, "JSON file that every new dispatch measurement is written to"),
+    "coconut.tuning_file": (str, None, "JSON file of dispatch decisions: read before measuring, written when "
+                                       "something new was measured"),
     "coconut.variant": (str, None, f"one of {FORCED_VARIANTS}: 'auto' measures, the others force one path at "
                                    "every site"),
     "coconut.poison_outputs": (bool, None, "fill the Triton paths' output buffers with NaN before the kernels run "
