@@ -65,7 +65,9 @@ class LLM:
         Args:
             prompts: a list of strings or a list of token-id lists.
             sampling_params: one :class:`SamplingParams` for all prompts, or a list with one per prompt;
-                None means ``SamplingParams()``.
+                None means ``SamplingParams()``. A request stops at ``max_tokens`` completion tokens or when
+                prompt + completion reach ``max_model_len`` tokens, whichever comes first (finish_reason
+                "length"); a ``max_tokens`` beyond that room is cut, not refused.
             use_tqdm: show a progress bar over finished requests with prefill and decode tokens/s.
 
         Returns:

@@ -24,7 +24,9 @@ class SamplingParams:
             always kept, however small ``top_p`` is (also below float32's smallest value).
         top_k: keep the ``top_k`` most likely tokens; -1 turns it off, otherwise a positive integer (a value
             above the vocabulary size keeps every token).
-        max_tokens: the most tokens to generate, >= 1.
+        max_tokens: the most tokens to generate, >= 1. A value larger than the room left under the engine's
+            ``max_model_len`` is not an error: generation stops when prompt + completion reach ``max_model_len``
+            tokens, with finish_reason "length".
         ignore_eos: keep generating after the end-of-sequence token (until max_tokens or max_model_len).
         stop_token_ids: extra token ids that end the request (finish_reason "stop"), like EOS.
         seed: this request's own random seed (None: the engine's generator). An int (or numpy integer) in

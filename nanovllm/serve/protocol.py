@@ -3,7 +3,9 @@
 Field names follow the OpenAI API reference and the ``openai`` Python package's types (``openai.types.Completion``,
 ``openai.types.chat.ChatCompletion`` / ``ChatCompletionChunk``). Requests accept extra fields so that a known but
 unsupported one (``logprobs``, ``tools``, ...) gets a 400 naming it rather than a generic schema error; see
-:func:`unsupported_fields`.
+:func:`unsupported_fields`. Requests are validated strictly (pydantic strict mode): a field of the wrong JSON type
+(``"max_tokens": "5"``, ``"temperature": true``) is a 400 rather than being coerced; a JSON integer is still a valid
+number for the float fields (``"temperature": 1``), as in the OpenAI API.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class ErrorResponse(BaseModel):
 class StreamOptions(BaseModel):
     """``stream_options``: ``include_usage`` adds a last chunk with ``usage`` and no choices."""
 
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
@@ -52,7 +55,7 @@ class SamplingFields(BaseModel):
     ``stop_token_ids``). None means the server's default. ``stop``: a string or a list of strings that end the
     text (left out of it); the request then finishes with "stop"."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str
     max_tokens: int | None = None
     temperature: float | None = None
@@ -75,7 +78,7 @@ class CompletionRequest(SamplingFields):
 class ChatMessage(BaseModel):
     """One message of a conversation. ``content`` is a string or a list of ``{"type": "text", "text": ...}``."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: str
     content: Union[str, list[dict[str, Any]], None] = None
 

