@@ -54,7 +54,7 @@ def test_first_conversion_prints_one_line_before_converting(
 
     def fake_convert(gguf_path: str, out_dir: str) -> str:  # records what was printed before converting
         printed_before.append(capsys.readouterr().out)
-        os.makedirs(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
         open(os.path.join(out_dir, default_model._DONE_MARK), "w").close()
         return out_dir
 

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="uniform random ids, or walks of the chain in --model's markov.json (ValueError if absent)")
     args = ap.parse_args(argv)
     # At most 32: the first --num-prompts of check_engine.py's 32 prompts. More than 32 draws a different set
-    # (all lengths are drawn before the ids), which no longer contains those 32.
+    # (all lengths are drawn before the ids), which does not contain those 32.
     prompts = model_prompts(args.prompts, args.model, max(32, args.num_prompts))[:args.num_prompts]
     runs: dict[str, list[list[int]]] = {}
     seconds: dict[str, float] = {}

@@ -20,7 +20,7 @@ persistent grids did not win there, and at M = 4 cuBLAS or the register-blocked 
 Timed like the gemv part (CUDA graphs, weights rotated over > 2x the L2, median of rounds), against:
   cublas      F.linear on the precomputed activation
   unfused     norm sites: Triton RMSNorm (+ residual) kernel then F.linear (the coconut op's unfused path)
-  current     what the engine runs now: the coconut op's dispatched path (norm sites) or
+  current     what the engine runs: the coconut op's dispatched path (norm sites) or
               nanovllm.kernels.gemv (plain / silu_mul sites)
 
 Usage: python benchmarks/kernels.py --what gemv-sweep [--part-args 'gemv-sweep=--sites qkv,gate_up --ms 1,4']
