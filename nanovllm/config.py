@@ -89,6 +89,11 @@ class Config:
         tp_timeout_s: seconds a tensor-parallel collective may wait for a peer before failing (> 0).
         tp_start_timeout_s: seconds each phase of the tensor-parallel start-up (load, KV sizing, compile, graph
             capture) may take before the start fails (> 0).
+        prefill_cuda_graph_max_tokens: the largest prefill step (in tokens) that replays a CUDA graph instead of
+            launching its kernels from Python; graphs are captured at start for buckets of 16, 32, 64, ... tokens
+            up to ``min(this, max_num_batched_tokens)`` (that limit itself is the last bucket), each for up to
+            ``min(max_num_seqs, 8)`` sequences; a step is padded to its bucket (engine/prefill_graphs.py). 0 turns
+            them off; ``enforce_eager`` and tensor parallelism run without them. Default 2048 (8 graphs).
 
     Derived (not keywords): ``hf_config``; ``eos_token_ids``, every id that ends a request (unless
     ``ignore_eos``): the union of ``eos_token_id`` in config.json and in generation_config.json, each an int
@@ -118,6 +123,7 @@ class Config:
     tuning_file: str | bool | None = None
     tp_timeout_s: float = 600.0
     tp_start_timeout_s: float = 900.0
+    prefill_cuda_graph_max_tokens: int = 2048
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
     eos_token_id: int = -1  # the first EOS id (-1: none); every id that ends a request is in eos_token_ids
     eos_token_ids: frozenset[int] = frozenset()
@@ -143,7 +149,8 @@ class Config:
         if not os.path.isfile(os.path.join(self.model, "config.json")):
             raise ValueError(f"model: {self.model!r} holds no config.json (not a Hugging Face checkpoint folder)")
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size",
-                     "kvcache_block_size", "num_kvcache_blocks", "num_scheduler_steps"):
+                     "kvcache_block_size", "num_kvcache_blocks", "num_scheduler_steps",
+                     "prefill_cuda_graph_max_tokens"):
             value = getattr(self, name)
             if value is None and name == "num_scheduler_steps":
                 continue  # resolved below, once the device is known
@@ -192,6 +199,9 @@ class Config:
         bs = self.kvcache_block_size
         if bs < 1 or bs & (bs - 1):
             raise ValueError(f"kvcache_block_size must be a power of two, got {bs}")
+        if self.prefill_cuda_graph_max_tokens < 0:
+            raise ValueError(f"prefill_cuda_graph_max_tokens must be >= 0 (0: off), got "
+                             f"{self.prefill_cuda_graph_max_tokens}")
         if self.num_kvcache_blocks == 0 or self.num_kvcache_blocks < -1:
             raise ValueError(f"num_kvcache_blocks must be -1 (size from memory) or positive, got {self.num_kvcache_blocks}")
         self._check_runtime_keywords()

@@ -27,6 +27,7 @@ class DecodeGraphs:
         self.max_num_seqs = max_num_seqs
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: torch.Tensor | None = None
+        self.pool: object | None = None  # the graphs' memory pool, shared with the prefill graphs
         self._size_for: list[int] = []
 
     def __contains__(self, rows: int) -> bool:
@@ -59,6 +60,7 @@ class DecodeGraphs:
             pool = graph.pool()
             self.graphs[size] = graph
             torch.cuda.synchronize()
+        self.pool = pool
         reset_context()
         sizes = sorted(self.graphs)  # batch of n rows -> the smallest captured size >= n
         self._size_for = [0] + [next(b for b in sizes if b >= n) for n in range(1, self.max_num_seqs + 1)]

@@ -1,6 +1,7 @@
 """Runs the model for one step: builds the batch tensors, owns the KV cache, runs the model, samples.
 
-Compiling and tuning live in engine/compilation.py, the decode CUDA graphs in engine/cuda_graphs.py.
+Compiling and tuning live in engine/compilation.py, the decode CUDA graphs in engine/cuda_graphs.py, the prefill
+CUDA graphs (bucketed token counts, padded static inputs) in engine/prefill_graphs.py.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from nanovllm.engine.compilation import (build_forwards, pretune_fusion, pretune
                                          separate_prefill_compile)
 from nanovllm.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from nanovllm.engine.input_buffers import StepInputBuffers
+from nanovllm.engine.prefill_graphs import PREFILL_GRAPH_MAX_SEQS, PrefillGraphs, pad_prefill, prefill_buckets
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.registry import model_class
@@ -97,6 +99,17 @@ class ModelRunner:
             t0 = time.perf_counter()
             self.graphs.capture(self.forward, self.buffers, self.kv_caches, self.device)
             self.init_seconds["cudagraphs"] = time.perf_counter() - t0
+        self.prefill_graphs: PrefillGraphs | None = None
+        self._prefill_bucket: int | None = None  # the bucket of the prefill step being run (None: unpadded)
+        buckets = prefill_buckets(config.prefill_cuda_graph_max_tokens, config.max_num_batched_tokens)
+        if buckets and not config.enforce_eager and self.world == 1:
+            with torch.inference_mode():  # inference tensors, like the decode buffers (see above)
+                self.prefill_graphs = PrefillGraphs(buckets, min(config.max_num_seqs, PREFILL_GRAPH_MAX_SEQS),
+                                                    self.max_blocks_per_seq, config.max_model_len, self.device)
+            if self.device.type == "cuda":
+                t0 = time.perf_counter()
+                self.prefill_graphs.capture(self.prefill_forward, self.kv_caches, self.graphs.pool)
+                self.init_seconds["prefill_cudagraphs"] = time.perf_counter() - t0
 
     @property
     def supports_multi_step(self) -> bool:
@@ -210,7 +223,8 @@ class ModelRunner:
         """Pack the scheduled chunk of every sequence; set the prefill context.
 
         Tokens whose KV is already in a cached block (a whole-prompt prefix hit, recomputed only to get the
-        logits) get slot -1: a shared block is never written.
+        logits) get slot -1: a shared block is never written. A step that fits a prefill graph's bucket is padded
+        into the graph's static buffers (engine/prefill_graphs.py) and the returned tensors are their views.
 
         Returns:
             input_ids int64 ``[T]``, positions int64 ``[T]``, logits_indices int64 ``[B]``.
@@ -226,7 +240,14 @@ class ModelRunner:
             cu_q.append(cu_q[-1] + end - start)
             cu_k.append(cu_k[-1] + end)
             lens.append(end)
-        max_q = max(b - a for a, b in zip(cu_q, cu_q[1:]))
+        q_lens = [b - a for a, b in zip(cu_q, cu_q[1:])]
+        pg = self.prefill_graphs
+        self._prefill_bucket = pg.bucket_for(len(input_ids), len(seqs)) if pg is not None else None
+        if self._prefill_bucket is not None:
+            padded = pad_prefill(input_ids, positions, slots, q_lens, lens, [s.block_table for s in seqs],
+                                 self._prefill_bucket, pg.max_seqs, pg.width)
+            return pg.set_step(padded, self.kv_caches)
+        max_q = max(q_lens)
         width = max(len(s.block_table) for s in seqs)
         set_context(True, self._to_device(cu_q, torch.int32), self._to_device(cu_k, torch.int32), max_q, max(lens),
                     self._to_device(slots, torch.int32), self._to_device(lens, torch.int32),
@@ -277,6 +298,7 @@ class ModelRunner:
         queued, so that the failed step's KV writes land before its blocks are handed out again."""
         reset_context()
         self._sampling_flags = {}
+        self._prefill_bucket = None
         self.buffers.reset()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -287,9 +309,13 @@ class ModelRunner:
                   is_prefill: bool) -> torch.Tensor:
         """Logits ``[B, vocab]`` of the step whose context is set: a prefill step runs ``prefill_forward``; a decode
         step replays the CUDA graph of its padded size when there is one (its inputs are already in the graph's
-        static buffers), else runs ``forward``."""
+        static buffers), else runs ``forward``; a prefill step padded to a bucket by :meth:`prepare_prefill`
+        replays that bucket's graph."""
         rows = input_ids.shape[0]
         if is_prefill:
+            if self._prefill_bucket is not None:
+                return self.prefill_graphs.run(self._prefill_bucket, self.prefill_forward, input_ids, positions,
+                                               logits_indices)
             return self.prefill_forward(input_ids, positions, logits_indices)
         if rows not in self.graphs:
             return self.forward(input_ids, positions, logits_indices)
