@@ -90,6 +90,11 @@ def _tokens(llm: LLM, prompts: list[list[int]], max_tokens: int = 6) -> list[lis
     return [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
 
 
+def _prefill_steps(llm: LLM) -> int:
+    st = llm.engine.stats
+    return st.steps - st.decode_rounds
+
+
 def test_padded_prefill_gives_the_unpadded_tokens(tiny_ckpt: str) -> None:
     """One prompt, a batch of several, a whole-prompt prefix hit, a shared-prefix hit, and a 150-token prompt cut
     into chunks of 64 (chunks 2 and 3 have a nonzero context), each through the padded path and the plain one."""
@@ -107,6 +112,7 @@ def test_padded_prefill_gives_the_unpadded_tokens(tiny_ckpt: str) -> None:
         before = pg.replays
         assert _tokens(padded, prompts) == _tokens(plain, prompts)
         assert pg.replays > before, "the padded path did not run"
+    assert pg.replays == _prefill_steps(padded)  # every step fits: 4 sequences and 64 tokens at most
     assert padded.stats()["prefix_cache_hit_tokens"] == plain.stats()["prefix_cache_hit_tokens"] > 0
     # same blocks written with the same K/V: padding tokens wrote nothing anywhere
     a, b = padded.engine.model_runner.kv_cache, plain.engine.model_runner.kv_cache
@@ -150,10 +156,10 @@ def test_captured_prefill_graphs_give_the_eager_tokens(tiny_ckpt: str) -> None:
     assert pg is not None and sorted(pg.graphs) == pg.buckets == [16, 32, 64, 128, 256, 512, 1024, 2048]
     singles = [[p] for p in prompts] + [[prompts[7][:150] + [3, 4]]]  # the last one hits 9 cached blocks
     out_graphs = [_tokens(graphs, prompts, 12)] + [_tokens(graphs, s, 12) for s in singles]
-    assert pg.replays == 1 + len(singles)
+    assert pg.replays == _prefill_steps(graphs) >= 1 + len(singles)  # every prefill step replayed a graph
     chunked = LLM(tiny_ckpt, max_num_batched_tokens=64, **kw)  # buckets 16, 32, 64; the 200-token prompt in chunks
     out_chunked = [_tokens(chunked, prompts, 12)]
-    assert chunked.engine.model_runner.prefill_graphs.replays > 1
+    assert chunked.engine.model_runner.prefill_graphs.replays == _prefill_steps(chunked) > 2
     del graphs, chunked
     eager = LLM(tiny_ckpt, enforce_eager=True, **kw)
     assert eager.engine.model_runner.prefill_graphs is None

@@ -138,8 +138,11 @@ class PrefillGraphs:
     """Static prefill buffers and one captured prefill step per bucket of :func:`prefill_buckets`.
 
     Buffers: ``i64 = [input_ids | positions | logits_indices]`` and ``i32 = [slot_mapping | cu_seqlens_q |
-    cu_seqlens_k | context_lens | block_tables]`` on the host (pinned on the GPU) and on the device, one
-    asynchronous copy each per step. Output: one static logits buffer ``[max_seqs, vocab]`` shared by every graph.
+    cu_seqlens_k | context_lens | block_tables]`` on the host (pinned on the GPU); on the device the ``i32`` group is
+    one flat buffer (read only by the attention op, through the context) and the three model inputs are separate
+    tensors, each at storage offset 0 like the unpadded path's inputs (the compiled forward guards on its inputs);
+    four asynchronous copies per step. Output: one static logits buffer ``[max_seqs, vocab]`` shared by every
+    graph.
 
     Args:
         buckets: the token counts that get a graph (ascending).
@@ -163,7 +166,8 @@ class PrefillGraphs:
         self._n64, self._n32 = 2 * tm + s, tm + 2 * (s + 1) + s + s * width
         self.host64 = torch.zeros(self._n64, dtype=torch.int64, pin_memory=self.on_gpu)
         self.host32 = torch.zeros(self._n32, dtype=torch.int32, pin_memory=self.on_gpu)
-        self.dev64 = torch.zeros(self._n64, dtype=torch.int64, device=device) if self.on_gpu else self.host64
+        self.dev_inputs = {name: torch.zeros(n, dtype=torch.int64, device=device)
+                           for name, n in (("input_ids", tm), ("positions", tm), ("logits_indices", s))}
         self.dev32 = torch.zeros(self._n32, dtype=torch.int32, device=device) if self.on_gpu else self.host32
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: torch.Tensor | None = None
@@ -173,11 +177,13 @@ class PrefillGraphs:
         self._fill_padding()
 
     # ---- views -------------------------------------------------------------------------------------------------
-    def _views(self, flat64: torch.Tensor, flat32: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _views(self, flat64: torch.Tensor | None, flat32: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named views of the flat buffers (the ``i64`` group: the device's separate input tensors when None)."""
         tm, s, w = self.max_tokens, self.max_seqs, self.width
         q_end, k_end = tm + s + 1, tm + 2 * (s + 1)  # ends of cu_seqlens_q and cu_seqlens_k
-        return {"input_ids": flat64[:tm], "positions": flat64[tm:2 * tm], "logits_indices": flat64[2 * tm:],
-                "slot_mapping": flat32[:tm], "cu_seqlens_q": flat32[tm:q_end], "cu_seqlens_k": flat32[q_end:k_end],
+        i64 = self.dev_inputs if flat64 is None else {
+            "input_ids": flat64[:tm], "positions": flat64[tm:2 * tm], "logits_indices": flat64[2 * tm:]}
+        return {**i64, "slot_mapping": flat32[:tm], "cu_seqlens_q": flat32[tm:q_end], "cu_seqlens_k": flat32[q_end:k_end],
                 "context_lens": flat32[k_end:k_end + s], "block_tables": flat32[k_end + s:].view(s, w)}
 
     def bucket_for(self, num_tokens: int, num_seqs: int) -> int | None:
@@ -210,9 +216,11 @@ class PrefillGraphs:
         self._upload()
 
     def _upload(self) -> None:
+        h = self._views(self.host64, self.host32)
+        for name, dev in self.dev_inputs.items():
+            dev.copy_(h[name], non_blocking=self.on_gpu)
         if not self.on_gpu:
-            return
-        self.dev64.copy_(self.host64, non_blocking=True)
+            return  # the i32 group is shared by host and device
         self.dev32.copy_(self.host32, non_blocking=True)
         self._uploaded = torch.cuda.Event()
         self._uploaded.record()
@@ -225,7 +233,7 @@ class PrefillGraphs:
         return self._set_context(bucket, kv_caches)
 
     def _set_context(self, bucket: int, kv_caches: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        d = self._views(self.dev64, self.dev32)
+        d = self._views(None, self.dev32)
         set_context(True, d["cu_seqlens_q"], d["cu_seqlens_k"], bucket, self.max_model_len,
                     d["slot_mapping"][:bucket], d["context_lens"], d["block_tables"], kv_caches)
         return d["input_ids"][:bucket], d["positions"][:bucket], d["logits_indices"]
