@@ -205,8 +205,8 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(hf.num_hidden_layers)]
 
     # ---- batch preparation ---------------------------------------------------------------------------------------
-    def _to_device(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype)
+    def _to_device(self, data: list | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.as_tensor(data, dtype=dtype)
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
@@ -229,17 +229,21 @@ class ModelRunner:
         Returns:
             input_ids int64 ``[T]``, positions int64 ``[T]``, logits_indices int64 ``[B]``.
         """
-        input_ids, positions, slots, cu_q, cu_k, lens = [], [], [], [0], [0], []
+        ids_parts, pos_parts, slot_parts, cu_q, cu_k, lens = [], [], [], [0], [0], []
         bs = self.block_size
-        for seq in seqs:
+        for seq in seqs:  # numpy per sequence: a Python loop over the tokens cost ~0.1 ms per 512 tokens
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            for pos in range(start, end):
-                slots.append(-1 if pos < seq.num_cached_tokens else seq.block_table[pos // bs] * bs + pos % bs)
+            pos = np.arange(start, end, dtype=np.int64)
+            slot = np.asarray(seq.block_table, dtype=np.int64)[pos // bs] * bs + pos % bs
+            slot[pos < seq.num_cached_tokens] = -1
+            ids_parts.append(np.asarray(seq.token_ids[start:end], dtype=np.int64))
+            pos_parts.append(pos)
+            slot_parts.append(slot)
             cu_q.append(cu_q[-1] + end - start)
             cu_k.append(cu_k[-1] + end)
             lens.append(end)
+        input_ids, positions = np.concatenate(ids_parts), np.concatenate(pos_parts)
+        slots = np.concatenate(slot_parts).astype(np.int32)
         q_lens = [b - a for a, b in zip(cu_q, cu_q[1:])]
         pg = self.prefill_graphs
         self._prefill_bucket = pg.bucket_for(len(input_ids), len(seqs)) if pg is not None else None

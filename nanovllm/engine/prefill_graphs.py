@@ -169,6 +169,8 @@ class PrefillGraphs:
         self.dev_inputs = {name: torch.zeros(n, dtype=torch.int64, device=device)
                            for name, n in (("input_ids", tm), ("positions", tm), ("logits_indices", s))}
         self.dev32 = torch.zeros(self._n32, dtype=torch.int32, device=device) if self.on_gpu else self.host32
+        self._host_views = self._views(self.host64, self.host32)  # fixed: built once
+        self._dev_views = self._views(None, self.dev32)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: torch.Tensor | None = None
         self.force_eager_padding = False
@@ -197,7 +199,7 @@ class PrefillGraphs:
         if self._uploaded is not None:  # never overwrite pinned memory that a copy may still read
             self._uploaded.synchronize()
             self._uploaded = None
-        h = self._views(self.host64, self.host32)
+        h = self._host_views
         b = len(p.input_ids)
         h["input_ids"][:b] = torch.from_numpy(p.input_ids)
         h["positions"][:b] = torch.from_numpy(p.positions)
@@ -216,7 +218,7 @@ class PrefillGraphs:
         self._upload()
 
     def _upload(self) -> None:
-        h = self._views(self.host64, self.host32)
+        h = self._host_views
         for name, dev in self.dev_inputs.items():
             dev.copy_(h[name], non_blocking=self.on_gpu)
         if not self.on_gpu:
@@ -233,7 +235,7 @@ class PrefillGraphs:
         return self._set_context(bucket, kv_caches)
 
     def _set_context(self, bucket: int, kv_caches: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        d = self._views(None, self.dev32)
+        d = self._dev_views
         set_context(True, d["cu_seqlens_q"], d["cu_seqlens_k"], bucket, self.max_model_len,
                     d["slot_mapping"][:bucket], d["context_lens"], d["block_tables"], kv_caches)
         return d["input_ids"][:bucket], d["positions"][:bucket], d["logits_indices"]
