@@ -157,6 +157,10 @@ def measure(args: argparse.Namespace, model: str, t0: float, save: Any) -> dict[
             out["engines"][side] = {"llm_kwargs": kw, "build_s": round(build_s, 2),
                                     "num_scheduler_steps": llms[side].config.num_scheduler_steps,
                                     "num_kvcache_blocks": llms[side].config.num_kvcache_blocks}
+            pg = getattr(llms[side].engine.model_runner, "prefill_graphs", None)  # the TTFT path: graphed buckets
+            out["engines"][side]["prefill_graph_buckets"] = sorted(pg.graphs) if pg is not None else []
+            out["engines"][side]["prefill_graph_capture_s"] = round(
+                getattr(llms[side].engine.model_runner, "init_seconds", {}).get("prefill_cudagraphs", 0.0), 3)
         sp = SamplingParams(temperature=engine.TEMPERATURE, ignore_eos=True, max_tokens=args.max_tokens)
         for b in args.batches:
             warm = common.random_prompts(b, args.prompt_len, args.seed * 1_000_003 + 10_000_000 + b, high)
