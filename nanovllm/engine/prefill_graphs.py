@@ -185,8 +185,8 @@ class PrefillGraphs:
         q_end, k_end = tm + s + 1, tm + 2 * (s + 1)  # ends of cu_seqlens_q and cu_seqlens_k
         i64 = self.dev_inputs if flat64 is None else {
             "input_ids": flat64[:tm], "positions": flat64[tm:2 * tm], "logits_indices": flat64[2 * tm:]}
-        return {**i64, "slot_mapping": flat32[:tm], "cu_seqlens_q": flat32[tm:q_end], "cu_seqlens_k": flat32[q_end:k_end],
-                "context_lens": flat32[k_end:k_end + s], "block_tables": flat32[k_end + s:].view(s, w)}
+        return {**i64, "slot_mapping": flat32[:tm], "cu_seqlens_q": flat32[tm:q_end],
+                "cu_seqlens_k": flat32[q_end:k_end], "context_lens": flat32[k_end:k_end + s], "block_tables": flat32[k_end + s:].view(s, w)}
 
     def bucket_for(self, num_tokens: int, num_seqs: int) -> int | None:
         """The bucket that runs a step of ``num_tokens`` over ``num_seqs`` sequences, or None (eager path): only
