@@ -64,6 +64,41 @@ def test_pad_prefill_rejects_what_does_not_fit() -> None:
         pad_prefill([1, 2], [0], [0], [2], [2], [[0]], bucket=8, max_seqs=1, width=2)
 
 
+def test_triton_attention_on_padded_metadata_equals_the_unpadded_reference() -> None:
+    """The Triton prefill kernel (interpreter) and the KV store on a step padded as a graph sees it: bucket 32 with
+    NaN in the padding rows, 4 sequence slots (2 padding), ``max_seqlen_q`` = bucket; sequence 1 is a chunk with 16
+    tokens of cached context. Its real rows equal the reference on the unpadded step; padding writes no KV."""
+    from nanovllm.kernels import prefill_attention, store_kvcache
+    from nanovllm.kernels.reference import prefill_attention_ref
+
+    g = torch.Generator().manual_seed(5)
+    heads, kv_heads, dim, bs = 4, 2, 16, 16
+    k_cache = torch.randn(6, bs, kv_heads, dim, generator=g)
+    v_cache = torch.randn(6, bs, kv_heads, dim, generator=g)
+    q_lens, ctx, tables = [5, 7], [5, 23], [[4], [1, 3]]
+    t = sum(q_lens)
+    pos0, pos1 = list(range(5)), list(range(16, 23))
+    slots = [4 * bs + p for p in pos0] + [(1 if p < 16 else 3) * bs + p % bs for p in pos1]
+    p = pad_prefill(list(range(t)), pos0 + pos1, slots, q_lens, ctx, tables, bucket=32, max_seqs=4, width=2)
+    q = torch.randn(t, heads, dim, generator=g)
+    k_new, v_new = torch.randn(t, kv_heads, dim, generator=g), torch.randn(t, kv_heads, dim, generator=g)
+    nan = torch.full((32 - t, kv_heads, dim), float("nan"))
+    kc, vc = k_cache.clone(), v_cache.clone()
+    store_kvcache(torch.cat([k_new, nan]), torch.cat([v_new, nan]), kc, vc, torch.from_numpy(p.slot_mapping),
+                  force_triton=True)
+    assert not kc.isnan().any() and not vc.isnan().any()  # padding stored nothing
+    out = prefill_attention(torch.cat([q, torch.full((32 - t, heads, dim), float("nan"))]), kc, vc,
+                            torch.from_numpy(p.cu_seqlens_q), torch.from_numpy(p.cu_seqlens_k),
+                            torch.from_numpy(p.block_tables), 32, 256, dim ** -0.5, force_triton=True)
+    ref_kc, ref_vc = k_cache.clone(), v_cache.clone()
+    store_kvcache(k_new, v_new, ref_kc, ref_vc, torch.tensor(slots, dtype=torch.int32))
+    torch.testing.assert_close(kc, ref_kc, rtol=0, atol=0)
+    ref = prefill_attention_ref(q, ref_kc, ref_vc, torch.tensor([0, 5, 12], dtype=torch.int32),
+                                torch.tensor([0, 5, 28], dtype=torch.int32),
+                                torch.tensor([[4, -1], [1, 3]], dtype=torch.int32), 7, 23, dim ** -0.5)
+    torch.testing.assert_close(out[:t], ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("value, err", [(-1, ValueError), (1.5, TypeError), (True, TypeError)])
 def test_keyword_is_validated(tiny_ckpt: str, value: object, err: type) -> None:
     with pytest.raises(err, match="prefill_cuda_graph_max_tokens"):
