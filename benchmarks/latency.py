@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"after this many seconds every remaining batch size gets {PAIRS_AFTER_BUDGET} pairs")
     ap.add_argument("--num-scheduler-steps", type=int, default=None,
                     help="LLM(num_scheduler_steps=...) of both engines (default: the engine's)")
+    ap.add_argument("--prefill-cuda-graph-max-tokens", type=int, default=None,
+                    help="LLM(prefill_cuda_graph_max_tokens=...) of both engines (default: the engine's; e.g. 2048 "
+                         "replays prefill steps of up to 2048 tokens as CUDA graphs)")
     ap.add_argument("--device", default=None, choices=["cuda", "cpu"])
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--max-model-len", type=int, default=4096)
@@ -153,6 +156,8 @@ def measure(args: argparse.Namespace, model: str, t0: float, save: Any) -> dict[
                                       max_num_seqs=max(args.batches), max_num_batched_tokens=args.max_num_batched_tokens,
                                       gpu_memory_utilization=util, seed=args.seed,
                                       num_scheduler_steps=args.num_scheduler_steps, device=args.device)
+            if args.prefill_cuda_graph_max_tokens is not None:
+                kw["prefill_cuda_graph_max_tokens"] = args.prefill_cuda_graph_max_tokens
             llms[side], build_s = engine.build(model, kw)
             out["engines"][side] = {"llm_kwargs": kw, "build_s": round(build_s, 2),
                                     "num_scheduler_steps": llms[side].config.num_scheduler_steps,

@@ -93,7 +93,8 @@ class Config:
             launching its kernels from Python; graphs are captured at start for buckets of 16, 32, 64, ... tokens
             up to ``min(this, max_num_batched_tokens)`` (that limit itself is the last bucket), each for up to
             ``min(max_num_seqs, 8)`` sequences; a step is padded to its bucket (engine/prefill_graphs.py). 0 turns
-            them off; ``enforce_eager`` and tensor parallelism run without them. Default 2048 (8 graphs).
+            them off (the default: the path is tested on the CPU through its padding, not yet on a GPU; 2048 gives 8
+            graphs); ``enforce_eager`` and tensor parallelism run without them.
 
     Derived (not keywords): ``hf_config``; ``eos_token_ids``, every id that ends a request (unless
     ``ignore_eos``): the union of ``eos_token_id`` in config.json and in generation_config.json, each an int
@@ -123,7 +124,7 @@ class Config:
     tuning_file: str | bool | None = None
     tp_timeout_s: float = 600.0
     tp_start_timeout_s: float = 900.0
-    prefill_cuda_graph_max_tokens: int = 2048
+    prefill_cuda_graph_max_tokens: int = 0
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
     eos_token_id: int = -1  # the first EOS id (-1: none); every id that ends a request is in eos_token_ids
     eos_token_ids: frozenset[int] = frozenset()
