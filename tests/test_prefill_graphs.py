@@ -111,7 +111,7 @@ KW = dict(device="cpu", kvcache_block_size=16, max_model_len=256, max_num_seqs=4
 
 
 def _engines(ckpt: str) -> tuple[LLM, LLM]:
-    padded = LLM(ckpt, **KW)
+    padded = LLM(ckpt, prefill_cuda_graph_max_tokens=2048, **KW)
     pg = padded.engine.model_runner.prefill_graphs
     assert pg is not None and pg.buckets == [16, 32, 64] and pg.max_seqs == 4 and not pg.graphs
     pg.force_eager_padding = True
@@ -186,13 +186,13 @@ def test_captured_prefill_graphs_give_the_eager_tokens(tiny_ckpt: str) -> None:
     prompts = random_prompts(lengths, seed=150)
     kw = dict(device="cuda", dtype="float32", kvcache_block_size=16, max_model_len=512, max_num_seqs=8,
               num_kvcache_blocks=400)
-    graphs = LLM(tiny_ckpt, **kw)
+    graphs = LLM(tiny_ckpt, prefill_cuda_graph_max_tokens=2048, **kw)
     pg = graphs.engine.model_runner.prefill_graphs
     assert pg is not None and sorted(pg.graphs) == pg.buckets == [16, 32, 64, 128, 256, 512, 1024, 2048]
     singles = [[p] for p in prompts] + [[prompts[7][:150] + [3, 4]]]  # the last one hits 9 cached blocks
     out_graphs = [_tokens(graphs, prompts, 12)] + [_tokens(graphs, s, 12) for s in singles]
     assert pg.replays == _prefill_steps(graphs) >= 1 + len(singles)  # every prefill step replayed a graph
-    chunked = LLM(tiny_ckpt, max_num_batched_tokens=64, **kw)  # buckets 16, 32, 64; the 200-token prompt in chunks
+    chunked = LLM(tiny_ckpt, max_num_batched_tokens=64, prefill_cuda_graph_max_tokens=2048, **kw)  # buckets 16, 32, 64; the 200-token prompt in chunks
     out_chunked = [_tokens(chunked, prompts, 12)]
     assert chunked.engine.model_runner.prefill_graphs.replays == _prefill_steps(chunked) > 2
     del graphs, chunked
