@@ -192,7 +192,8 @@ def test_captured_prefill_graphs_give_the_eager_tokens(tiny_ckpt: str) -> None:
     singles = [[p] for p in prompts] + [[prompts[7][:150] + [3, 4]]]  # the last one hits 9 cached blocks
     out_graphs = [_tokens(graphs, prompts, 12)] + [_tokens(graphs, s, 12) for s in singles]
     assert pg.replays == _prefill_steps(graphs) >= 1 + len(singles)  # every prefill step replayed a graph
-    chunked = LLM(tiny_ckpt, max_num_batched_tokens=64, prefill_cuda_graph_max_tokens=2048, **kw)  # buckets 16, 32, 64; the 200-token prompt in chunks
+    # buckets 16, 32, 64; the 200-token prompt in chunks
+    chunked = LLM(tiny_ckpt, max_num_batched_tokens=64, prefill_cuda_graph_max_tokens=2048, **kw)
     out_chunked = [_tokens(chunked, prompts, 12)]
     assert chunked.engine.model_runner.prefill_graphs.replays == _prefill_steps(chunked) > 2
     del graphs, chunked
