@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any
 
+from nanovllm.utils.default_model import cache_root
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -111,5 +113,4 @@ def build_tiny_checkpoint(path: str, seed: int = 0, tokenizer_vocab_size: int = 
 
 def default_checkpoint_dir() -> str:
     """Where the embedded default model lives: ``$NANOVLLM_CACHE`` or ``~/.cache/nanovllm/tiny-qwen3``."""
-    root = os.environ.get("NANOVLLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanovllm"))
-    return os.path.join(root, "tiny-qwen3")
+    return os.path.join(cache_root(), "tiny-qwen3")
