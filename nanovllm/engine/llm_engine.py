@@ -216,9 +216,7 @@ class LLMEngine:
         staging). Afterwards the engine behaves as a fresh one: no block held, nothing scheduled, no prefix
         cached (a block of the failed step may hold partly written KV)."""
         self.scheduler.abort_all(seqs)
-        reset = getattr(self.model_runner, "reset_step_state", None)
-        if reset is not None:
-            reset()
+        self.model_runner.reset_step_state()
 
     # ---- online requests (a server's loop) ---------------------------------------------------------------------
     def submit(self, token_ids: list[int], params: SamplingParams) -> int:

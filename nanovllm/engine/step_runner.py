@@ -32,3 +32,7 @@ class StepRunner(Protocol):
         """Run ``num_steps`` decode steps back to back; the tokens of each sequence in order. Only when
         :attr:`supports_multi_step`."""
         ...
+
+    def reset_step_state(self) -> None:
+        """Forget the per-step state a step that raised left behind (called by :meth:`LLMEngine.abort_all`)."""
+        ...

@@ -411,6 +411,10 @@ class TensorParallelRunner:
         """
         raise RuntimeError("multi-step decode runs only without tensor parallelism")
 
+    def reset_step_state(self) -> None:
+        """Nothing to forget: a step that raises breaks the runner (:meth:`run` shuts it down and every later step
+        raises :class:`TPWorkerError`), so no step runs on the state it left."""
+
     @property
     def kv_cache(self) -> torch.Tensor:
         """Rank 0's KV cache (its shard of the kv heads).
