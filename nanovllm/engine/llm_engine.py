@@ -265,8 +265,6 @@ class LLMEngine:
                 # as in generate(): every pending request dropped, the pool and the runner's step state reset
                 self.abort_all([seq for seq, _ in self._online.values()])
                 self.last_failed_request_ids = list(self._online)
-                for seq, _ in self._online.values():
-                    seq.finish_reason = seq.finish_reason or "abort"
                 self._online.clear()
                 raise
         for rid, (seq, reported) in list(self._online.items()):
