@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import Scheduler
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_runner import StepRunner
 from nanovllm.sampling_params import SamplingParams
 
@@ -257,7 +257,7 @@ class LLMEngine:
         while self._abort_inbox:
             entry = self._online.get(self._abort_inbox.popleft())
             if entry is not None and not entry[0].is_finished:
-                self._drop(entry[0])
+                self.scheduler.abort(entry[0])
         if not self.scheduler.is_finished():
             try:
                 self.step()
@@ -276,13 +276,3 @@ class LLMEngine:
             if seq.is_finished:
                 del self._online[rid]
         return outputs
-
-    def _drop(self, seq: Sequence) -> None:
-        """Take an unfinished sequence out of the scheduler's queues and free its blocks (finish_reason "abort")."""
-        for queue in (self.scheduler.running, self.scheduler.waiting):
-            if seq in queue:
-                queue.remove(seq)
-        if seq.block_table:
-            self.block_manager.free(seq)
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = "abort"

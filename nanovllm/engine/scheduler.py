@@ -196,6 +196,16 @@ class Scheduler:
             seq.finish_reason = "length"
         return seq.finish_reason
 
+    def abort(self, seq: Sequence) -> None:
+        """Drop one unfinished sequence between steps: out of its queue, its blocks freed, finish_reason "abort"."""
+        for queue in (self.running, self.waiting):
+            if seq in queue:
+                queue.remove(seq)
+        if seq.block_table:
+            self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"
+
     def abort_all(self, seqs: Iterable[Sequence] = ()) -> None:
         """Drop every pending request and empty the KV pool (used after an exception inside a step).
 
