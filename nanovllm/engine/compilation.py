@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 
 from nanovllm.config import Config
-from nanovllm.engine.tuning_cache import current_rank, use_tuning_file
+from nanovllm.engine.tuning_cache import use_tuning_file
+from nanovllm.utils.parallel import tp_rank
 
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, positions, rows) -> logits
 
@@ -98,7 +99,7 @@ def pretune_small_m(config: Config, dtype: torch.dtype, device: torch.device, wo
     from nanovllm.kernels.gemv import SKINNY_MAX_M
     from nanovllm.kernels.gemv.dispatch import pretune
 
-    use_tuning_file(config.tuning_file, device, current_rank())
+    use_tuning_file(config.tuning_file, device, tp_rank())
 
     hf = config.hf_config
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads

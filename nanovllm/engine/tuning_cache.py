@@ -63,9 +63,3 @@ def use_tuning_file(setting: str | bool | None, device: torch.device, rank: int)
         load_tuning_file(path)
     return path
 
-
-def current_rank() -> int:
-    """This process's rank in the default process group (0 without one)."""
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
