@@ -22,7 +22,7 @@ import os
 
 from .common import m_bucket, new_buffer
 from .dispatch import (OP, Choice, cached_choice, candidates, capture_graph, choose, clear_dispatch_cache,
-                       dispatch_table, load_tuning, load_tuning_file, measure, measurement_count, pretune,
+                       dispatch_table, fastest, load_tuning, load_tuning_file, measure, measurement_count, pretune,
                        replay_ms, rotated_weights, save_tuning, time_in_graph, tuning_batch, versions_tag)
 from .gemv import STREAM_CONFIGS, STREAM_MAX_ROWS, stream_configs
 from .linear import rms_norm_linear
@@ -42,7 +42,7 @@ def source_files() -> list[str]:
 __all__ = ["OP", "Choice", "cached_choice", "FIXUP_COUNTERS", "FUSED_VARIANTS", "FusedVariant", "SKINNY_CONFIGS", "SKINNY_MAX_M",
            "SKINNY_MAX_SMEM", "STREAM_CONFIGS", "STREAM_MAX_ROWS", "VARIANTS", "candidates", "capture_graph",
            "choose", "clear_dispatch_cache", "dispatch_table", "fixup_counters", "fused_linear", "load_tuning",
-           "load_tuning_file", "measurement_count", "tuning_batch", "versions_tag",
+           "load_tuning_file", "measurement_count", "tuning_batch", "versions_tag", "fastest",
            "m_bucket", "measure", "new_buffer", "pretune", "reference_rms_norm", "reference_rms_norm_linear",
            "replay_ms", "reset_fixup_counters", "rms_norm_linear", "rotated_weights", "save_tuning",
            "skinny_configs", "source_files", "stream_configs", "time_in_graph", "triton_rms_norm"]

@@ -324,28 +324,49 @@ def measure(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device | s
     g = 1.0 + 0.1 * torch.randn(k, device=dev, dtype=dtype, generator=gen)
     ws = rotated_weights(n, k, dtype, dev, gen, l2_bytes)
     copies = len(ws)
+
+    def call(variant: str, cfg: tuple[int, ...]) -> Callable[[int], object]:
+        if variant == "unfused":
+            def fn(i: int) -> object:
+                a, _ = triton_rms_norm(x, g, 1e-6, residual2d=r)
+                return F.linear(a, ws[i % copies])
+        else:
+            def fn(i: int) -> object:
+                return fused_linear(x, g, ws[i % copies], None, 1e-6, residual2d=r, h_out=h, variant=variant,
+                                    config=cfg)
+        return fn
+
+    def failed(name: str, e: Exception) -> None:
+        log.warning("coconut: candidate %s failed for M=%d N=%d K=%d: %s", name, mb, n, k, e)
+
+    return fastest(cands, call, reps, Choice("unfused", (), "default"), failed)
+
+
+def fastest(cands: Iterable[tuple[str, tuple[int, ...]]],
+            call: Callable[[str, tuple[int, ...]], Callable[[int], object]], reps: int, fallback: Choice,
+            on_error: Optional[Callable[[str, Exception], None]] = None) -> Choice:
+    """The fastest (variant, config) candidate: each one's ``call(variant, config)`` (a function of the call
+    index) timed in a CUDA graph of ``reps`` calls (:func:`time_in_graph`, microseconds per call).
+
+    A candidate that raises (a launch shape that does not compile, e.g. too much shared memory) is skipped, after
+    ``on_error(name, exception)``. Returns a "measured" :class:`Choice` carrying every candidate's time, or
+    ``fallback`` when none ran.
+    """
     times: dict[str, float] = {}
     best: Optional[tuple[float, str, tuple[int, ...]]] = None
     for variant, cfg in cands:
         name = variant + ("" if not cfg else str(list(cfg)).replace(" ", ""))
         try:
-            if variant == "unfused":
-                def fn(i: int) -> object:
-                    a, _ = triton_rms_norm(x, g, 1e-6, residual2d=r)
-                    return F.linear(a, ws[i % copies])
-            else:
-                def fn(i: int, variant: str = variant, cfg: tuple[int, ...] = cfg) -> object:
-                    return fused_linear(x, g, ws[i % copies], None, 1e-6, residual2d=r, h_out=h, variant=variant,
-                                        config=cfg)
-            t = time_in_graph(fn, reps)
-        except Exception as e:  # a config that does not compile (e.g. shared memory) is simply not a candidate
-            log.warning("coconut: candidate %s failed for M=%d N=%d K=%d: %s", name, mb, n, k, e)
+            t = time_in_graph(call(variant, cfg), reps)
+        except Exception as e:  # noqa: BLE001 - not a candidate on this GPU
+            if on_error is not None:
+                on_error(name, e)
             continue
         times[name] = round(t, 3)
         if best is None or t < best[0]:
             best = (t, variant, cfg)
     if best is None:
-        return Choice("unfused", (), "default")
+        return fallback
     return Choice(best[1], best[2], "measured", tuple(times.items()))
 
 

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fusion_pass.kernels import Choice, cached_choice, m_bucket, rotated_weights, time_in_graph, tuning_batch
+from fusion_pass.kernels import Choice, cached_choice, fastest, m_bucket, rotated_weights, tuning_batch
 from fusion_pass.launch import device_name
 
 from .common import GEMV_DTYPES, apply_act, silu_mul_triton
@@ -126,20 +126,7 @@ def measure(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, ac
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(mb, 2 * k if act == "silu_mul" else k, device=device, dtype=dtype, generator=gen)
     ws = rotated_weights(n, k, dtype, device, gen)
-    times: dict[str, float] = {}
-    best: tuple[float, str, tuple] | None = None
-    for path, cfg in cands:
-        name = path + ("" if not cfg else str(list(cfg)).replace(" ", ""))
-        try:
-            t = time_in_graph(lambda i, p=path, c=cfg: _run_path(p, c, x, ws[i % len(ws)], act), reps)
-        except Exception:  # noqa: BLE001 - a launch shape that does not compile is not a candidate
-            continue
-        times[name] = round(t, 3)
-        if best is None or t < best[0]:
-            best = (t, path, cfg)
-    if best is None:
-        return _TORCH
-    return Choice(best[1], best[2], "measured", tuple(times.items()))
+    return fastest(cands, lambda p, c: lambda i: _run_path(p, c, x, ws[i % len(ws)], act), reps, _TORCH)
 
 
 def _measured_path(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, act: str
