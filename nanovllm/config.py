@@ -31,6 +31,23 @@ GPU_DEFAULT_SCHEDULER_STEPS = 8
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
+def check_seed(value: Any, name: str) -> int | None:
+    """A seed setting as a Python int (None stays None).
+
+    Raises:
+        TypeError: ``value`` is not an integer (a bool included); the message names ``name``.
+        ValueError: ``value`` is outside ``[SEED_MIN, SEED_MAX]``, torch.Generator.manual_seed's range.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, got {value!r}")
+    if not SEED_MIN <= value <= SEED_MAX:
+        raise ValueError(f"{name} must be in [{SEED_MIN}, {SEED_MAX}] (torch.Generator.manual_seed's range), "
+                         f"got {int(value)}")
+    return int(value)
+
+
 def default_num_scheduler_steps(device: str, tensor_parallel_size: int) -> int:
     """``num_scheduler_steps`` when the caller gives None: :data:`GPU_DEFAULT_SCHEDULER_STEPS` on one CUDA GPU;
     1 on the CPU (no host/GPU overlap to gain: the CPU computes the step itself) and under tensor parallelism
@@ -165,13 +182,7 @@ class Config:
                                                                                           numbers.Real):
             raise TypeError(f"gpu_memory_utilization must be a number, got {self.gpu_memory_utilization!r}")
         self.gpu_memory_utilization = float(self.gpu_memory_utilization)
-        if self.seed is not None:
-            if isinstance(self.seed, (bool, np.bool_)) or not isinstance(self.seed, numbers.Integral):
-                raise TypeError(f"seed must be an int or None, got {self.seed!r}")
-            self.seed = int(self.seed)
-            if not SEED_MIN <= self.seed <= SEED_MAX:
-                raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX}] (torch.Generator.manual_seed's range), "
-                                 f"got {self.seed}")
+        self.seed = check_seed(self.seed, "seed")
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device not in ("cuda", "cpu"):

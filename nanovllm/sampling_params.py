@@ -4,9 +4,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-import numpy as np
-
-from nanovllm.config import SEED_MAX, SEED_MIN
+from nanovllm.config import check_seed
 
 FLOAT32_MAX = 3.4028234663852886e38  # the sampler divides by the temperature in float32
 
@@ -83,13 +81,7 @@ class SamplingParams:
             if any(t < 0 for t in ids):
                 raise ValueError(f"SamplingParams.stop_token_ids must be token ids >= 0, got {ids}")
             self.stop_token_ids = [int(t) for t in ids]
-        if self.seed is not None:
-            if isinstance(self.seed, (bool, np.bool_)) or not isinstance(self.seed, numbers.Integral):
-                raise TypeError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
-            self.seed = int(self.seed)
-            if not SEED_MIN <= self.seed <= SEED_MAX:
-                raise ValueError(f"SamplingParams.seed must be in [{SEED_MIN}, {SEED_MAX}] "
-                                 f"(torch.Generator.manual_seed's range), got {self.seed}")
+        self.seed = check_seed(self.seed, "SamplingParams.seed")
 
     @property
     def greedy(self) -> bool:
