@@ -23,26 +23,18 @@ Budget: about 2-3 minutes on an H200 (``--max-seconds`` stops starting new cases
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import math
-import os
 import sys
 import time
 import traceback
 from typing import Any, Callable
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+import torch
+import triton
+import triton.testing
 
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.testing  # noqa: E402
-
-from nanovllm.kernels import (  # noqa: E402
+from nanovllm.kernels import (
     choose_num_splits,
-    decode_attention,
     decode_attention_ref,
     decode_attention_triton,
     prefill_attention,
@@ -406,21 +398,6 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
             print("  ", format_row(x))
 
 
-def metadata() -> dict[str, Any]:
-    if _common is not None and hasattr(_common, "run_metadata"):
-        try:
-            return _common.run_metadata()
-        except Exception:  # noqa: BLE001
-            pass
-    return {
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON output path")
@@ -448,20 +425,12 @@ def main(argv: list[str] | None = None) -> int:
         print_tables(r.rows)
     except Exception:  # noqa: BLE001 - never lose the JSON because of the pretty printer
         traceback.print_exc()
-    meta = metadata()
+    meta = _common.run_metadata()
     meta.update({"bench": "attention", "peak_bandwidth_bytes_per_s": PEAK_BW, "peak_bf16_flop_per_s": PEAK_FLOPS,
                  "shapes": {"H": H, "Hkv": HKV, "D": D, "dtype": str(DTYPE)}, "elapsed_s": round(time.time() - r.t0, 1),
                  "skipped_cases": r.skipped, "command": " ".join([sys.executable] + sys.argv)})
-    meta.setdefault("torch", torch.__version__)
-    meta.setdefault("triton", triton.__version__)
     obj = {"meta": meta, "rows": r.rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    if _common is not None and hasattr(_common, "write_json"):
-        path = _common.write_json(args.out, obj)
-    else:
-        with open(args.out, "w") as f:
-            json.dump(obj, f, indent=1, default=str)
-        path = args.out
+    path = _common.write_json(args.out, obj)
     print(f"\nwrote {path} ({len(r.rows)} rows, {time.time() - r.t0:.1f}s)")
     n_bad = sum(1 for x in r.rows if x["section"] == "correctness" and not x.get("ok"))
     return 1 if n_bad else 0
