@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
-import os
-import platform
 import random
 import shlex
 import signal
@@ -34,7 +31,8 @@ import time
 import urllib.request
 from typing import Any
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.harness import common
+
 ENGINE_FLAGS = ("device", "dtype", "max_model_len", "max_num_seqs", "num_scheduler_steps", "num_kvcache_blocks",
                 "gpu_memory_utilization")
 
@@ -104,7 +102,7 @@ def _start_server(args: argparse.Namespace, model: str) -> tuple[subprocess.Pope
            "--port", str(port), "--log-level", "warning", "--max-waiting-requests", str(max(args.num_prompts, 1))]
     for k, v in _engine_kwargs(args).items():
         cmd += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT)
+    proc = subprocess.Popen(cmd, cwd=common.REPO_ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.startup_timeout
     while True:
@@ -195,27 +193,11 @@ def _offline(model: str, prompts: list[list[int]], output_len: int, kwargs: dict
 
 
 def _metadata(args: argparse.Namespace, model: str) -> dict[str, Any]:
-    import torch
-    import transformers
-
-    def version(name: str) -> str | None:
-        try:
-            return __import__(name).__version__
-        except Exception:  # noqa: BLE001 - a missing or odd package is reported as None
-            return None
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": transformers.__version__, "triton": version("triton"),
-                         "openai": version("openai"), "fastapi": version("fastapi"), "uvicorn": version("uvicorn")},
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": commit, "command": getattr(args, "command", None) or shlex.join([sys.executable] + sys.argv),
-            "model": model}
+    """The harness's result header (:func:`common.header`) with the serving stack's versions and the model."""
+    head = common.header()
+    head["versions"].update({name: common._version(name) for name in ("openai", "fastapi", "uvicorn")})
+    head["command"] = getattr(args, "command", None) or head["command"]
+    return {**head, "model": model}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -256,9 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.skip_offline:
         result["offline"] = _offline(model, prompts, args.output_len, _engine_kwargs(args))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        common.write_json(args.out, result)
     return result
 
 
