@@ -40,8 +40,6 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == HERE:
 elif os.path.dirname(HERE) not in sys.path:
     sys.path.insert(0, os.path.dirname(HERE))
 
-import argparse  # noqa: E402
-
 from benchmarks.harness import parts  # noqa: E402
 
 BENCH, SCRIPT, DEFAULT = "kernels", "benchmarks/kernels.py", "fusion,gemv,attention"
@@ -65,12 +63,7 @@ PARTS: dict[str, parts.Part] = {
 
 def main(argv: list[str] | None = None) -> int:
     """Run the selected parts; returns 0 when every part succeeded, else 1 (2 for bad flags, from argparse)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parts.add_arguments(ap, PARTS, DEFAULT)
-    args = ap.parse_args(argv)
-    return parts.run(BENCH, SCRIPT, argv, args, parts.selected(ap, args, PARTS), PARTS)
+    return parts.main(__doc__, BENCH, SCRIPT, DEFAULT, PARTS, argv)
 
 
 if __name__ == "__main__":

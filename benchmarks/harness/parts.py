@@ -8,6 +8,7 @@ import importlib
 import json
 import os
 import shlex
+import sys
 import tempfile
 import time
 import traceback
@@ -99,3 +100,15 @@ def run(bench: str, script: str, argv: list[str], args: argparse.Namespace, name
     common.write_json(path, res)
     print(f"\n{bench}: " + ", ".join(f"{n} rc={res['parts'][n].get('rc', '-')}" for n in names) + f"; wrote {path}")
     return 1 if failed else 0
+
+
+def main(doc: str, bench: str, script: str, default: str, parts: dict[str, Part], argv: list[str] | None) -> int:
+    """The command line of a multi-part script: the shared flags (:func:`add_arguments`; ``doc``'s first paragraph
+    is the description, the whole of it the epilog), then :func:`run` on the selected parts. Returns 0 when every
+    part succeeded, else 1 (argparse exits with 2 on bad flags)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+    add_arguments(ap, parts, default)
+    args = ap.parse_args(argv)
+    return run(bench, script, argv, args, selected(ap, args, parts), parts)
