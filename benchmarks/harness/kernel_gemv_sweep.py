@@ -174,7 +174,7 @@ def baselines(site: str, m: int, inp: dict[str, Any], copies: int, time_fn: Call
 
 
 def bench_site(site: str, ms: list[int], args: argparse.Namespace, t0: float) -> list[dict[str, Any]]:
-    import bench_gemv
+    from .kernel_gemv import graph_time_us
 
     n, k, mode, has_res = SITES[site]
     w_bytes = n * k * 2
@@ -191,7 +191,7 @@ def bench_site(site: str, ms: list[int], args: argparse.Namespace, t0: float) ->
         inp = make_inputs(site, m, copies, gen)
 
         def time_fn(fn: Callable[[int], Any]) -> float:
-            return bench_gemv.graph_time_us(fn, copies, reps, args.rounds)
+            return graph_time_us(fn, copies, reps, args.rounds)
 
         row: dict[str, Any] = {"site": site, "M": m, "N": n, "K": k, "mode": mode, "has_res": has_res,
                                "floor_us": round(w_bytes / common.bandwidth_bytes_per_s() * 1e6, 3)}

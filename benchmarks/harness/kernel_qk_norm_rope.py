@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("the qk-norm-rope benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
-    import bench_gemv
+    from .kernel_gemv import graph_time_us
     from nanovllm.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
     from nanovllm.layers.rotary_embedding import RotaryEmbedding
 
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         qa, ka = fused(0)
         qb, kb = ind(0)
         diff = max(float((qa.float() - qb.float()).abs().max()), float((ka.float() - kb.float()).abs().max()))
-        tf = bench_gemv.graph_time_us(fused, args.reps, args.reps, args.rounds)
-        ti = bench_gemv.graph_time_us(ind, args.reps, args.reps, args.rounds)
+        tf = graph_time_us(fused, args.reps, args.reps, args.rounds)
+        ti = graph_time_us(ind, args.reps, args.reps, args.rounds)
         row = {"tokens": t, "fused_us": round(tf, 3), "inductor_us": round(ti, 3), "speedup": round(ti / tf, 3),
                "max_abs_diff": diff}
         rows.append(row)
