@@ -166,13 +166,6 @@ class BlockManager:
         self.hash_to_block_id.clear()
         self.free_block_ids = OrderedDict((i, None) for i in range(self.num_blocks))
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every hash (after a failed step, whose blocks may hold partly written KV)."""
-        self.hash_to_block_id.clear()
-        for block in self.blocks:
-            block.hash = -1
-            block.token_ids = []
-
     def free(self, seq: Sequence) -> None:
         """Release every block of ``seq`` (last block first, so prefix blocks stay cached longest)."""
         for block_id in reversed(seq.block_table):
