@@ -293,6 +293,8 @@ class Server:
     async def chat_completions(self, request: Request) -> Response:
         """``POST /v1/chat/completions``: the conversation goes through the tokenizer's chat template."""
         req: ChatCompletionRequest = await self.parse(request, ChatCompletionRequest)
+        if req.max_tokens is not None and req.max_completion_tokens is not None:
+            raise RequestError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
         messages = []
         for i, m in enumerate(req.messages):
             content = m.content or ""
@@ -308,8 +310,6 @@ class Server:
         except Exception as e:  # noqa: BLE001 - the template's own error (jinja, a missing template) is the message
             raise RequestError(400, f"messages: the chat template failed: {e}", param="messages") from None
         token_ids = self.tokenize(prompt, "messages")
-        if req.max_tokens is not None and req.max_completion_tokens is not None:
-            raise RequestError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self.sampling_params(req, max_tokens, max(self.max_model_len - len(token_ids), 1))
         self.check_fits(token_ids, params, "messages")
