@@ -160,11 +160,10 @@ class EngineLoop:
                 continue
             now = time.perf_counter()
             batch = []
-            for out in outputs:
-                with self._lock:
-                    handle = self._handles.get(out.request_id)
-                    if handle is not None and out.finished:
-                        del self._handles[out.request_id]
+            with self._lock:  # once per step: the handles of this step's outputs, finished ones leave the table
+                handles = [self._handles.pop(out.request_id, None) if out.finished
+                           else self._handles.get(out.request_id) for out in outputs]
+            for out, handle in zip(outputs, handles):
                 if handle is None:
                     continue
                 if out.new_token_ids and handle.first_token is None:
