@@ -16,6 +16,7 @@ import torch
 
 from nanovllm.config import Config
 from nanovllm.engine.tuning_cache import use_tuning_file
+from nanovllm.models.llama import head_dim_of
 from nanovllm.utils.parallel import tp_rank
 
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, positions, rows) -> logits
@@ -65,7 +66,7 @@ def build_forwards(model: torch.nn.Module, config: Config, device: torch.device)
 def fused_site_shapes(config: Config, world: int) -> list[int]:
     """Output sizes N of the model's three fused sites on one rank: qkv, gate_up and lm_head."""
     hf = config.hf_config
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    head_dim = head_dim_of(hf)
     return [(hf.num_attention_heads + 2 * hf.num_key_value_heads) * head_dim // world,
             2 * hf.intermediate_size // world,
             -(-hf.vocab_size // world)]
@@ -102,7 +103,7 @@ def pretune_small_m(config: Config, dtype: torch.dtype, device: torch.device, wo
     use_tuning_file(config.tuning_file, device, tp_rank())
 
     hf = config.hf_config
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    head_dim = head_dim_of(hf)
     sites = [(hf.hidden_size, hf.num_attention_heads * head_dim // world, "none"),
              (hf.hidden_size, hf.intermediate_size // world, "silu_mul")]
     sizes = sorted({m for m in batch_sizes if m <= SKINNY_MAX_M})
