@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-from .settings import FORCED_VARIANTS
+from .settings import FORCED_VARIANTS, check_value
 
 #: The backend's own option keys: name -> (type, default, meaning). A new setting is one entry here, one field of
 #: Settings (same name after "coconut.", same default), and its use in fusion_pass.backend._compile, which
@@ -141,10 +141,11 @@ def parse_options(mode: Optional[str] = None, options: Optional[dict[str, Any]] 
                                          f"{typ.__name__}")
             if key == "coconut.min_sites" and val < 0:
                 raise CoconutOptionError(f"coconut.min_sites must be >= 0, got {val}")
-            if key == "coconut.variant" and val not in FORCED_VARIANTS:
-                raise CoconutOptionError(f"coconut.variant must be one of {FORCED_VARIANTS}, got {val!r}")
-            if key == "coconut.tuning_file" and not val.strip():
-                raise CoconutOptionError("coconut.tuning_file must be a non-empty path")
+            if key in KERNEL_OPTIONS:
+                try:
+                    check_value(KERNEL_OPTIONS[key], val, key)
+                except ValueError as e:
+                    raise CoconutOptionError(str(e)) from None
             own[key.split(".", 1)[1]] = val
         else:
             patches[_inductor_check(key, val, current)] = val

@@ -57,6 +57,19 @@ def kernel_settings() -> KernelSettings:
     return _current
 
 
+def check_value(name: str, value: Any, label: str) -> None:
+    """The checks of a kernel setting's value beyond its type: ``variant`` one of :data:`FORCED_VARIANTS`, a
+    ``tuning_file`` that is None or not blank.
+
+    Raises:
+        ValueError: naming ``label`` (the field as its caller spells it).
+    """
+    if name == "variant" and value not in FORCED_VARIANTS:
+        raise ValueError(f"{label} must be one of {FORCED_VARIANTS}, got {value!r}")
+    if name == "tuning_file" and value is not None and not value.strip():
+        raise ValueError(f"{label} must be a non-empty path")
+
+
 def configure_kernels(**changes: Any) -> KernelSettings:
     """Replace the named fields of the settings in force; returns the settings in force before the call.
 
@@ -72,14 +85,12 @@ def configure_kernels(**changes: Any) -> KernelSettings:
             raise TypeError(f"unknown kernel setting {name!r}; expected one of {sorted(known)}")
         if name in _BOOL_FIELDS and not isinstance(value, bool):
             raise TypeError(f"kernel setting {name} must be a bool, got {value!r}")
-    if "variant" in changes and changes["variant"] not in FORCED_VARIANTS:
-        raise ValueError(f"kernel setting variant must be one of {FORCED_VARIANTS}, got {changes['variant']!r}")
-    if "tuning_file" in changes:
-        path = changes["tuning_file"]
-        if path is not None and not isinstance(path, str):
-            raise TypeError(f"kernel setting tuning_file must be a str or None, got {path!r}")
-        if path is not None and not path.strip():
-            raise ValueError("kernel setting tuning_file must not be empty (None: no file)")
+    path = changes.get("tuning_file")
+    if path is not None and not isinstance(path, str):
+        raise TypeError(f"kernel setting tuning_file must be a str or None, got {path!r}")
+    for name in ("variant", "tuning_file"):
+        if name in changes:
+            check_value(name, changes[name], f"kernel setting {name}")
     previous = _current
     _current = dataclasses.replace(_current, **changes)
     return previous
