@@ -150,28 +150,6 @@ def _decode_split_kernel(
         tl.store(acc_part_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
 
 
-@triton.jit
-def _combine_splits(ctx_len, o_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, seq, head, stride_ob, stride_oh,
-                    num_splits, NUM_HEADS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, CACHE: tl.constexpr):
-    """o[seq, head] = the softmax-weighted combination of the head's non-empty split partials (module docstring).
-    CACHE: the load cache modifier (".cg" bypasses L1, for partials written by other programs of this launch)."""
-    used = tl.cdiv(ctx_len, BLOCK_N)  # splits s < used hold at least one tile
-    s = tl.arange(0, SPLITS_PAD)
-    s_ok = (s < used) & (s < num_splits)
-    base = (seq.to(tl.int64) * NUM_HEADS + head) * num_splits
-    m = tl.load(m_part_ptr + base + s, mask=s_ok, other=-1.0e30, cache_modifier=CACHE)
-    l = tl.load(l_part_ptr + base + s, mask=s_ok, other=0.0, cache_modifier=CACHE)
-    m_max = tl.max(m, 0)
-    w = tl.where(s_ok, tl.exp2(m - m_max), 0.0)
-    denom = tl.sum(w * l, 0)
-    d = tl.arange(0, HEAD_DIM)
-    acc = tl.load(acc_part_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0,
-                  cache_modifier=CACHE)
-    out = tl.sum(w[:, None] * acc, 0) / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(o_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + d, out.to(o_ptr.dtype.element_ty))
-
-
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     ctx_ptr,
@@ -187,11 +165,23 @@ def _decode_reduce_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
+    """o[seq, head] = the softmax-weighted combination of the head's non-empty split partials (module docstring)."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     ctx_len = tl.load(ctx_ptr + seq)
-    _combine_splits(ctx_len, o_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, seq, head, stride_ob, stride_oh,
-                    num_splits, NUM_HEADS, SPLITS_PAD, BLOCK_N, HEAD_DIM, "")
+    used = tl.cdiv(ctx_len, BLOCK_N)  # splits s < used hold at least one tile
+    s = tl.arange(0, SPLITS_PAD)
+    s_ok = (s < used) & (s < num_splits)
+    base = (seq.to(tl.int64) * NUM_HEADS + head) * num_splits
+    m = tl.load(m_part_ptr + base + s, mask=s_ok, other=-1.0e30)
+    l = tl.load(l_part_ptr + base + s, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(s_ok, tl.exp2(m - m_max), 0.0)
+    denom = tl.sum(w * l, 0)
+    d = tl.arange(0, HEAD_DIM)
+    acc = tl.load(acc_part_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(o_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
 def decode_attention_triton(
