@@ -21,8 +21,8 @@ BOXES: dict[str, tuple[float, float, float, float, str, str, str]] = {
             "generate(), or submit() + step_requests()", "#dbe9f6"),
     "sched": (4.6, 8.2, 3.6, 1.4, "Scheduler", "engine/scheduler.py\nprefill (chunked) or decode, preempt", "#dbe9f6"),
     "blocks": (8.9, 8.2, 3.4, 1.4, "BlockManager", "engine/block_manager.py\npaged blocks, prefix hashes", "#dbe9f6"),
-    "runner": (4.6, 5.6, 3.6, 1.8, "ModelRunner", "engine/model_runner.py\ninputs: ids, positions, slot mapping,\n"
-               "block tables, context lens;\nCUDA graph replay", "#e3f1dc"),
+    "runner": (4.6, 5.6, 3.6, 1.8, "ModelRunner", "engine/model_runner.py input_buffers.py\ninputs: ids, positions, slot mapping,\n"
+               "block tables, context lens;\nCUDA graph replay (cuda_graphs.py)", "#e3f1dc"),
     "model": (8.9, 5.6, 3.4, 1.8, "Model", "models/  layers/\nembed, N x (norm, qkv, attention,\no_proj, "
               "norm, gate_up, down), head", "#e3f1dc"),
     "kv": (12.9, 5.6, 2.8, 1.8, "Paged KV cache", "[2, layers, blocks,\nblock_size, kv_heads,\nhead_dim]", "#fbe5d6"),
@@ -41,7 +41,7 @@ BOXES: dict[str, tuple[float, float, float, float, str, str, str]] = {
 FLOW: list[tuple[str, str, str]] = [
     ("llm", "sched", "1 schedule"),
     ("sched", "blocks", "2 allocate / append\n(prefix hits)"),
-    ("sched", "runner", "3 run(seqs, is_prefill)"),
+    ("sched", "runner", "3 run / run_decode_steps"),
     ("runner", "model", "4 forward"),
     ("model", "kv", "5 store K/V,\nattend"),
     ("model", "kernels", "Triton ops"),
