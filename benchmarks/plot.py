@@ -45,6 +45,16 @@ def stamp(d: dict[str, Any]) -> str:
     return f"{d.get('gpu', '?')}, {str(d.get('date', '?'))[:10]}, commit {str(d.get('commit') or '?')[:8]}"
 
 
+def save(fig: Any, ax: Any, out: str, plt: Any, grid: dict[str, str]) -> bool:
+    """Legend, grid (``grid``: keywords of ``ax.grid``), layout, PNG at ``out``; closes the figure. Returns True."""
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3, **grid)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_latency(d: dict[str, Any], out: str, plt: Any) -> bool:
     """Decode step (ms) against batch size, fusion and nofusion, and the per-batch floor; False without rows."""
     rows = d.get("by_batch") or []
@@ -63,12 +73,7 @@ def plot_latency(d: dict[str, Any], out: str, plt: Any) -> bool:
     ax.set_xlabel("batch size")
     ax.set_ylabel("decode step (ms)")
     ax.set_title(f"Decode step, {d.get('prompt_len', '?')}-token prompts\n{stamp(d)}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
+    return save(fig, ax, out, plt, grid=dict(which="both"))
 
 
 def decode_case(d: dict[str, Any], mode: str = "fusion", batch: int = 1) -> dict[str, Any] | None:
@@ -94,12 +99,7 @@ def plot_step_floor(d: dict[str, Any], out: str, plt: Any) -> bool:
     part = (d.get("parts") or {}).get("decode") or {}
     src = {**d, **{k: part[k] for k in ("gpu", "date", "commit") if isinstance(part.get(k), str)}}
     ax.set_title(f"Batch-1 decode step (fusion) by kernel group\n{stamp(src)}", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
+    return save(fig, ax, out, plt, grid=dict(axis="y"))
 
 
 def plot_throughput(by_gpu: dict[str, dict[str, Any]], out: str, plt: Any) -> bool:
@@ -119,12 +119,7 @@ def plot_throughput(by_gpu: dict[str, dict[str, Any]], out: str, plt: Any) -> bo
                                      f"{str(by_gpu[g].get('commit') or '')[:8]}" for g in gpus], fontsize=8)
     ax.set_ylabel("output tokens/s")
     ax.set_title("Offline throughput, 256 requests (Qwen3-0.6B shape)", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
+    return save(fig, ax, out, plt, grid=dict(axis="y"))
 
 
 def main(argv: list[str] | None = None) -> int:
