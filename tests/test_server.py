@@ -119,6 +119,8 @@ def test_greedy_completion_equals_generate(client: "openai.OpenAI", llm: LLM, pr
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks) == ref["text"]
     assert chunks[-1].choices[0].finish_reason == ref["finish_reason"]
+    # one chunk per engine step (one token per step on the CPU), also for a token that adds no text yet
+    assert len(chunks) == out.usage.completion_tokens
 
 
 def test_stop_strings_cut_the_text(client: "openai.OpenAI", llm: LLM) -> None:

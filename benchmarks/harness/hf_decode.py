@@ -136,10 +136,11 @@ def _forward_kwargs(model: torch.nn.Module, cache: Any, start: int, n: int, batc
 def _rewind(cache: Any, length: int) -> None:
     """Set a static cache's filled length back to `length` (newer transformers keep it in a device tensor that
     each forward advances in place; older ones take cache_position as an input and need nothing)."""
-    for layer in getattr(cache, "layers", []):
-        t = getattr(layer, "cumulative_length", None)
-        if isinstance(t, torch.Tensor):
-            t.fill_(length)
+    with torch.inference_mode():  # the tensor may be an inference tensor (created by a forward in inference mode)
+        for layer in getattr(cache, "layers", []):
+            t = getattr(layer, "cumulative_length", None)
+            if isinstance(t, torch.Tensor):
+                t.fill_(length)
 
 
 class _Clock:

@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
     parser.add_argument("--output-len", type=int, default=128, help="output tokens per request (ignore_eos)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the arrival times")
+    parser.add_argument("--warmup-prompts", type=int, default=16,
+                        help="prompts sent at once, untimed, before the first rate")
     parser.add_argument("--out", default=None, help="write the JSON here (default: print it)")
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for /health")
     parser.add_argument("--skip-offline", action="store_true", help="leave out the offline engine's run")
@@ -210,8 +212,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rates = [float(r) for r in str(args.rates).split(",") if r.strip()]
     if not rates or any(r <= 0 for r in rates):
         raise ValueError(f"--rates must be positive request rates, got {args.rates!r}")
-    if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
-        raise ValueError("--num-prompts, --input-len and --output-len must be >= 1")
+    if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1 or args.warmup_prompts < 1:
+        raise ValueError("--num-prompts, --input-len, --output-len and --warmup-prompts must be >= 1")
     model = args.model
     if model is None:
         from nanovllm.serve.cli import default_model
@@ -220,10 +222,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"benchmark": "serving", **_metadata(args, model),
                               "config": {"num_prompts": args.num_prompts, "input_len": args.input_len,
                                          "output_len": args.output_len, "seed": args.seed,
+                                         "warmup_prompts": args.warmup_prompts,
                                          "engine": _engine_kwargs(args)}}
     proc, url = _start_server(args, model)
     try:
-        warm = asyncio.run(_run_rate(url, prompts[:2], min(args.output_len, 8), 1000.0, args.seed))
+        # untimed: the first requests of a fresh server meet the Triton kernels' first launches per specialization
+        warm = asyncio.run(_run_rate(url, prompts[:args.warmup_prompts], args.output_len, 1000.0, args.seed))
         if warm["failed"]:
             raise RuntimeError(f"warm-up requests failed: {warm['errors']}")
         result["rates"] = [asyncio.run(_run_rate(url, prompts, args.output_len, rate, args.seed + i))

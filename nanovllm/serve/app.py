@@ -1,7 +1,7 @@
 """The HTTP routes of the OpenAI-compatible server (FastAPI).
 
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``stream`` false: one JSON body; true: server-sent
-events, one ``data: {chunk}`` per engine step that added text, ending with ``data: [DONE]``), ``GET /v1/models``,
+events, one ``data: {chunk}`` per engine step that sampled tokens, ending with ``data: [DONE]``), ``GET /v1/models``,
 ``GET /health`` and ``GET /metrics`` (Prometheus text format). Every request is checked (JSON, fields, model name,
 sampling values, prompt length) before it reaches the engine; a bad one gets an OpenAI-style error body
 ``{"error": {"message", "type", "param", "code"}}`` with status 400 (404 for an unknown model, 503 when the waiting
@@ -263,7 +263,9 @@ class Server:
         try:
             async for text, event in self.events(handle, None, stop):
                 reason = event.finish_reason
-                if text or reason is not None:
+                # one chunk per engine event that sampled tokens, also when they add no text yet (an incomplete
+                # UTF-8 sequence, text held back by a stop string): the client sees every step's progress
+                if text or reason is not None or event.token_ids:
                     yield chunk(text, reason)
         except RequestError as e:  # the status line is sent already: the error travels as an event
             yield _sse(ErrorResponse(error=ErrorInfo(message=e.message, type=e.type)).model_dump_json())
