@@ -173,6 +173,39 @@ def _apply_kernel_settings(settings: Settings) -> None:
         log.info("coconut: kernel settings %s (were %s; process-wide)", differing, was)
 
 
+def decompositions_keeping_row_mm() -> dict[Any, Callable[..., Any]]:
+    """Inductor's decomposition table (``select_decomp_table``, under the config in force), except that a
+    one-row ``aten.mm`` stays a matmul.
+
+    With ``coordinate_descent_tuning`` (which mode "max-autotune" turns on), Inductor decomposes an ``mm`` whose
+    first input has one static row into ``(x.unsqueeze(2) * w.unsqueeze(0)).sum(1)`` on GPUs
+    (torch/_inductor/decomposition.py, ``mm``), before any post-grad pass: a batch-1 graph would reach the fusion
+    pass with no linear left to fuse. Keeping those matmuls lets the pass fuse them; a one-row matmul it does not
+    fuse runs as Inductor's (autotuned) ``mm``. Without coordinate-descent tuning the table is Inductor's own.
+
+    Returns:
+        dict: ATen overload -> decomposition, for ``compile_fx(..., decompositions=...)``.
+    """
+    from torch._inductor import config as inductor_config
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = dict(select_decomp_table())
+    mm = torch.ops.aten.mm.default
+    inductor_mm = table.get(mm)
+    if inductor_mm is None or not inductor_config.coordinate_descent_tuning:
+        return table
+
+    def mm_keeping_one_row(a: torch.Tensor, b: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        if a.dim() == 2 and statically_known_true(a.shape[0] == 1):
+            return NotImplemented  # no decomposition: the graph keeps aten.mm
+        return inductor_mm(a, b, *args, **kwargs)
+
+    table[mm] = mm_keeping_one_row
+    return table
+
+
 def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any],
              settings: Settings) -> Callable:
     from torch._inductor import config as inductor_config
@@ -190,7 +223,10 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], patches: d
     the_pass = CoconutFusionPass(settings)
     existing = patches.get("post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass)
     chained: Any = the_pass if existing is None else _ChainedPass(existing, the_pass)
-    compiled = compile_fx(gm, example_inputs, config_patches={**patches, "post_grad_custom_pre_pass": chained})
+    with inductor_config.patch(patches):
+        decompositions = decompositions_keeping_row_mm()
+    compiled = compile_fx(gm, example_inputs, config_patches={**patches, "post_grad_custom_pre_pass": chained},
+                          decompositions=decompositions)
     if settings.pretune:
         _pretune(the_pass.static_sites)
     return compiled

@@ -238,7 +238,8 @@ def test_cuda_graph_trees_replay_the_fused_ops(mode):
             ref = ref_model(x.float())
             assert ((out - ref).norm() / ref.norm()).item() < 1e-2
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
-    assert fusion_pass.fused_site_count() >= 1 and all(s["sites"] == 1 for s in fusion_pass.all_stats())
+    stats = fusion_pass.all_stats()
+    assert fusion_pass.fused_site_count() >= 1 and all(s["sites"] == 1 for s in stats), stats
 
 
 def test_every_coconut_option_is_a_setting_with_its_default():
@@ -328,3 +329,24 @@ def test_a_later_compile_with_other_kernel_values_wins_with_a_warning(kernel_set
     records = [(r.levelname, r.getMessage()) for r in caplog.records if "kernel settings" in r.getMessage()]
     assert [level for level, _ in records] == ["INFO", "WARNING"], records
     assert "'variant': 'auto'" in records[1][1] and "'variant': 'unfused'" in records[1][1]
+
+
+def test_one_row_matmul_stays_a_matmul_under_coordinate_descent_tuning():
+    """mode "max-autotune" turns on coordinate-descent tuning, under which Inductor decomposes a one-row mm on a GPU
+    into multiply + sum before any post-grad pass (no linear left to fuse at batch 1); the backend's table keeps
+    it. Checked on fake CUDA tensors, which need no GPU."""
+    from torch._inductor import config as ic
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fusion_pass.backend import decompositions_keeping_row_mm
+
+    mm = torch.ops.aten.mm.default
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        w = torch.empty(32, 16, device="cuda", dtype=torch.bfloat16)
+        row = torch.empty(1, 32, device="cuda", dtype=torch.bfloat16)
+        with ic.patch(coordinate_descent_tuning=True):
+            assert select_decomp_table()[mm](row, w) is not NotImplemented  # Inductor's own: decomposed
+            assert decompositions_keeping_row_mm()[mm](row, w) is NotImplemented
+        with ic.patch(coordinate_descent_tuning=False):
+            assert decompositions_keeping_row_mm()[mm] is select_decomp_table()[mm]

@@ -113,6 +113,8 @@ def check_model(tol: float) -> dict[str, Any]:
             torch._dynamo.reset()
             out = torch.compile(lambda t: model(input_ids=t, use_cache=False).logits, backend="coconut")(ids)
         row["sites"] = fusion_pass.fused_site_count()
+        row["graphs"] = [{k: s[k] for k in ("sites", "norms_seen", "candidates", "skipped")}
+                         for s in fusion_pass.all_stats()]  # why a site was left alone, per compiled graph
         row["rel_err"] = float(((out.double() - ref.double()).norm() / ref.double().norm()).item())
         row["ok"] = row["sites"] == 5 and row["rel_err"] < tol and not torch.isnan(out).any().item()
     except Exception as e:
