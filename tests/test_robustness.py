@@ -519,3 +519,17 @@ def test_decode_budget_smaller_than_running_set_starves_no_sequence(tiny_ckpt: s
         assert decode_steps < 100
     assert [s.completion_token_ids for s in seqs] == [hf_greedy(hf_model, p, 6) for p in prompts]
     assert engine_llm.kv_cache_usage() == 0.0
+
+
+def test_warm_up_leaves_the_engine_as_built(tiny_ckpt: str) -> None:
+    """LLMEngine.warm_up (run by the constructor on CUDA) frees its KV blocks, resets the statistics and leaves the
+    sampler's random state alone: afterwards an engine gives the same sampled tokens as one that never warmed up."""
+    prompts = random_prompts([7, 30], seed=5)
+    params = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True)
+    cold = LLM(tiny_ckpt, device="cpu", seed=3)
+    warm = LLM(tiny_ckpt, device="cpu", seed=3)
+    warm.engine.warm_up()
+    assert warm.kv_cache_usage() == 0.0
+    assert warm.engine.stats.steps == 0 and warm.engine.stats.prefill_tokens == 0
+    ref = [o["token_ids"] for o in cold.generate(prompts, params, use_tqdm=False)]
+    assert [o["token_ids"] for o in warm.generate(prompts, params, use_tqdm=False)] == ref

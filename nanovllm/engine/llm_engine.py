@@ -82,12 +82,35 @@ class LLMEngine:
         self._online: dict[int, tuple[Sequence, int]] = {}  # request id -> (sequence, tokens already reported)
         self.last_failed_request_ids: list[int] = []  # the online requests dropped by the last failed step
         if config.device == "cuda":
+            self.warm_up()
             # The build leaves a large, long-lived Python heap (compiled graphs, Triton kernels, tuning tables).
             # Freezing it keeps the cyclic GC's full collections, which a long generate() triggers, from walking
             # it during serving (suspected of ~0.1 s pauses at batch 256 on the H200). GPU engines only: frozen
             # objects are never collected, and the CPU tests build hundreds of engines in one process.
             gc.collect()
             gc.freeze()
+
+    def warm_up(self) -> None:
+        """Run a few tiny requests through the whole step path, so that the first real ones compile nothing.
+
+        The compiled forward is dynamic in the token count but Dynamo specializes a dimension of size 1: a prefill
+        of one sequence (one logits row) or of one token needs graphs of its own, which the build's largest-prefill
+        run does not compile (on an H100 the first one-sequence prefill of a fresh server took about 10 s). Triton
+        kernels are compiled per specialization of their integer arguments (1, multiple of 16, other) on first
+        launch. Three batches cover those cases: one 1-token prompt, one 17-token prompt, and two prompts (9 and 24
+        tokens); greedy, two output tokens each, so decode runs too. Greedy requests leave the sampler's random
+        state as it was (every later draw equals a fresh engine's), the requests leave no KV block in use, and the
+        engine's statistics are reset. Called by the constructor on CUDA.
+        """
+        vocab = min(self.config.hf_config.vocab_size, 1000)
+
+        def ids(n: int, salt: int) -> list[int]:
+            return [(salt + 7 * i) % vocab for i in range(n)]
+
+        greedy = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        for prompts in ([ids(1, 1)], [ids(17, 2)], [ids(9, 3), ids(24, 4)]):
+            self.generate(prompts, [greedy] * len(prompts), use_tqdm=False)
+        self.stats = StepStats()
 
     # ---- requests --------------------------------------------------------------------------------------------
     def tokenize(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
