@@ -173,6 +173,23 @@ def _apply_kernel_settings(settings: Settings) -> None:
         log.info("coconut: kernel settings %s (were %s; process-wide)", differing, was)
 
 
+class _RowMmDecompositions(dict):
+    """The table of :func:`decompositions_keeping_row_mm`; it pickles as a call of that function, so Inductor's
+    FX-graph cache key (torch 2.13 pickles the table into it) stays stable and the cache keeps working."""
+
+    def __reduce__(self) -> tuple[Callable[[], dict[Any, Callable[..., Any]]], tuple[()]]:
+        return decompositions_keeping_row_mm, ()
+
+
+def _mm_keeping_one_row(inductor_mm: Callable[..., Any], a: torch.Tensor, b: torch.Tensor, *args: Any,
+                        **kwargs: Any) -> Any:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if a.dim() == 2 and statically_known_true(a.shape[0] == 1):
+        return NotImplemented  # no decomposition: the graph keeps aten.mm
+    return inductor_mm(a, b, *args, **kwargs)
+
+
 def decompositions_keeping_row_mm() -> dict[Any, Callable[..., Any]]:
     """Inductor's decomposition table (``select_decomp_table``, under the config in force), except that a
     one-row ``aten.mm`` stays a matmul.
@@ -181,28 +198,19 @@ def decompositions_keeping_row_mm() -> dict[Any, Callable[..., Any]]:
     first input has one static row into ``(x.unsqueeze(2) * w.unsqueeze(0)).sum(1)`` on GPUs
     (torch/_inductor/decomposition.py, ``mm``), before any post-grad pass: a batch-1 graph would reach the fusion
     pass with no linear left to fuse. Keeping those matmuls lets the pass fuse them; a one-row matmul it does not
-    fuse runs as Inductor's (autotuned) ``mm``. Without coordinate-descent tuning the table is Inductor's own.
+    fuse runs as Inductor's (autotuned) ``mm``. The backend passes this table to Inductor only while
+    coordinate-descent tuning is on (on torch 2.12 such a compile is not stored in the FX-graph cache: that
+    release wraps the table in a function that does not pickle).
 
     Returns:
         dict: ATen overload -> decomposition, for ``compile_fx(..., decompositions=...)``.
     """
-    from torch._inductor import config as inductor_config
     from torch._inductor.decomposition import select_decomp_table
 
-    table = dict(select_decomp_table())
+    table = _RowMmDecompositions(select_decomp_table())
     mm = torch.ops.aten.mm.default
-    inductor_mm = table.get(mm)
-    if inductor_mm is None or not inductor_config.coordinate_descent_tuning:
-        return table
-
-    def mm_keeping_one_row(a: torch.Tensor, b: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-        if a.dim() == 2 and statically_known_true(a.shape[0] == 1):
-            return NotImplemented  # no decomposition: the graph keeps aten.mm
-        return inductor_mm(a, b, *args, **kwargs)
-
-    table[mm] = mm_keeping_one_row
+    if mm in table:
+        table[mm] = functools.partial(_mm_keeping_one_row, table[mm])
     return table
 
 
@@ -223,8 +231,10 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], patches: d
     the_pass = CoconutFusionPass(settings)
     existing = patches.get("post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass)
     chained: Any = the_pass if existing is None else _ChainedPass(existing, the_pass)
+    decompositions = None
     with inductor_config.patch(patches):
-        decompositions = decompositions_keeping_row_mm()
+        if inductor_config.coordinate_descent_tuning:
+            decompositions = decompositions_keeping_row_mm()
     compiled = compile_fx(gm, example_inputs, config_patches={**patches, "post_grad_custom_pre_pass": chained},
                           decompositions=decompositions)
     if settings.pretune:

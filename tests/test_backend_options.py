@@ -334,7 +334,9 @@ def test_a_later_compile_with_other_kernel_values_wins_with_a_warning(kernel_set
 def test_one_row_matmul_stays_a_matmul_under_coordinate_descent_tuning():
     """mode "max-autotune" turns on coordinate-descent tuning, under which Inductor decomposes a one-row mm on a GPU
     into multiply + sum before any post-grad pass (no linear left to fuse at batch 1); the backend's table keeps
-    it. Checked on fake CUDA tensors, which need no GPU."""
+    it, and pickles to the same bytes every time (Inductor's FX-graph cache key). Fake CUDA tensors need no GPU."""
+    import pickle
+
     from torch._inductor import config as ic
     from torch._inductor.decomposition import select_decomp_table
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -345,8 +347,55 @@ def test_one_row_matmul_stays_a_matmul_under_coordinate_descent_tuning():
     with FakeTensorMode(allow_non_fake_inputs=True):
         w = torch.empty(32, 16, device="cuda", dtype=torch.bfloat16)
         row = torch.empty(1, 32, device="cuda", dtype=torch.bfloat16)
+        rows = torch.empty(4, 32, device="cuda", dtype=torch.bfloat16)
         with ic.patch(coordinate_descent_tuning=True):
             assert select_decomp_table()[mm](row, w) is not NotImplemented  # Inductor's own: decomposed
-            assert decompositions_keeping_row_mm()[mm](row, w) is NotImplemented
-        with ic.patch(coordinate_descent_tuning=False):
-            assert decompositions_keeping_row_mm()[mm] is select_decomp_table()[mm]
+            table = decompositions_keeping_row_mm()
+            assert table[mm](row, w) is NotImplemented
+            assert table[mm](rows, w) is NotImplemented and select_decomp_table()[mm](rows, w) is NotImplemented
+            assert pickle.dumps(table) == pickle.dumps(decompositions_keeping_row_mm())
+
+
+@pytest.mark.parametrize("cdt", [False, True])
+def test_backend_passes_the_table_only_under_coordinate_descent_tuning(monkeypatch, cdt):
+    """The table reaches compile_fx only while coordinate-descent tuning is on; otherwise Inductor's default path
+    (and its FX-graph cache key) is untouched. The compile still fuses its site."""
+    import torch._inductor.compile_fx as cfx
+
+    from fusion_pass.backend import _RowMmDecompositions
+
+    seen = []
+    real = cfx.compile_fx
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("decompositions"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    f = torch.compile(NormLinear().eval(), backend="coconut", options={"coordinate_descent_tuning": cdt})
+    with torch.no_grad():
+        f(torch.randn(3, 32))
+    assert seen  # compile_fx calls itself again with the config patches applied, the table passed on
+    assert all(isinstance(d, _RowMmDecompositions) if cdt else d is None for d in seen), seen
+    assert fusion_pass.last_stats()["sites"] == 1
+
+
+@pytest.mark.parametrize("cdt", [False, True])
+def test_a_second_compile_is_served_from_the_fx_graph_cache(monkeypatch, tmp_path, cdt):
+    """The table passed under coordinate-descent tuning keeps Inductor's FX-graph cache working (torch 2.13 pickles
+    it into the cache key): the same graph compiled again after a Dynamo reset is a cache hit."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as ic
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    m = NormLinear().eval()
+    hits = []
+    with ic.patch(fx_graph_cache=True), torch._functorch.config.patch(enable_autograd_cache=True):
+        for _ in range(2):
+            torch._dynamo.reset()
+            counters.clear()
+            f = torch.compile(m, backend="coconut", options={"coordinate_descent_tuning": cdt})
+            with torch.no_grad():
+                f(torch.randn(3, 32))
+            hits.append(counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"])
+    assert hits[0] == 0 and hits[1] >= 1, hits

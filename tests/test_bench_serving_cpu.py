@@ -20,6 +20,7 @@ def test_serving_benchmark_cpu_smoke(tiny_ckpt: str, tmp_path: os.PathLike, monk
     serving.add_arguments(parser)
     out = os.path.join(tmp_path, "serving.json")
     args = parser.parse_args(["--model", tiny_ckpt, "--device", "cpu", "--rates", "20,50", "--num-prompts", "3",
+                              "--warmup-prompts", "2",
                               "--input-len", "6", "--output-len", "3", "--max-model-len", "64",
                               "--num-kvcache-blocks", "32", "--startup-timeout", "120", "--out", out])
     result = serving.run(args)

@@ -522,14 +522,30 @@ def test_decode_budget_smaller_than_running_set_starves_no_sequence(tiny_ckpt: s
 
 
 def test_warm_up_leaves_the_engine_as_built(tiny_ckpt: str) -> None:
-    """LLMEngine.warm_up (run by the constructor on CUDA) frees its KV blocks, resets the statistics and leaves the
-    sampler's random state alone: afterwards an engine gives the same sampled tokens as one that never warmed up."""
+    """LLMEngine.warm_up (run by the constructor on CUDA) empties the KV pool and its prefix cache, zeroes the
+    statistics and leaves the sampler's random state alone: afterwards an engine gives the same sampled tokens, the
+    same prefix-cache hits and the same block order as one that never warmed up."""
     prompts = random_prompts([7, 30], seed=5)
     params = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True)
     cold = LLM(tiny_ckpt, device="cpu", seed=3)
     warm = LLM(tiny_ckpt, device="cpu", seed=3)
     warm.engine.warm_up()
-    assert warm.kv_cache_usage() == 0.0
+    bm = warm.engine.block_manager
+    assert warm.kv_cache_usage() == 0.0 and not bm.hash_to_block_id
+    assert list(bm.free_block_ids) == list(range(bm.num_blocks))
     assert warm.engine.stats.steps == 0 and warm.engine.stats.prefill_tokens == 0
+    assert warm.stats() == cold.stats()
     ref = [o["token_ids"] for o in cold.generate(prompts, params, use_tqdm=False)]
     assert [o["token_ids"] for o in warm.generate(prompts, params, use_tqdm=False)] == ref
+    assert warm.stats()["prefix_cache_hit_tokens"] == cold.stats()["prefix_cache_hit_tokens"]
+
+
+@pytest.mark.parametrize("max_model_len, blocks", [(16, 1), (3, 1), (2, 1)])
+def test_warm_up_fits_small_engines(tiny_ckpt: str, max_model_len: int, blocks: int) -> None:
+    """A valid engine whose context or KV pool is smaller than the warm-up prompts warms up with shorter ones (or
+    none) instead of raising."""
+    llm = LLM(tiny_ckpt, device="cpu", max_model_len=max_model_len, num_kvcache_blocks=blocks)
+    llm.engine.warm_up()
+    assert llm.kv_cache_usage() == 0.0
+    out = llm.generate([[5]], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), use_tqdm=False)
+    assert len(out[0]["token_ids"]) == 1

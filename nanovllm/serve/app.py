@@ -1,7 +1,8 @@
 """The HTTP routes of the OpenAI-compatible server (FastAPI).
 
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``stream`` false: one JSON body; true: server-sent
-events, one ``data: {chunk}`` per engine step that sampled tokens, ending with ``data: [DONE]``), ``GET /v1/models``,
+events, one ``data: {chunk}`` per engine step that sampled tokens (per round with multi-step decode), ending with
+``data: [DONE]``), ``GET /v1/models``,
 ``GET /health`` and ``GET /metrics`` (Prometheus text format). Every request is checked (JSON, fields, model name,
 sampling values, prompt length) before it reaches the engine; a bad one gets an OpenAI-style error body
 ``{"error": {"message", "type", "param", "code"}}`` with status 400 (404 for an unknown model, 503 when the waiting
