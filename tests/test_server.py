@@ -215,6 +215,18 @@ def test_bad_requests_get_errors_and_server_keeps_serving(server: SimpleNamespac
     assert out.usage.completion_tokens == 3
 
 
+def _wait_until_idle(url: str, failure: str, timeout_s: float = 30.0) -> dict[str, float]:
+    """Poll /metrics until no request runs and no KV block is in use; returns those metrics (fails with `failure`
+    and the last metrics after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = _metrics(url)
+        if m["nanovllm_kv_cache_usage_perc"] == 0 and m["nanovllm_num_requests_running"] == 0:
+            return m
+        assert time.monotonic() < deadline, f"{failure}: {m}"
+        time.sleep(0.1)
+
+
 def test_disconnect_mid_stream_frees_kv_blocks(server: SimpleNamespace) -> None:
     aborted_before = _metrics(server.url).get('nanovllm_request_success_total{finish_reason="abort"}', 0.0)
     body = json.dumps({"model": MODEL, "prompt": "A paged KV cache", "max_tokens": MAX_MODEL_LEN - 16,
@@ -230,13 +242,7 @@ def test_disconnect_mid_stream_frees_kv_blocks(server: SimpleNamespace) -> None:
     assert _metrics(server.url)["nanovllm_kv_cache_usage_perc"] > 0
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
-    deadline = time.monotonic() + 30
-    while True:
-        m = _metrics(server.url)
-        if m["nanovllm_kv_cache_usage_perc"] == 0 and m["nanovllm_num_requests_running"] == 0:
-            break
-        assert time.monotonic() < deadline, f"KV blocks still held after the client left: {m}"
-        time.sleep(0.1)
+    m = _wait_until_idle(server.url, "KV blocks still held after the client left")
     assert m['nanovllm_request_success_total{finish_reason="abort"}'] == aborted_before + 1
 
 
@@ -255,13 +261,7 @@ def test_disconnect_while_a_non_streamed_request_decodes_aborts_it(server: Simpl
         time.sleep(0.05)
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
-    deadline = time.monotonic() + 30
-    while True:
-        m = _metrics(server.url)
-        if m["nanovllm_kv_cache_usage_perc"] == 0 and m["nanovllm_num_requests_running"] == 0:
-            break
-        assert time.monotonic() < deadline, f"the request still runs after its client left: {m}"
-        time.sleep(0.1)
+    m = _wait_until_idle(server.url, "the request still runs after its client left")
     assert m.get(abort_key, 0.0) == before.get(abort_key, 0.0) + 1
     assert m.get(length_key, 0.0) == before.get(length_key, 0.0)
 
