@@ -5,9 +5,9 @@ once into the cache folder (``$NANOVLLM_CACHE``, default ``~/.cache/nanovllm``) 
 GGUF, answering a few questions through its chat template; without that package, a small random-weight Qwen3
 built on the spot (no download; meaningless text).
 
-Output: the engine start line (load, compile, KV cache, CUDA graphs, warm-up, in seconds; with --compile-fusion
-the number of fused sites), each prompt with its completion, then the generation line, whose tokens/s count
-generation alone (the warm-up ran every compile before it).
+Output: the engine start line (load, compile, KV cache, CUDA graphs, the engine's warm-up on CUDA, the trial run,
+in seconds; with --compile-fusion the number of fused sites), each prompt with its completion, then the generation
+line, whose tokens/s count generation alone (the trial run ran every compile and measurement before it).
 """
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ def build_parser() -> CliParser:
     parser = CliParser(prog="nanovllm", description="Generate a completion for a few prompts and time it.",
                        epilog="environment: NANOVLLM_CACHE is the cache folder of the default model (default "
                               "~/.cache/nanovllm). Timing: the start line covers load, compile, KV cache, CUDA "
-                              "graphs and a warm-up run of the same batch; the generation line's tokens/s count "
-                              "generation only. The OpenAI-compatible server: python -m nanovllm serve (its "
-                              "flags: python -m nanovllm serve --help).",
+                              "graphs, the engine's warm-up (CUDA) and a trial run of the same batch; the generation "
+                              "line's tokens/s count generation only. The OpenAI-compatible server: python -m "
+                              "nanovllm serve (its flags: python -m nanovllm serve --help).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--prompt", action="append", type=nonempty_text, default=None,
                         help="a prompt (repeatable; none: a few built-in prompts)")
@@ -72,11 +72,16 @@ def max_tokens(args: argparse.Namespace) -> int:
     return QUESTIONS_MAX_TOKENS if args.model is None and not args.prompt else PROMPTS_MAX_TOKENS
 
 
-def warm_up(llm: LLM, requests: Callable[[list[SamplingParams]], object], n: int) -> None:
+def trial_run(llm: LLM, requests: Callable[[list[SamplingParams]], object], n: int) -> None:
     """Run the batch to be timed once, greedy, with request ``i`` generating ``i + 2`` tokens, so every shape
     generation meets (its prefill, decode at batch ``n`` down to 1) is compiled and tuned before the clock starts;
     then empty the KV pool and its prefix cache, so the timed run starts as cold as a new engine. Greedy draws
-    no random number: a seeded run gives the tokens of an engine without warm-up.
+    no random number: a seeded run gives the tokens of an engine without a trial run.
+
+    On CUDA the engine's own warm-up (``LLMEngine.warm_up``, at build) compiles the size-1 specializations and
+    the sampling kernels, but not what depends on these prompts' lengths: with ``--compile-fusion`` the pass
+    measures its kernel choice at the first call of each new prefill row count (docs/backend.md). This run keeps
+    such work out of the timed generation, on the CPU (where the engine does not warm up) too.
 
     Args:
         llm: the engine.
@@ -87,9 +92,10 @@ def warm_up(llm: LLM, requests: Callable[[list[SamplingParams]], object], n: int
     llm.engine.block_manager.reset()
 
 
-def start_line(llm: LLM, seconds: float, warm_up_s: float, fused_sites: int | None) -> str:
-    """``engine ready in X s (load a s, ..., warm-up w s; device, KV blocks[, fused sites])``."""
-    phases = dict(getattr(llm.engine.model_runner, "init_seconds", {}), **{"warm-up": warm_up_s})
+def start_line(llm: LLM, seconds: float, trial_run_s: float, fused_sites: int | None) -> str:
+    """``engine ready in X s (load a s, ..., warm_up w s, trial run t s; device, KV blocks[, fused sites])``: the
+    runner's build phases (``init_seconds``, with the engine's ``warm_up`` on CUDA), then :func:`trial_run`."""
+    phases = dict(getattr(llm.engine.model_runner, "init_seconds", {}), **{"trial run": trial_run_s})
     parts = ", ".join(f"{name} {s:.1f} s" for name, s in phases.items())
     cfg = llm.config
     line = (f"engine ready in {seconds:.1f} s ({parts}; device {cfg.device}, {cfg.num_kvcache_blocks} KV blocks of "
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         return llm.generate(prompts, params, use_tqdm=False)
 
     t1 = time.perf_counter()
-    warm_up(llm, run, len(prompts))
+    trial_run(llm, run, len(prompts))
     t2 = time.perf_counter()
     fused = fusion_pass.fused_site_count() if args.compile_fusion else None
     print(start_line(llm, t2 - t0, t2 - t1, fused))

@@ -131,7 +131,7 @@ def test_run_prints_start_and_generation_lines(tiny_ckpt: str, capsys) -> None: 
     out, err = capsys.readouterr()
     lines = [ln for ln in out.splitlines() if ln]
     start = next(ln for ln in lines if ln.startswith("engine ready in "))
-    assert re.search(r"\(load [\d.]+ s, .*warm-up [\d.]+ s; device cpu, 16 KV blocks of 16 tokens\)$", start), start
+    assert re.search(r"\(load [\d.]+ s, .*trial run [\d.]+ s; device cpu, 16 KV blocks of 16 tokens\)$", start), start
     assert "fused" not in start
     gen = lines[-1]
     assert re.fullmatch(r"generation: 2 requests, 6 output tokens in [\d.]+ s \([\d.]+ tokens/s; engine start "
@@ -142,7 +142,7 @@ def test_run_prints_start_and_generation_lines(tiny_ckpt: str, capsys) -> None: 
 
 def test_start_line_counts_fused_sites() -> None:
     class Runner:
-        init_seconds = {"load": 1.0, "kv_cache": 2.0}
+        init_seconds = {"load": 1.0, "kv_cache": 2.0, "warm_up": 0.5}
 
     class Cfg:
         device, num_kvcache_blocks, kvcache_block_size = "cuda", 100, 16
@@ -152,8 +152,8 @@ def test_start_line_counts_fused_sites() -> None:
         engine = type("E", (), {"model_runner": Runner()})()
 
     line = cli.start_line(Fake(), 10.0, 3.0, 57)  # type: ignore[arg-type]
-    assert line == ("engine ready in 10.0 s (load 1.0 s, kv_cache 2.0 s, warm-up 3.0 s; device cuda, 100 KV blocks "
-                    "of 16 tokens, 57 RMSNorm -> Linear sites fused)")
+    assert line == ("engine ready in 10.0 s (load 1.0 s, kv_cache 2.0 s, warm_up 0.5 s, trial run 3.0 s; device "
+                    "cuda, 100 KV blocks of 16 tokens, 57 RMSNorm -> Linear sites fused)")
     assert "runs no pass" in cli.start_line(Fake(), 10.0, 3.0, 0)  # type: ignore[arg-type]
 
 

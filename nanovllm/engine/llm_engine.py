@@ -8,6 +8,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterable
 
+import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
@@ -16,6 +17,7 @@ from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_runner import StepRunner
+from nanovllm.layers.sampler import warm_up_sampling
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -91,21 +93,38 @@ class LLMEngine:
             gc.freeze()
 
     def warm_up(self) -> None:
-        """Run a few tiny greedy requests through the whole step path, so that the first real requests do not
-        compile graphs of the model.
+        """Run a few tiny greedy requests through the whole step path and launch the sampling kernels once, so
+        that the first real requests compile nothing: neither graphs of the model nor Triton kernels.
 
         The compiled forward is dynamic in the token count but Dynamo specializes a dimension of size 1: a prefill
         of one sequence (one logits row) or of one token needs graphs of its own, which the build's largest-prefill
         run does not compile. Triton kernels are compiled per specialization of their integer arguments (1,
         multiple of 16, other) on first launch. Three batches cover those cases: one 1-token prompt, one 17-token
         prompt, and two prompts (9 and 24 tokens), shortened to fit ``max_model_len``; greedy, two output tokens
-        each, so a decode step runs too. (A first request with temperature > 0 still compiles the sampling
-        kernel, a small one.)
+        each, so a decode step runs too. Greedy requests never reach the sampling kernels, so on CUDA
+        :func:`~nanovllm.layers.sampler.warm_up_sampling` then launches them directly on zero logits of the
+        model's dtype and vocabulary (the kernels of requests with temperature > 0 and neither top-k nor top-p).
 
-        Afterwards the engine is as built: greedy requests draw no random number (every later draw equals a fresh
-        engine's), the KV pool and its prefix cache are emptied (:meth:`BlockManager.reset`), and the step
-        statistics and the preemption count are zeroed. Called by the constructor on CUDA.
+        Afterwards the engine is as built: neither step draws a random number nor moves the sampler's key or call
+        counter (every later draw equals a fresh engine's), the KV pool and its prefix cache are emptied
+        (:meth:`BlockManager.reset`), and the step statistics and the preemption count are zeroed. The seconds
+        taken go to the runner's ``init_seconds["warm_up"]`` (where it keeps them). Called by the constructor on
+        CUDA.
         """
+        t0 = time.perf_counter()
+        self._warm_up_requests()
+        if self.config.device == "cuda":
+            cfg = self.config
+            vocab, tp = cfg.hf_config.vocab_size, cfg.tensor_parallel_size
+            # the LM head's logits: [B, vocab], a slice of rows of -(-vocab // tp) * tp elements under TP
+            warm_up_sampling("cuda", cfg.torch_dtype, vocab, cfg.max_num_seqs, -(-vocab // tp) * tp)
+            torch.cuda.synchronize()
+        phases = getattr(self.model_runner, "init_seconds", None)
+        if isinstance(phases, dict):
+            phases["warm_up"] = time.perf_counter() - t0
+
+    def _warm_up_requests(self) -> None:
+        """The greedy requests of :meth:`warm_up`, then the KV pool, prefix cache and counters reset."""
         vocab = min(self.config.hf_config.vocab_size, 1000)
         longest = self.config.max_model_len - 2  # room for the two output tokens
         if longest < 1:

@@ -1,10 +1,12 @@
 """Token sampling per request within one batch: greedy, temperature, top-k, top-p."""
 from __future__ import annotations
 
+import bisect
+
 import torch
 from torch import nn
 
-from nanovllm.kernels.sampling import MIN_TEMPERATURE_F, sample_tokens_triton
+from nanovllm.kernels.sampling import MIN_TEMPERATURE_F, _sm_count, choose_sample_splits, sample_tokens_triton
 from nanovllm.layers.seeded_noise import SeededRows, seeded_exponentials
 
 _SEED_MOD = 2**31 - 1  # Philox keys and call counters are int32 kernel arguments
@@ -121,3 +123,57 @@ class Sampler(nn.Module):
             noise[rows] = seeded_exponentials(seeded.seeds, seeded.next_positions(), noise.shape[-1], noise.device)
         sampled = (probs / noise).argmax(-1)
         return torch.where(greedy, greedy_ids, sampled)
+
+
+def warm_up_sampling(device: torch.device | str, dtype: torch.dtype, vocab: int, max_rows: int,
+                     row_stride: int | None = None) -> list[int]:
+    """Compile the Triton sampling kernels for the logits a model produces, before a first request with
+    temperature > 0 would.
+
+    Calls :func:`~nanovllm.kernels.sampling.sample_tokens_triton` itself on zero logits with temperature 1, key 0
+    and counter 0, never through a :class:`Sampler`: no sampler's call counter or key moves, and no random number
+    generator (torch's CPU one included) is read or advanced, so every later draw equals that of an engine that
+    never warmed up.
+
+    What selects a compiled kernel: the logits' dtype; the integer arguments ``vocab`` and the row stride (Triton
+    specializes an integer on being 1 or a multiple of 16; the split size is a multiple of the tile, the key, the
+    counter and the split count are not specialized); the constexpr ``DIRECT`` (one split per row, which happens
+    from ``8 * SMs`` rows up, or for a vocabulary of one tile). The row count itself is only the launch grid. Rows
+    launched: 1, 2 and 16 (at most ``max_rows``), and the fewest rows with one split per row when that count is at
+    most ``max_rows`` and differs from 1 row's choice.
+
+    Args:
+        device: where the sampler runs (on the CPU the kernels run only under ``TRITON_INTERPRET=1``).
+        dtype: the logits' dtype; other than float16 / bfloat16 / float32 (the dtypes the Sampler's Triton path
+            takes) nothing runs.
+        vocab: ``V``, the logits' width (the LM head's output size).
+        max_rows: the most rows one sampler call gets (``max_num_seqs``), >= 1.
+        row_stride: elements between two rows of the logits (default ``vocab``; larger when the LM head's output
+            is a slice of a padded one, as under tensor parallelism).
+
+    Returns:
+        The row counts launched, ascending (empty for other dtypes).
+
+    Raises:
+        ValueError: ``vocab`` or ``max_rows`` below 1, or ``row_stride`` below ``vocab``.
+    """
+    row_stride = vocab if row_stride is None else row_stride
+    if vocab < 1 or max_rows < 1 or row_stride < vocab:
+        raise ValueError(f"need vocab >= 1, max_rows >= 1 and row_stride >= vocab, got vocab={vocab}, "
+                         f"max_rows={max_rows}, row_stride={row_stride}")
+    if dtype not in _TRITON_DTYPES:
+        return []
+    device = torch.device(device)
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 132  # sample_tokens_triton's own choice on other devices
+
+    def direct(rows: int) -> bool:
+        return choose_sample_splits(rows, vocab, sms) == 1
+
+    rows = {r for r in (1, 2, 16) if r <= max_rows}
+    if direct(max_rows) != direct(1):  # the split count falls with the rows: the first row count with one split
+        rows.add(1 + bisect.bisect_left(range(1, max_rows + 1), True, key=direct))
+    for n in sorted(rows):
+        logits = torch.zeros(n, row_stride, dtype=dtype, device=device)[:, :vocab]
+        sample_tokens_triton(logits, torch.ones(n, dtype=torch.float32, device=device), 0, 0)
+    return sorted(rows)
