@@ -5,13 +5,16 @@ Workload (nano-vLLM's bench.py): ``random.seed(0)``; 256 prompts of ``randint(10
 [0, 10000], then ``max_tokens = randint(100, 1024)`` per request; ``temperature=0.6, ignore_eos=True``; all
 requests in one batch (142,827 prompt and 133,966 output tokens).
 
-Each engine is built in a child process, twice per mode, with ``TRITON_CACHE_DIR`` and
-``TORCHINDUCTOR_CACHE_DIR`` pointed at one fresh temporary folder, and the engine's tuning file in it: the first
-build is the cold one (empty caches, nothing tuned), the second the warm one (the caches and the tuning file the
-first filled). Each child runs the workload twice on its fresh engine, without warm-up: ``first_run_over_second``
-= tokens/s of run 1 / run 2. ``output_tokens_per_s`` is run 2 of the warm child (output tokens / wall time of the
-run). Each run shifts the first token of every prompt, so the prefix cache never serves one run's prompts to the
-next.
+Each engine is built in a child process, twice per mode, with ``TRITON_CACHE_DIR`` and ``TORCHINDUCTOR_CACHE_DIR``
+pointed at one fresh temporary folder, and the engine's tuning file in it: the first build is the cold one (empty
+caches, nothing tuned), the second the warm one (the caches and the tuning file the first filled). Each child runs
+the workload twice on its fresh engine, with no warm-up run of its own (the engine's build-time warm-up on CUDA
+counts in the build): ``first_run_over_second`` = tokens/s of run 1 / run 2. ``output_tokens_per_s`` is run 2 of the
+warm child (output tokens / wall time of the run). Each run shifts the first token of every prompt, so the prefix
+cache never serves one run's prompts to the next. ``build_phases_s[kind][mode]`` (``kind`` "cold" / "warm") splits
+that child's build into the engine's phases in seconds (the model runner's ``init_seconds``: load, pretune,
+kv_cache, cudagraphs, prefill_cudagraphs, warm_up; those that ran on that device), also kept in the child's own
+``init_seconds``.
 
 Floor: per decode step, reading the weights and the live KV cache at the copy bandwidth measured in the same
 run, or the step's FLOPs at the bf16 peak, whichever is longer; prefill at the bf16 peak. The transformers peer
@@ -131,6 +134,9 @@ def child(args: argparse.Namespace) -> int:
     res = {"mode": mode, "build_s": round(build_s, 2), "runs": runs, "llm_kwargs": kw,
            "num_kvcache_blocks": llm.config.num_kvcache_blocks,
            "first_run_over_second": round(runs[0]["output_tokens_per_s"] / runs[1]["output_tokens_per_s"], 4)}
+    phases = getattr(llm.engine.model_runner, "init_seconds", None)  # absent on a tensor-parallel engine
+    if isinstance(phases, dict):
+        res["init_seconds"] = {k: round(v, 2) for k, v in phases.items()}
     engine.release(llm)
     common.write_json(args.child_out, res)
     return 0
@@ -178,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {**common.header(argv, "benchmarks/throughput.py"),
                            "copy_bandwidth_tb_s": None, "floor_tokens_per_s": None,
                            "output_tokens_per_s": {}, "cold_build_s": {}, "warm_build_s": {},
+                           "build_phases_s": {"cold": {}, "warm": {}},
                            "first_run_over_second": {}, "cold_first_run_over_second": {}, "fraction_of_floor": {},
                            "transformers_peer": None,
                            "workload": {"num_seqs": args.num_seqs, "prompt_tokens": sum(map(len, prompts)),
@@ -203,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                 failed = True
             else:
                 res[f"{kind}_build_s"][mode] = r["build_s"]
+                if "init_seconds" in r:
+                    res["build_phases_s"][kind][mode] = r["init_seconds"]
                 if kind == "warm":
                     res["output_tokens_per_s"][mode] = r["runs"][1]["output_tokens_per_s"]
                     res["first_run_over_second"][mode] = r["first_run_over_second"]

@@ -107,6 +107,10 @@ def test_throughput_keys(ckpt: str, tmp_path) -> None:  # noqa: ANN001
     assert r["first_run_over_second"]["nofusion"] == pytest.approx(
         warm["runs"][0]["output_tokens_per_s"] / warm["runs"][1]["output_tokens_per_s"], rel=1e-3)
     assert cold["build_s"] == r["cold_build_s"]["nofusion"]
+    for kind, child in (("cold", cold), ("warm", warm)):  # the engine's build phases (CPU: load and kv_cache)
+        phases = r["build_phases_s"][kind]["nofusion"]
+        assert phases == child["init_seconds"] and {"load", "kv_cache"} <= set(phases), (kind, phases)
+        assert 0 <= sum(phases.values()) <= child["build_s"] + 0.05, (kind, phases)
     assert all(run["cached_tokens"] == 0 for run in warm["runs"])  # the second run reuses no prefix
     assert r["transformers_peer"]["num_seqs"] == 2 and r["transformers_peer"]["output_tokens_per_s"] > 0
     assert r["workload"]["output_tokens"] == sum(
