@@ -118,9 +118,11 @@ from triton.compiler import ASTSource
 m = importlib.import_module("nanovllm.kernels.qk_norm_rope")
 fn = m._qk_norm_rope_kernel
 types = {"qkv_ptr": "*bf16", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "cs_ptr": "*fp32", "pos_ptr": "*i64",
-         "q_ptr": "*bf16", "k_ptr": "*bf16", "stride_t": "i32", "stride_cs": "i32", "eps": "fp32"}
-for pdl in (False, True):  # with programmatic dependent launch (fusion_pass/launch.py): griddepcontrol in the PTX
-    consts = dict(NUM_HEADS=16, NUM_KV_HEADS=8, ROWS=32, HALF=64, USE_PDL=pdl)
+         "q_ptr": "*bf16", "k_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "slot_ptr": "*i32",
+         "stride_t": "i32", "stride_cs": "i32", "eps": "fp32"}
+# with programmatic dependent launch (fusion_pass/launch.py): griddepcontrol in the PTX; with and without the store
+for pdl, store in ((False, False), (True, False), (True, True)):
+    consts = dict(NUM_HEADS=16, NUM_KV_HEADS=8, ROWS=32, KV_ROWS=8, HALF=64, STORE=store, USE_PDL=pdl)
     sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
     c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, "launch_pdl": pdl})

@@ -4,6 +4,10 @@
 paged KV cache (by slot mapping) and attends over everything cached for each sequence (through its block
 table). It reads the step's metadata and the KV caches from :mod:`nanovllm.utils.context`, which the model
 runner fills before each step; Dynamo and Inductor see only an op with a fake implementation.
+
+``torch.ops.nanovllm.attention_cached(q, layer_idx, scale)`` is the same attention without the store, for a model
+whose previous op has already written the step's K/V into the cache (Qwen3 on CUDA:
+``torch.ops.nanovllm.qk_norm_rope_store``, nanovllm/layers/qk_norm_rope_op.py, stores inside its kernel).
 """
 from __future__ import annotations
 
@@ -26,6 +30,16 @@ def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id
         return torch.zeros_like(q)
     k_cache, v_cache = ctx.kv_caches[layer_idx]
     store_kvcache(k, v, k_cache, v_cache, ctx.slot_mapping)
+    return _paged_attention_cached(q, layer_idx, scale)
+
+
+def _paged_attention_cached(q: torch.Tensor, layer_idx: int, scale: float) -> torch.Tensor:
+    """q ``[T, H, D]`` -> attention output ``[T, H, D]`` over the layer's cache, which already holds the step's new
+    K/V (nothing is stored here). Zeros without a KV cache for ``layer_idx``, as :func:`_paged_attention`."""
+    ctx = get_context()
+    if layer_idx >= len(ctx.kv_caches):
+        return torch.zeros_like(q)
+    k_cache, v_cache = ctx.kv_caches[layer_idx]
     if ctx.is_prefill:
         return prefill_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.block_tables,
                                  ctx.max_seqlen_q, ctx.max_seqlen_k, scale)
@@ -37,8 +51,15 @@ def _paged_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
     return torch.empty_like(q)
 
 
+def _paged_attention_cached_fake(q: torch.Tensor, layer_idx: int, scale: float) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
 # torch.library.Library-defined (fusion_pass/registration.py: less host time per call than custom_op)
 paged_attention = define_op("nanovllm::attention", _paged_attention, _paged_attention_fake)
+# Reads a cache that an earlier op wrote; the graph orders the two only through q, the writer's output.
+paged_attention_cached = define_op("nanovllm::attention_cached", _paged_attention_cached,
+                                   _paged_attention_cached_fake)
 
 
 class Attention(nn.Module):
@@ -61,3 +82,9 @@ class Attention(nn.Module):
         """q ``[T, H, D]``, k and v ``[T, Hkv, D]`` -> ``[T, H * D]``."""
         o = torch.ops.nanovllm.attention(q, k, v, self.layer_idx, self.scale)
         return o.flatten(-2)
+
+    def forward_cached(self, q: torch.Tensor) -> torch.Tensor:
+        """q ``[T, H, D]`` -> ``[T, H * D]``, the step's K/V already in the cache: ``q`` must be the output of the op
+        that stored them (``torch.ops.nanovllm.qk_norm_rope_store``), which orders the store before this read
+        under Inductor and in CUDA graphs (the cache write itself is not visible to the graph)."""
+        return torch.ops.nanovllm.attention_cached(q, self.layer_idx, self.scale).flatten(-2)
