@@ -121,8 +121,9 @@ types = {"qkv_ptr": "*bf16", "qw_ptr": "*bf16", "kw_ptr": "*bf16", "cs_ptr": "*f
          "q_ptr": "*bf16", "k_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "slot_ptr": "*i32",
          "stride_t": "i32", "stride_cs": "i32", "eps": "fp32"}
 # with programmatic dependent launch (fusion_pass/launch.py): griddepcontrol in the PTX; with and without the store
-for pdl, store in ((False, False), (True, False), (True, True)):
-    consts = dict(NUM_HEADS=16, NUM_KV_HEADS=8, ROWS=32, KV_ROWS=8, HALF=64, STORE=store, USE_PDL=pdl)
+# and the norm (RoPE only: the Llama family)
+for pdl, store, norm in ((False, False, True), (True, False, True), (True, True, True), (True, True, False)):
+    consts = dict(NUM_HEADS=16, NUM_KV_HEADS=8, ROWS=32, KV_ROWS=8, HALF=64, STORE=store, NORM=norm, USE_PDL=pdl)
     sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
     c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, "launch_pdl": pdl})

@@ -1,8 +1,9 @@
 """q/k norm + RoPE with the KV-cache store folded in (nanovllm/kernels/qk_norm_rope.py ``qk_norm_rope_store``), in
 the Triton interpreter on the CPU: the same q and the same whole caches as ``qk_norm_rope`` followed by
 ``store_kvcache``; its op takes the cache from the context and stores nothing without one; the op pair
-``qk_norm_rope_store`` -> ``attention_cached`` gives the attention of ``attention``. The engine's greedy tokens on
-the GPU (which run this path for Qwen3) are checked by tests/test_qk_norm_rope.py's GPU test."""
+``qk_norm_rope_store`` -> ``attention_cached`` gives the attention of ``attention``; without norm weights (Llama)
+it equals RotaryEmbedding followed by the store. The engine's greedy tokens on the GPU: Qwen3 in
+tests/test_qk_norm_rope.py's GPU test, the Llama family here."""
 from __future__ import annotations
 
 import pytest
@@ -134,3 +135,50 @@ def test_store_op_and_cached_attention_trace_in_one_graph() -> None:
             assert torch.equal(got, want) and torch.equal(k_cache, kc2) and torch.equal(v_cache, vc2)
     finally:
         reset_context()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("t, h, hkv, d", [(1, 4, 2, 64), (7, 8, 2, 128)])
+def test_rope_only_store_equals_rotary_embedding_then_store(dtype: torch.dtype, t: int, h: int, hkv: int,
+                                                            d: int) -> None:
+    """Without norm weights (the Llama family): the model's RotaryEmbedding, then the store; and the op."""
+    import nanovllm.layers.qk_norm_rope_op  # noqa: F401
+
+    qkv, _, _, cs, pos, k_cache, v_cache, slots = make(t, h, hkv, d, dtype, seed=t + d)
+    rope = RotaryEmbedding(d, 4096, 1_000_000.0)
+    q_ref, k_ref = rope(pos, qkv[:, :h * d].reshape(t, h, d), qkv[:, h * d:(h + hkv) * d].reshape(t, hkv, d))
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+    store_kvcache(k_ref, qkv[:, (h + hkv) * d:].reshape(t, hkv, d), kc_ref, vc_ref, slots)
+    for force in (True, False):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        q = qk_norm_rope_store(qkv, None, None, cs, pos, h, hkv, 0.0, kc, vc, slots, force_triton=force)
+        assert torch.equal(q, q_ref) and torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), force
+    try:
+        kc, vc = k_cache.clone(), v_cache.clone()
+        set_context(False, slot_mapping=slots, kv_caches=[(kc, vc)])
+        assert torch.equal(torch.ops.nanovllm.rope_store(qkv, cs, pos, h, hkv, 0), q_ref)
+        assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+        kc, vc = k_cache.clone(), v_cache.clone()
+        assert torch.equal(torch.ops.nanovllm.rope_store(qkv, cs, pos, h, hkv, 1), q_ref)  # no cache: no store
+        assert torch.equal(kc, k_cache) and torch.equal(vc, v_cache)
+    finally:
+        reset_context()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_llama_engine_tokens_on_gpu(tmp_path) -> None:  # noqa: ANN001
+    """The Llama family's CUDA path (RoPE + KV store in one kernel, attention_cached), fp32 with CUDA graphs, gives
+    the greedy tokens of transformers (Qwen3's is tests/test_qk_norm_rope.py::test_bf16_and_engine_tokens_on_gpu)."""
+    from conftest import hf_greedy, random_prompts
+    from test_models_families import make_family_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from nanovllm import LLM, SamplingParams
+
+    ckpt = make_family_checkpoint(str(tmp_path / "llama"), "llama")
+    prompts = random_prompts([5, 40, 90], seed=3)
+    llm = LLM(ckpt, dtype="float32", kvcache_block_size=16, max_model_len=256, max_num_seqs=8)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    assert [o["token_ids"] for o in outs] == [hf_greedy(hf, p, 12) for p in prompts]

@@ -82,7 +82,7 @@ def test_project_ops_are_library_defined() -> None:
 
     names = ["coconut::rms_norm_linear", "coconut::add_rms_norm_linear", "nanovllm::attention",
              "nanovllm::attention_cached", "nanovllm::linear_small_m", "nanovllm::qk_norm_rope",
-             "nanovllm::qk_norm_rope_store"]
+             "nanovllm::qk_norm_rope_store", "nanovllm::rope_store"]
     for name in names:
         ns, op = name.split("::")
         assert hasattr(getattr(torch.ops, ns), op), name

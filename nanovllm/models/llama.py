@@ -16,6 +16,7 @@ from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+import nanovllm.layers.qk_norm_rope_op  # noqa: F401 - registers torch.ops.nanovllm.rope_store / qk_norm_rope_store
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 from nanovllm.utils.parallel import tp_size
 
@@ -47,6 +48,8 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=o_bias)
         self.rotary_emb = rotary_emb
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, layer_idx)
+        # the Triton kernel of rotate_store handles power-of-two head sizes
+        self.fused_store = self.head_dim >= 2 and self.head_dim & (self.head_dim - 1) == 0
 
     def rotate(self, positions: torch.Tensor, qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,9 +57,17 @@ class LlamaAttention(nn.Module):
         return self.rotary_emb(positions, q.view(-1, self.num_heads, self.head_dim),
                                k.view(-1, self.num_kv_heads, self.head_dim))
 
+    def rotate_store(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """CUDA: RoPE on q and k and the KV-cache store of k and v in one Triton kernel (layers/qk_norm_rope_op.py):
+        qkv ``[T, (H + 2 Hkv) D]`` -> rotated q ``[T, H, D]``."""
+        return torch.ops.nanovllm.rope_store(qkv, self.rotary_emb.cos_sin_cache, positions, self.num_heads,
+                                             self.num_kv_heads, self.attn.layer_idx)
+
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """positions int64 ``[T]``, hidden ``[T, hidden]`` (the normalized input) -> ``[T, hidden]``."""
         qkv = self.qkv_proj(hidden)
+        if qkv.is_cuda and self.fused_store:  # the attention reads the cache that rotate_store wrote
+            return self.o_proj(self.attn.forward_cached(self.rotate_store(positions, qkv)))
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], -1)
         q, k = self.rotate(positions, qkv, q, k)

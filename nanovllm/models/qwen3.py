@@ -5,7 +5,6 @@ import torch
 from transformers import PretrainedConfig
 
 from nanovllm.layers.layernorm import RMSNorm
-import nanovllm.layers.qk_norm_rope_op  # noqa: F401 - registers torch.ops.nanovllm.qk_norm_rope_store
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 from nanovllm.models.llama import LlamaAttention, LlamaForCausalLM, head_dim_of
 
@@ -19,16 +18,12 @@ class Qwen3Attention(LlamaAttention):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """As :meth:`LlamaAttention.forward`. On CUDA, q/k norm + RoPE + the KV-cache store run as one Triton kernel
-        (layers/qk_norm_rope_op.py) and the attention reads the cache without storing again."""
-        if not hidden.is_cuda:
-            return super().forward(positions, hidden)
-        qkv = self.qkv_proj(hidden)
-        q = torch.ops.nanovllm.qk_norm_rope_store(qkv, self.q_norm.weight, self.k_norm.weight,
-                                                  self.rotary_emb.cos_sin_cache, positions, self.num_heads,
-                                                  self.num_kv_heads, self.q_norm.eps, self.attn.layer_idx)
-        return self.o_proj(self.attn.forward_cached(q))
+    def rotate_store(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """CUDA: q/k norm + RoPE and the KV-cache store in one Triton kernel (layers/qk_norm_rope_op.py):
+        qkv ``[T, (H + 2 Hkv) D]`` -> q ``[T, H, D]``."""
+        return torch.ops.nanovllm.qk_norm_rope_store(qkv, self.q_norm.weight, self.k_norm.weight,
+                                                     self.rotary_emb.cos_sin_cache, positions, self.num_heads,
+                                                     self.num_kv_heads, self.q_norm.eps, self.attn.layer_idx)
 
     def rotate(self, positions: torch.Tensor, qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
