@@ -6,10 +6,10 @@
                                               eps, layer_idx)
     q = torch.ops.nanovllm.rope_store(qkv, cos_sin, positions, num_heads, num_kv_heads, layer_idx)  # no norm: Llama
 
-The second and third also write the step's new k (rotated) and v into the layer's paged KV cache, which it takes, with the
-slot mapping, from :mod:`nanovllm.utils.context` like ``torch.ops.nanovllm.attention`` does; the model follows it
-with ``torch.ops.nanovllm.attention_cached(q, layer_idx, scale)`` (nanovllm/layers/attention.py), which reads the
-cache without storing. The models use them on CUDA; on the CPU they keep the plain PyTorch chain.
+The second and third also write the step's new k (rotated) and v into the layer's paged KV cache, which they take,
+with the slot mapping, from :mod:`nanovllm.utils.context` like ``torch.ops.nanovllm.attention`` does; the model
+follows them with ``torch.ops.nanovllm.attention_cached(q, layer_idx, scale)`` (nanovllm/layers/attention.py),
+which reads the cache without storing. The models use them on CUDA; on the CPU they keep the plain PyTorch chain.
 """
 from __future__ import annotations
 
