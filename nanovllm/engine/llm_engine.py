@@ -107,9 +107,9 @@ class LLMEngine:
 
         Afterwards the engine is as built: neither step draws a random number nor moves the sampler's key or call
         counter (every later draw equals a fresh engine's), the KV pool and its prefix cache are emptied
-        (:meth:`BlockManager.reset`), and the step statistics and the preemption count are zeroed. The seconds
-        taken go to the runner's ``init_seconds["warm_up"]`` (where it keeps them). Called by the constructor on
-        CUDA.
+        (:meth:`BlockManager.reset`), and the step statistics, the preemption count and the prefill graphs' replay
+        count are zeroed. The seconds taken go to the runner's ``init_seconds["warm_up"]`` (where it keeps them).
+        Called by the constructor on CUDA.
         """
         t0 = time.perf_counter()
         self._warm_up_requests()
@@ -144,6 +144,9 @@ class LLMEngine:
         self.block_manager.reset()
         self.scheduler.num_preemptions = 0
         self.stats = StepStats()
+        prefill_graphs = getattr(self.model_runner, "prefill_graphs", None)
+        if prefill_graphs is not None:  # its replay count is a statistic too
+            prefill_graphs.replays = 0
 
     # ---- requests --------------------------------------------------------------------------------------------
     def tokenize(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
