@@ -65,20 +65,24 @@ def _source_hash() -> str:
 
 
 def _static_sites(graph: fx.Graph) -> list[tuple[int, int, int, torch.dtype, torch.device]]:
-    """(M, N, K, dtype, device) of each linear served by a coconut op of `graph` whose shapes are all integers."""
+    """(M, N, K, dtype, device) of each weight group (kernels.split_groups: the linears of a site that share one
+    launch, N the sum of their rows) served by a coconut op of `graph` whose shapes are all integers: the shapes
+    the dispatcher looks up at run time."""
     out = []
     for n in graph.nodes:
         if n.op != "call_function" or n.target not in _OPS:
             continue
         x = n.args[0].meta.get("val")
-        weights = n.args[3] if n.target is patterns.OP_RESIDUAL else n.args[2]
+        at = 3 if n.target is patterns.OP_RESIDUAL else 2
+        weights, biases = n.args[at], n.args[at + 1]
         if not isinstance(x, torch.Tensor) or not all(isinstance(d, int) for d in x.shape):
             continue
+        vals = [w.meta.get("val") for w in weights]
+        if not all(isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape) for v in vals):
+            continue
         m = functools.reduce(operator.mul, x.shape[:-1], 1)
-        for w in weights:
-            wv = w.meta.get("val")
-            if isinstance(wv, torch.Tensor) and all(isinstance(d, int) for d in wv.shape):
-                out.append((m, wv.shape[0], wv.shape[1], x.dtype, x.device))
+        for grp in kernels.split_groups([v.shape[0] for v in vals], [b is not None for b in biases]):
+            out.append((m, sum(vals[i].shape[0] for i in grp), vals[0].shape[1], x.dtype, x.device))
     return out
 
 

@@ -189,6 +189,58 @@ def test_skinny_variant_matches_reference(dtype, tol, m, n, k):
     assert counters is not None and int(counters.count_nonzero()) == 0  # every tile's counter reset for the next launch
 
 
+# weight groups (segments.py): the linears of one site in ONE launch, N_i not multiples of the tile, bias on all or none
+GROUP_CASES = [("stream", 1, (4, 4, 4)), ("stream", 2, (2, 2, 8)), ("stream", 1, (1, 1, 0)),
+               ("skinny", 3, (16, 32, 2, 1)), ("skinny", 17, (16, 32, 4, 0)), ("skinny", 5, (32, 1024, 4, 0))]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("variant,m,cfg", GROUP_CASES)
+def test_weight_group_one_launch_matches_float64(dtype, tol, variant, m, cfg, monkeypatch):
+    k = 96
+    launches = []
+    entry = kernels.FUSED_VARIANTS[variant]
+
+    def counted(*args):
+        launches.append(len(args[3]))  # the weights of the launch
+        entry.launch(*args)
+
+    monkeypatch.setitem(kernels.FUSED_VARIANTS, variant, kernels.FusedVariant(entry.configs, counted, entry.rows))
+    for ns, bias in (([40, 9, 9], True), ([33, 20], False), ([5, 3, 7, 12], False)):
+        x, r, g, ws, _ = make(m, k, ns, dtype, seed=7 * m + len(ns))
+        bs = [(0.1 * torch.randn(n, generator=torch.Generator().manual_seed(n))).to(DEV, dtype) if bias else None
+              for n in ns]
+        launches.clear()
+        ys, h = kernels.rms_norm_linear(x, g, ws, bs, 1e-6, residual2d=r, variant=variant, config=cfg)
+        ref, _ = ref64(x, g, ws, bs, 1e-6, r)
+        assert torch.equal(h, x + r)  # NaN-poisoned before: written once, by the first launch
+        assert launches == [len(grp) for grp in kernels.split_groups(ns, [bias] * len(ns))], launches
+        for y, yr in zip(ys, ref):
+            assert y.shape == yr.shape and not torch.isnan(y).any(), (ns, cfg)
+            assert rel_err(y, yr) < tol, (ns, cfg, rel_err(y, yr))
+    # mixed biases break the group: one launch per run of equal bias presence
+    x, r, g, ws, bs = make(m, k, [16, 8, 8], dtype, seed=1)  # bias on 0 and 2 only
+    launches.clear()
+    ys, _ = kernels.rms_norm_linear(x, g, ws, bs, 1e-6, variant=variant, config=cfg)
+    assert launches == [1, 1, 1]
+    for y, yr in zip(ys, ref64(x, g, ws, bs, 1e-6)[0]):
+        assert rel_err(y, yr) < tol
+
+
+def test_split_groups():
+    assert kernels.split_groups([8, 2, 2], [False] * 3) == [[0, 1, 2]]
+    assert kernels.split_groups([8, 2, 2, 4, 4], [True] * 5) == [[0, 1, 2], [3, 4]]  # at most MAX_GROUP = 3
+    assert kernels.split_groups([8, 2, 2], [True, False, False]) == [[0], [1, 2]]
+    assert kernels.split_groups([], []) == []
+    with pytest.raises(ValueError, match="bias flags"):
+        kernels.split_groups([8, 2], [True])
+    x, r, g, ws, bs = make(2, 32, [8, 8], torch.float32)
+    with pytest.raises(ValueError, match="all have a bias or all have none"):
+        kernels.fused_linears(x, g, ws, bs, 1e-6, variant="stream")  # bias on the first only
+    with pytest.raises(ValueError, match="1 to 3 weights"):
+        kernels.fused_linears(x, g, ws * 2, [None] * 4, 1e-6, variant="stream")
+
+
 def test_skinny_variant_rejects_bad_shapes():
     x, r, g, ws, bs = make(33, 32, [16], torch.float32)
     with pytest.raises(ValueError, match="skinny"):
@@ -351,15 +403,17 @@ from fusion_pass import kernels
 p = "*bf16"
 sig = {"x_ptr": p, "r_ptr": p, "g_ptr": p, "w_ptr": p, "b_ptr": p, "y_ptr": p, "h_ptr": p, "M": "i32", "N": "i32",
        "eps": "fp32", "K": "constexpr", "HAS_RES": "constexpr", "HAS_BIAS": "constexpr", "WRITE_H": "constexpr",
-       "BM": "constexpr", "BN": "constexpr", "BKP": "constexpr", "USE_PDL": "constexpr"}
-names = list(sig)
+       "BM": "constexpr", "BN": "constexpr", "BKP": "constexpr", "USE_PDL": "constexpr", "G": "constexpr",
+       "w1_ptr": p, "w2_ptr": p, "b1_ptr": p, "b2_ptr": p, "y1_ptr": p, "y2_ptr": p, "N1": "i32", "N2": "i32",
+       "T0": "i32", "T1": "i32", "TILES": "i32"}
+names = list(sig)  # every pointer 16-byte aligned, as Triton specializes the tensors of a real launch
 attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n == "N"}
 n = 0
 for bm, cfgs in kernels.STREAM_CONFIGS.items():
     for bn, warps, _ in cfgs:
         for k, res, pdl in ((1024, True, False), (1024, False, True), (3072, True, False)):
             consts = dict(K=k, HAS_RES=res, HAS_BIAS=False, WRITE_H=res, BM=bm, BN=bn, BKP=triton.next_power_of_2(k),
-                          USE_PDL=pdl)
+                          USE_PDL=pdl, G=1)
             c = triton.compile(ASTSource(fn=kernels.gemv._fused_stream_kernel, signature=sig, constexprs=consts,
                                          attrs=attrs),
                                target=GPUTarget("cuda", 90, 32),
@@ -367,6 +421,16 @@ for bm, cfgs in kernels.STREAM_CONFIGS.items():
             assert "cubin" in c.asm, (bm, bn, warps, consts)
             assert ("griddepcontrol.wait" in c.asm["ptx"]) == pdl
             n += 1
+# weight groups (q, k, v as one launch; K = 2048: the Llama-3.2-1B sites), with bias
+for g in (2, 3):
+    for bm, cfgs in kernels.STREAM_CONFIGS.items():
+        bn, warps, _ = cfgs[0]
+        consts = dict(K=2048, HAS_RES=True, HAS_BIAS=True, WRITE_H=True, BM=bm, BN=bn, BKP=2048, USE_PDL=True, G=g)
+        c = triton.compile(ASTSource(fn=kernels.gemv._fused_stream_kernel, signature=sig, constexprs=consts,
+                                     attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1, "launch_pdl": True})
+        assert "cubin" in c.asm and "griddepcontrol.wait" in c.asm["ptx"], consts
+        n += 1
 print("AOT-OK", n)
 """
 
@@ -388,12 +452,18 @@ names = list(sig)
 attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n == "N"}
 shapes = sorted({(max(16, b), c[0], c[1], c[2], bool(c[3:] and c[3])) for b, cfgs in kernels.SKINNY_CONFIGS.items()
                  for c in cfgs})
+grp = {"G": "constexpr", "w1_ptr": p, "w2_ptr": p, "b1_ptr": p, "b2_ptr": p, "y1_ptr": p, "y2_ptr": p, "N1": "i32",
+       "N2": "i32", "T0": "i32", "T1": "i32", "TILES": "i32"}
+sig = {**sig, **grp}
+names = list(sig)  # every pointer 16-byte aligned, as Triton specializes the tensors of a real launch
+attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n == "N"}
 n = 0
 for bm, bn, ks, warps, fixup in shapes:
-    for res, pdl in ((True, False), (False, True)):
-        consts = dict(K=1024, HAS_RES=res, HAS_BIAS=False, WRITE_H=res, SPLIT=ks < 1024, IEEE=False, BM=bm, BN=bn,
-                      KS=ks, USE_PDL=pdl, FIXUP=fixup and ks < 1024, S=-(-1024 // ks))
-        c = triton.compile(ASTSource(fn=kernels.skinny._fused_skinny_kernel, signature=sig, constexprs=consts, attrs=attrs),
+    for res, pdl, g in ((True, False, 1), (False, True, 1), (True, True, 3)):  # g = 3: a q, k, v weight group
+        consts = dict(K=1024, HAS_RES=res, HAS_BIAS=g > 1, WRITE_H=res, SPLIT=ks < 1024, IEEE=False, BM=bm, BN=bn,
+                      KS=ks, USE_PDL=pdl, FIXUP=fixup and ks < 1024, S=-(-1024 // ks), G=g)
+        c = triton.compile(ASTSource(fn=kernels.skinny._fused_skinny_kernel, signature=sig, constexprs=consts,
+                                     attrs=attrs),
                            target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": warps, "num_stages": 1, "launch_pdl": pdl})
         assert "cubin" in c.asm and "mma" in c.asm["ptx"], (bm, bn, ks, warps, consts)  # the tensor cores
@@ -409,11 +479,13 @@ for bm, bn, ks, warps, fixup in shapes:
         assert "0 bytes spill stores" in info, (bm, bn, ks, warps, res, info)
         n += 1
 sig_e = {"p_ptr": "*fp32", "q_ptr": "*fp32", "b_ptr": p, "y_ptr": p, "M": "i32", "N": "i32", "eps": "fp32",
-         "K": "constexpr", "S": "constexpr", "HAS_BIAS": "constexpr", "BLOCK": "constexpr", "USE_PDL": "constexpr"}
-c = triton.compile(ASTSource(fn=kernels.skinny._fused_splitk_epilogue_kernel, signature=sig_e,
-                             constexprs=dict(K=1024, S=4, HAS_BIAS=True, BLOCK=1024, USE_PDL=True)),
-                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "launch_pdl": True})
-assert "griddepcontrol.wait" in c.asm["ptx"]
+         "K": "constexpr", "S": "constexpr", "HAS_BIAS": "constexpr", "BLOCK": "constexpr", "USE_PDL": "constexpr",
+         **grp}
+for g in (1, 3):
+    c = triton.compile(ASTSource(fn=kernels.skinny._fused_splitk_epilogue_kernel, signature=sig_e,
+                                 constexprs=dict(K=1024, S=4, HAS_BIAS=True, BLOCK=1024, USE_PDL=True, G=g)),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "launch_pdl": True})
+    assert "griddepcontrol.wait" in c.asm["ptx"]
 print("AOT-OK", n)
 """
 

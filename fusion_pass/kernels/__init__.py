@@ -12,7 +12,8 @@ Files, one job each:
   gemv.py       "stream": M = 1-2 rows, whole-row W tiles, a persistent grid, on the CUDA cores.
   skinny.py     "skinny": M = 2-32 rows, split-K swap-AB on the tensor cores, the splits summed in the kernel
                 (fixup) or by an epilogue kernel.
-  registry.py   the fused variants by name (configs and launcher) and ``fused_linear``, which launches one.
+  segments.py   weight groups: the linears of one site (q, k, v) as segments of one launch.
+  registry.py   the fused variants by name (configs and launcher); ``fused_linear(s)``, which launch one.
   dispatch.py   picks the fastest path per shape by measurement on the running GPU, caches it, saves/loads it.
   linear.py     ``rms_norm_linear``, the entry point of the custom ops.
 """
@@ -28,7 +29,8 @@ from .gemv import STREAM_CONFIGS, STREAM_MAX_ROWS, stream_configs
 from .linear import rms_norm_linear
 from .norm import triton_rms_norm
 from .reference import reference_rms_norm, reference_rms_norm_linear
-from .registry import FUSED_VARIANTS, VARIANTS, FusedVariant, fused_linear
+from .registry import FUSED_VARIANTS, VARIANTS, FusedVariant, fused_linear, fused_linears
+from .segments import MAX_GROUP, split_groups
 from .skinny import (FIXUP_COUNTERS, SKINNY_CONFIGS, SKINNY_MAX_M, SKINNY_MAX_SMEM, fixup_counters,
                      reset_fixup_counters, skinny_configs)
 
@@ -39,10 +41,10 @@ def source_files() -> list[str]:
     return sorted(os.path.join(here, f) for f in os.listdir(here) if f.endswith(".py"))
 
 
-__all__ = ["OP", "Choice", "cached_choice", "FIXUP_COUNTERS", "FUSED_VARIANTS", "FusedVariant", "SKINNY_CONFIGS", "SKINNY_MAX_M",
+__all__ = ["MAX_GROUP", "OP", "Choice", "cached_choice", "FIXUP_COUNTERS", "FUSED_VARIANTS", "FusedVariant", "SKINNY_CONFIGS", "SKINNY_MAX_M",
            "SKINNY_MAX_SMEM", "STREAM_CONFIGS", "STREAM_MAX_ROWS", "VARIANTS", "candidates", "capture_graph",
-           "choose", "clear_dispatch_cache", "dispatch_table", "fixup_counters", "fused_linear", "load_tuning",
+           "choose", "clear_dispatch_cache", "dispatch_table", "fixup_counters", "fused_linear", "fused_linears", "load_tuning",
            "load_tuning_file", "measurement_count", "tuning_batch", "versions_tag", "fastest",
            "m_bucket", "measure", "new_buffer", "pretune", "reference_rms_norm", "reference_rms_norm_linear",
            "replay_ms", "reset_fixup_counters", "rms_norm_linear", "rotated_weights", "save_tuning",
-           "skinny_configs", "source_files", "stream_configs", "time_in_graph", "triton_rms_norm"]
+           "skinny_configs", "source_files", "split_groups", "stream_configs", "time_in_graph", "triton_rms_norm"]

@@ -6,7 +6,7 @@ No tl.dot: at one or two rows the tensor cores would idle on padding; the weight
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import triton
 import triton.language as tl
@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..launch import launch_options, sm_count, use_pdl
 from .common import m_bucket
+from .segments import group_kwargs, pick_segment, segment_args
 
 # The most rows one launch takes with an explicit config (BM = next_power_of_2(M) rows, unrolled).
 STREAM_MAX_ROWS = 16
@@ -29,10 +30,12 @@ def stream_configs(m: int) -> list[tuple[int, int, int]]:
     return list(STREAM_CONFIGS.get(m_bucket(m), []))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N1", "N2", "T0", "T1", "TILES"])
 def _fused_stream_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, eps,
                          K: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BKP: tl.constexpr, USE_PDL: tl.constexpr = False):
+                         BM: tl.constexpr, BN: tl.constexpr, BKP: tl.constexpr, USE_PDL: tl.constexpr = False,
+                         G: tl.constexpr = 1, w1_ptr=None, w2_ptr=None, b1_ptr=None, b2_ptr=None, y1_ptr=None,
+                         y2_ptr=None, N1=0, N2=0, T0=0, T1=0, TILES=0):
     """Fused GEMV with whole-row W tiles and a persistent grid, for M <= BM (a few) rows.
 
     Program p handles the tiles t = p, p + P, p + 2P, ... (P programs; tile t = W rows [t*BN, t*BN + BN)). Each
@@ -43,30 +46,42 @@ def _fused_stream_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, 
     W: [N, K] row-major; b: [N]; y: [M, N]. fp32 accumulation.
     USE_PDL (programmatic dependent launch, see `use_pdl`): the first W tile and g are loaded before
     waiting for the previous kernel in the stream; x, r, h and y are touched only after the wait.
+    G > 1 (a weight group, see segments.py): (w, b, y, N) is segment 0 and (w1, b1, y1, N1), (w2, b2, y2, N2) the
+    others; the tiles are numbered across the segments (T0, T1 of the first two, TILES in all) and every tile
+    reads and writes its own segment's tensors.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     num_tiles = tl.cdiv(N, BN)
+    if G > 1:
+        num_tiles = TILES
     rk = tl.arange(0, BKP)
     k_mask = rk < K
     rn0 = tl.arange(0, BN)
     dt = y_ptr.dtype.element_ty
-    rn = pid * BN + rn0
-    w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :], mask=(rn < N)[:, None] & k_mask[None, :],
+    tt, n_seg, w_seg, b_seg, y_seg, _ = pick_segment(pid, T0, T1, N, N1, N2, w_ptr, w1_ptr, w2_ptr, b_ptr, b1_ptr,
+                                                     b2_ptr, y_ptr, y1_ptr, y2_ptr, G)
+    rn = tt * BN + rn0
+    w = tl.load(w_seg + rn.to(tl.int64)[:, None] * K + rk[None, :], mask=(rn < n_seg)[:, None] & k_mask[None, :],
                 other=0.0, eviction_policy="evict_first")
     g = tl.load(g_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     for t in range(pid, num_tiles, nprog):
-        rn = t * BN + rn0
-        n_mask = rn < N
-        rn_next = (t + nprog) * BN + rn0
-        w_next = tl.load(w_ptr + rn_next.to(tl.int64)[:, None] * K + rk[None, :],
-                         mask=(rn_next < N)[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
+        tt, n_seg, w_seg, b_seg, y_seg, _ = pick_segment(t, T0, T1, N, N1, N2, w_ptr, w1_ptr, w2_ptr, b_ptr, b1_ptr,
+                                                         b2_ptr, y_ptr, y1_ptr, y2_ptr, G)
+        rn = tt * BN + rn0
+        n_mask = rn < n_seg
+        tn, n_next, w_next_seg, _b, _y, _c = pick_segment(t + nprog, T0, T1, N, N1, N2, w_ptr, w1_ptr, w2_ptr, b_ptr,
+                                                          b1_ptr, b2_ptr, y_ptr, y1_ptr, y2_ptr, G)
+        rn_next = tn * BN + rn0
+        w_next = tl.load(w_next_seg + rn_next.to(tl.int64)[:, None] * K + rk[None, :],
+                         mask=(rn_next < n_next)[:, None] & k_mask[None, :], other=0.0,
+                         eviction_policy="evict_first")
         wf = w.to(tl.float32)
         if HAS_BIAS:
-            bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+            bias = tl.load(b_seg + rn, mask=n_mask, other=0.0).to(tl.float32)
         for m in tl.static_range(BM):
             if m < M:
                 h = tl.load(x_ptr + m * K + rk, mask=k_mask, other=0.0)
@@ -81,33 +96,33 @@ def _fused_stream_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, 
                 y = tl.sum(wf * (hf * g)[None, :], axis=1) * inv
                 if HAS_BIAS:
                     y += bias
-                tl.store(y_ptr + m * N + rn, y.to(dt), mask=n_mask)
+                tl.store(y_seg + m * n_seg + rn, y.to(dt), mask=n_mask)
         w = w_next
 
 
-def launch_stream(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor, weight: Tensor,
-                  bias: Optional[Tensor], y: Tensor, h_out: Optional[Tensor], eps: float,
+def launch_stream(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor, weights: Sequence[Tensor],
+                  biases: Sequence[Optional[Tensor]], ys: Sequence[Tensor], h_out: Optional[Tensor], eps: float,
                   config: tuple[int, ...]) -> None:
-    """Write y [M, N] (and h_out = x + r when both are given) with one stream launch; shapes as
-    :func:`fusion_pass.kernels.fused_linear`. config: (BN, num_warps, programs per SM or 0).
+    """Write every y_i [M, N_i] (and h_out = x + r when both are given) with ONE stream launch over a group of 1 to
+    MAX_GROUP weights (segments.py); shapes as :func:`fusion_pass.kernels.fused_linears`. config: (BN, num_warps,
+    programs per SM or 0).
 
     Raises:
-        ValueError: M > STREAM_MAX_ROWS.
+        ValueError: M > STREAM_MAX_ROWS, or a group the kernel cannot take (segments.segment_args).
     """
     M, K = x2d.shape
-    N = weight.shape[0]
     bn, warps, per_sm = config
     bm = m_bucket(M)
     if bm > STREAM_MAX_ROWS:
         raise ValueError(f"stream variant handles at most {STREAM_MAX_ROWS} rows, got M={M}")
-    tiles = triton.cdiv(N, bn)
+    ws, bs, outs, ns, t01, tiles = segment_args(weights, biases, ys, bn)
     pdl = use_pdl(x2d)
     grid = tiles if per_sm <= 0 or not x2d.is_cuda else min(tiles, per_sm * sm_count(x2d.device))
     has_res = residual2d is not None
     write_h = has_res and h_out is not None
     _fused_stream_kernel[(grid,)](
-        x2d, residual2d if has_res else x2d, norm_weight, weight, bias if bias is not None else weight, y,
-        h_out if write_h else y, M, N, float(eps), K=K,
-        HAS_RES=has_res, HAS_BIAS=bias is not None, WRITE_H=write_h,
+        x2d, residual2d if has_res else x2d, norm_weight, ws[0], bs[0], outs[0],
+        h_out if write_h else outs[0], M, ns[0], float(eps), K=K,
+        HAS_RES=has_res, HAS_BIAS=biases[0] is not None, WRITE_H=write_h,
         BM=bm, BN=bn, BKP=triton.next_power_of_2(K), USE_PDL=pdl, num_warps=warps, num_stages=1,
-        **launch_options(pdl))
+        **group_kwargs(ws, bs, outs, ns, t01, tiles, len(weights)), **launch_options(pdl))

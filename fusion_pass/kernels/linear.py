@@ -10,7 +10,8 @@ from .common import new_buffer
 from .dispatch import Choice, choose
 from .norm import triton_rms_norm
 from .reference import reference_rms_norm_linear
-from .registry import VARIANTS, fused_linear
+from .registry import VARIANTS, fused_linears
+from .segments import split_groups
 
 
 def rms_norm_linear(
@@ -59,10 +60,14 @@ def rms_norm_linear(
     x2d = x2d.contiguous()
     residual2d = residual2d.contiguous() if residual2d is not None else None
     norm_weight = norm_weight.contiguous()
+    weights = [w.contiguous() for w in weights]
+    # One decision and one launch per weight group (segments.py): the group is measured as the stacked
+    # [N_0 + .. + N_{G-1}, K] weight it reads, and a fused choice launches one kernel for all of its linears.
+    groups = split_groups([w.shape[0] for w in weights], [b is not None for b in biases])
     if variant == "auto":
-        choices = [choose(M, w.shape[0], K, x2d.dtype, x2d.device) for w in weights]
+        choices = [choose(M, sum(weights[i].shape[0] for i in grp), K, x2d.dtype, x2d.device) for grp in groups]
     else:
-        choices = [Choice(variant, tuple(config) if config is not None else (), "forced") for _ in weights]
+        choices = [Choice(variant, tuple(config) if config is not None else (), "forced") for _ in groups]
     # weight_in_fp32 with a low-precision weight differs from the Llama chain only in rounding, which the fused
     # kernels do not reproduce anyway (the GEMV-shaped ones keep h*g in fp32, the tl.dot ones round it once to the
     # activation dtype); so it only matters for the unfused path.
@@ -70,17 +75,20 @@ def rms_norm_linear(
     h: Optional[Tensor] = None
     if any(c.variant == "unfused" for c in choices):
         a, h = triton_rms_norm(x2d, norm_weight, eps, residual2d, weight_in_fp32)
-        for i, (w, b, c) in enumerate(zip(weights, biases, choices)):
+        for grp, c in zip(groups, choices):
             if c.variant == "unfused":
-                ys[i] = F.linear(a, w, b)
+                for i in grp:
+                    ys[i] = F.linear(a, weights[i], biases[i])
     if residual2d is not None and h is None:
         h = new_buffer((M, K), x2d)
         h_pending = True
     else:
         h_pending = False
-    for i, (w, b, c) in enumerate(zip(weights, biases, choices)):
+    for grp, c in zip(groups, choices):
         if c.variant != "unfused":
-            ys[i] = fused_linear(x2d, norm_weight, w.contiguous(), b, eps, residual2d,
-                                 h if h_pending else None, c.variant, c.config or None)
+            out = fused_linears(x2d, norm_weight, [weights[i] for i in grp], [biases[i] for i in grp], eps,
+                                residual2d, h if h_pending else None, c.variant, c.config or None)
+            for i, y in zip(grp, out):
+                ys[i] = y
             h_pending = False
     return [y for y in ys if y is not None], h

@@ -9,7 +9,7 @@ so the chunk indexing is written in both, and the fixup counters below serve bot
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..launch import launch_options, use_pdl
 from .common import log, m_bucket, new_buffer
+from .segments import group_kwargs, pick_segment, segment_args
 
 SKINNY_MAX_M = 32  # the most rows of one launch (BM = max(16, next_power_of_2(M)) <= 32)
 # The W chunk [BN, KS] and activation tile [KS, BM] pass through shared memory for tl.dot (227 KiB per block on
@@ -34,12 +35,13 @@ def skinny_configs(m: int) -> list[tuple[int, ...]]:
     return list(SKINNY_CONFIGS.get(m_bucket(m), [])) if m <= SKINNY_MAX_M else []
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N1", "N2", "T0", "T1", "TILES"])
 def _fused_skinny_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, q_ptr, c_ptr, M, N, eps,
                          K: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr,
                          SPLIT: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                          KS: tl.constexpr, USE_PDL: tl.constexpr = False, FIXUP: tl.constexpr = False,
-                         S: tl.constexpr = 1):
+                         S: tl.constexpr = 1, G: tl.constexpr = 1, w1_ptr=None, w2_ptr=None, b1_ptr=None,
+                         b2_ptr=None, y1_ptr=None, y2_ptr=None, N1=0, N2=0, T0=0, T1=0, TILES=0):
     """Fused split-K skinny GEMM on the tensor cores for a few rows (M <= BM, BM >= 16), swap-AB.
 
     Program (pid_n, s) takes the W chunk [BN, KS] (rows pid_n*BN.., columns s*KS..; ONE load, K a compile-time
@@ -59,10 +61,16 @@ def _fused_skinny_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr,
     loaded before waiting for the previous kernel (see `use_pdl`). The engine's plain linears have a twin of this
     kernel (nanovllm.kernels.gemv.skinny, an activation instead of the norm); fusion_pass never
     imports nanovllm, so the chunk indexing below is written in both.
+    G > 1 (a weight group, see segments.py): (w, b, y, N) is segment 0, (w1, b1, y1, N1) and (w2, b2, y2, N2) the
+    others; pid_n numbers the n-tiles across the segments (T0, T1 of the first two), each tile computes its own
+    segment's y, and segment i's partials are the [S, M, N_i] block of p at S * M * (N_0 + .. + N_{i-1}).
     """
     pid_n = tl.program_id(0)
     s = tl.program_id(1)
-    rn = pid_n * BN + tl.arange(0, BN)
+    tt, N, w_ptr, b_ptr, y_ptr, col = pick_segment(pid_n, T0, T1, N, N1, N2, w_ptr, w1_ptr, w2_ptr, b_ptr, b1_ptr,
+                                                   b2_ptr, y_ptr, y1_ptr, y2_ptr, G)
+    p_ptr += (col.to(tl.int64) * M) * S  # this segment's [S, M, N] partials
+    rn = tt * BN + tl.arange(0, BN)
     n_mask = rn < N
     rn64 = rn.to(tl.int64)
     rk = s * KS + tl.arange(0, KS)
@@ -121,13 +129,20 @@ def _fused_skinny_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr,
         tl.store(y_ptr + rm.to(tl.int64)[None, :] * N + rn64[:, None], y.to(dt),
                  mask=n_mask[:, None] & m_mask[None, :])
 
-@triton.jit
+@triton.jit(do_not_specialize=["N1", "N2", "T0", "T1", "TILES"])
 def _fused_splitk_epilogue_kernel(p_ptr, q_ptr, b_ptr, y_ptr, M, N, eps, K: tl.constexpr, S: tl.constexpr,
-                                  HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+                                  HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False,
+                                  G: tl.constexpr = 1, w1_ptr=None, w2_ptr=None, b1_ptr=None, b2_ptr=None,
+                                  y1_ptr=None, y2_ptr=None, N1=0, N2=0, T0=0, T1=0, TILES=0):
     """The skinny variant's split-K epilogue: y[m, n] = (sum_s p[s, m, n]) * 1/rms(h_m) + b[n], with
     1/rms(h_m) = rsqrt(sum_s q[s, m] / K + eps). p: [S, M, N], q: [S, M] fp32; y: [M, N]; BLOCK consecutive
-    (m, n) per program; one rounding to y's dtype. USE_PDL: b is loaded before waiting for the split kernel."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    (m, n) per program; one rounding to y's dtype. USE_PDL: b is loaded before waiting for the split kernel.
+    G > 1: the programs are numbered across the segments as in ``_fused_skinny_kernel`` (T0, T1: blocks of
+    the first two segments; the w pointers are unused), each segment's p block at S * M * its first column."""
+    tt, N, _w, b_ptr, y_ptr, col = pick_segment(tl.program_id(0), T0, T1, N, N1, N2, y_ptr, y1_ptr, y2_ptr, b_ptr,
+                                                b1_ptr, b2_ptr, y_ptr, y1_ptr, y2_ptr, G)
+    p_ptr += (col.to(tl.int64) * M) * S
+    offs = tt * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     n = offs % N
     m = offs // N
@@ -198,19 +213,19 @@ def _log_fixup_fallback(reason: str) -> None:
         log.info("coconut: split-K fixup off (%s); the epilogue kernel sums the splits", reason)
 
 
-def launch_skinny(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor, weight: Tensor,
-                  bias: Optional[Tensor], y: Tensor, h_out: Optional[Tensor], eps: float,
+def launch_skinny(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor, weights: Sequence[Tensor],
+                  biases: Sequence[Optional[Tensor]], ys: Sequence[Tensor], h_out: Optional[Tensor], eps: float,
                   config: tuple[int, ...]) -> None:
-    """Write y [M, N] (and h_out = x + r when both are given) with the split-K kernel (and its epilogue kernel
-    unless the fixup runs); shapes as :func:`fusion_pass.kernels.fused_linear`. config: (BN, KS, num_warps[,
-    fixup]).
+    """Write every y_i [M, N_i] (and h_out = x + r when both are given) with ONE split-K launch over a group of 1 to
+    MAX_GROUP weights (segments.py), plus its epilogue kernel unless the fixup runs; shapes as
+    :func:`fusion_pass.kernels.fused_linears`. config: (BN, KS, num_warps[, fixup]).
 
     Raises:
         ValueError: a config not of 3 or 4 ints, fixup not 0/1, num_warps not 1-16 (a power of two), BN or KS not a
-            power of two >= 16, M > SKINNY_MAX_M, K = 0, or tiles beyond SKINNY_MAX_SMEM.
+            power of two >= 16, M > SKINNY_MAX_M, K = 0, tiles beyond SKINNY_MAX_SMEM, or a group the kernel
+            cannot take (segments.segment_args).
     """
     M, K = x2d.shape
-    N = weight.shape[0]
     if len(config) not in (3, 4):
         raise ValueError(f"skinny variant: config must be (BN, KS, num_warps[, fixup]), got {config}")
     if K == 0:
@@ -230,26 +245,30 @@ def launch_skinny(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor
     if (bn + bm) * ks * x2d.element_size() > SKINNY_MAX_SMEM:
         raise ValueError(f"skinny variant: the [{bn}, {ks}] W chunk and [{ks}, {bm}] activation tile exceed "
                          f"{SKINNY_MAX_SMEM} bytes of shared memory")
+    ws, bs, outs, ns, t01, tiles = segment_args(weights, biases, ys, bn)
+    g = len(weights)
+    n_total = sum(ns)
     has_res = residual2d is not None
     write_h = has_res and h_out is not None
+    has_bias = biases[0] is not None
     r = residual2d if has_res else x2d
-    b = bias if bias is not None else weight
-    hb = h_out if write_h else y
+    hb = h_out if write_h else outs[0]
     splits = triton.cdiv(K, ks)
-    tiles = triton.cdiv(N, bn)
     counters = fixup_counters(x2d.device, tiles) if fixup and splits > 1 else None
     fixup = counters is not None  # no counters (first use inside a CUDA graph capture): the epilogue kernel
-    part = new_buffer((splits, M, N), x2d, torch.float32) if splits > 1 else y
+    part = new_buffer((splits, M, n_total), x2d, torch.float32) if splits > 1 else outs[0]
     sq = (new_buffer((tiles, splits, bm), x2d, torch.float32) if fixup
-          else new_buffer((splits, M), x2d, torch.float32) if splits > 1 else y)
+          else new_buffer((splits, M), x2d, torch.float32) if splits > 1 else outs[0])
     pdl = use_pdl(x2d)
     _fused_skinny_kernel[(tiles, splits)](
-        x2d, r, norm_weight, weight, b, y, hb, part, sq, counters if fixup else sq, M, N, float(eps), K=K,
-        HAS_RES=has_res, HAS_BIAS=bias is not None, WRITE_H=write_h, SPLIT=splits > 1,
+        x2d, r, norm_weight, ws[0], bs[0], outs[0], hb, part, sq, counters if fixup else sq, M, ns[0], float(eps),
+        K=K, HAS_RES=has_res, HAS_BIAS=has_bias, WRITE_H=write_h, SPLIT=splits > 1,
         IEEE=x2d.dtype == torch.float32, BM=bm, BN=bn, KS=ks, USE_PDL=pdl, FIXUP=fixup, S=splits,
-        num_warps=warps, num_stages=1, **launch_options(pdl))
+        num_warps=warps, num_stages=1, **group_kwargs(ws, bs, outs, ns, t01, tiles, g), **launch_options(pdl))
     if splits > 1 and not fixup:
         block = 1024
-        _fused_splitk_epilogue_kernel[(triton.cdiv(M * N, block),)](
-            part, sq, b, y, M, N, float(eps), K=K, S=splits, HAS_BIAS=bias is not None, BLOCK=block,
-            USE_PDL=pdl, num_warps=4, **launch_options(pdl))
+        b01 = [triton.cdiv(M * n, block) for n in ns[:2]]  # the epilogue's programs per segment
+        blocks = sum(triton.cdiv(M * n, block) for n in ns)
+        _fused_splitk_epilogue_kernel[(blocks,)](
+            part, sq, bs[0], outs[0], M, ns[0], float(eps), K=K, S=splits, HAS_BIAS=has_bias, BLOCK=block,
+            USE_PDL=pdl, num_warps=4, **group_kwargs(ws, bs, outs, ns, b01, blocks, g), **launch_options(pdl))

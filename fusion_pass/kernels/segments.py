@@ -1,0 +1,109 @@
+"""Weight groups: the linears of one site launched as ONE fused kernel over their stacked rows.
+
+A norm often feeds several linears (transformers' Llama: q_proj, k_proj, v_proj; gate_proj, up_proj). Launched one
+by one, each fused kernel recomputes the row norm and pays its own launch and tail; small weights (k, v) also run
+far from the bandwidth floor. Grouped, the weights W_0 .. W_{G-1} ([N_i, K] each, separate tensors) act as the
+segments of one virtual [N_0 + ... + N_{G-1}, K] matrix: the kernel's n-tiles are numbered across the segments
+(segment i owns T_i = cdiv(N_i, tile) consecutive tiles, so no tile straddles two), and each program picks its
+segment's weight, bias and output pointers from its tile number with two scalar comparisons (:func:`pick_segment`).
+Nothing is copied or concatenated; every output y_i stays its own [M, N_i] tensor.
+
+:func:`split_groups` decides which weights of a site share a launch (the dispatcher and the backend's pretune use
+it too, so they measure the shape that runs: M x (N_0 + .. + N_{G-1}) x K).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MAX_GROUP = 3  # weights per launch (q, k, v); longer lists are split into consecutive groups
+
+
+@triton.jit
+def pick_segment(t, T0, T1, N0, N1, N2, w0, w1, w2, b0, b1, b2, y0, y1, y2, G: tl.constexpr):
+    """The segment of global tile t: (tile index within it, its N, its W, bias and y pointers, its first column
+    in the stacked [M, N_0 + N_1 + N_2] numbering).
+
+    Segment 0 owns tiles [0, T0), segment 1 [T0, T0 + T1), segment 2 the rest (G = 1 to 3 segments; pointers and
+    counts of absent segments are ignored). A tile past the last one maps to the last segment beyond its N, so a
+    load masked with ``rows < N`` reads nothing.
+    """
+    tt = t
+    n = t * 0 + N0
+    c = t * 0
+    w = w0
+    b = b0
+    y = y0
+    if G > 1:  # selects, not branches: straight-line code keeps the kernels' register allocation unchanged
+        s1 = t >= T0
+        tt = tl.where(s1, t - T0, tt)
+        n = tl.where(s1, N1, n)
+        c = tl.where(s1, N0, c)
+        w = tl.where(s1, w1, w)
+        b = tl.where(s1, b1, b)
+        y = tl.where(s1, y1, y)
+    if G > 2:
+        s2 = t >= T0 + T1
+        tt = tl.where(s2, t - T0 - T1, tt)
+        n = tl.where(s2, N2, n)
+        c = tl.where(s2, N0 + N1, c)
+        w = tl.where(s2, w2, w)
+        b = tl.where(s2, b2, b)
+        y = tl.where(s2, y2, y)
+    return tt, n, w, b, y, c
+
+
+def split_groups(widths: Sequence[int], has_bias: Sequence[bool]) -> list[list[int]]:
+    """Indices of the weights that share one launch: consecutive runs of at most :data:`MAX_GROUP` weights, all
+    with a bias or all without (a run breaks where that changes).
+
+    Args:
+        widths: N_i of each weight (rows of W_i). has_bias: whether linear i has a bias (same length).
+    Raises:
+        ValueError: the two lists differ in length.
+    """
+    if len(widths) != len(has_bias):
+        raise ValueError(f"split_groups: {len(widths)} widths but {len(has_bias)} bias flags")
+    groups: list[list[int]] = []
+    for i, hb in enumerate(has_bias):
+        if groups and len(groups[-1]) < MAX_GROUP and has_bias[groups[-1][0]] == hb:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def segment_args(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], ys: Sequence[Tensor],
+                 tile: int) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[int], list[int], int]:
+    """The kernel arguments of a group of 1 to :data:`MAX_GROUP` weights split in tiles of ``tile`` rows: (the 3 W
+    pointers, the 3 bias pointers, the 3 y pointers, N_0..N_2, T_0..T_1, total tiles). Absent segments repeat
+    segment 0's tensors with N = 0; an absent bias is W (never read: HAS_BIAS is False then).
+
+    Raises:
+        ValueError: an empty group or more than MAX_GROUP weights, or lists of different lengths.
+    """
+    g = len(weights)
+    if not 1 <= g <= MAX_GROUP or len(biases) != g or len(ys) != g:
+        raise ValueError(f"a weight group holds 1 to {MAX_GROUP} weights with one bias and one output each, got "
+                         f"{g} weights, {len(biases)} biases, {len(ys)} outputs")
+    pad = MAX_GROUP - g
+    ws = list(weights) + [weights[0]] * pad
+    bs = [b if b is not None else w for b, w in zip(biases, weights)] + [ws[0]] * pad
+    outs = list(ys) + [ys[0]] * pad
+    ns = [int(w.shape[0]) for w in weights] + [0] * pad
+    tiles = [triton.cdiv(n, tile) for n in ns]
+    return ws, bs, outs, ns, tiles[:2], sum(tiles)
+
+
+def group_kwargs(ws: list[Tensor], bs: list[Tensor], outs: list[Tensor], ns: list[int], t01: list[int], tiles: int,
+                 g: int) -> dict[str, object]:
+    """The launch keywords of segments 1 and 2 (from :func:`segment_args`) for a kernel taking ``G``, ``w1_ptr``
+    .. ``y2_ptr``, ``N1``, ``N2``, ``T0``, ``T1``, ``TILES``; nothing for one weight (the kernel's defaults), which
+    keeps the launch of an ungrouped site as short as before."""
+    if g == 1:
+        return {}
+    return dict(G=g, w1_ptr=ws[1], w2_ptr=ws[2], b1_ptr=bs[1], b2_ptr=bs[2], y1_ptr=outs[1], y2_ptr=outs[2],
+                N1=ns[1], N2=ns[2], T0=t01[0], T1=t01[1], TILES=tiles)
