@@ -41,8 +41,8 @@ idle waiting for the host (scheduling, input preparation, launches, Python); it 
 overlaps the GPU's work. Per category: ms per step and kernels per step; the top ``--top-kernels`` kernels by time.
 Host phase times (``host_phases_ms``) come from the profiled steps and include the profiler's own overhead.
 
-Roofline (bytes floor at the bandwidth ``common.bandwidth_bytes_per_s()`` = 4.3e12 B/s, and a compute floor
-at ``common.PEAK_BF16_FLOP_PER_S``; floor = the larger), computed from the checkpoint's config.json and the
+Roofline (bytes floor at the bandwidth ``floors.bandwidth_bytes_per_s()`` = 4.3e12 B/s, and a compute floor
+at ``floors.PEAK_BF16_FLOP_PER_S``; floor = the larger), computed from the checkpoint's config.json and the
 engine's dtype, per group of categories:
 
 - ``linear`` (fused_norm_linear + gemm; the fusion pass's dispatcher decides per batch size whether a site's
@@ -87,11 +87,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import common  # noqa: E402
+from . import accelerator, engine_modes, floors, provenance, results_io, tables, timing, workloads  # noqa: E402
 
-common.add_repo_to_path()
+provenance.add_repo_to_path()
 
-MODES: dict[str, dict[str, Any]] = common.ENGINE_MODES
+MODES: dict[str, dict[str, Any]] = engine_modes.ENGINE_MODES
 DEFAULT_CKPT = "/tmp/qwen3-0.6b"
 
 CATEGORIES: list[str] = ["fused_norm_linear", "gemm", "attention", "kv_store", "inductor", "sampler", "memcpy",
@@ -176,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="JSON path (default: a file in the temp folder; "
                          "elsewhere a file in the temp folder, so CPU test runs never overwrite GPU results)")
     args = ap.parse_args(argv)
-    args.out = args.out or common.default_out("decode-profile")
+    args.out = args.out or results_io.default_out("decode-profile")
     if args.steps < 1:
         ap.error("--steps must be >= 1")
     return args
@@ -196,7 +196,7 @@ def ensure_checkpoint(model: str | None) -> str:
     has_weights = os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path))
     if os.path.isfile(os.path.join(path, "config.json")) and has_weights:
         return path
-    script = os.path.join(common.REPO_ROOT, "scripts", "make_qwen3_06b_checkpoint.py")
+    script = os.path.join(provenance.REPO_ROOT, "scripts", "make_qwen3_06b_checkpoint.py")
     print(f"building the Qwen3-0.6B-shaped checkpoint at {path}", flush=True)
     r = subprocess.run([sys.executable, script, "--out", path])
     if r.returncode != 0:
@@ -491,10 +491,10 @@ def _decode_batch(engine: Any, prompts: list[list[int]], params: Any) -> list[An
 
 def _timed_step(engine: Any, expect: int) -> float:
     """One decode step; its wall seconds. Raises RuntimeError if it was not a decode step of ``expect`` sequences."""
-    common.synchronize()
+    accelerator.synchronize()
     t0 = time.perf_counter()
     finished, is_prefill, tokens = engine.step()
-    common.synchronize()  # the step already waits for the sampled ids; this is a no-op safeguard
+    accelerator.synchronize()  # the step already waits for the sampled ids; this is a no-op safeguard
     dt = time.perf_counter() - t0
     if is_prefill or finished or tokens != expect:
         raise RuntimeError(f"expected a decode step of {expect} sequences, got is_prefill={is_prefill}, "
@@ -511,7 +511,7 @@ def profile_case(llm: Any, mode: str, batch: int, args: argparse.Namespace, shap
 
     engine = llm.engine
     high = min(10000, shape.vocab - 1)
-    prompts = common.random_prompts(batch, args.prompt_len, seed=args.seed * 1_000_003 + 77_000 + batch, high=high)
+    prompts = workloads.random_prompts(batch, args.prompt_len, seed=args.seed * 1_000_003 + 77_000 + batch, high=high)
     max_tokens = args.warmup_steps + 2 * args.steps + 8
     params = SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=max_tokens)
     res: dict[str, Any] = {"mode": mode, "batch": batch}
@@ -554,10 +554,10 @@ def profile_case(llm: Any, mode: str, batch: int, args: argparse.Namespace, shap
     if len(steps) != args.steps:
         raise RuntimeError(f"trace holds {len(steps)} '{STEP_RANGE}' ranges for {args.steps} profiled steps")
     agg = aggregate(steps, args.top_kernels)
-    wall_ms = common.median(walls) * 1e3
-    wall_prof_ms = common.median(prof_walls) * 1e3
+    wall_ms = timing.median(walls) * 1e3
+    wall_prof_ms = timing.median(prof_walls) * 1e3
     live_mean = sum(live) / len(live)
-    roof = roofline(shape, batch, live_mean, common.bandwidth_bytes_per_s(), common.PEAK_BF16_FLOP_PER_S)
+    roof = roofline(shape, batch, live_mean, floors.bandwidth_bytes_per_s(), floors.PEAK_BF16_FLOP_PER_S)
     groups: dict[str, Any] = {}
     for g, cats in list(GROUPS.items()) + [("step", CATEGORIES)]:
         achieved = sum(agg["categories"][c]["ms"] for c in cats)
@@ -614,7 +614,7 @@ def profile_case(llm: Any, mode: str, batch: int, args: argparse.Namespace, shap
 
 def llm_kwargs(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """Keyword arguments of ``LLM(model, **kwargs)`` for one mode."""
-    return common.engine_kwargs(args, mode, args.max_num_seqs)
+    return engine_modes.engine_kwargs(args, mode, args.max_num_seqs)
 
 
 def run_mode(mode: str, batches: list[int], args: argparse.Namespace, shape_of: Callable[[Any], ModelShape],
@@ -629,10 +629,10 @@ def run_mode(mode: str, batches: list[int], args: argparse.Namespace, shape_of: 
             (None if not given; the build is shared with the caller's other measurements) and ``prebuilt_engine``
             is True.
     """
-    llm, kw, res, own = common.mode_engine(mode, args.model, "decode profile", lambda: llm_kwargs(args, mode), llm,
-                                           engine_kwargs, init_s, batches={}, skipped=[])
+    llm, kw, res, own = engine_modes.mode_engine(mode, args.model, "decode profile", lambda: llm_kwargs(args, mode), llm,
+                                                 engine_kwargs, init_s, batches={}, skipped=[])
     try:
-        res["engine_config"] = common.engine_config(llm, kw)
+        res["engine_config"] = engine_modes.engine_config(llm, kw)
         shape = shape_of(llm)
         for b in batches:
             if time.perf_counter() > deadline:
@@ -659,9 +659,9 @@ def run_mode(mode: str, batches: list[int], args: argparse.Namespace, shape_of: 
             on_case(res)
     finally:
         if own:
-            common.shutdown_engine(llm)
+            engine_modes.shutdown_engine(llm)
             del llm
-            common.free_accelerator_memory(report=True)
+            accelerator.free_accelerator_memory(report=True)
     return res
 
 
@@ -675,7 +675,7 @@ def print_report(result: dict[str, Any], top: int = 8) -> None:
              "inductor": "induct", "sampler": "sampl", "memcpy": "copy", "other": "other"}
     rows = [[m, int(b), c["wall_ms"], c["gpu_busy_ms"], c["host_ms"]] + [c["categories"][k]["ms"] for k in CATEGORIES]
             + [c["kernels"], c["floor_ms"], c["fraction_of_floor"]] for m, b, c in cases]
-    common.print_table(["mode", "B", "wall", "GPU busy", "host~"] + [short[k] for k in CATEGORIES]
+    tables.print_table(["mode", "B", "wall", "GPU busy", "host~"] + [short[k] for k in CATEGORIES]
                        + ["kernels", "floor", "floor/wall"], rows,
                        title=f"Decode step, ms per step (prompt {result['prompt_len']}, {result['steps']} steps; "
                              f"host~ = wall - GPU busy, an estimate), {gpu}")
@@ -683,13 +683,13 @@ def print_report(result: dict[str, Any], top: int = 8) -> None:
     for m, b, c in cases:
         for g, v in c["roofline"].items():
             rows.append([m, int(b), g, v["bytes"] / 1e6, v["floor_ms"], v["achieved_ms"], v["fraction_of_floor"]])
-    common.print_table(["mode", "B", "group", "MB moved", "floor ms", "achieved ms", "floor/achieved"], rows,
+    tables.print_table(["mode", "B", "group", "MB moved", "floor ms", "achieved ms", "floor/achieved"], rows,
                        title=f"Roofline at {result['bandwidth_bytes_per_s'] / 1e12:g} TB/s "
                              f"(step: floor vs wall time)")
     if cases and not any(c.get("cuda_activity") for _, _, c in cases):
         print("\nno CUDA activity recorded (CPU run): the GPU categories are empty and host~ is the whole step")
     for m, b, c in cases:
-        common.print_table(["ms/step", "calls/step", "us/call", "category", "kernel"],
+        tables.print_table(["ms/step", "calls/step", "us/call", "category", "kernel"],
                            [[k["ms"], k["count"], k["us_per_call"], k["category"], k["name"][:90]]
                             for k in c["top_kernels"][:top]], title=f"top kernels, {m}, B={b}")
         print("host phases (profiled, ms/step): " + ", ".join(f"{p} {v:.3f}" for p, v in c["host_phases_ms"].items()))
@@ -707,7 +707,7 @@ def shape_getter(hf: dict[str, Any], store: dict[str, Any]) -> Callable[[Any], M
 
 
 def new_result(args: argparse.Namespace, batches: list[int], meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON document before any case runs (``meta``: default :func:`common.run_metadata`)."""
+    """The JSON document before any case runs (``meta``: default :func:`provenance.run_metadata`)."""
     return {
         "benchmark": "decode-profile",
         "model": args.model,
@@ -719,11 +719,11 @@ def new_result(args: argparse.Namespace, batches: list[int], meta: dict[str, Any
         "units": "ms per decode step; counts per step; bytes per step",
         "prompt_len": args.prompt_len, "steps": args.steps, "warmup_steps": args.warmup_steps,
         "temperature": args.temperature, "batch_sizes": batches, "max_num_seqs": args.max_num_seqs,
-        "bandwidth_bytes_per_s": common.bandwidth_bytes_per_s(),
-        "peak_flop_per_s": common.PEAK_BF16_FLOP_PER_S,
+        "bandwidth_bytes_per_s": floors.bandwidth_bytes_per_s(),
+        "peak_flop_per_s": floors.PEAK_BF16_FLOP_PER_S,
         "categories": CATEGORIES,
         "modes": {},
-        "meta": common.run_metadata() if meta is None else meta,
+        "meta": provenance.run_metadata() if meta is None else meta,
     }
 
 
@@ -743,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     args.model = ensure_checkpoint(args.model)
     shapes: dict[str, Any] = {}
-    shape_of = shape_getter(common.load_hf_config(args.model), shapes)
+    shape_of = shape_getter(floors.load_hf_config(args.model), shapes)
     result = new_result(args, batches)
     deadline = t_start + args.budget_s
     failures: list[str] = []
@@ -755,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
             result["modes"][mode_res["mode"]] = mode_res
         result.update(shapes)
         result["total_s"] = round(time.perf_counter() - t_start, 1)
-        path = common.write_json(args.out, result)
+        path = results_io.write_json(args.out, result)
 
     for mode in modes:
         if time.perf_counter() > deadline:
@@ -770,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             save({"mode": mode, "error": f"{type(e).__name__}: {e}", "batches": {}})
             failures.append(mode)
-            common.free_accelerator_memory()
+            accelerator.free_accelerator_memory()
         failures += [f"{mode}/B={b}" for b, c in result["modes"][mode].get("batches", {}).items() if "error" in c]
     save()
     print_report(result)
