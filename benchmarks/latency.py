@@ -48,7 +48,8 @@ import time  # noqa: E402
 from types import ModuleType  # noqa: E402
 from typing import Any  # noqa: E402
 
-from benchmarks.harness import common, engine, timing  # noqa: E402
+from benchmarks.harness import accelerator, engine, floors, provenance  # noqa: E402
+from benchmarks.harness import results_io, tables, timing, workloads  # noqa: E402
 
 SIDES: tuple[str, str] = ("fusion", "nofusion")
 PAIRS_AFTER_BUDGET: int = 2
@@ -141,8 +142,8 @@ def measure(args: argparse.Namespace, model: str, t0: float, save: Any) -> dict[
     of the module docstring). ``save(partial)`` is called after every batch size."""
     from nanovllm import SamplingParams
 
-    sizes = common.qwen3_sizes(common.load_hf_config(model))
-    bw = common.bandwidth_bytes_per_s()
+    sizes = floors.qwen3_sizes(floors.load_hf_config(model))
+    bw = floors.bandwidth_bytes_per_s()
     w_floor_ms = sizes["weight_bytes"] / bw * 1e3
     high = engine.prompt_id_high(model)
     out: dict[str, Any] = {"model": model, "weights_bytes": int(sizes["weight_bytes"]),
@@ -168,7 +169,7 @@ def measure(args: argparse.Namespace, model: str, t0: float, save: Any) -> dict[
                 getattr(llms[side].engine.model_runner, "init_seconds", {}).get("prefill_cudagraphs", 0.0), 3)
         sp = SamplingParams(temperature=engine.TEMPERATURE, ignore_eos=True, max_tokens=args.max_tokens)
         for b in args.batches:
-            warm = common.random_prompts(b, args.prompt_len, args.seed * 1_000_003 + 10_000_000 + b, high)
+            warm = workloads.random_prompts(b, args.prompt_len, args.seed * 1_000_003 + 10_000_000 + b, high)
             for side in SIDES:  # untimed: compiles and captures what this batch size uses
                 engine.run_timed(llms[side], warm, SamplingParams(temperature=engine.TEMPERATURE, ignore_eos=True,
                                                                   max_tokens=2))
@@ -176,7 +177,7 @@ def measure(args: argparse.Namespace, model: str, t0: float, save: Any) -> dict[
             runs: dict[str, list[engine.Timed]] = {s: [] for s in SIDES}
 
             def one(side: str, r: int, b: int = b) -> float:
-                prompts = common.random_prompts(b, args.prompt_len, args.seed * 1_000_003 + b * 10_000 + r, high)
+                prompts = workloads.random_prompts(b, args.prompt_len, args.seed * 1_000_003 + b * 10_000 + r, high)
                 t = engine.run_timed(llms[side], prompts, sp)
                 engine.check_counts(t, [args.max_tokens] * b, f"{side} batch {b}")
                 runs[side].append(t)
@@ -207,33 +208,33 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     t0 = time.perf_counter()
-    path = common.results_path("latency", args.out)
-    head = {**common.header(argv, "benchmarks/latency.py"),
-            "copy_bandwidth_tb_s": round(common.bandwidth_bytes_per_s() / 1e12, 4),
-            "copy_bandwidth_measured": common.gpu_slug() != "cpu"}
+    path = results_io.results_path("latency", args.out)
+    head = {**provenance.header(argv, "benchmarks/latency.py"),
+            "copy_bandwidth_tb_s": round(floors.bandwidth_bytes_per_s() / 1e12, 4),
+            "copy_bandwidth_measured": accelerator.gpu_slug() != "cpu"}
     res: dict[str, Any] = dict(head)
     if args.second_only:
         if os.path.exists(path):
             with open(path) as f:
                 res = json.load(f)
     else:
-        res.update(measure(args, args.model, t0, lambda part: common.write_json(path, {**res, **part})))
-        common.write_json(path, res)
+        res.update(measure(args, args.model, t0, lambda part: results_io.write_json(path, {**res, **part})))
+        results_io.write_json(path, res)
     if args.second_model:  # its own header: it may come from another run than the top-level figures
-        res[args.second_name] = {**head, **measure(args, args.second_model, t0, lambda part: common.write_json(
+        res[args.second_name] = {**head, **measure(args, args.second_model, t0, lambda part: results_io.write_json(
             path, {**res, args.second_name: {**head, **part}}))}
-        common.write_json(path, res)
+        results_io.write_json(path, res)
     if args.transformers:
         hf = hf_decode_module()
         assert hf is not None  # parse_args checked it
         res["transformers"] = hf.run(args.transformers_ns)
-        common.write_json(path, res)
+        results_io.write_json(path, res)
     res["total_s"] = round(time.perf_counter() - t0, 1)
-    common.write_json(path, res)
+    results_io.write_json(path, res)
     rows = [[r["batch"], r["pairs"], r["fusion"]["decode_step_ms_median"], r["nofusion"]["decode_step_ms_median"],
              r["nofusion_over_fusion"]["median"], r["floor_ms"], r["fusion"]["ttft_ms_median"],
              r["nofusion"]["ttft_ms_median"]] for r in res.get("by_batch", [])]
-    common.print_table(["batch", "pairs", "fusion step ms", "nofusion step ms", "nofusion/fusion", "floor ms",
+    tables.print_table(["batch", "pairs", "fusion step ms", "nofusion step ms", "nofusion/fusion", "floor ms",
                         "fusion TTFT ms", "nofusion TTFT ms"], rows,
                        title=f"Latency, prompt {args.prompt_len}, {args.max_tokens} tokens, {res['gpu']}")
     print(f"wrote {path}")

@@ -29,7 +29,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 from typing import Any  # noqa: E402
 
-from benchmarks.harness import common  # noqa: E402
+from benchmarks.harness import provenance, results_io  # noqa: E402
 
 
 def load(path: str) -> dict[str, Any] | None:
@@ -125,8 +125,8 @@ def plot_throughput(by_gpu: dict[str, dict[str, Any]], out: str, plt: Any) -> bo
 def main(argv: list[str] | None = None) -> int:
     """Draw every plot whose data exists; print the files written. Returns 0."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--results", default=common.RESULTS_DIR, help="folder holding one subfolder per GPU kind")
-    ap.add_argument("--img", default=os.path.join(common.REPO_ROOT, "docs", "img"), help="output folder")
+    ap.add_argument("--results", default=results_io.RESULTS_DIR, help="folder holding one subfolder per GPU kind")
+    ap.add_argument("--img", default=os.path.join(provenance.REPO_ROOT, "docs", "img"), help="output folder")
     args = ap.parse_args(argv)
     import matplotlib
 

@@ -46,7 +46,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-from benchmarks.harness import common, engine, timing  # noqa: E402
+from benchmarks.harness import engine, floors, provenance, results_io, tables, timing, workloads  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,10 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def workload(args: argparse.Namespace) -> tuple[list[list[int]], list[int]]:
-    """The offline workload of ``args`` (:func:`common.nano_vllm_workload`); token ids capped below the
+    """The offline workload of ``args`` (:func:`workloads.nano_vllm_workload`); token ids capped below the
     checkpoint's vocabulary size for small test checkpoints."""
-    prompts, max_tokens = common.nano_vllm_workload(args.num_seqs, args.seed, args.max_input_len,
-                                                    args.max_output_len, args.min_input_len, args.min_output_len)
+    prompts, max_tokens = workloads.nano_vllm_workload(args.num_seqs, args.seed, args.max_input_len,
+                                                       args.max_output_len, args.min_input_len, args.min_output_len)
     high = engine.prompt_id_high(args.model)
     if high < 10000:
         prompts = [[t % (high + 1) for t in p] for p in prompts]
@@ -138,7 +138,7 @@ def child(args: argparse.Namespace) -> int:
     if isinstance(phases, dict):
         res["init_seconds"] = {k: round(v, 2) for k, v in phases.items()}
     engine.release(llm)
-    common.write_json(args.child_out, res)
+    results_io.write_json(args.child_out, res)
     return 0
 
 
@@ -154,7 +154,7 @@ def spawn(args: argparse.Namespace, argv: list[str], mode: str, cache_root: str 
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", mode, "--child-out", out]
     if cache_root:
         cmd += ["--child-tuning-file", os.path.join(cache_root, "tuning.json")]
-    p = subprocess.run(cmd, env=env, cwd=common.REPO_ROOT)
+    p = subprocess.run(cmd, env=env, cwd=provenance.REPO_ROOT)
     try:
         if p.returncode != 0:
             return {"error": f"child exited with status {p.returncode}"}
@@ -166,9 +166,9 @@ def spawn(args: argparse.Namespace, argv: list[str], mode: str, cache_root: str 
 
 def floor_of(args: argparse.Namespace, prompts: list[list[int]], max_tokens: list[int]) -> dict[str, Any]:
     """The bandwidth floor of the workload at this GPU's measured copy bandwidth (see the module docstring)."""
-    sizes = common.qwen3_sizes(common.load_hf_config(args.model))
-    bw = common.bandwidth_bytes_per_s()
-    return common.bandwidth_floor([len(p) for p in prompts], max_tokens, bandwidth=bw,
+    sizes = floors.qwen3_sizes(floors.load_hf_config(args.model))
+    bw = floors.bandwidth_bytes_per_s()
+    return floors.bandwidth_floor([len(p) for p in prompts], max_tokens, bandwidth=bw,
                                   **{k: sizes[k] for k in ("weight_bytes", "kv_bytes_per_token", "flop_per_token")})
 
 
@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args)
     t0 = time.perf_counter()
-    path = common.results_path("throughput", args.out)
+    path = results_io.results_path("throughput", args.out)
     prompts, max_tokens = workload(args)
-    res: dict[str, Any] = {**common.header(argv, "benchmarks/throughput.py"),
+    res: dict[str, Any] = {**provenance.header(argv, "benchmarks/throughput.py"),
                            "copy_bandwidth_tb_s": None, "floor_tokens_per_s": None,
                            "output_tokens_per_s": {}, "cold_build_s": {}, "warm_build_s": {},
                            "build_phases_s": {"cold": {}, "warm": {}},
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                     res["first_run_over_second"][mode] = r["first_run_over_second"]
                 else:
                     res["cold_first_run_over_second"][mode] = r["first_run_over_second"]
-            common.write_json(path, res)
+            results_io.write_json(path, res)
     floor = floor_of(args, prompts, max_tokens)
     res["copy_bandwidth_tb_s"] = round(floor["bandwidth_bytes_per_s"] / 1e12, 4)
     res["floor_tokens_per_s"] = floor["output_tokens_per_s"]
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     tps = res["output_tokens_per_s"]
     if tps.get("fusion") and tps.get("nofusion"):
         res["fusion_over_nofusion"] = round(tps["fusion"] / tps["nofusion"], 4)
-    common.write_json(path, res)
+    results_io.write_json(path, res)
     if args.peer:
         if time.perf_counter() - t0 > args.budget_s:
             res["transformers_peer"] = {"skipped": "budget"}
@@ -239,14 +239,14 @@ def main(argv: list[str] | None = None) -> int:
                 res["transformers_peer"] = {"error": f"{type(e).__name__}: {e}"}
                 failed = True
     res["total_s"] = round(time.perf_counter() - t0, 1)
-    common.write_json(path, res)
+    results_io.write_json(path, res)
     rows = [[m, tps.get(m), res["fraction_of_floor"].get(m), res["cold_build_s"].get(m), res["warm_build_s"].get(m),
              res["first_run_over_second"].get(m)] for m in args.modes]
     if isinstance(res["transformers_peer"], dict) and "output_tokens_per_s" in res["transformers_peer"]:
         rows.append([f"transformers ({res['transformers_peer']['num_seqs']} req.)",
                      res["transformers_peer"]["output_tokens_per_s"], None, None, None, None])
     rows.append(["floor", res["floor_tokens_per_s"], 1.0, None, None, None])
-    common.print_table(["engine", "output tok/s", "of floor", "cold build s", "warm build s", "run1/run2"], rows,
+    tables.print_table(["engine", "output tok/s", "of floor", "cold build s", "warm build s", "run1/run2"], rows,
                        title=f"Throughput, {args.num_seqs} requests, {res['gpu']}")
     print(f"wrote {path}")
     return 1 if failed else 0

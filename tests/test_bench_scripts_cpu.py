@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import check, kernels, latency, plot, throughput  # noqa: E402
-from benchmarks.harness import common, engine, timing  # noqa: E402
+from benchmarks.harness import accelerator, engine, results_io, timing, workloads  # noqa: E402
 
 HEADER = {"gpu", "date", "commit", "command", "versions"}
 ENGINE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "64", "--max-num-batched-tokens", "128"]
@@ -114,7 +114,7 @@ def test_throughput_keys(ckpt: str, tmp_path) -> None:  # noqa: ANN001
     assert all(run["cached_tokens"] == 0 for run in warm["runs"])  # the second run reuses no prefix
     assert r["transformers_peer"]["num_seqs"] == 2 and r["transformers_peer"]["output_tokens_per_s"] > 0
     assert r["workload"]["output_tokens"] == sum(
-        common.nano_vllm_workload(3, 0, 16, 6, 8, 3)[1])
+        workloads.nano_vllm_workload(3, 0, 16, 6, 8, 3)[1])
 
 
 def test_parts_scripts_merge_and_record_failures(ckpt: str, tmp_path) -> None:  # noqa: ANN001
@@ -184,13 +184,14 @@ def test_plot_from_results(latency_result: dict, tmp_path) -> None:  # noqa: ANN
 
 
 def test_harness_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert common.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
-    assert common.gpu_slug("NVIDIA H200") == "h200"
-    assert common.gpu_slug("cpu") == "cpu"
+    assert accelerator.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert accelerator.gpu_slug("NVIDIA H200") == "h200"
+    assert accelerator.gpu_slug("cpu") == "cpu"
     monkeypatch.setenv("OUT", "/x")
-    assert common.results_path("latency", gpu="h200") == os.path.join("/x", "h200", "latency.json")
+    assert results_io.results_path("latency", gpu="h200") == os.path.join("/x", "h200", "latency.json")
     monkeypatch.delenv("OUT")
-    assert common.results_path("latency", gpu="h100") == os.path.join(common.RESULTS_DIR, "h100", "latency.json")
+    assert results_io.results_path("latency", gpu="h100") == os.path.join(results_io.RESULTS_DIR, "h100",
+                                                                           "latency.json")
     assert [timing.pair_order(i) for i in range(3)] == [(0, 1), (1, 0), (0, 1)]
     seen: list[tuple[str, int]] = []
     pairs = timing.interleaved_pairs([lambda i: seen.append(("a", i)) or 1.0,

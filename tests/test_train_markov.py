@@ -23,7 +23,9 @@ for _d in ("scripts", ""):
 from benchmarks.harness import check_bf16 as check_bf16_agreement  # noqa: E402
 from benchmarks.harness import check_engine as check_engine_gpu  # noqa: E402
 import train_markov_checkpoint as tm  # noqa: E402
-from train_markov_checkpoint import MarkovChain  # noqa: E402
+from checkpoint_saving import source_dtype  # noqa: E402
+from markov_chain import MarkovChain  # noqa: E402
+from markov_training import lr_factor  # noqa: E402
 
 STEPS = 60
 
@@ -105,13 +107,13 @@ def test_json_round_trip_and_errors(tmp_path) -> None:  # noqa: ANN001
 
 
 def test_lr_schedule_and_source_dtype() -> None:
-    f = [tm.lr_factor(s, 100) for s in range(100)]
+    f = [lr_factor(s, 100) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
     assert f[55] == pytest.approx(0.5) and 0 < f[99] < 1e-3
     assert all(a <= b for a, b in zip(f[:10], f[1:10])) and all(a >= b for a, b in zip(f[10:], f[11:]))
-    assert tm.source_dtype({"torch_dtype": "float16"}) == torch.float16
-    assert tm.source_dtype({"dtype": "float32"}) == torch.float32
-    assert tm.source_dtype({}) == torch.bfloat16
+    assert source_dtype({"torch_dtype": "float16"}) == torch.float16
+    assert source_dtype({"dtype": "float32"}) == torch.float32
+    assert source_dtype({}) == torch.bfloat16
 
 
 @pytest.fixture(scope="module")

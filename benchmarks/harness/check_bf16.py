@@ -24,7 +24,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-from . import common  # noqa: E402
+from . import provenance, results_io  # noqa: E402
 from .check_engine import agree_prefix, model_prompts  # noqa: E402
 
 
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(mean agreeing prefix {prefix:.1f})", flush=True)
     result = {"benchmark": "bf16_agreement", "model": args.model, "device": args.device, "tokens": args.tokens,
               "prompts": args.prompts, "num_prompts": len(prompts),
-              "pairs": pairs, "seconds": seconds, "meta": common.run_metadata()}
+              "pairs": pairs, "seconds": seconds, "meta": provenance.run_metadata()}
     if args.out:
-        common.write_json(args.out, result)
+        results_io.write_json(args.out, result)
     return 0
 

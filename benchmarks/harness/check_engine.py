@@ -96,7 +96,7 @@ def markov_prompts(model_dir: str, n: int, lo: int, hi: int, seed: int) -> list[
     scripts = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
     if scripts not in sys.path:
         sys.path.insert(0, scripts)
-    from train_markov_checkpoint import MARKOV_FILE, MarkovChain
+    from markov_chain import MARKOV_FILE, MarkovChain
 
     return MarkovChain.from_json(os.path.join(model_dir, MARKOV_FILE)).prompts(n, lo, hi, seed=seed)
 

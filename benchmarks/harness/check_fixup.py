@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch  # noqa: E402
 
-from . import common
+from . import provenance, results_io, tables
 import torch.nn.functional as F  # noqa: E402
 
 MS = [2, 3, 4, 8, 13, 16, 17, 32]
@@ -38,7 +38,7 @@ EPS = 1e-6
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=common.default_out("fixup-check"))
+    p.add_argument("--out", default=results_io.default_out("fixup-check"))
     p.add_argument("--ms", default=",".join(map(str, MS)))
     p.add_argument("--sites", default=",".join(SITES))
     p.add_argument("--calls", type=int, default=12, help="fixup launches per CUDA graph")
@@ -145,15 +145,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                 rows.append(check_one(name, m, args))
             except Exception as e:  # report and go on: one broken case must not hide the others
                 rows.append({"site": name, "M": m, "error": f"{type(e).__name__}: {e}", "ok": False})
-    common.print_table(["site", "M", "config", "outputs", "NaN", "bitwise", "worst err", "ok"],
+    tables.print_table(["site", "M", "config", "outputs", "NaN", "bitwise", "worst err", "ok"],
                        [[r["site"], r["M"], r.get("config", r.get("error", "")), r.get("outputs", ""),
                          r.get("nan_outputs", ""), r.get("bitwise_equal", ""), r.get("worst_rel_err", ""), r["ok"]]
                         for r in rows], title="skinny split-K fixup under CUDA graphs (bf16)")
-    meta = common.run_metadata(None if argv is None else [sys.argv[0], *argv])
+    meta = provenance.run_metadata(None if argv is None else [sys.argv[0], *argv])
     meta["wall_s"] = round(time.time() - t0, 1)
     ok = all(r["ok"] for r in rows)
-    path = common.write_json(args.out, {"meta": meta, "calls_per_graph": args.calls, "replays": args.replays,
-                                        "tol": args.tol, "all_ok": ok, "rows": rows})
+    path = results_io.write_json(args.out, {"meta": meta, "calls_per_graph": args.calls, "replays": args.replays,
+                                            "tol": args.tol, "all_ok": ok, "rows": rows})
     print(f"{'OK' if ok else 'FAILED'}: {sum(r['ok'] for r in rows)}/{len(rows)} cases; wrote {path}")
     return 0 if ok else 1
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import common
+from . import engine_modes, floors, workloads
 from .timing import synchronize
 
 TEMPERATURE: float = 0.6  # the offline workload's sampling temperature
@@ -62,7 +62,7 @@ def build(model: str, kwargs: dict[str, Any]) -> tuple[Any, float]:
 
 def release(llm: Any) -> None:
     """Shut an engine down and free its GPU memory (the caller drops its own reference afterwards)."""
-    common.shutdown_engine(llm)
+    engine_modes.shutdown_engine(llm)
 
 
 @dataclass
@@ -144,7 +144,7 @@ def warm_up(llm: Any, prompt_lens: list[int], high: int = 10000, max_tokens: int
     from nanovllm import SamplingParams
 
     t0 = time.perf_counter()
-    prompts = [common.random_prompts(1, n, seed=7770 + n, high=high)[0] for n in prompt_lens]
+    prompts = [workloads.random_prompts(1, n, seed=7770 + n, high=high)[0] for n in prompt_lens]
     llm.generate(prompts, SamplingParams(temperature=TEMPERATURE, max_tokens=max_tokens, ignore_eos=True),
                  use_tqdm=False)
     synchronize()
@@ -153,5 +153,5 @@ def warm_up(llm: Any, prompt_lens: list[int], high: int = 10000, max_tokens: int
 
 def prompt_id_high(model: str) -> int:
     """Largest prompt token id the workloads draw: 10,000, or ``vocab_size - 1`` of a smaller test checkpoint."""
-    vocab = common.load_hf_config(model).get("vocab_size")
+    vocab = floors.load_hf_config(model).get("vocab_size")
     return min(10000, int(vocab) - 1) if vocab else 10000

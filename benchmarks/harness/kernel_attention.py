@@ -43,11 +43,11 @@ from nanovllm.kernels import (
     store_kvcache_ref,
 )
 
-from . import common as _common
+from . import floors, provenance, results_io
 
-PEAK_BW = _common.bandwidth_bytes_per_s()  # bytes/s, measured copy bandwidth of this GPU
-PEAK_FLOPS = _common.PEAK_BF16_FLOP_PER_S  # dense bf16 FLOP/s
-DEFAULT_OUT = _common.default_out("attention")
+PEAK_BW = floors.bandwidth_bytes_per_s()  # bytes/s, measured copy bandwidth of this GPU
+PEAK_FLOPS = floors.PEAK_BF16_FLOP_PER_S  # dense bf16 FLOP/s
+DEFAULT_OUT = results_io.default_out("attention")
 DTYPE = torch.bfloat16
 TOL = 1e-2
 # Qwen3-0.6B attention shapes.
@@ -425,12 +425,12 @@ def main(argv: list[str] | None = None) -> int:
         print_tables(r.rows)
     except Exception:  # noqa: BLE001 - never lose the JSON because of the pretty printer
         traceback.print_exc()
-    meta = _common.run_metadata()
+    meta = provenance.run_metadata()
     meta.update({"bench": "attention", "peak_bandwidth_bytes_per_s": PEAK_BW, "peak_bf16_flop_per_s": PEAK_FLOPS,
                  "shapes": {"H": H, "Hkv": HKV, "D": D, "dtype": str(DTYPE)}, "elapsed_s": round(time.time() - r.t0, 1),
                  "skipped_cases": r.skipped, "command": " ".join([sys.executable] + sys.argv)})
     obj = {"meta": meta, "rows": r.rows}
-    path = _common.write_json(args.out, obj)
+    path = results_io.write_json(args.out, obj)
     print(f"\nwrote {path} ({len(r.rows)} rows, {time.time() - r.t0:.1f}s)")
     n_bad = sum(1 for x in r.rows if x["section"] == "correctness" and not x.get("ok"))
     return 1 if n_bad else 0

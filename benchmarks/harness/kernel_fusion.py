@@ -31,12 +31,12 @@ from typing import Any, Callable
 
 import torch  # noqa: E402
 
-from . import common
+from . import floors, parallel_compile, results_io
 import torch.nn.functional as F  # noqa: E402
 
 SITES = [("qkv", 4096, 1024), ("gate_up", 6144, 1024), ("lm_head", 151936, 1024)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
-HBM_BPS = common.bandwidth_bytes_per_s()  # measured copy bandwidth of this GPU (bytes/s)
+HBM_BPS = floors.bandwidth_bytes_per_s()  # measured copy bandwidth of this GPU (bytes/s)
 EPS = 1e-6
 # Launch shapes (BN, KS, num_warps, fixup) swept for the skinny variant with --skinny-grid: BN = 32-128 W rows per
 # program (the MMA's M side), K in chunks of 128-512, 4-8 warps; the chunks summed by the split-K epilogue kernel
@@ -48,7 +48,7 @@ SKINNY_SWEEP = [(64, 256, 4, 0), (64, 512, 8, 0), (64, 128, 4, 0), (128, 256, 8,
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=common.default_out("fusion-kernel"))
+    p.add_argument("--out", default=results_io.default_out("fusion-kernel"))
     p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
     p.add_argument("--sites", default="qkv,gate_up,lm_head")
     p.add_argument("--lm-head-max-m", type=int, default=1024)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         ks = sorted({k for _, _, k in sites})
         jobs = [(m, k, v, tuple(c)) for m in ms for k in ks for v, c in kernels.dispatch.candidates(kernels.m_bucket(m))
                 if v != "unfused"]
-        secs = common.run_in_spawned_workers(_precompile, jobs, args.precompile_workers)
+        secs = parallel_compile.run_in_spawned_workers(_precompile, jobs, args.precompile_workers)
         print(f"precompiled {len(jobs)} fused candidates in {secs:.1f} s", flush=True)
     norm_c = torch.compile(norm_ref, dynamic=True)
     rows: list[dict[str, Any]] = []

@@ -41,7 +41,7 @@ REPO = os.path.dirname(HERE)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from . import common  # noqa: E402
+from . import floors, parallel_compile, provenance, results_io, tables  # noqa: E402
 
 SHAPES: dict[str, tuple[int, int, str]] = {  # name: (N, K, act)
     "o_proj": (1024, 2048, "none"),
@@ -53,14 +53,14 @@ MS = (1, 2, 3, 4, 6, 8, 12, 16)
 # for the fused norm GEMV (fusion_pass "multirow", K = 1024: no cross-warp reductions, no barriers between rows).
 EXTRA_CONFIGS: tuple[tuple[int, int], ...] = ((4, 2), (2, 1))
 L2_BYTES = 60 << 20
-HBM_BPS = common.bandwidth_bytes_per_s()
+HBM_BPS = floors.bandwidth_bytes_per_s()
 DTYPE = torch.bfloat16
 DEVICE = "cuda"  # tests run the row logic on the CPU (interpreter) with DEVICE = "cpu"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=common.default_out("gemv"))
+    p.add_argument("--out", default=results_io.default_out("gemv"))
     p.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values (<= 16; <= 32 with "
                    "--skinny)")
     p.add_argument("--skinny", action="store_true", help="also time every SKINNY_CHOICES config of the split-K "
@@ -145,7 +145,7 @@ def precompile(jobs: list[tuple[str, int, tuple[str, tuple[int, int, int]]]], wo
         if key not in seen:
             seen.add(key)
             uniq.append((name, m, cfg_t))
-    common.run_in_spawned_workers(_precompile, uniq, workers)
+    parallel_compile.run_in_spawned_workers(_precompile, uniq, workers)
     return time.time() - t0
 
 
@@ -290,7 +290,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         table.append([r["shape"], r["M"], r["floor_us"], r["cublas_us"], r.get("torch_act_us"), r["gemv_us"],
                       r["rule_config"], r["best_config"], r["best_us"], r["speedup"], r["gemv_bw_tb_s"],
                       f"{r['rel_err']:.1e}"])
-    common.print_table(headers, table, title="Small-M GEMV vs cuBLAS, bf16, us per call in CUDA graphs "
+    tables.print_table(headers, table, title="Small-M GEMV vs cuBLAS, bf16, us per call in CUDA graphs "
                                              "(weights from HBM); speedup = baseline / gemv (rule)")
 
 
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_shape(name, ms, args, t0)
     op = op_check()
     cross = crossover(rows)
-    meta = common.run_metadata(None if argv is None else [sys.argv[0], *argv])
+    meta = provenance.run_metadata(None if argv is None else [sys.argv[0], *argv])
     meta.update({"reps_per_graph": args.reps, "rounds": args.rounds, "l2_bytes_assumed": L2_BYTES,
                  "hbm_bytes_per_s": HBM_BPS, "precompile_s": round(compile_s, 1),
                  "wall_s": round(time.time() - t0, 1)})
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"meta": meta, "rows": rows, "crossover": cross, "op_check": op,
               "all_correct": all(r.get("ok", False) for r in ok) and op["ok"],
               "errors": sum("error" in r for r in rows)}
-    path = common.write_json(args.out, result)
+    path = results_io.write_json(args.out, result)
     print_rows(rows)
     print(f"\ncrossover (largest M where the GEMV wins at every M up to it): {cross}")
     print(f"op check: {op}")

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-from . import common  # noqa: E402
+from . import floors, parallel_compile, provenance, results_io  # noqa: E402
 
 # name: (N, K, MODE, HAS_RES)
 SITES: dict[str, tuple[int, int, int, bool]] = {
@@ -194,7 +194,7 @@ def bench_site(site: str, ms: list[int], args: argparse.Namespace, t0: float) ->
             return graph_time_us(fn, copies, reps, args.rounds)
 
         row: dict[str, Any] = {"site": site, "M": m, "N": n, "K": k, "mode": mode, "has_res": has_res,
-                               "floor_us": round(w_bytes / common.bandwidth_bytes_per_s() * 1e6, 3)}
+                               "floor_us": round(w_bytes / floors.bandwidth_bytes_per_s() * 1e6, 3)}
         try:
             row["baselines_us"] = baselines(site, m, inp, copies, time_fn)
         except Exception as e:  # noqa: BLE001
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--budget-s", type=float, default=240.0)
-    p.add_argument("--out", default=common.default_out("sweep-decode-linear"))
+    p.add_argument("--out", default=results_io.default_out("sweep-decode-linear"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("the gemv-sweep benchmark needs a CUDA GPU", file=sys.stderr)
@@ -269,15 +269,15 @@ def main(argv: list[str] | None = None) -> int:
                 if key not in seen:
                     seen.add(key)
                     jobs.append((s, m, bn, wp))
-    cs = common.run_in_spawned_workers(_precompile, jobs, args.workers)
+    cs = parallel_compile.run_in_spawned_workers(_precompile, jobs, args.workers)
     print(f"precompiled {len(jobs)} kernels in {cs:.1f} s", flush=True)
     rows: list[dict[str, Any]] = []
     for s in sites:
         rows += bench_site(s, [m for m in ms if not (s == "lm_head" and m > 1)], args, t0)
-    meta = common.run_metadata(None if argv is None else [sys.argv[0], *argv])
+    meta = provenance.run_metadata(None if argv is None else [sys.argv[0], *argv])
     meta.update({"num_sms": num_sms(), "precompile_s": round(cs, 1), "wall_s": round(time.time() - t0, 1),
                  "reps_per_graph": args.reps, "rounds": args.rounds})
-    path = common.write_json(args.out, {"meta": meta, "rows": rows})
+    path = results_io.write_json(args.out, {"meta": meta, "rows": rows})
     print(f"wrote {path} in {meta['wall_s']} s")
     return 0
 

@@ -24,9 +24,9 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from . import common  # noqa: E402
+from . import accelerator, provenance, results_io, tables, timing  # noqa: E402
 
-common.add_repo_to_path()
+provenance.add_repo_to_path()
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -51,15 +51,15 @@ def host_us_per_call(fn: Callable[[], Any], calls: int, rounds: int) -> float:
     """Median over `rounds` of (wall time of `calls` calls of fn) / calls, in microseconds; one untimed call
     first (compilation, caches), a device synchronize between rounds."""
     fn()
-    common.synchronize()
+    accelerator.synchronize()
     times = []
     for _ in range(rounds):
         t = time.perf_counter()
         for _ in range(calls):
             fn()
         times.append((time.perf_counter() - t) / calls * 1e6)
-        common.synchronize()
-    return common.median(times)
+        accelerator.synchronize()
+    return timing.median(times)
 
 
 def build_cases(tokens: int, device: str, dtype: torch.dtype) -> list[tuple[str, str, Callable[[], Any]]]:
@@ -151,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    out = args.out or (common.default_out("host-overhead") if args.device == "cuda"
+    out = args.out or (results_io.default_out("host-overhead") if args.device == "cuda"
                        else os.path.join(tempfile.gettempdir(), "host-overhead-cpu.json"))
     with torch.inference_mode():
         twins_rel_err = check_twins(min(args.tokens, 64), args.device, dtype)
@@ -160,15 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     by = {(r["group"], r["case"]): r["host_us"] for r in rows}
     ratios = {grp: round(by[(grp, "custom_op")] / by[(grp, "define_op")], 3)
               for grp, case in by if case == "custom_op" and (grp, "define_op") in by}
-    common.print_table(["op", "registration / piece", "host us per call"],
+    tables.print_table(["op", "registration / piece", "host us per call"],
                        [[r["group"], r["case"], r["host_us"]] for r in rows],
                        title=f"host time per call, {args.tokens} tokens, {args.device} {dtype}")
     print("custom_op / define_op:", ratios)
-    meta = common.run_metadata(None if argv is None else [sys.argv[0], *argv])
-    path = common.write_json(out, {"meta": meta, "tokens": args.tokens, "calls": args.calls, "rounds": args.rounds,
-                                   "dtype": str(dtype).replace("torch.", ""), "rows": rows,
-                                   "custom_op_over_define_op": ratios, "twins_rel_err": twins_rel_err,
-                                   "method": __doc__.split("Method: ")[1].split("\n\n")[0].replace("\n", " ")})
+    meta = provenance.run_metadata(None if argv is None else [sys.argv[0], *argv])
+    path = results_io.write_json(out, {"meta": meta, "tokens": args.tokens, "calls": args.calls, "rounds": args.rounds,
+                                       "dtype": str(dtype).replace("torch.", ""), "rows": rows,
+                                       "custom_op_over_define_op": ratios, "twins_rel_err": twins_rel_err,
+                                       "method": __doc__.split("Method: ")[1].split("\n\n")[0].replace("\n", " ")})
     print(f"wrote {path}")
     return 0
 

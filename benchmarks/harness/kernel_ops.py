@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import common
+from . import floors, results_io
 from .timing import median, pair_order
 
 PARTS = ("fusion", "gemv", "attention")
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=1.0, help="divide every N and K by this (CPU smoke runs)")
     p.add_argument("--no-time", action="store_true", help="correctness only: errors against float64, no timing")
     p.add_argument("--budget-s", type=float, default=240.0, help="start no new case after this many seconds")
-    p.add_argument("--out", default=common.default_out("kernel-ops"))
+    p.add_argument("--out", default=results_io.default_out("kernel-ops"))
     a = p.parse_args(argv)
     try:
         a.what = [w for w in a.what.split(",") if w]
@@ -301,15 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run the selected parts, write the JSON; returns 0, or 1 when a case failed or a rel_err is >= 1e-2."""
     args = parse_args(argv)
     t0 = time.perf_counter()
-    bw = common.bandwidth_bytes_per_s()
+    bw = floors.bandwidth_bytes_per_s()
     res: dict[str, Any] = {"device": args.device, "dtype": str(args.dtype).replace("torch.", ""),
                            "bandwidth_bytes_per_s": bw, "method": __doc__.split("\n\n")[2]}
     runs = {"fusion": fusion_part, "gemv": gemv_part, "attention": attention_part}
     for part in args.what:
         res[part] = runs[part](args, bw, t0)
-        common.write_json(args.out, res)
+        results_io.write_json(args.out, res)
     rows = [r for p in args.what for r in res[p]]
     bad = [r for r in rows if "error" in r or (r.get("rel_err") is not None and r["rel_err"] >= 1e-2)]
     res["failed"] = len(bad)
-    common.write_json(args.out, res)
+    results_io.write_json(args.out, res)
     return 1 if bad else 0

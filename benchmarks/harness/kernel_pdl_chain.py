@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 import torch  # noqa: E402
 
-from . import common  # noqa: E402
+from . import provenance, results_io  # noqa: E402
 
 LAYERS, HIDDEN, H, HKV, D, INTER, BLOCK = 28, 1024, 16, 8, 128, 3072, 16
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--rounds", type=int, default=50)
-    p.add_argument("--out", default=common.default_out("pdl-chain"))
+    p.add_argument("--out", default=results_io.default_out("pdl-chain"))
     p.add_argument("--layers", type=int, default=LAYERS)
     p.add_argument("--check-cpu", action="store_true", help="run the chain once on the CPU (TRITON_INTERPRET=1) "
                    "against a float32 PyTorch model of the same layers, then exit (a test of this script)")
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                "graph_equals_eager": bool(torch.equal(outs["off"], eager_ref))}
     results["speedup"] = results["ms_pdl_off"] / results["ms_pdl_on"]
     print(results, flush=True)
-    meta = common.run_metadata(None if argv is None else [sys.argv[0], *argv])
-    path = common.write_json(args.out, {"meta": meta, **results})
+    meta = provenance.run_metadata(None if argv is None else [sys.argv[0], *argv])
+    path = results_io.write_json(args.out, {"meta": meta, **results})
     print(f"wrote {path}")
     return 0 if results["outputs_equal"] else 1
 

@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 import torch  # noqa: E402
 
-from . import common  # noqa: E402
+from . import provenance, results_io  # noqa: E402
 
 H, HKV, D, MAX_POS = 16, 8, 128, 4096
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", default="1,8,64,256,2048")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--out", default=common.default_out("qk-norm-rope"))
+    p.add_argument("--out", default=results_io.default_out("qk-norm-rope"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("the qk-norm-rope benchmark needs a CUDA GPU", file=sys.stderr)
@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                "max_abs_diff": diff}
         rows.append(row)
         print(row, flush=True)
-    meta = common.run_metadata(None if argv is None else [sys.argv[0], *argv])
-    path = common.write_json(args.out, {"meta": meta, "shape": {"heads": H, "kv_heads": HKV, "head_dim": D},
-                                        "rows": rows})
+    meta = provenance.run_metadata(None if argv is None else [sys.argv[0], *argv])
+    path = results_io.write_json(args.out, {"meta": meta, "shape": {"heads": H, "kv_heads": HKV, "head_dim": D},
+                                            "rows": rows})
     print(f"wrote {path}")
     return 0
 

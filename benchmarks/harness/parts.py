@@ -1,5 +1,5 @@
 """Run the parts of a benchmark that covers several measurements (kernels, profile, check) and merge their JSON
-into one file: the :func:`benchmarks.harness.common.header` keys, then ``parts`` {name: the part's own JSON plus
+into one file: the :func:`benchmarks.harness.provenance.header` keys, then ``parts`` {name: the part's own JSON plus
 ``rc`` and ``seconds``}. Each part is a harness module with ``main(argv) -> int`` that writes ``--out``."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import common
+from . import accelerator, provenance, results_io
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,8 @@ def run(bench: str, script: str, argv: list[str], args: argparse.Namespace, name
     """Run the parts one after the other, writing the merged JSON after each. Returns 0 when every part returned
     0, else 1 (a part that raised is recorded with its error and the next one still runs)."""
     t0 = time.perf_counter()
-    path = common.results_path(bench, args.out)
-    res: dict[str, Any] = {**common.header(argv, script), "parts": {}}
+    path = results_io.results_path(bench, args.out)
+    res: dict[str, Any] = {**provenance.header(argv, script), "parts": {}}
     extra = {k: shlex.split(v) for k, v in (pa.split("=", 1) for pa in args.part_args)}
     failed = False
     for name in names:
@@ -94,10 +94,10 @@ def run(bench: str, script: str, argv: list[str], args: argparse.Namespace, name
         entry["part_args"] = part_argv[:-2]
         failed |= entry["rc"] != 0
         res["parts"][name] = entry
-        common.write_json(path, res)
-        common.free_accelerator_memory()
+        results_io.write_json(path, res)
+        accelerator.free_accelerator_memory()
     res["total_s"] = round(time.perf_counter() - t0, 1)
-    common.write_json(path, res)
+    results_io.write_json(path, res)
     print(f"\n{bench}: " + ", ".join(f"{n} rc={res['parts'][n].get('rc', '-')}" for n in names) + f"; wrote {path}")
     return 1 if failed else 0
 

@@ -28,9 +28,9 @@ import tempfile
 import time
 from typing import Any
 
-from . import common  # noqa: E402
+from . import accelerator, engine_modes, floors, provenance, results_io, tables, workloads  # noqa: E402
 
-common.add_repo_to_path()
+provenance.add_repo_to_path()
 
 import torch  # noqa: E402
 
@@ -88,16 +88,16 @@ def profile_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         if saved_pretune is not None:
             model_runner.pretune_fusion = saved_pretune
     sp = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
-    high = int(common.load_hf_config(args.model)["vocab_size"]) - 1
+    high = int(floors.load_hf_config(args.model)["vocab_size"]) - 1
     seed = [0]
 
     def once() -> float:
         seed[0] += 1
-        prompt = common.random_prompts(1, args.prompt_len, seed=1000 + seed[0], high=high)
-        common.synchronize()
+        prompt = workloads.random_prompts(1, args.prompt_len, seed=1000 + seed[0], high=high)
+        accelerator.synchronize()
         t = time.perf_counter()
         llm.generate(prompt, sp, use_tqdm=False)
-        common.synchronize()
+        accelerator.synchronize()
         return time.perf_counter() - t
 
     for _ in range(args.warmup):
@@ -125,23 +125,23 @@ def profile_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
                                "device_ms": round(sum(r["device_us"] for r in rows) / 1e3, 3)},
               "top_self_cpu": sorted(rows, key=lambda r: -r["self_cpu_us"])[:args.top],
               "top_device": sorted(rows, key=lambda r: -r["device_us"])[:args.top]}
-    common.shutdown_engine(llm)
+    engine_modes.shutdown_engine(llm)
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    out = args.out or (common.default_out("prefill-profile") if args.device != "cpu"
+    out = args.out or (results_io.default_out("prefill-profile") if args.device != "cpu"
                        else os.path.join(tempfile.gettempdir(), "prefill-profile-cpu.json"))
     modes = [profile_mode(m, args) for m in args.modes]
     for r in modes:
-        common.print_table(["op / kernel", "calls", "self CPU us", "device us"],
+        tables.print_table(["op / kernel", "calls", "self CPU us", "device us"],
                            [[x["name"][:60], round(x["calls"], 1), round(x["self_cpu_us"], 1), round(x["device_us"], 1)]
                             for x in r["top_self_cpu"]],
                            title=f"{r['mode']}: TTFT median {r['ttft_ms_median']} ms; per generate "
                                  f"{r['per_generate']} (top by self CPU time)")
-    meta = common.run_metadata(None if argv is None else [sys.argv[0], *argv])
-    path = common.write_json(out, {"meta": meta, "prompt_len": args.prompt_len, "modes": modes})
+    meta = provenance.run_metadata(None if argv is None else [sys.argv[0], *argv])
+    path = results_io.write_json(out, {"meta": meta, "prompt_len": args.prompt_len, "modes": modes})
     print(f"wrote {path}")
     return 0
 

@@ -32,7 +32,7 @@ import time
 import urllib.request
 from typing import Any
 
-from benchmarks.harness import common
+from benchmarks.harness import provenance, results_io
 
 ENGINE_FLAGS = ("device", "dtype", "max_model_len", "max_num_seqs", "num_scheduler_steps", "num_kvcache_blocks",
                 "gpu_memory_utilization")
@@ -106,7 +106,7 @@ def _start_server(args: argparse.Namespace, model: str) -> tuple[subprocess.Pope
            str(max(args.num_prompts, args.warmup_prompts, 1))]
     for k, v in _engine_kwargs(args).items():
         cmd += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)]
-    proc = subprocess.Popen(cmd, cwd=common.REPO_ROOT)
+    proc = subprocess.Popen(cmd, cwd=provenance.REPO_ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.startup_timeout
     while True:
@@ -199,9 +199,9 @@ def _offline(model: str, prompts: list[list[int]], warm_prompts: list[list[int]]
 
 
 def _metadata(args: argparse.Namespace, model: str) -> dict[str, Any]:
-    """The harness's result header (:func:`common.header`) with the serving stack's versions and the model."""
-    head = common.header()
-    head["versions"].update({name: common._version(name) for name in ("openai", "fastapi", "uvicorn")})
+    """The harness's result header (:func:`provenance.header`) with the serving stack's versions and the model."""
+    head = provenance.header()
+    head["versions"].update({name: provenance._version(name) for name in ("openai", "fastapi", "uvicorn")})
     head["command"] = getattr(args, "command", None) or head["command"]
     return {**head, "model": model}
 
@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.skip_offline:
         result["offline"] = _offline(model, rate_prompts[0], warm_prompts, args.output_len, _engine_kwargs(args))
     if args.out:
-        common.write_json(args.out, result)
+        results_io.write_json(args.out, result)
     return result
 
 
