@@ -26,6 +26,10 @@ MAX_SCHEDULER_STEPS = 64  # the largest num_scheduler_steps accepted (the runner
 # throughput.py): 8 steps per round against 1 took the decode step from 1.35 to 1.23 ms at batch 1 and from
 # 7.04 to 6.27 ms at batch 256, and nano-vLLM's workload from 18,456 to 20,734-21,051 output tokens/s.
 GPU_DEFAULT_SCHEDULER_STEPS = 8
+# prefill_cuda_graph_max_tokens when not given, on one CUDA GPU (buckets 16 .. 2048 tokens: 8 graphs). Measured on an
+# H200 (benchmarks/results/h200/latency-prefill-graphs.json): the batch-1 TTFT of a 512-token prompt fell from
+# 30.3 to 2.6 ms with fusion (30.4 to 2.8 ms without), for 6.7 s (0.25 s) more capture at start.
+GPU_DEFAULT_PREFILL_GRAPH_TOKENS = 2048
 # torch.Generator.manual_seed accepts [-2^63, 2^64 - 1] (a negative seed is mapped to 2^64 + seed) and raises
 # RuntimeError outside it
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -53,6 +57,13 @@ def default_num_scheduler_steps(device: str, tensor_parallel_size: int) -> int:
     1 on the CPU (no host/GPU overlap to gain: the CPU computes the step itself) and under tensor parallelism
     (the workers follow single steps)."""
     return GPU_DEFAULT_SCHEDULER_STEPS if device == "cuda" and tensor_parallel_size == 1 else 1
+
+
+def default_prefill_graph_tokens(device: str, tensor_parallel_size: int, enforce_eager: bool) -> int:
+    """``prefill_cuda_graph_max_tokens`` when the caller gives None: :data:`GPU_DEFAULT_PREFILL_GRAPH_TOKENS` on one
+    CUDA GPU without ``enforce_eager``; 0 (off) elsewhere (on the CPU there is no launch overhead to save)."""
+    on = device == "cuda" and tensor_parallel_size == 1 and not enforce_eager
+    return GPU_DEFAULT_PREFILL_GRAPH_TOKENS if on else 0
 
 
 def _as_id_list(value: Any) -> list[int]:
@@ -110,8 +121,9 @@ class Config:
             launching its kernels from Python; graphs are captured at start for buckets of 16, 32, 64, ... tokens
             up to ``min(this, max_num_batched_tokens)`` (that limit itself is the last bucket), each for up to
             ``min(max_num_seqs, 8)`` sequences; a step is padded to its bucket (engine/prefill_graphs.py). 0 turns
-            them off (the default: the path is tested on the CPU through its padding, not yet on a GPU; 2048 gives 8
-            graphs); ``enforce_eager`` and tensor parallelism run without them.
+            them off; None (the default): :data:`GPU_DEFAULT_PREFILL_GRAPH_TOKENS` (2048, 8 graphs) on one CUDA GPU,
+            0 elsewhere (:func:`default_prefill_graph_tokens`); ``enforce_eager`` and tensor parallelism run
+            without them.
 
     Derived (not keywords): ``hf_config``; ``eos_token_ids``, every id that ends a request (unless
     ``ignore_eos``): the union of ``eos_token_id`` in config.json and in generation_config.json, each an int
@@ -141,7 +153,7 @@ class Config:
     tuning_file: str | bool | None = None
     tp_timeout_s: float = 600.0
     tp_start_timeout_s: float = 900.0
-    prefill_cuda_graph_max_tokens: int = 0
+    prefill_cuda_graph_max_tokens: int | None = None
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
     eos_token_id: int = -1  # the first EOS id (-1: none); every id that ends a request is in eos_token_ids
     eos_token_ids: frozenset[int] = frozenset()
@@ -170,7 +182,7 @@ class Config:
                      "kvcache_block_size", "num_kvcache_blocks", "num_scheduler_steps",
                      "prefill_cuda_graph_max_tokens"):
             value = getattr(self, name)
-            if value is None and name == "num_scheduler_steps":
+            if value is None and name in ("num_scheduler_steps", "prefill_cuda_graph_max_tokens"):
                 continue  # resolved below, once the device is known
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {value!r}")
@@ -201,6 +213,9 @@ class Config:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_scheduler_steps is None:
             self.num_scheduler_steps = default_num_scheduler_steps(self.device, self.tensor_parallel_size)
+        if self.prefill_cuda_graph_max_tokens is None:
+            self.prefill_cuda_graph_max_tokens = default_prefill_graph_tokens(
+                self.device, self.tensor_parallel_size, self.enforce_eager)
         if not 1 <= self.num_scheduler_steps <= MAX_SCHEDULER_STEPS:
             raise ValueError(f"num_scheduler_steps must be in [1, {MAX_SCHEDULER_STEPS}], got {self.num_scheduler_steps}")
         if self.tensor_parallel_size < 1:
