@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..launch import launch_options, sm_count, use_pdl
+from ..launch import launch_options, next_power_of_2, sm_count, use_pdl
 from .common import m_bucket
 from .segments import group_kwargs, pick_segment, segment_args
 
@@ -124,5 +124,5 @@ def launch_stream(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor
         x2d, residual2d if has_res else x2d, norm_weight, ws[0], bs[0], outs[0],
         h_out if write_h else outs[0], M, ns[0], float(eps), K=K,
         HAS_RES=has_res, HAS_BIAS=biases[0] is not None, WRITE_H=write_h,
-        BM=bm, BN=bn, BKP=triton.next_power_of_2(K), USE_PDL=pdl, num_warps=warps, num_stages=1,
+        BM=bm, BN=bn, BKP=next_power_of_2(K), USE_PDL=pdl, num_warps=warps, num_stages=1,
         **group_kwargs(ws, bs, outs, ns, t01, tiles, len(weights)), **launch_options(pdl))

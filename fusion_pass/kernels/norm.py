@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..launch import next_power_of_2
 from .common import new_buffer
 
 
@@ -45,7 +46,7 @@ def triton_rms_norm(x2d: Tensor, norm_weight: Tensor, eps: float, residual2d: Op
     h = new_buffer((M, K), x2d) if residual2d is not None else None
     if M == 0:
         return a, h
-    block = triton.next_power_of_2(K)
+    block = next_power_of_2(K)
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
     _rms_norm_kernel[(M,)](x2d, residual2d if residual2d is not None else x2d, norm_weight, a,
                            h if h is not None else a, K, float(eps),

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..launch import cdiv
+
 MAX_GROUP = 3  # weights per launch (q, k, v); longer lists are split into consecutive groups
 
 
@@ -94,7 +96,7 @@ def segment_args(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], 
     bs = [b if b is not None else w for b, w in zip(biases, weights)] + [ws[0]] * pad
     outs = list(ys) + [ys[0]] * pad
     ns = [int(w.shape[0]) for w in weights] + [0] * pad
-    tiles = [triton.cdiv(n, tile) for n in ns]
+    tiles = [cdiv(n, tile) for n in ns]
     return ws, bs, outs, ns, tiles[:2], sum(tiles)
 
 

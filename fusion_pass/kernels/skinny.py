@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..launch import launch_options, use_pdl
+from ..launch import cdiv, launch_options, next_power_of_2, use_pdl
 from .common import log, m_bucket, new_buffer
 from .segments import group_kwargs, pick_segment, segment_args
 
@@ -237,7 +237,7 @@ def launch_skinny(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor
     if warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"skinny variant: num_warps must be 1, 2, 4, 8 or 16, got {config}")
     bm = max(16, m_bucket(M))
-    ks = min(ks, max(16, triton.next_power_of_2(K)))
+    ks = min(ks, max(16, next_power_of_2(K)))
     if M > SKINNY_MAX_M:
         raise ValueError(f"skinny variant handles at most {SKINNY_MAX_M} rows, got M={M}")
     if bn < 16 or bn & (bn - 1) or ks < 16 or ks & (ks - 1):
@@ -253,7 +253,7 @@ def launch_skinny(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor
     has_bias = biases[0] is not None
     r = residual2d if has_res else x2d
     hb = h_out if write_h else outs[0]
-    splits = triton.cdiv(K, ks)
+    splits = cdiv(K, ks)
     counters = fixup_counters(x2d.device, tiles) if fixup and splits > 1 else None
     fixup = counters is not None  # no counters (first use inside a CUDA graph capture): the epilogue kernel
     part = new_buffer((splits, M, n_total), x2d, torch.float32) if splits > 1 else outs[0]
@@ -267,8 +267,8 @@ def launch_skinny(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor
         num_warps=warps, num_stages=1, **group_kwargs(ws, bs, outs, ns, t01, tiles, g), **launch_options(pdl))
     if splits > 1 and not fixup:
         block = 1024
-        b01 = [triton.cdiv(M * n, block) for n in ns[:2]]  # the epilogue's programs per segment
-        blocks = sum(triton.cdiv(M * n, block) for n in ns)
+        b01 = [cdiv(M * n, block) for n in ns[:2]]  # the epilogue's programs per segment
+        blocks = sum(cdiv(M * n, block) for n in ns)
         _fused_splitk_epilogue_kernel[(blocks,)](
             part, sq, bs[0], outs[0], M, ns[0], float(eps), K=K, S=splits, HAS_BIAS=has_bias, BLOCK=block,
             USE_PDL=pdl, num_warps=4, **group_kwargs(ws, bs, outs, ns, b01, blocks, g), **launch_options(pdl))

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_pass.launch import launch_options, sm_count, use_pdl
+from fusion_pass.launch import cdiv, launch_options, next_power_of_2, sm_count, use_pdl
 
 from .attention_common import LOG2E, check_out, check_paged_attention_args, online_softmax_tile
 from .reference import decode_attention_ref
@@ -58,8 +58,8 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, sm_co
         ``num_splits >= 1``.
     """
     programs = max(1, batch * num_kv_heads)
-    want = triton.cdiv(DECODE_WAVES * sm_count, programs)
-    by_len = max(1, triton.cdiv(max(1, max_context_len), DECODE_MIN_TILES_PER_SPLIT * block_n))
+    want = cdiv(DECODE_WAVES * sm_count, programs)
+    by_len = max(1, cdiv(max(1, max_context_len), DECODE_MIN_TILES_PER_SPLIT * block_n))
     return max(1, min(want, by_len, DECODE_MAX_SPLITS))
 
 
@@ -213,14 +213,14 @@ def decode_attention_triton(
         num_splits = choose_num_splits(batch, num_kv_heads, bound, sms, bn)
     num_splits = max(1, int(num_splits))
     direct = num_splits == 1
-    splits_pad = max(2, triton.next_power_of_2(num_splits))
+    splits_pad = max(2, next_power_of_2(num_splits))
     if direct:
         m_part = l_part = acc_part = out  # unused
     else:
         m_part = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
         l_part = torch.empty_like(m_part)
         acc_part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-    rows = max(16, triton.next_power_of_2(group))
+    rows = max(16, next_power_of_2(group))
     pdl = use_pdl(q)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_pass.launch import launch_options, use_pdl
+from fusion_pass.launch import launch_options, next_power_of_2, use_pdl
 from .reference import _check_store_shapes, store_kvcache_ref
 
 
@@ -76,8 +76,8 @@ def store_kvcache_triton(
         value.stride(1),
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
-        HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        DIM_PAD=triton.next_power_of_2(head_dim),
+        HEADS_PAD=next_power_of_2(num_kv_heads),
+        DIM_PAD=next_power_of_2(head_dim),
         USE_PDL=pdl,
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
         **launch_options(pdl),

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusion_pass.launch import cdiv, next_power_of_2
 from .attention_common import LOG2E, check_out, check_paged_attention_args, online_softmax_tile
 from .reference import prefill_attention_ref
 
@@ -115,7 +116,7 @@ def _prefill_config(group_pad: int, max_seqlen_q: int) -> tuple[int, int, int, i
     work when ``max_seqlen_q`` is small) but never goes below 16 (the ``tl.dot`` minimum).
     """
     block_m = max(1, 128 // group_pad)
-    block_m = min(block_m, triton.next_power_of_2(max(1, max_seqlen_q)))
+    block_m = min(block_m, next_power_of_2(max(1, max_seqlen_q)))
     while block_m * group_pad < 16:
         block_m *= 2
     rows = block_m * group_pad
@@ -141,7 +142,7 @@ def prefill_attention_triton(
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    group_pad = triton.next_power_of_2(group)
+    group_pad = next_power_of_2(group)
     out = check_out(out, q)
     batch = cu_seqlens_q.shape[0] - 1
     if num_tokens == 0 or batch == 0 or max_seqlen_q == 0:
@@ -153,7 +154,7 @@ def prefill_attention_triton(
     bn = block_n or bn
     if bm * group_pad < 16 or bn < 16:
         raise ValueError(f"tile too small for tl.dot: BLOCK_M*GROUP_PAD={bm * group_pad}, BLOCK_N={bn}")
-    grid = (triton.cdiv(max_seqlen_q, bm), batch, num_kv_heads)
+    grid = (cdiv(max_seqlen_q, bm), batch, num_kv_heads)
     _prefill_kernel[grid](
         q,
         k_cache,

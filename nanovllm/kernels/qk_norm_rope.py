@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_pass.launch import launch_options, use_pdl
+from fusion_pass.launch import launch_options, next_power_of_2, use_pdl
 from nanovllm.layers.layernorm import rms_norm
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 
@@ -153,8 +153,8 @@ def _launch(qkv: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Te
     pdl = use_pdl(qkv)
     _qk_norm_rope_kernel[(t,)](qkv, qw, kw, cs, positions, q, k if k is not None else q, k_cache, v_cache, slots,
                                qkv.stride(0), cs.stride(0), float(eps), NUM_HEADS=num_heads,
-                               NUM_KV_HEADS=num_kv_heads, ROWS=triton.next_power_of_2(num_heads + num_kv_heads),
-                               KV_ROWS=triton.next_power_of_2(num_kv_heads), HALF=head_dim // 2,
+                               NUM_KV_HEADS=num_kv_heads, ROWS=next_power_of_2(num_heads + num_kv_heads),
+                               KV_ROWS=next_power_of_2(num_kv_heads), HALF=head_dim // 2,
                                STORE=kv_store is not None, NORM=norm, USE_PDL=pdl, num_warps=4,
                                **launch_options(pdl))
 

@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+from fusion_pass.launch import cdiv, next_power_of_2
 
 # Tunables, from a sweep on an H200 (bf16, V = 151,936, B in 1..256; tiles of 1024..8192 tokens, 4 or 8 warps,
 # 1..64 splits): small tiles with 4 warps and many programs per SM hide the Philox/log latency best.
@@ -81,8 +82,8 @@ def choose_sample_splits(batch: int, vocab: int, sm_count: int, block: int = SAM
         ``S >= 1`` (1 means one program per row and no second kernel; with the defaults that takes
         ``B >= 8 * sm_count`` rows or a vocabulary of at most ``block`` tokens).
     """
-    want = triton.cdiv(SAMPLE_WAVES * sm_count, max(1, batch))
-    return max(1, min(want, triton.cdiv(max(1, vocab), block), SAMPLE_MAX_SPLITS))
+    want = cdiv(SAMPLE_WAVES * sm_count, max(1, batch))
+    return max(1, min(want, cdiv(max(1, vocab), block), SAMPLE_MAX_SPLITS))
 
 
 # ---- Triton -----------------------------------------------------------------------------------------------------
@@ -212,8 +213,8 @@ def sample_tokens_triton(
     if num_splits is None:
         sms = _sm_count(logits.device.index or 0) if logits.is_cuda else 132
         num_splits = choose_sample_splits(batch, vocab, sms, blk)
-    split_size = triton.cdiv(triton.cdiv(vocab, max(1, int(num_splits))), blk) * blk
-    num_splits = triton.cdiv(vocab, split_size)  # every split holds at least one token
+    split_size = cdiv(cdiv(vocab, max(1, int(num_splits))), blk) * blk
+    num_splits = cdiv(vocab, split_size)  # every split holds at least one token
     direct = num_splits == 1
     part = out if direct else torch.empty((batch, 2, num_splits), dtype=torch.float32, device=logits.device)
     _sample_split_kernel[(batch, num_splits)](
@@ -234,7 +235,7 @@ def sample_tokens_triton(
     )
     if not direct:
         # SPLITS_PAD is fixed (not next_power_of_2(num_splits)) so that one compiled kernel serves every batch size
-        pad = max(2, triton.next_power_of_2(max(num_splits, SAMPLE_MAX_SPLITS)))
+        pad = max(2, next_power_of_2(max(num_splits, SAMPLE_MAX_SPLITS)))
         _sample_reduce_kernel[(batch,)](out, part, num_splits, SPLITS_PAD=pad, num_warps=1)
     return out
 
@@ -277,7 +278,7 @@ def philox4x32_ref(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: tor
 def sample_uniforms_ref(batch: int, vocab: int, seed: int, offset: int = 0,
                         device: torch.device | str = "cpu") -> torch.Tensor:
     """The kernel's ``U`` for every ``(row, token)`` of one call: float32 ``[batch, vocab]`` in (0, 1)."""
-    quads = triton.cdiv(vocab, 4)
+    quads = cdiv(vocab, 4)
     q = torch.arange(quads, dtype=torch.int64, device=device)
     r = torch.arange(batch, dtype=torch.int64, device=device).unsqueeze(-1)
     words = philox4x32_ref(q.unsqueeze(0), r, torch.tensor(offset, device=device), torch.tensor(0, device=device),

@@ -19,6 +19,7 @@ import torch
 import triton
 
 from nanovllm.kernels.sampling import philox4x32_ref
+from fusion_pass.launch import cdiv
 
 _M32 = 0xFFFFFFFF
 _TINY = torch.finfo(torch.float32).tiny
@@ -66,7 +67,7 @@ def seeded_exponentials(seeds: list[int], positions: list[int], vocab: int,
     k0 = torch.tensor([(s % 2**64) & _M32 for s in seeds], dtype=torch.int64, device=device).unsqueeze(-1)
     k1 = torch.tensor([(s % 2**64) >> 32 for s in seeds], dtype=torch.int64, device=device).unsqueeze(-1)
     pos = torch.tensor(positions, dtype=torch.int64, device=device).unsqueeze(-1)
-    quads = triton.cdiv(vocab, 4)
+    quads = cdiv(vocab, 4)
     q = torch.arange(quads, dtype=torch.int64, device=device).unsqueeze(0)
     zero = torch.zeros((), dtype=torch.int64, device=device)
     words = philox4x32_ref(q, pos, zero, zero, k0, k1)  # int64 [S, 1] keys broadcast like the counters

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from fusion_pass.launch import cdiv
 
 ACTS = ("none", "silu_mul")
 GEMV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -129,7 +130,7 @@ def silu_mul_triton(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty((m, k), dtype=x.dtype, device=x.device)
     if m and k:
         block = 1024
-        _silu_mul_kernel[(m, triton.cdiv(k, block))](x, y, k, x.stride(0), BLOCK=block, num_warps=4)
+        _silu_mul_kernel[(m, cdiv(k, block))](x, y, k, x.stride(0), BLOCK=block, num_warps=4)
     return y
 
 

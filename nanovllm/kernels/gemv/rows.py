@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_pass.launch import launch_options, use_pdl
+from fusion_pass.launch import cdiv, launch_options, next_power_of_2, use_pdl
 
 from .common import _act, _load_x, check_launch
 
@@ -64,7 +64,7 @@ def block_k_for(block_n: int, num_warps: int, k: int) -> int:
     """The K chunk of a ``(block_n, num_warps)`` config: the whole row (``next_power_of_2(K)``) when that puts at
     most :data:`ELEMS_PER_THREAD` weight elements in each thread (one tile), else half that budget (the K loop
     keeps two tiles in flight: register double buffering)."""
-    kp = triton.next_power_of_2(max(1, k))
+    kp = next_power_of_2(max(1, k))
     cap = ELEMS_PER_THREAD * 32 * num_warps // block_n
     return max(16, kp if kp <= cap else cap // 2)
 
@@ -85,7 +85,7 @@ def choose_config(m: int, n: int, k: int, block_n: int | None = None, num_warps:
     Returns:
         a :class:`GemvConfig`.
     """
-    kp = triton.next_power_of_2(max(1, k))
+    kp = next_power_of_2(max(1, k))
     warps = num_warps if num_warps is not None else (4 if kp <= 1024 else 8)
     if block_n is None:
         block_n = 8 if (m >= 3 and 8 * kp <= ELEMS_PER_THREAD * 32 * warps) else 4
@@ -219,15 +219,15 @@ def gemv_triton(
     if m == 1 and config is None and k <= MAX_ROW_K:
         bn, warps = row_config(k)
         pdl = use_pdl(x)
-        _gemv_row_kernel[(triton.cdiv(n, bn),)](x, weight, bias if bias is not None else weight, out, n, K=k, ACT=act,
+        _gemv_row_kernel[(cdiv(n, bn),)](x, weight, bias if bias is not None else weight, out, n, K=k, ACT=act,
                                                 HAS_BIAS=bias is not None, BLOCK_N=bn,
-                                                BKP=triton.next_power_of_2(k), USE_PDL=pdl, num_warps=warps,
+                                                BKP=next_power_of_2(k), USE_PDL=pdl, num_warps=warps,
                                                 num_stages=1, **launch_options(pdl))
         return out
     cfg = config if config is not None else choose_config(m, n, k)
     if cfg.block_k & (cfg.block_k - 1) or cfg.block_n & (cfg.block_n - 1):
         raise ValueError(f"block_n and block_k must be powers of two, got {cfg}")
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+    _gemv_kernel[(cdiv(n, cfg.block_n),)](
         x,
         weight,
         bias if bias is not None else weight,  # never read without HAS_BIAS
@@ -239,7 +239,7 @@ def gemv_triton(
         out.stride(0),
         ACT=act,
         HAS_BIAS=bias is not None,
-        BLOCK_M=triton.next_power_of_2(m),
+        BLOCK_M=next_power_of_2(m),
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         ONE_TILE=cfg.block_k >= k,

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from fusion_pass.kernels import fixup_counters
-from fusion_pass.launch import launch_options, use_pdl
+from fusion_pass.launch import cdiv, launch_options, next_power_of_2, use_pdl
 
 from .common import _act, check_launch
 
@@ -177,13 +177,13 @@ def gemv_skinny_triton(
                                  "the skinny kernel takes at most SKINNY_MAX_M")
     if m == 0 or n == 0:
         return out
-    chunk = min(cfg.chunk_k, max(16, triton.next_power_of_2(k)))
-    bm = max(16, triton.next_power_of_2(m))
+    chunk = min(cfg.chunk_k, max(16, next_power_of_2(k)))
+    bm = max(16, next_power_of_2(m))
     if (cfg.block_n + bm) * chunk * x.element_size() > SKINNY_MAX_SMEM:
         raise ValueError(f"the skinny kernel's [{cfg.block_n}, {chunk}] W chunk and [{chunk}, {bm}] activation tile "
                          f"exceed {SKINNY_MAX_SMEM} bytes of shared memory; lower block_n or chunk_k")
-    splits = triton.cdiv(k, chunk)
-    tiles = triton.cdiv(n, cfg.block_n)
+    splits = cdiv(k, chunk)
+    tiles = cdiv(n, cfg.block_n)
     counters = None
     if cfg.fixup and splits > 1:
         counters = fixup_counters(x.device, tiles)  # None on first use inside a capture: the reduction kernel
@@ -197,7 +197,7 @@ def gemv_skinny_triton(
         **launch_options(pdl))
     if splits > 1 and counters is None:
         block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](part, b, out, m, n, out.stride(0), S=splits,
+        _splitk_reduce_kernel[(cdiv(m * n, block),)](part, b, out, m, n, out.stride(0), S=splits,
                                                             HAS_BIAS=bias is not None, BLOCK=block, USE_PDL=pdl,
                                                             num_warps=4, **launch_options(pdl))
     return out
