@@ -239,6 +239,8 @@ def test_split_groups():
         kernels.fused_linears(x, g, ws, bs, 1e-6, variant="stream")  # bias on the first only
     with pytest.raises(ValueError, match="1 to 3 weights"):
         kernels.fused_linears(x, g, ws * 2, [None] * 4, 1e-6, variant="stream")
+    with pytest.raises(ValueError, match="share one dtype"):
+        kernels.fused_linears(x, g, [ws[0], ws[1].half()], [None, None], 1e-6, variant="stream")
 
 
 def test_skinny_variant_rejects_bad_shapes():

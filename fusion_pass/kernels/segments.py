@@ -85,12 +85,16 @@ def segment_args(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], 
     segment 0's tensors with N = 0; an absent bias is W (never read: HAS_BIAS is False then).
 
     Raises:
-        ValueError: an empty group or more than MAX_GROUP weights, or lists of different lengths.
+        ValueError: an empty group or more than MAX_GROUP weights, lists of different lengths, or weights and
+            biases of several dtypes (the kernel picks among their pointers, which must have one type).
     """
     g = len(weights)
     if not 1 <= g <= MAX_GROUP or len(biases) != g or len(ys) != g:
         raise ValueError(f"a weight group holds 1 to {MAX_GROUP} weights with one bias and one output each, got "
                          f"{g} weights, {len(biases)} biases, {len(ys)} outputs")
+    if g > 1 and len({w.dtype for w in weights} | {b.dtype for b in biases if b is not None}) > 1:
+        raise ValueError("a weight group's weights and biases must share one dtype, got "
+                         f"{sorted({str(w.dtype) for w in weights} | {str(b.dtype) for b in biases if b is not None})}")
     pad = MAX_GROUP - g
     ws = list(weights) + [weights[0]] * pad
     bs = [b if b is not None else w for b, w in zip(biases, weights)] + [ws[0]] * pad
