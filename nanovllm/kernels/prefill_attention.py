@@ -27,7 +27,9 @@ from .attention_common import LOG2E, check_out, check_paged_attention_args, onli
 from .reference import prefill_attention_ref
 
 
-@triton.jit
+# stride_bt (the block-table width of an eager prefill step) takes every value from 1 up: unspecialized, so a first
+# long prompt (a width that is a multiple of 16) does not compile a second variant of the kernel mid-run.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,
