@@ -108,6 +108,37 @@ def test_options_reach_inductor_and_coconut_settings(model, monkeypatch):
     assert len(pretuned) == 1
 
 
+class Attention3(torch.nn.Module):
+    """One norm feeding q / k / v (no bias: one weight group) and one feeding a biased and an unbiased linear (two)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n1, self.n2 = torch.nn.RMSNorm(32, eps=1e-6), torch.nn.RMSNorm(32, eps=1e-6)
+        self.q, self.k, self.v = (torch.nn.Linear(32, n, bias=False) for n in (16, 8, 8))
+        self.a, self.b = torch.nn.Linear(32, 12), torch.nn.Linear(32, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.n1(x)
+        y = torch.cat([self.q(h), self.k(h), self.v(h)], -1)
+        g = self.n2(y)
+        return torch.cat([self.a(g), self.b(g)], -1)
+
+
+def test_pretune_measures_the_weight_group_shapes(monkeypatch):
+    """The backend pretunes what the dispatcher looks up: one (M, N_q + N_k + N_v, K) for the q/k/v group, and one
+    shape per group where a bias on some linears only splits a site."""
+    torch.manual_seed(0)
+    m = Attention3().eval()
+    pretuned: list = []
+    monkeypatch.setattr(coconut, "_pretune", lambda sites: pretuned.append(sorted(s[:3] for s in sites)))
+    x = torch.randn(5, 32)
+    out, _ = compile_run(m, x, backend="coconut")
+    assert fusion_pass.fused_site_count() == 2
+    assert pretuned == [[(5, 4, 32), (5, 12, 32), (5, 32, 32)]]
+    with torch.no_grad():
+        torch.testing.assert_close(out, m(x), rtol=1e-5, atol=1e-5)
+
+
 def test_min_sites_raises_from_the_compile(model):
     with pytest.raises(RuntimeError, match="fewer than coconut.min_sites = 2"):
         compile_run(model, torch.randn(3, 32), backend="coconut", options={"coconut.min_sites": 2})
