@@ -78,25 +78,81 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def run_aot_script(script: str, timeout: int = 600) -> str:
-    """Run ``script`` (Python source that compiles Triton kernels for sm_90 with ``triton.compile`` and prints
-    ``AOT-OK``) in a subprocess without ``TRITON_INTERPRET`` and with the repository on ``PYTHONPATH``; returns its
-    stdout. Skips the test when the machine has no ahead-of-time toolchain (no ptxas / GPUTarget); fails with the
-    end of stderr otherwise. Used by the ``*_compile_for_sm90_ahead_of_time`` tests, which catch GPU-only compile
-    errors that the interpreter hides."""
+# The ahead-of-time compile scripts run in one worker process started on first use and shared by the session: each
+# script runs there in a fresh namespace, with its stdout and stderr (file descriptors 1 and 2, so a ptxas child's
+# output too) captured into files of its own; replies go back over a private copy of the original stdout. One worker
+# spares every script the start-up of Python and the imports of torch, triton and nanovllm.
+_AOT_WORKER = r"""
+import json, os, sys, tempfile, traceback
+reply = os.fdopen(os.dup(1), "w")
+for line in sys.stdin:
+    script = json.loads(line)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sys.stdout.flush(); sys.stderr.flush()
+        os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
+        rc = 0
+        try:
+            exec(compile(script, "<aot-script>", "exec"), {"__name__": "__main__"})
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            rc = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        out.seek(0); err.seek(0)
+        text = [out.read().decode(errors="replace"), err.read().decode(errors="replace")]
+    reply.write(json.dumps({"rc": rc, "stdout": text[0], "stderr": text[1]}) + "\n")
+    reply.flush()
+"""
+_aot_worker: "object | None" = None  # the subprocess.Popen of the worker, started by _aot_run
+
+
+def _aot_run(script: str, timeout: int) -> tuple[int, str, str]:
+    """(returncode, stdout, stderr) of ``script`` run in the shared worker (started here when none runs); the
+    worker is killed and ``subprocess.TimeoutExpired`` raised past ``timeout`` seconds."""
+    import atexit
+    import json
+    import select
     import subprocess
     import sys
 
+    global _aot_worker
+    if _aot_worker is None or _aot_worker.poll() is not None:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        _aot_worker = subprocess.Popen([sys.executable, "-c", _AOT_WORKER], env=env, stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        atexit.register(_aot_worker.kill)
+    worker = _aot_worker
+    worker.stdin.write(json.dumps(script) + "\n")
+    worker.stdin.flush()
+    ready, _, _ = select.select([worker.stdout], [], [], timeout)
+    line = worker.stdout.readline() if ready else ""
+    if not line:
+        worker.kill()
+        worker.wait(10)
+        _aot_worker = None
+        if not ready:
+            raise subprocess.TimeoutExpired("aot-worker", timeout)
+        return worker.returncode or 1, "", f"the AOT worker exited (rc={worker.returncode}): {worker.stderr.read()}"
+    reply = json.loads(line)
+    return reply["rc"], reply["stdout"], reply["stderr"]
+
+
+def run_aot_script(script: str, timeout: int = 600) -> str:
+    """Run ``script`` (Python source that compiles Triton kernels for sm_90 with ``triton.compile`` and prints
+    ``AOT-OK``) outside this process, without ``TRITON_INTERPRET`` and with the repository on ``PYTHONPATH`` (in the
+    session's shared worker, a fresh namespace per script); returns its stdout. Skips the test when the machine has
+    no ahead-of-time toolchain (no ptxas / GPUTarget); fails with the end of stderr otherwise. Used by the
+    ``*_compile_for_sm90_ahead_of_time`` tests, which catch GPU-only compile errors that the interpreter hides."""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
-    toolchain_missing = ("ptxas" in p.stderr.lower() and "spill" not in p.stderr) or "GPUTarget" in p.stderr
-    if p.returncode != 0 and toolchain_missing:
-        pytest.skip(f"no AOT toolchain: {p.stderr[-300:]}")
-    assert p.returncode == 0 and "AOT-OK" in p.stdout, p.stderr[-3000:]
-    return p.stdout
+    returncode, stdout, stderr = _aot_run(script, timeout)
+    toolchain_missing = ("ptxas" in stderr.lower() and "spill" not in stderr) or "GPUTarget" in stderr
+    if returncode != 0 and toolchain_missing:
+        pytest.skip(f"no AOT toolchain: {stderr[-300:]}")
+    assert returncode == 0 and "AOT-OK" in stdout, stderr[-3000:]
+    return stdout
 
 
 @pytest.fixture(scope="session")
