@@ -21,6 +21,17 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
     return build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-qwen3")))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread_per_process() -> Iterator[None]:
+    """One torch thread for the whole session: the tests' models and kernels are tiny, and on 2 shared cores a
+    second intra-op thread only contends with the tensor-parallel workers (one thread each), the Inductor compile
+    workers and the subprocesses that the tests start."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``): the tiny
