@@ -38,7 +38,19 @@ def compile_model(model: torch.nn.Module, backend: str) -> Forward:
             setattr(cfg_dynamo, name, max(getattr(cfg_dynamo, name), 32))
     # Module guards stay on: Dynamo's cache belongs to the model class's forward, shared by every engine of the
     # process, and only those guards tell apart two models of different shapes.
-    return torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
+    if not hasattr(cfg_dynamo, "specialize_float"):
+        return compiled
+
+    def forward(input_ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        # The model's float attributes (norm eps, RoPE and attention scales) are constants of the checkpoint. Under
+        # dynamic=True Dynamo would first trace them as symbolic floats, then restart the whole trace to turn them
+        # back into constants (torch/fx/passes/_tensorify_python_scalars.py): every graph traced twice. Specialized
+        # here, for the engine's graphs only.
+        with cfg_dynamo.patch(specialize_float=True):
+            return compiled(input_ids, positions, rows)
+
+    return forward
 
 
 def build_forwards(model: torch.nn.Module, config: Config, device: torch.device) -> tuple[Forward, Forward]:
