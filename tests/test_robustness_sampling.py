@@ -148,3 +148,57 @@ def test_engine_at_the_limits_equals_greedy_or_stays_in_the_vocabulary(small_llm
         outs = small_llm.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True, **kw), use_tqdm=False)
         assert all(len(o["token_ids"]) == 6 and all(0 <= t < 1024 for t in o["token_ids"]) for o in outs)
     assert small_llm.kv_cache_usage() == 0.0
+
+
+# ---- draw frequencies against the softmax ------------------------------------------------------------------
+def _empirical(sampler: Sampler, logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+               n: int, seed: int) -> torch.Tensor:
+    rows = logits.expand(n, -1).contiguous()
+    g = torch.Generator().manual_seed(seed)
+    ids = sampler(rows, torch.full((n,), temperature), torch.full((n,), top_k, dtype=torch.int64),
+                  torch.full((n,), top_p), g)
+    return torch.bincount(ids, minlength=logits.shape[-1]).double() / n
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, -1, 1.0), (0.5, -1, 1.0), (2.0, -1, 1.0),
+                                                       (1.0, 3, 1.0), (1.0, -1, 0.6), (0.8, 4, 0.9)])
+def test_sampler_frequencies_follow_softmax(temperature: float, top_k: int, top_p: float) -> None:
+    """Draw frequencies vs the float64 distribution: softmax(logits / T) cut to the top-k tokens, renormalized,
+    then cut to the smallest prefix of the sorted probabilities whose mass reaches top_p (Holtzman et al. 2019)
+    and renormalized again (top-k before top-p, as in vLLM and transformers' warper order)."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5, -3.0]])
+    n = 40000
+    freq = _empirical(Sampler(), logits, temperature, top_k, top_p, n, seed=5)
+    probs = torch.softmax(logits[0].double() / temperature, -1)
+    order = probs.argsort(descending=True).tolist()
+    if top_k != -1:
+        order = order[:top_k]
+    kept_mass = float(probs[order].sum())
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    mass = 0.0
+    for i in order:
+        if mass >= top_p:
+            break
+        keep[i] = True
+        mass += float(probs[i]) / kept_mass
+    expected = torch.where(keep, probs, 0.0)
+    expected /= expected.sum()
+    assert bool((freq[~keep] == 0).all()), "a token outside top-k / top-p was drawn"
+    tol = 4.5 * torch.sqrt(expected * (1 - expected) / n) + 1e-4  # 4.5 sigma per token
+    assert bool(((freq - expected).abs() <= tol).all()), (freq, expected)
+
+
+def test_sampler_rows_keep_their_own_settings() -> None:
+    """One batch mixing greedy, top-k=1, top-p and plain rows: each row follows its own settings."""
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0, 0.0]).expand(8, -1).contiguous()
+    temps = torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 5.0, 1.0, 1.0])
+    top_ks = torch.tensor([-1, 1, -1, 2, -1, -1, -1, -1])
+    top_ps = torch.tensor([1.0, 1.0, 1e-6, 1.0, 0.5, 1.0, 1.0, 1.0])
+    seen = [set() for _ in range(8)]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        for row, t in enumerate(Sampler()(logits, temps, top_ks, top_ps, g).tolist()):
+            seen[row].add(t)
+    assert seen[0] == seen[1] == seen[2] == seen[4] == {1}  # greedy, top_k=1, tiny top_p, greedy (top_p ignored)
+    assert seen[3] == {1, 2}  # top-2 only
+    assert seen[5] == {0, 1, 2, 3, 4}  # a hot row reaches every token
