@@ -64,10 +64,10 @@ def _source_hash() -> str:
     return h.hexdigest()
 
 
-def _static_sites(graph: fx.Graph) -> list[tuple[int, int, int, torch.dtype, torch.device]]:
+def _static_sites(graph: fx.Graph) -> list[tuple[int, int, int, torch.dtype, torch.device, tuple[int, ...]]]:
     """(M, N, K, dtype, device) of each weight group (kernels.split_groups: the linears of a site that share one
-    launch, N the sum of their rows) served by a coconut op of `graph` whose shapes are all integers: the shapes
-    the dispatcher looks up at run time."""
+    launch, N the sum of their rows; widths: each linear's rows) served by a coconut op of `graph` whose shapes are
+    all integers: the shapes the dispatcher looks up at run time."""
     out = []
     for n in graph.nodes:
         if n.op != "call_function" or n.target not in _OPS:
@@ -82,7 +82,8 @@ def _static_sites(graph: fx.Graph) -> list[tuple[int, int, int, torch.dtype, tor
             continue
         m = functools.reduce(operator.mul, x.shape[:-1], 1)
         for grp in kernels.split_groups([v.shape[0] for v in vals], [b is not None for b in biases]):
-            out.append((m, sum(vals[i].shape[0] for i in grp), vals[0].shape[1], x.dtype, x.device))
+            out.append((m, sum(vals[i].shape[0] for i in grp), vals[0].shape[1], x.dtype, x.device,
+                        tuple(vals[i].shape[0] for i in grp)))
     return out
 
 
@@ -98,7 +99,7 @@ class CoconutFusionPass(CustomGraphPass):
 
     def __init__(self, settings: Settings = Settings()) -> None:
         self.settings = settings
-        self.static_sites: list[tuple[int, int, int, torch.dtype, torch.device]] = []
+        self.static_sites: list[tuple[int, int, int, torch.dtype, torch.device, tuple[int, ...]]] = []
 
     def __call__(self, graph: fx.Graph) -> None:
         result = patterns.rewrite_graph(graph)
@@ -133,14 +134,14 @@ class _ChainedPass(CustomGraphPass):
 FUSION_PASS = CoconutFusionPass()
 
 
-def _pretune(sites: list[tuple[int, int, int, torch.dtype, torch.device]]) -> None:
+def _pretune(sites: list[tuple[int, int, int, torch.dtype, torch.device, tuple[int, ...]]]) -> None:
     """Measure the dispatch decision of every CUDA site now, outside any CUDA-graph capture (kernels.pretune)."""
     cuda = [s for s in sites if s[4].type == "cuda"]
     if not cuda or torch.cuda.is_current_stream_capturing():
         return
-    by_kind: dict[tuple[torch.dtype, torch.device], set[tuple[int, int, int]]] = {}
-    for m, n, k, dt, dev in cuda:
-        by_kind.setdefault((dt, dev), set()).add((m, n, k))
+    by_kind: dict[tuple[torch.dtype, torch.device], set[tuple[int, int, int, tuple[int, ...]]]] = {}
+    for m, n, k, dt, dev, widths in cuda:
+        by_kind.setdefault((dt, dev), set()).add((m, n, k, widths))
     for (dt, dev), shapes in by_kind.items():
         try:
             kernels.pretune(sorted(shapes), dtype=dt, device=dev)

@@ -15,6 +15,7 @@ packages.
 from __future__ import annotations
 
 import functools
+import operator
 
 import torch
 
@@ -30,7 +31,8 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (0 for n <= 0, as ``triton.next_power_of_2``), for host-side block sizes;
     ``triton.next_power_of_2`` without its per-call host cost (see :func:`cdiv`)."""
-    return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
+    n = operator.index(n)  # an int (numpy integers too); a float raises TypeError, as in Triton
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=None)

@@ -103,7 +103,7 @@ def test_options_reach_inductor_and_coconut_settings(model, monkeypatch):
     pretuned: list = []
     monkeypatch.setattr(coconut, "_pretune", lambda sites: pretuned.append(list(sites)))
     compile_run(model, x, backend="coconut")
-    assert pretuned == [[(3, 16, 32, torch.float32, torch.device("cpu"))]]  # M, N, K of the fused linear
+    assert pretuned == [[(3, 16, 32, torch.float32, torch.device("cpu"), (16,))]]  # M, N, K of the fused linear, its widths
     compile_run(model, x, backend="coconut", options={"coconut.pretune": False})
     assert len(pretuned) == 1
 

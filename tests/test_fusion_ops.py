@@ -241,6 +241,39 @@ def test_split_groups():
         kernels.fused_linears(x, g, ws * 2, [None] * 4, 1e-6, variant="stream")
     with pytest.raises(ValueError, match="share one dtype"):
         kernels.fused_linears(x, g, [ws[0], ws[1].half()], [None, None], 1e-6, variant="stream")
+    # the op's kinds: (bias?, weight dtype, bias dtype); a dtype change breaks the run
+    assert kernels.split_groups([8, 8, 8], [(False, torch.float16, None), (False, torch.float32, None),
+                                            (False, torch.float32, None)]) == [[0], [1, 2]]
+    ys, _ = kernels.rms_norm_linear(x, g, [ws[0], ws[1].double()], [None, None], 1e-6, variant="stream")
+    assert [y.shape for y in ys] == [(2, 8), (2, 8)]  # two launches instead of a refused group
+
+
+@pytest.mark.parametrize("variant, m, cfg", [("stream", 1, (4, 4, 4)), ("skinny", 3, (16, 32, 2, 1))])
+def test_residual_output_written_when_the_first_group_has_no_rows(variant, m, cfg):
+    """h = x + r comes from the first fused launch that runs: a leading group of empty weights ([0, K]) launches
+    nothing, so a later group (or the op itself) writes it; the outputs are NaN-poisoned before."""
+    x, r, g, _, _ = make(m, 32, [], torch.float32)
+    empty = torch.zeros(0, 32, device=DEV)
+    w = torch.randn(8, 32, device=DEV) / 32 ** 0.5
+    b = torch.randn(8, device=DEV)
+    for weights, biases in (([empty, w], [None, b]), ([empty, empty, empty, w], [None] * 4), ([empty], [None])):
+        ys, h = kernels.rms_norm_linear(x, g, weights, biases, 1e-6, residual2d=r, variant=variant, config=cfg)
+        assert torch.equal(h, x + r), len(weights)
+        ref, _ = ref64(x, g, weights, biases, 1e-6, r)
+        assert [tuple(y.shape) for y in ys] == [tuple(y.shape) for y in ref]
+        assert all(rel_err(y, yr) < 1e-5 for y, yr in zip(ys, ref) if y.numel())
+
+
+def test_host_launch_arithmetic_equals_triton():
+    import triton
+
+    from fusion_pass.launch import cdiv, next_power_of_2
+    for n in list(range(-3, 3000)) + [2**31 - 1, 2**31, 2**40 + 1]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 128):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    with pytest.raises(TypeError):
+        next_power_of_2(2.5)
 
 
 def test_skinny_variant_rejects_bad_shapes():
@@ -326,7 +359,7 @@ def test_failed_measurement_is_cached_not_retried(failure, monkeypatch):
     would cost milliseconds of host time on every forward)."""
     calls = []
 
-    def fake_measure(m, n, k, dtype, device):  # noqa: ANN001, ANN202
+    def fake_measure(m, n, k, dtype, device, widths=None):  # noqa: ANN001, ANN202
         calls.append((m, n, k))
         if failure == "raises":
             raise RuntimeError("CUDA out of memory")

@@ -52,7 +52,8 @@ class FakeGpu:
 
         monkeypatch.setattr(D, "save_tuning", counting_save)
 
-    def _measure_fused(self, m: int, n: int, k: int, dtype: torch.dtype, device: Any) -> K.Choice:
+    def _measure_fused(self, m: int, n: int, k: int, dtype: torch.dtype, device: Any,
+                       widths: Any = None) -> K.Choice:
         self.fused.append((self.name, m, n, k))
         return K.Choice("stream", (4, 4, 4), "measured", (("stream[4,4,4]", 1.0),))
 

@@ -221,16 +221,18 @@ def _prefill(model: torch.nn.Module, cache: Any, args: argparse.Namespace, batch
 
 
 def pretune(model: torch.nn.Module, batch: int, args: argparse.Namespace) -> None:
-    """Measure coconut's kernel choice for the model's fused linears at `batch` rows before anything compiles or
-    captures (the backend also does it at compile time, but not for a graph served from the FX-graph cache)."""
+    """Measure coconut's kernel choice for the model's weight groups (q/k/v, gate/up, lm_head) at `batch` rows before
+    anything compiles or captures (the backend also does it at compile time, but not for a graph served from the
+    FX-graph cache)."""
     import fusion_pass
 
     if args.device != "cuda":
         return
     c = model.config
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    ns = {c.num_attention_heads * hd, c.num_key_value_heads * hd, c.intermediate_size, c.vocab_size}
-    fusion_pass.pretune([(batch, n, c.hidden_size) for n in sorted(ns)], dtype=next(model.parameters()).dtype,
+    q, kv, inter = c.num_attention_heads * hd, c.num_key_value_heads * hd, c.intermediate_size
+    groups = [(q, kv, kv), (inter, inter), (c.vocab_size,)]  # the weight groups: q/k/v, gate/up, lm_head
+    fusion_pass.pretune([(batch, sum(w), c.hidden_size, w) for w in groups], dtype=next(model.parameters()).dtype,
                         device=args.device)
 
 

@@ -24,7 +24,7 @@ import os
 import statistics
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from ..launch import device_name
 from ..settings import kernel_settings
 from .common import log, m_bucket
 from .norm import triton_rms_norm
-from .registry import FUSED_VARIANTS, fused_linear
+from .registry import FUSED_VARIANTS, fused_linears
 
 
 @dataclass(frozen=True)
@@ -298,8 +298,11 @@ def candidates(m: int) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def measure(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device | str = "cuda",
-            reps: int = 10, l2_bytes: int = 120 << 20) -> Choice:
+            reps: int = 10, l2_bytes: int = 120 << 20, widths: Optional[Sequence[int]] = None) -> Choice:
     """Time every candidate for an [m, k] x [n, k]^T site on `device` (a CUDA device) and return the fastest.
+
+    ``widths``: the N_i of a weight group (segments.py) whose stacked rows make the [n, k] weight (sum = n): the
+    unfused candidate then runs one linear per segment and the fused ones one grouped launch, as the site will.
 
     Weights are rotated over enough copies to exceed `l2_bytes` (2x the H200's 60 MB L2) so they come from HBM,
     as in the real model. Each candidate is timed inside a CUDA graph of `reps` calls (median of 7 replays), with
@@ -317,6 +320,10 @@ def measure(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device | s
         raise RuntimeError(f"coconut: measuring needs a CUDA device, got {dev}")
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError("coconut: refusing to benchmark while a CUDA graph is being captured")
+    segs = [int(w) for w in widths] if widths is not None and len(widths) > 1 else [n]
+    if sum(segs) != n:
+        raise ValueError(f"coconut: group widths {segs} do not add up to N = {n}")
+    starts = [sum(segs[:i]) for i in range(len(segs))]
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(mb, k, device=dev, dtype=dtype, generator=gen)
     r = torch.randn(mb, k, device=dev, dtype=dtype, generator=gen)
@@ -324,16 +331,18 @@ def measure(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device | s
     g = 1.0 + 0.1 * torch.randn(k, device=dev, dtype=dtype, generator=gen)
     ws = rotated_weights(n, k, dtype, dev, gen, l2_bytes)
     copies = len(ws)
+    parts = [[w[a:a + sz] for a, sz in zip(starts, segs)] for w in ws]  # row slices: contiguous views
+    none = [None] * len(segs)
 
     def call(variant: str, cfg: tuple[int, ...]) -> Callable[[int], object]:
         if variant == "unfused":
             def fn(i: int) -> object:
                 a, _ = triton_rms_norm(x, g, 1e-6, residual2d=r)
-                return F.linear(a, ws[i % copies])
+                return [F.linear(a, w) for w in parts[i % copies]]
         else:
             def fn(i: int) -> object:
-                return fused_linear(x, g, ws[i % copies], None, 1e-6, residual2d=r, h_out=h, variant=variant,
-                                    config=cfg)
+                return fused_linears(x, g, parts[i % copies], none, 1e-6, residual2d=r, h_out=h, variant=variant,
+                                     config=cfg)
         return fn
 
     def failed(name: str, e: Exception) -> None:
@@ -406,18 +415,22 @@ def cached_choice(op: str, m: int, n: int, k: int, dtype: torch.dtype, device: t
     return c
 
 
-def choose(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> Choice:
-    """The coconut op's decision for a CUDA site: the forced ``variant`` setting, else :func:`cached_choice` with
-    :func:`measure` (the unfused path as the fallback: a fused kernel is only used where it was measured to win)."""
+def choose(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
+           widths: Optional[Sequence[int]] = None) -> Choice:
+    """The coconut op's decision for a CUDA site (a weight group: ``widths`` its N_i, summing to n): the forced
+    ``variant`` setting, else :func:`cached_choice` with :func:`measure` (the unfused path as the fallback: a
+    fused kernel is only used where it was measured to win)."""
     forced = _forced_choice(m)
     if forced is not None:
         return forced
-    return cached_choice(OP, m, n, k, dtype, device, lambda: measure(m, n, k, dtype, device), _DEFAULT)
+    return cached_choice(OP, m, n, k, dtype, device, lambda: measure(m, n, k, dtype, device, widths=widths),
+                         _DEFAULT)
 
 
-def pretune(shapes: Iterable[tuple[int, int, int]], dtype: torch.dtype = torch.bfloat16,
+def pretune(shapes: Iterable[tuple], dtype: torch.dtype = torch.bfloat16,
             device: torch.device | str = "cuda") -> dict[str, dict]:
-    """Measure and cache the dispatch decision for each (M, N, K) (M is bucketed to the next power of two).
+    """Measure and cache the dispatch decision for each (M, N, K) or (M, N, K, widths) (M is bucketed to the next
+    power of two; widths: the N_i of a weight group, see :func:`measure`).
 
     Call before capturing CUDA graphs (the engine does, for its batch sizes and its qkv / gate_up / lm_head
     shapes). Runs in a :func:`tuning_batch`: with the ``tuning_file`` setting, the file's decisions are loaded
@@ -428,11 +441,13 @@ def pretune(shapes: Iterable[tuple[int, int, int]], dtype: torch.dtype = torch.b
         raise RuntimeError("coconut.pretune needs CUDA")
     dev = torch.device(device)
     with tuning_batch():
-        for m, n, k in shapes:
+        for shape in shapes:
+            m, n, k = shape[:3]
+            widths = shape[3] if len(shape) > 3 else None
             key = _key(m, n, k, dtype, dev)
             if key in _CACHE and _CACHE[key].source in ("measured", "loaded"):
                 continue
-            c = measure(key[2], n, k, dtype, dev)
+            c = measure(key[2], n, k, dtype, dev, widths=widths)
             _CACHE[key] = c
             if c.source == "measured":
                 _State.measured += 1

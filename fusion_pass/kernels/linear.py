@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -60,12 +61,13 @@ def rms_norm_linear(
     x2d = x2d.contiguous()
     residual2d = residual2d.contiguous() if residual2d is not None else None
     norm_weight = norm_weight.contiguous()
-    weights = [w.contiguous() for w in weights]
-    # One decision and one launch per weight group (segments.py): the group is measured as the stacked
-    # [N_0 + .. + N_{G-1}, K] weight it reads, and a fused choice launches one kernel for all of its linears.
-    groups = split_groups([w.shape[0] for w in weights], [b is not None for b in biases])
+    # One decision and one launch per weight group (segments.py): linears of one kind (bias or not, dtypes) in
+    # runs of at most MAX_GROUP, measured as the group will run and launched as one kernel when fused.
+    kinds = [(b is not None, w.dtype, None if b is None else b.dtype) for w, b in zip(weights, biases)]
+    groups = split_groups([w.shape[0] for w in weights], kinds)
     if variant == "auto":
-        choices = [choose(M, sum(weights[i].shape[0] for i in grp), K, x2d.dtype, x2d.device) for grp in groups]
+        choices = [choose(M, sum(weights[i].shape[0] for i in grp), K, x2d.dtype, x2d.device,
+                          [weights[i].shape[0] for i in grp]) for grp in groups]
     else:
         choices = [Choice(variant, tuple(config) if config is not None else (), "forced") for _ in groups]
     # weight_in_fp32 with a low-precision weight differs from the Llama chain only in rounding, which the fused
@@ -79,16 +81,18 @@ def rms_norm_linear(
             if c.variant == "unfused":
                 for i in grp:
                     ys[i] = F.linear(a, weights[i], biases[i])
-    if residual2d is not None and h is None:
+    h_pending = residual2d is not None and h is None  # the first fused launch that runs writes h = x + r
+    if h_pending:
         h = new_buffer((M, K), x2d)
-        h_pending = True
-    else:
-        h_pending = False
     for grp, c in zip(groups, choices):
         if c.variant != "unfused":
-            out = fused_linears(x2d, norm_weight, [weights[i] for i in grp], [biases[i] for i in grp], eps,
-                                residual2d, h if h_pending else None, c.variant, c.config or None)
+            out = fused_linears(x2d, norm_weight, [weights[i].contiguous() for i in grp], [biases[i] for i in grp],
+                                eps, residual2d, h if h_pending else None, c.variant, c.config or None)
             for i, y in zip(grp, out):
                 ys[i] = y
-            h_pending = False
+            if M > 0 and any(weights[i].shape[0] > 0 for i in grp):  # a group without rows launches nothing
+                h_pending = False
+    if h_pending and M > 0:  # every fused group was empty: h is still to be written
+        assert h is not None and residual2d is not None
+        torch.add(x2d, residual2d, out=h)
     return [y for y in ys if y is not None], h

@@ -13,7 +13,7 @@ it too, so they measure the shape that runs: M x (N_0 + .. + N_{G-1}) x K).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Hashable, Optional, Sequence
 
 import triton
 import triton.language as tl
@@ -58,20 +58,21 @@ def pick_segment(t, T0, T1, N0, N1, N2, w0, w1, w2, b0, b1, b2, y0, y1, y2, G: t
     return tt, n, w, b, y, c
 
 
-def split_groups(widths: Sequence[int], has_bias: Sequence[bool]) -> list[list[int]]:
-    """Indices of the weights that share one launch: consecutive runs of at most :data:`MAX_GROUP` weights, all
-    with a bias or all without (a run breaks where that changes).
+def split_groups(widths: Sequence[int], kinds: Sequence[Hashable]) -> list[list[int]]:
+    """Indices of the weights that share one launch: consecutive runs of at most :data:`MAX_GROUP` weights of one
+    kind (a run breaks where the kind changes).
 
     Args:
-        widths: N_i of each weight (rows of W_i). has_bias: whether linear i has a bias (same length).
+        widths: N_i of each weight (rows of W_i). kinds: one value per linear that must be equal within a group:
+            whether it has a bias (the backend), or (has a bias, weight dtype, bias dtype) (the op at run time).
     Raises:
         ValueError: the two lists differ in length.
     """
-    if len(widths) != len(has_bias):
-        raise ValueError(f"split_groups: {len(widths)} widths but {len(has_bias)} bias flags")
+    if len(widths) != len(kinds):
+        raise ValueError(f"split_groups: {len(widths)} widths but {len(kinds)} bias flags / kinds")
     groups: list[list[int]] = []
-    for i, hb in enumerate(has_bias):
-        if groups and len(groups[-1]) < MAX_GROUP and has_bias[groups[-1][0]] == hb:
+    for i, kind in enumerate(kinds):
+        if groups and len(groups[-1]) < MAX_GROUP and kinds[groups[-1][0]] == kind:
             groups[-1].append(i)
         else:
             groups.append([i])
