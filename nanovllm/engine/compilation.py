@@ -46,7 +46,8 @@ def compile_model(model: torch.nn.Module, backend: str) -> Forward:
         # The model's float attributes (norm eps, RoPE and attention scales) are constants of the checkpoint. Under
         # dynamic=True Dynamo would first trace them as symbolic floats, then restart the whole trace to turn them
         # back into constants (torch/fx/passes/_tensorify_python_scalars.py): every graph traced twice. Specialized
-        # here, for the engine's graphs only.
+        # here, for the engine's graphs only; the patch costs about 20 us of host time per call (prefill steps launched
+        # from Python; replayed CUDA graphs never call this).
         with cfg_dynamo.patch(specialize_float=True):
             return compiled(input_ids, positions, rows)
 
