@@ -83,8 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--num-scheduler-steps", type=int, default=None,
                     help="LLM(num_scheduler_steps=...) of both engines (default: the engine's)")
     ap.add_argument("--prefill-cuda-graph-max-tokens", type=int, default=None,
-                    help="LLM(prefill_cuda_graph_max_tokens=...) of both engines (default: the engine's; e.g. 2048 "
-                         "replays prefill steps of up to 2048 tokens as CUDA graphs)")
+                    help="LLM(prefill_cuda_graph_max_tokens=...) of both engines (default: the engine's, 2048 on one "
+                         "GPU; 0 launches every prefill from Python)")
     ap.add_argument("--device", default=None, choices=["cuda", "cpu"])
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--max-model-len", type=int, default=4096)
