@@ -16,10 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 
-from nanovllm.kernels.sampling import philox4x32_ref
 from fusion_pass.launch import cdiv
+from nanovllm.kernels.sampling import philox4x32_ref
 
 _M32 = 0xFFFFFFFF
 _TINY = torch.finfo(torch.float32).tiny
