@@ -41,8 +41,7 @@ p = "*bf16"
 sig = {"x_ptr": p, "r_ptr": p, "g_ptr": p, "w_ptr": p, "b_ptr": p, "y_ptr": p, "h_ptr": p, "M": "i32", "N": "i32",
        "eps": "fp32", "K": "constexpr", "HAS_RES": "constexpr", "HAS_BIAS": "constexpr", "WRITE_H": "constexpr",
        "BM": "constexpr", "BN": "constexpr", "BKP": "constexpr", "USE_PDL": "constexpr", "G": "constexpr",
-       "w1_ptr": p, "w2_ptr": p, "b1_ptr": p, "b2_ptr": p, "y1_ptr": p, "y2_ptr": p, "N1": "i32", "N2": "i32",
-       "T0": "i32", "T1": "i32", "TILES": "i32"}
+       "w1_ptr": p, "w2_ptr": p, "b1_ptr": p, "b2_ptr": p, "y1_ptr": p, "y2_ptr": p, "N1": "i32", "N2": "i32"}
 names = list(sig)  # every pointer 16-byte aligned, as Triton specializes the tensors of a real launch
 attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n == "N"}
 n = 0
@@ -90,7 +89,7 @@ attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswi
 shapes = sorted({(max(16, b), c[0], c[1], c[2], bool(c[3:] and c[3])) for b, cfgs in kernels.SKINNY_CONFIGS.items()
                  for c in cfgs})
 grp = {"G": "constexpr", "w1_ptr": p, "w2_ptr": p, "b1_ptr": p, "b2_ptr": p, "y1_ptr": p, "y2_ptr": p, "N1": "i32",
-       "N2": "i32", "T0": "i32", "T1": "i32", "TILES": "i32"}
+       "N2": "i32"}
 sig = {**sig, **grp}
 names = list(sig)  # every pointer 16-byte aligned, as Triton specializes the tensors of a real launch
 attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n == "N"}

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..launch import launch_options, next_power_of_2, sm_count, use_pdl
+from ..launch import cdiv, launch_options, next_power_of_2, sm_count, use_pdl
 from .common import m_bucket
 from .segments import group_kwargs, pick_segment, segment_args
 
@@ -30,12 +30,12 @@ def stream_configs(m: int) -> list[tuple[int, int, int]]:
     return list(STREAM_CONFIGS.get(m_bucket(m), []))
 
 
-@triton.jit(do_not_specialize=["N1", "N2", "T0", "T1", "TILES"])
+@triton.jit(do_not_specialize=["N1", "N2"])
 def _fused_stream_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, eps,
                          K: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BKP: tl.constexpr, USE_PDL: tl.constexpr = False,
                          G: tl.constexpr = 1, w1_ptr=None, w2_ptr=None, b1_ptr=None, b2_ptr=None, y1_ptr=None,
-                         y2_ptr=None, N1=0, N2=0, T0=0, T1=0, TILES=0):
+                         y2_ptr=None, N1=0, N2=0):
     """Fused GEMV with whole-row W tiles and a persistent grid, for M <= BM (a few) rows.
 
     Program p handles the tiles t = p, p + P, p + 2P, ... (P programs; tile t = W rows [t*BN, t*BN + BN)). Each
@@ -47,14 +47,14 @@ def _fused_stream_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, 
     USE_PDL (programmatic dependent launch, see `use_pdl`): the first W tile and g are loaded before
     waiting for the previous kernel in the stream; x, r, h and y are touched only after the wait.
     G > 1 (a weight group, see segments.py): (w, b, y, N) is segment 0 and (w1, b1, y1, N1), (w2, b2, y2, N2) the
-    others; the tiles are numbered across the segments (T0, T1 of the first two, TILES in all) and every tile
-    reads and writes its own segment's tensors.
+    others; the tiles are numbered across the segments (cdiv(N_i, BN) each) and every tile reads and writes its own
+    segment's tensors.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    num_tiles = tl.cdiv(N, BN)
-    if G > 1:
-        num_tiles = TILES
+    T0 = tl.cdiv(N, BN)
+    T1 = tl.cdiv(N1, BN)
+    num_tiles = T0 + T1 + tl.cdiv(N2, BN)  # N1 = N2 = 0 unless G > 1
     rk = tl.arange(0, BKP)
     k_mask = rk < K
     rn0 = tl.arange(0, BN)
@@ -115,7 +115,8 @@ def launch_stream(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor
     bm = m_bucket(M)
     if bm > STREAM_MAX_ROWS:
         raise ValueError(f"stream variant handles at most {STREAM_MAX_ROWS} rows, got M={M}")
-    ws, bs, outs, ns, t01, tiles = segment_args(weights, biases, ys, bn)
+    ws, bs, outs, ns = segment_args(weights, biases, ys)
+    tiles = sum(cdiv(n, bn) for n in ns)
     pdl = use_pdl(x2d)
     grid = tiles if per_sm <= 0 or not x2d.is_cuda else min(tiles, per_sm * sm_count(x2d.device))
     has_res = residual2d is not None
@@ -125,4 +126,4 @@ def launch_stream(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor
         h_out if write_h else outs[0], M, ns[0], float(eps), K=K,
         HAS_RES=has_res, HAS_BIAS=biases[0] is not None, WRITE_H=write_h,
         BM=bm, BN=bn, BKP=next_power_of_2(K), USE_PDL=pdl, num_warps=warps, num_stages=1,
-        **group_kwargs(ws, bs, outs, ns, t01, tiles, len(weights)), **launch_options(pdl))
+        **group_kwargs(ws, bs, outs, ns, len(weights)), **launch_options(pdl))

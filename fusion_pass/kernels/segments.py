@@ -19,7 +19,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..launch import cdiv
 
 MAX_GROUP = 3  # weights per launch (q, k, v); longer lists are split into consecutive groups
 
@@ -30,8 +29,8 @@ def pick_segment(t, T0, T1, N0, N1, N2, w0, w1, w2, b0, b1, b2, y0, y1, y2, G: t
     in the stacked [M, N_0 + N_1 + N_2] numbering).
 
     Segment 0 owns tiles [0, T0), segment 1 [T0, T0 + T1), segment 2 the rest (G = 1 to 3 segments; pointers and
-    counts of absent segments are ignored). A tile past the last one maps to the last segment beyond its N, so a
-    load masked with ``rows < N`` reads nothing.
+    counts of absent segments are ignored); the caller derives T0, T1 from N0, N1 and its tile size. A tile past
+    the last one maps to the last segment beyond its N, so a load masked with ``rows < N`` reads nothing.
     """
     tt = t
     n = t * 0 + N0
@@ -79,11 +78,11 @@ def split_groups(widths: Sequence[int], kinds: Sequence[Hashable]) -> list[list[
     return groups
 
 
-def segment_args(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], ys: Sequence[Tensor],
-                 tile: int) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[int], list[int], int]:
-    """The kernel arguments of a group of 1 to :data:`MAX_GROUP` weights split in tiles of ``tile`` rows: (the 3 W
-    pointers, the 3 bias pointers, the 3 y pointers, N_0..N_2, T_0..T_1, total tiles). Absent segments repeat
-    segment 0's tensors with N = 0; an absent bias is W (never read: HAS_BIAS is False then).
+def segment_args(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+                 ys: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[int]]:
+    """The kernel arguments of a group of 1 to :data:`MAX_GROUP` weights: (the 3 W pointers, the 3 bias pointers,
+    the 3 y pointers, N_0..N_2). Absent segments repeat segment 0's tensors with N = 0; an absent bias is W (never
+    read: HAS_BIAS is False then). The kernels derive each segment's tiles from its N.
 
     Raises:
         ValueError: an empty group or more than MAX_GROUP weights, lists of different lengths, or weights and
@@ -101,16 +100,14 @@ def segment_args(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], 
     bs = [b if b is not None else w for b, w in zip(biases, weights)] + [ws[0]] * pad
     outs = list(ys) + [ys[0]] * pad
     ns = [int(w.shape[0]) for w in weights] + [0] * pad
-    tiles = [cdiv(n, tile) for n in ns]
-    return ws, bs, outs, ns, tiles[:2], sum(tiles)
+    return ws, bs, outs, ns
 
 
-def group_kwargs(ws: list[Tensor], bs: list[Tensor], outs: list[Tensor], ns: list[int], t01: list[int], tiles: int,
-                 g: int) -> dict[str, object]:
+def group_kwargs(ws: list[Tensor], bs: list[Tensor], outs: list[Tensor], ns: list[int], g: int) -> dict[str, object]:
     """The launch keywords of segments 1 and 2 (from :func:`segment_args`) for a kernel taking ``G``, ``w1_ptr``
-    .. ``y2_ptr``, ``N1``, ``N2``, ``T0``, ``T1``, ``TILES``; nothing for one weight (the kernel's defaults), which
-    keeps the launch of an ungrouped site as short as before."""
+    .. ``y2_ptr``, ``N1``, ``N2``; nothing for one weight (the kernel's defaults), which keeps the launch of an
+    ungrouped site as short as before."""
     if g == 1:
         return {}
     return dict(G=g, w1_ptr=ws[1], w2_ptr=ws[2], b1_ptr=bs[1], b2_ptr=bs[2], y1_ptr=outs[1], y2_ptr=outs[2],
-                N1=ns[1], N2=ns[2], T0=t01[0], T1=t01[1], TILES=tiles)
+                N1=ns[1], N2=ns[2])

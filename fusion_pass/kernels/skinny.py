@@ -35,13 +35,13 @@ def skinny_configs(m: int) -> list[tuple[int, ...]]:
     return list(SKINNY_CONFIGS.get(m_bucket(m), [])) if m <= SKINNY_MAX_M else []
 
 
-@triton.jit(do_not_specialize=["N1", "N2", "T0", "T1", "TILES"])
+@triton.jit(do_not_specialize=["N1", "N2"])
 def _fused_skinny_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, q_ptr, c_ptr, M, N, eps,
                          K: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr,
                          SPLIT: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                          KS: tl.constexpr, USE_PDL: tl.constexpr = False, FIXUP: tl.constexpr = False,
                          S: tl.constexpr = 1, G: tl.constexpr = 1, w1_ptr=None, w2_ptr=None, b1_ptr=None,
-                         b2_ptr=None, y1_ptr=None, y2_ptr=None, N1=0, N2=0, T0=0, T1=0, TILES=0):
+                         b2_ptr=None, y1_ptr=None, y2_ptr=None, N1=0, N2=0):
     """Fused split-K skinny GEMM on the tensor cores for a few rows (M <= BM, BM >= 16), swap-AB.
 
     Program (pid_n, s) takes the W chunk [BN, KS] (rows pid_n*BN.., columns s*KS..; ONE load, K a compile-time
@@ -62,13 +62,13 @@ def _fused_skinny_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr,
     kernel (nanovllm.kernels.gemv.skinny, an activation instead of the norm); fusion_pass never
     imports nanovllm, so the chunk indexing below is written in both.
     G > 1 (a weight group, see segments.py): (w, b, y, N) is segment 0, (w1, b1, y1, N1) and (w2, b2, y2, N2) the
-    others; pid_n numbers the n-tiles across the segments (T0, T1 of the first two), each tile computes its own
+    others; pid_n numbers the n-tiles across the segments (cdiv(N_i, BN) each), each tile computes its own
     segment's y, and segment i's partials are the [S, M, N_i] block of p at S * M * (N_0 + .. + N_{i-1}).
     """
     pid_n = tl.program_id(0)
     s = tl.program_id(1)
-    tt, N, w_ptr, b_ptr, y_ptr, col = pick_segment(pid_n, T0, T1, N, N1, N2, w_ptr, w1_ptr, w2_ptr, b_ptr, b1_ptr,
-                                                   b2_ptr, y_ptr, y1_ptr, y2_ptr, G)
+    tt, N, w_ptr, b_ptr, y_ptr, col = pick_segment(pid_n, tl.cdiv(N, BN), tl.cdiv(N1, BN), N, N1, N2, w_ptr, w1_ptr,
+                                                   w2_ptr, b_ptr, b1_ptr, b2_ptr, y_ptr, y1_ptr, y2_ptr, G)
     p_ptr += (col.to(tl.int64) * M) * S  # this segment's [S, M, N] partials
     rn = tt * BN + tl.arange(0, BN)
     n_mask = rn < N
@@ -129,18 +129,19 @@ def _fused_skinny_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr,
         tl.store(y_ptr + rm.to(tl.int64)[None, :] * N + rn64[:, None], y.to(dt),
                  mask=n_mask[:, None] & m_mask[None, :])
 
-@triton.jit(do_not_specialize=["N1", "N2", "T0", "T1", "TILES"])
+@triton.jit(do_not_specialize=["N1", "N2"])
 def _fused_splitk_epilogue_kernel(p_ptr, q_ptr, b_ptr, y_ptr, M, N, eps, K: tl.constexpr, S: tl.constexpr,
                                   HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False,
                                   G: tl.constexpr = 1, w1_ptr=None, w2_ptr=None, b1_ptr=None, b2_ptr=None,
-                                  y1_ptr=None, y2_ptr=None, N1=0, N2=0, T0=0, T1=0, TILES=0):
+                                  y1_ptr=None, y2_ptr=None, N1=0, N2=0):
     """The skinny variant's split-K epilogue: y[m, n] = (sum_s p[s, m, n]) * 1/rms(h_m) + b[n], with
     1/rms(h_m) = rsqrt(sum_s q[s, m] / K + eps). p: [S, M, N], q: [S, M] fp32; y: [M, N]; BLOCK consecutive
     (m, n) per program; one rounding to y's dtype. USE_PDL: b is loaded before waiting for the split kernel.
-    G > 1: the programs are numbered across the segments as in ``_fused_skinny_kernel`` (T0, T1: blocks of
-    the first two segments; the w pointers are unused), each segment's p block at S * M * its first column."""
-    tt, N, _w, b_ptr, y_ptr, col = pick_segment(tl.program_id(0), T0, T1, N, N1, N2, y_ptr, y1_ptr, y2_ptr, b_ptr,
-                                                b1_ptr, b2_ptr, y_ptr, y1_ptr, y2_ptr, G)
+    G > 1: the programs are numbered across the segments (cdiv(M * N_i, BLOCK) each; the w pointers are unused),
+    each segment's p block at S * M * its first column."""
+    tt, N, _w, b_ptr, y_ptr, col = pick_segment(tl.program_id(0), tl.cdiv(M * N, BLOCK), tl.cdiv(M * N1, BLOCK), N,
+                                                N1, N2, y_ptr, y1_ptr, y2_ptr, b_ptr, b1_ptr, b2_ptr, y_ptr, y1_ptr,
+                                                y2_ptr, G)
     p_ptr += (col.to(tl.int64) * M) * S
     offs = tt * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
@@ -245,7 +246,8 @@ def launch_skinny(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor
     if (bn + bm) * ks * x2d.element_size() > SKINNY_MAX_SMEM:
         raise ValueError(f"skinny variant: the [{bn}, {ks}] W chunk and [{ks}, {bm}] activation tile exceed "
                          f"{SKINNY_MAX_SMEM} bytes of shared memory")
-    ws, bs, outs, ns, t01, tiles = segment_args(weights, biases, ys, bn)
+    ws, bs, outs, ns = segment_args(weights, biases, ys)
+    tiles = sum(cdiv(n, bn) for n in ns)
     g = len(weights)
     n_total = sum(ns)
     has_res = residual2d is not None
@@ -264,11 +266,10 @@ def launch_skinny(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor
         x2d, r, norm_weight, ws[0], bs[0], outs[0], hb, part, sq, counters if fixup else sq, M, ns[0], float(eps),
         K=K, HAS_RES=has_res, HAS_BIAS=has_bias, WRITE_H=write_h, SPLIT=splits > 1,
         IEEE=x2d.dtype == torch.float32, BM=bm, BN=bn, KS=ks, USE_PDL=pdl, FIXUP=fixup, S=splits,
-        num_warps=warps, num_stages=1, **group_kwargs(ws, bs, outs, ns, t01, tiles, g), **launch_options(pdl))
+        num_warps=warps, num_stages=1, **group_kwargs(ws, bs, outs, ns, g), **launch_options(pdl))
     if splits > 1 and not fixup:
         block = 1024
-        b01 = [cdiv(M * n, block) for n in ns[:2]]  # the epilogue's programs per segment
         blocks = sum(cdiv(M * n, block) for n in ns)
         _fused_splitk_epilogue_kernel[(blocks,)](
             part, sq, bs[0], outs[0], M, ns[0], float(eps), K=K, S=splits, HAS_BIAS=has_bias, BLOCK=block,
-            USE_PDL=pdl, num_warps=4, **group_kwargs(ws, bs, outs, ns, b01, blocks, g), **launch_options(pdl))
+            USE_PDL=pdl, num_warps=4, **group_kwargs(ws, bs, outs, ns, g), **launch_options(pdl))
