@@ -17,8 +17,8 @@ Two parts per (model, mode, batch), each run with both backends:
   inductor/coconut (> 1: coconut faster). Also the argmax agreement of the two backends' logits.
 - generate: `model.generate` with a static cache and generate's own compile of the decode step (CompileConfig with
   the backend and mode), greedy, `--new-tokens` tokens after a `--prompt-len` prompt; one warm-up call (compiles),
-  then `--generate-runs` timed calls per backend, interleaved; tokens/s = batch * new tokens / median seconds
-  (prefill included). Reported: both tokens/s, their ratio, and whether the greedy tokens are equal.
+  then `--generate-runs` timed calls per backend, interleaved, each backend on its own copy of the model;
+  tokens/s = batch * new tokens / median seconds (prefill included). Reported: both tokens/s, their ratio, and whether the greedy tokens are equal.
 Rows run in priority order (every step row before any generate row; within a part batch 1, then 8, then 32) until
 `--budget-s` is spent; the rest are recorded as skipped. Compile times are reported per row and never enter a timing.
 
@@ -30,6 +30,7 @@ Imports only torch, transformers, fusion_pass and the standard library.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import inspect
 import json
@@ -283,6 +284,10 @@ def generate_row(model: torch.nn.Module, mode: str, batch: int, args: argparse.N
     ids = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len), device=args.device,
                         generator=torch.Generator(args.device).manual_seed(args.seed + 2))
     pretune(model, batch, args)
+    # One model object per backend: transformers keeps ONE compiled forward per model and compiles it again
+    # whenever generate is called with another CompileConfig, so alternating the backends on one model would time
+    # recompilations (and, past Dynamo's recompile limit, an uncompiled forward). The copy shares no tensor.
+    models = {b: model if i == 0 else copy.deepcopy(model) for i, b in enumerate(BACKENDS)}
     configs = {}
     for b in BACKENDS:
         cc = transformers.CompileConfig(backend=b, mode=mode, fullgraph=bool(args.fullgraph))
@@ -291,7 +296,7 @@ def generate_row(model: torch.nn.Module, mode: str, batch: int, args: argparse.N
 
     def gen(b: str) -> torch.Tensor:
         with torch.inference_mode():
-            return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+            return models[b].generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                   max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                   pad_token_id=0, cache_implementation="static", compile_config=configs[b])
 
