@@ -10,7 +10,9 @@ Method: for each case, ``--rounds`` rounds of ``--calls`` back-to-back calls wit
 round (the launch queue absorbs them, so the wall time of a round is the host's time), a device synchronize
 between rounds; the host time per call is the median over rounds of round time / calls. Shapes: a prefill of
 ``--tokens`` rows of Qwen3-0.6B (K = 1024; qkv N = 4096; gate_up N = 6144; down_proj input 2 x 3072; 16 q heads,
-8 kv heads, head_dim 128). ``custom_op / define_op`` = the ratio of the two registrations of one kernel.
+8 kv heads, head_dim 128). ``custom_op / define_op`` = the ratio of the two registrations of one kernel. On
+CUDA also a decode site (:func:`decode_cases`): the coconut op at M = 1 under inference_mode and under no_grad,
+and its fused launch with the direct launch of fusion_pass.launch_cache against Triton's ordinary launch.
 
 Usage: python benchmarks/kernels.py --what host-overhead [--part-args 'host-overhead=--tokens 512 --device cpu']
 Writes JSON to ``--out`` (default: the temp folder).
@@ -113,7 +115,53 @@ def build_cases(tokens: int, device: str, dtype: torch.dtype) -> list[tuple[str,
                       lambda: kernels.triton_rms_norm(x, nw, 1e-6, r)))
         cases.append(("pieces of the coconut op", "dispatch decision",
                       lambda: kernels.choose(tokens, 4096, k, dtype, x.device)))
+        cases += decode_cases(rand, k)
     return cases
+
+
+def decode_cases(rand: Callable[..., torch.Tensor], k: int) -> list[tuple[str, str, Callable[[], Any]]]:
+    """A decode step's site without CUDA graphs: the q / k / v group of Qwen3-0.6B (N = 2048 + 1024 + 1024) at M = 1
+    rows through the coconut op (under inference_mode, and under no_grad as transformers' generate runs it: the
+    dispatcher then also visits the op's Autograd kernel), and its fused launch alone, with the kernel's direct
+    launch (fusion_pass.launch_cache) and with Triton's ordinary launch."""
+    from fusion_pass import kernels
+    from fusion_pass.kernels import gemv
+
+    x1, r1, nw1 = rand(1, k), rand(1, k), rand(k, scale=0.1) + 1
+    ws = [rand(n, k, scale=0.02) for n in (2048, 1024, 1024)]
+    h1 = torch.empty_like(x1)
+    op = torch.ops.coconut.add_rms_norm_linear.default
+    kernels.pretune([(1, 4096, k, (2048, 1024, 1024))], dtype=x1.dtype, device=x1.device)
+    cfg = kernels.STREAM_CONFIGS[1][0]
+
+    def under_no_grad() -> Any:
+        with torch.inference_mode(False), torch.no_grad():
+            return op(x1, r1, nw1, ws, [None] * 3, 1e-6)
+
+    class _TritonLaunch:  # LaunchCache's interface, always through kernel[grid](...)
+        def __init__(self, kernel: Any) -> None:
+            self.kernel = kernel
+
+        def launch(self, key: Any, grid: Any, args: Any, options: Any) -> None:
+            self.kernel[grid](*args, **options)
+
+    direct = gemv._STREAM_LAUNCHES
+    ordinary = _TritonLaunch(direct.kernel)
+
+    def fused(cache: Any) -> Callable[[], Any]:
+        def call() -> Any:
+            gemv._STREAM_LAUNCHES = cache
+            try:
+                return kernels.fused_linears(x1, nw1, ws, [None] * 3, 1e-6, r1, h1, "stream", cfg)
+            finally:
+                gemv._STREAM_LAUNCHES = direct
+        return call
+
+    group = "coconut op, decode q/k/v group (M=1)"
+    return [(group, "define_op, inference_mode", lambda: op(x1, r1, nw1, ws, [None] * 3, 1e-6)),
+            (group, "define_op, no_grad", under_no_grad),
+            (group, "fused launch, direct", fused(direct)),
+            (group, "fused launch, Triton's", fused(ordinary))]
 
 
 def check_twins(tokens: int, device: str, dtype: torch.dtype) -> dict[str, float]:

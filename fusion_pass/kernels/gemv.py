@@ -13,8 +13,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ..launch import cdiv, launch_options, next_power_of_2, sm_count, use_pdl
+from ..launch_cache import LaunchCache
 from .common import m_bucket
-from .segments import group_kwargs, pick_segment, segment_args
+from .segments import pick_segment, segment_args
 
 # The most rows one launch takes with an explicit config (BM = next_power_of_2(M) rows, unrolled).
 STREAM_MAX_ROWS = 16
@@ -121,9 +122,17 @@ def launch_stream(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor
     grid = tiles if per_sm <= 0 or not x2d.is_cuda else min(tiles, per_sm * sm_count(x2d.device))
     has_res = residual2d is not None
     write_h = has_res and h_out is not None
-    _fused_stream_kernel[(grid,)](
-        x2d, residual2d if has_res else x2d, norm_weight, ws[0], bs[0], outs[0],
-        h_out if write_h else outs[0], M, ns[0], float(eps), K=K,
-        HAS_RES=has_res, HAS_BIAS=biases[0] is not None, WRITE_H=write_h,
-        BM=bm, BN=bn, BKP=next_power_of_2(K), USE_PDL=pdl, num_warps=warps, num_stages=1,
-        **group_kwargs(ws, bs, outs, ns, len(weights)), **launch_options(pdl))
+    has_bias = biases[0] is not None
+    g = len(weights)
+    # every parameter of the kernel, in signature order (LaunchCache's contract); the group's segments 1 and 2, or
+    # the defaults of an ungrouped launch
+    rest = (ws[1], ws[2], bs[1], bs[2], outs[1], outs[2]) if g > 1 else (None,) * 6
+    args = (x2d, residual2d if has_res else x2d, norm_weight, ws[0], bs[0], outs[0], h_out if write_h else outs[0],
+            M, ns[0], float(eps), K, has_res, has_bias, write_h, bm, bn, next_power_of_2(K), pdl, g, *rest,
+            ns[1], ns[2])
+    key = (M, K, tuple(ns), config, grid, has_res, has_bias, write_h, pdl, x2d.dtype, ws[0].dtype,
+           norm_weight.dtype, residual2d.dtype if has_res else None, bs[0].dtype if has_bias else None)
+    _STREAM_LAUNCHES.launch(key, (grid,), args, dict(num_warps=warps, num_stages=1, **launch_options(pdl)))
+
+
+_STREAM_LAUNCHES = LaunchCache(_fused_stream_kernel)

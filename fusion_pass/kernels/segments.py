@@ -101,13 +101,3 @@ def segment_args(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
     outs = list(ys) + [ys[0]] * pad
     ns = [int(w.shape[0]) for w in weights] + [0] * pad
     return ws, bs, outs, ns
-
-
-def group_kwargs(ws: list[Tensor], bs: list[Tensor], outs: list[Tensor], ns: list[int], g: int) -> dict[str, object]:
-    """The launch keywords of segments 1 and 2 (from :func:`segment_args`) for a kernel taking ``G``, ``w1_ptr``
-    .. ``y2_ptr``, ``N1``, ``N2``; nothing for one weight (the kernel's defaults), which keeps the launch of an
-    ungrouped site as short as before."""
-    if g == 1:
-        return {}
-    return dict(G=g, w1_ptr=ws[1], w2_ptr=ws[2], b1_ptr=bs[1], b2_ptr=bs[2], y1_ptr=outs[1], y2_ptr=outs[2],
-                N1=ns[1], N2=ns[2])

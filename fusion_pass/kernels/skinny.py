@@ -17,8 +17,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ..launch import cdiv, launch_options, next_power_of_2, use_pdl
+from ..launch_cache import LaunchCache
 from .common import log, m_bucket, new_buffer
-from .segments import group_kwargs, pick_segment, segment_args
+from .segments import pick_segment, segment_args
 
 SKINNY_MAX_M = 32  # the most rows of one launch (BM = max(16, next_power_of_2(M)) <= 32)
 # The W chunk [BN, KS] and activation tile [KS, BM] pass through shared memory for tl.dot (227 KiB per block on
@@ -262,14 +263,22 @@ def launch_skinny(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor
     sq = (new_buffer((tiles, splits, bm), x2d, torch.float32) if fixup
           else new_buffer((splits, M), x2d, torch.float32) if splits > 1 else outs[0])
     pdl = use_pdl(x2d)
-    _fused_skinny_kernel[(tiles, splits)](
-        x2d, r, norm_weight, ws[0], bs[0], outs[0], hb, part, sq, counters if fixup else sq, M, ns[0], float(eps),
-        K=K, HAS_RES=has_res, HAS_BIAS=has_bias, WRITE_H=write_h, SPLIT=splits > 1,
-        IEEE=x2d.dtype == torch.float32, BM=bm, BN=bn, KS=ks, USE_PDL=pdl, FIXUP=fixup, S=splits,
-        num_warps=warps, num_stages=1, **group_kwargs(ws, bs, outs, ns, g), **launch_options(pdl))
+    # every parameter of each kernel, in signature order (LaunchCache's contract); the group's segments 1 and 2,
+    # or the defaults of an ungrouped launch
+    rest = (ws[1], ws[2], bs[1], bs[2], outs[1], outs[2]) if g > 1 else (None,) * 6
+    key = (M, K, tuple(ns), config, ks, splits, fixup, has_res, has_bias, write_h, pdl, x2d.dtype, ws[0].dtype,
+           norm_weight.dtype, r.dtype, bs[0].dtype if has_bias else None)
+    args = (x2d, r, norm_weight, ws[0], bs[0], outs[0], hb, part, sq, counters if fixup else sq, M, ns[0], float(eps),
+            K, has_res, has_bias, write_h, splits > 1, x2d.dtype == torch.float32, bm, bn, ks, pdl, fixup, splits, g,
+            *rest, ns[1], ns[2])
+    _SKINNY_LAUNCHES.launch(key, (tiles, splits), args, dict(num_warps=warps, num_stages=1, **launch_options(pdl)))
     if splits > 1 and not fixup:
         block = 1024
         blocks = sum(cdiv(M * n, block) for n in ns)
-        _fused_splitk_epilogue_kernel[(blocks,)](
-            part, sq, bs[0], outs[0], M, ns[0], float(eps), K=K, S=splits, HAS_BIAS=has_bias, BLOCK=block,
-            USE_PDL=pdl, num_warps=4, **group_kwargs(ws, bs, outs, ns, g), **launch_options(pdl))
+        args = (part, sq, bs[0], outs[0], M, ns[0], float(eps), K, splits, has_bias, block, pdl, g, *rest, ns[1],
+                ns[2])
+        _EPILOGUE_LAUNCHES.launch(key, (blocks,), args, dict(num_warps=4, **launch_options(pdl)))
+
+
+_SKINNY_LAUNCHES = LaunchCache(_fused_skinny_kernel)
+_EPILOGUE_LAUNCHES = LaunchCache(_fused_splitk_epilogue_kernel)

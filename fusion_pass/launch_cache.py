@@ -1,0 +1,107 @@
+"""Launching a compiled Triton kernel again without Triton's per-call argument binding.
+
+``kernel[grid](*args, **kwargs)`` binds the arguments to the kernel's signature, computes each one's
+specialization (a tensor's dtype and whether its address is a multiple of 16 bytes; an integer equal to 1 or
+divisible by 16), hashes that into the key of its cache of compiled kernels, and only then calls the compiled
+kernel's C launcher. On an H100 host (triton 3.6) that path costs about 30 us per launch; the C launcher alone a
+third of it. Where no CUDA graph replays the launches (a model compiled without CUDA graphs, the engine's prefill),
+the fused ops pay it at every call.
+
+A launch site whose grid, constants and argument types do not change between calls (one weight group of one
+compiled model at one M) can skip the binding: :class:`LaunchCache` keeps, per site key and per alignment pattern
+of the tensor arguments, the compiled kernel that the first ordinary launch returned, and afterwards launches it
+through ``CompiledKernel[grid](*args, stream=...)`` (Triton's launch of an already compiled kernel). Everything
+Triton would specialize on must be fixed by the caller's key except the tensors' alignment, which is checked at
+every call; so the kernel launched is the one Triton's own lookup would pick.
+"""
+from __future__ import annotations
+
+from typing import Any, Hashable, Sequence
+
+import torch
+import triton
+from torch import Tensor
+
+#: Entries kept per cache before it is emptied (a key per site and M: a compiled model has a few dozen).
+MAX_ENTRIES = 4096
+
+
+class LaunchCache:
+    """Direct launches of one ``@triton.jit`` kernel, keyed by the caller's site key.
+
+    Args:
+        kernel: the ``@triton.jit`` function.
+    The caller's contract for :meth:`launch`: ``args`` holds EVERY parameter of the kernel, positionally, in the
+    order of its signature (constexprs and defaulted parameters included), and ``key`` determines everything in
+    ``args`` that Triton specializes on, other than tensor alignment: the values of the constexprs and of the
+    integers the kernel specializes on, which arguments are None, every tensor's dtype, and ``options``.
+    """
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self._entries: dict[tuple[Hashable, int, int], tuple[Any, tuple[int, ...]]] = {}  # -> (compiled, grid)
+        self.direct = 0  # launches that took the direct path (tests, benchmarks)
+
+    def launch(self, key: Hashable, grid: tuple[int, ...], args: Sequence[Any], options: dict[str, Any]) -> None:
+        """Launch ``kernel[grid](*args, **options)``, directly when this key and alignment pattern was seen before.
+
+        Args:
+            key: hashable; see the class docstring for what it must determine.
+            grid: 1 to 3 program counts.
+            args: every kernel parameter in signature order. Tensors must be CUDA tensors (else the ordinary
+                launch runs: the Triton interpreter, CPU tensors).
+            options: launch options (``num_warps``, ``num_stages``, ``launch_pdl``...); part of ``key``.
+        """
+        if not self._direct_possible(args):
+            self.kernel[grid](*args, **options)  # the interpreter (CPU tensors), or a profiler's launch hooks
+            return
+        device = self._device()
+        mask = _alignment_mask(args)
+        slot = (key, device, mask)
+        entry = self._entries.get(slot)
+        if entry is None:
+            compiled = self.kernel[grid](*args, **options)
+            if compiled is None or not hasattr(compiled, "function"):
+                return  # an asynchronous compile or an unknown Triton: nothing to keep
+            if len(self._entries) >= MAX_ENTRIES:
+                self._entries.clear()
+            g = tuple(grid) + (1,) * (3 - len(grid))
+            self._entries[slot] = (compiled, g)
+            return
+        compiled, g = entry
+        stream = self._stream(device)
+        compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
+        self.direct += 1
+
+    @staticmethod
+    def _direct_possible(args: Sequence[Any]) -> bool:
+        """CUDA tensors (the first argument's device) and no launch hook installed (a profiler's hooks get
+        Triton's own path)."""
+        first = args[0]
+        hooks = triton.knobs.runtime
+        return (isinstance(first, Tensor) and first.is_cuda and hooks.launch_enter_hook is None
+                and hooks.launch_exit_hook is None)
+
+    @staticmethod
+    def _device() -> int:
+        """The current CUDA device's index: Triton compiles for and launches on it."""
+        return torch.cuda.current_device()
+
+    @staticmethod
+    def _stream(device: int) -> int:
+        """The raw handle of the current CUDA stream of `device` (where Triton's own launch would go)."""
+        return torch._C._cuda_getCurrentRawStream(device)
+
+    def clear(self) -> None:
+        """Forget every compiled kernel kept (the next launch of each key goes through Triton again)."""
+        self._entries.clear()
+
+
+def _alignment_mask(args: Sequence[Any]) -> int:
+    """One bit per tensor argument, in order: 1 where its address is a multiple of 16 bytes (Triton's "D"
+    specialization of a pointer), plus a leading 1 so that patterns of different lengths differ."""
+    mask = 1
+    for a in args:
+        if isinstance(a, Tensor):
+            mask = (mask << 1) | ((a.data_ptr() & 15) == 0)
+    return mask
