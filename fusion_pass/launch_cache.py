@@ -79,8 +79,8 @@ class LaunchCache:
         Triton's own path)."""
         first = args[0]
         hooks = triton.knobs.runtime
-        return (isinstance(first, Tensor) and first.is_cuda and hooks.launch_enter_hook is None
-                and hooks.launch_exit_hook is None)
+        return (isinstance(first, Tensor) and first.is_cuda and _no_hook(hooks.launch_enter_hook)
+                and _no_hook(hooks.launch_exit_hook))
 
     @staticmethod
     def _device() -> int:
@@ -105,3 +105,9 @@ def _alignment_mask(args: Sequence[Any]) -> int:
         if isinstance(a, Tensor):
             mask = (mask << 1) | ((a.data_ptr() & 15) == 0)
     return mask
+
+
+def _no_hook(hook: Any) -> bool:
+    """Whether a Triton launch hook slot holds nothing to call: None, or an empty ``triton.knobs.HookChain`` (how
+    triton 3.6 initializes the slots; a profiler adds its hooks to the chain)."""
+    return hook is None or getattr(hook, "calls", None) == []

@@ -104,6 +104,28 @@ def test_cpu_tensors_take_the_ordinary_launch() -> None:
     assert len(k.compiles) == 3 and cache.direct == 0 and not cache._entries
 
 
+def test_launch_hooks_send_launches_through_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty hook chain (triton's initial state) allows the direct launch; a hook added to it (a profiler) or
+    any other callable in the slot sends every launch through Triton."""
+    import triton
+    from triton.knobs import HookChain
+
+    class _Cuda:  # the first argument's device check only reads is_cuda
+        is_cuda = True
+
+    monkeypatch.setattr(launch_cache, "Tensor", _Cuda)
+    chain: HookChain = HookChain()
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", chain)
+    monkeypatch.setattr(triton.knobs.runtime, "launch_exit_hook", None)
+    assert LaunchCache._direct_possible([_Cuda()])
+    chain.add(lambda *a: None)
+    assert not LaunchCache._direct_possible([_Cuda()])
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", None)
+    monkeypatch.setattr(triton.knobs.runtime, "launch_exit_hook", lambda *a: None)
+    assert not LaunchCache._direct_possible([_Cuda()])
+    assert not LaunchCache._direct_possible([torch.zeros(1)])  # a CPU tensor: the interpreter's path
+
+
 def test_alignment_mask_follows_tritons_pointer_specialization() -> None:
     """A bit of the mask is 1 exactly where Triton specializes the pointer as 16-byte aligned ("D")."""
     from triton.backends.compiler import GPUTarget
