@@ -12,15 +12,17 @@ for Qwen3-0.6B (56 linear_small_m, 28 qk_norm_rope, 28 attention).
   tagged ``pt2_compliant_tag``, as ``custom_op`` tags its ops;
 - one Python kernel for every backend (``CompositeExplicitAutograd``); the fake (meta) function for tracing;
 - no autograd formula: the ops are for inference (the engine runs under ``torch.inference_mode``; inside a
-  compiled training graph the pass's ops run in the forward, where autograd is AOTAutograd's). A kernel at the
-  Autograd key raises RuntimeError when grad mode is on and an input requires grad, at the call (eagerly) or when
-  torch.compile traces it, where ``custom_op`` fails at backward; the key is skipped under inference mode, so the
-  engine never runs it. No output may alias an input (``custom_op`` checks this per call; we do not).
+  compiled training graph the pass's ops run in the forward, where autograd is AOTAutograd's). The kernel and the
+  fake function raise RuntimeError when grad mode is on and an input requires grad, at the call (eagerly) or when
+  torch.compile traces it, where ``custom_op`` fails at backward. The Autograd key itself is a fallthrough, so a
+  call under ``no_grad`` (transformers' ``generate``) costs no more host time than one under ``inference_mode``.
+  No output may alias an input (``custom_op`` checks this per call; we do not).
 
 Docs: https://pytorch.org/docs/stable/library.html (``Library.define`` / ``Library.impl``, ``register_fake``).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -66,17 +68,24 @@ def define_op(qualname: str, impl: Callable[..., Any], fake: Callable[..., Any])
     schema = torch.library.infer_schema(impl, mutates_args=())
     lib = _library(namespace)
     lib.define(name + schema, tags=(torch.Tag.pt2_compliant_tag,))
-    lib.impl(name, impl, "CompositeExplicitAutograd")
-    torch.library.register_fake(qualname, fake, lib=lib)
-    op = getattr(getattr(torch.ops, namespace), name).default
+    lib.impl(name, _refusing_grad(qualname, impl), "CompositeExplicitAutograd")
+    torch.library.register_fake(qualname, _refusing_grad(qualname, fake), lib=lib)
+    # No Python kernel at the Autograd key: the dispatcher passes through it in C++ (a Python kernel there cost
+    # every call made under no_grad, as transformers' generate makes them, a second trip through Python); the
+    # kernels above refuse gradients themselves, eagerly and while torch.compile traces (the fake kernel).
+    lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
+    return getattr(getattr(torch.ops, namespace), name).default
 
-    def refuse_grad(keyset: torch._C.DispatchKeySet, *args: Any, **kwargs: Any) -> Any:
-        # The Autograd key: skipped under inference_mode (the engine), run in eager calls and while AOTAutograd
-        # traces a compiled graph, so a gradient through the op fails loudly there too instead of being dropped.
+
+def _refusing_grad(qualname: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` preceded by the gradient check: RuntimeError when grad mode is on and a tensor input (or a tensor in
+    a list input) requires grad. Its signature is ``fn``'s (``functools.wraps``)."""
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled() and _requires_grad((*args, *kwargs.values())):
             raise RuntimeError(f"{qualname} has no autograd formula (an inference op): call it under "
                                "torch.no_grad() or torch.inference_mode(), or detach its inputs")
-        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
+        return fn(*args, **kwargs)
 
-    lib.impl(name, refuse_grad, "Autograd", with_keyset=True)
-    return op
+    return checked

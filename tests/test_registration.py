@@ -87,6 +87,8 @@ def test_project_ops_are_library_defined() -> None:
         ns, op = name.split("::")
         assert hasattr(getattr(torch.ops, ns), op), name
         assert name not in OPDEFS, f"{name} is still a torch.library.custom_op"
+        # no Python kernel at the Autograd key: a call under no_grad does not go through Python twice
+        assert torch._C._dispatch_kernel_for_dispatch_key_is_fallthrough(name, "Autograd"), name
 
 
 def test_host_overhead_benchmark_cpu_smoke(tmp_path: "os.PathLike[str]") -> None:
