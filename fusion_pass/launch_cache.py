@@ -16,11 +16,14 @@ every call; so the kernel launched is the one Triton's own lookup would pick.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Hashable, Sequence
 
 import torch
 import triton
 from torch import Tensor
+
+log = logging.getLogger("fusion_pass")
 
 #: Entries kept per cache before it is emptied (a key per site and M: a compiled model has a few dozen).
 MAX_ENTRIES = 4096
@@ -39,8 +42,9 @@ class LaunchCache:
 
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
-        self._entries: dict[tuple[Hashable, int, int], tuple[Any, tuple[int, ...]]] = {}  # -> (compiled, grid)
+        self._entries: dict[tuple[Hashable, tuple[int, ...], int, int], tuple[Any, tuple[int, ...]]] = {}
         self.direct = 0  # launches that took the direct path (tests, benchmarks)
+        self.disabled = False  # set when the compiled kernel's launcher refused the call: Triton's path from then on
 
     def launch(self, key: Hashable, grid: tuple[int, ...], args: Sequence[Any], options: dict[str, Any]) -> None:
         """Launch ``kernel[grid](*args, **options)``, directly when this key and alignment pattern was seen before.
@@ -52,12 +56,11 @@ class LaunchCache:
                 launch runs: the Triton interpreter, CPU tensors).
             options: launch options (``num_warps``, ``num_stages``, ``launch_pdl``...); part of ``key``.
         """
-        if not self._direct_possible(args):
+        if self.disabled or not self._direct_possible(args):
             self.kernel[grid](*args, **options)  # the interpreter (CPU tensors), or a profiler's launch hooks
             return
         device = self._device()
-        mask = _alignment_mask(args)
-        slot = (key, device, mask)
+        slot = (key, grid, device, _alignment_mask(args))
         entry = self._entries.get(slot)
         if entry is None:
             compiled = self.kernel[grid](*args, **options)
@@ -70,7 +73,15 @@ class LaunchCache:
             return
         compiled, g = entry
         stream = self._stream(device)
-        compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
+        try:
+            compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+                         *args)
+        except (TypeError, AttributeError) as e:  # a Triton whose launcher takes other arguments: its own path
+            self.disabled = True
+            log.warning("fusion_pass: direct launches of %s are off (%s: %s); launching through Triton",
+                        getattr(self.kernel, "__name__", self.kernel), type(e).__name__, e)
+            self.kernel[grid](*args, **options)
+            return
         self.direct += 1
 
     @staticmethod

@@ -83,6 +83,29 @@ def test_first_launch_compiles_later_launches_go_direct() -> None:
     assert len(k.compiles) == 3 and cache.direct == 2
 
 
+def test_a_launcher_that_refuses_the_call_turns_direct_launches_off() -> None:
+    """A Triton whose compiled-kernel launcher takes other arguments (TypeError): that launch and every later one go
+    through ``kernel[grid](...)``."""
+
+    class _Refusing(_Compiled):
+        def run(self, *a: Any) -> None:
+            raise TypeError("launch() takes 9 positional arguments")
+
+    class _RefusingKernel(_Kernel):
+        def __getitem__(self, grid: tuple[int, ...]) -> Any:
+            def launch(*args: Any, **options: Any) -> _Compiled:
+                self.compiles.append((grid, args, options))
+                return _Refusing()
+            return launch
+
+    k = _RefusingKernel()
+    cache = _CpuCache(k)
+    x = torch.zeros(16)
+    for _ in range(3):
+        cache.launch("site", (2,), (x, 5), {})
+    assert cache.disabled and cache.direct == 0 and len(k.compiles) == 3
+
+
 def test_cache_empties_past_max_entries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(launch_cache, "MAX_ENTRIES", 3)
     k = _Kernel()
