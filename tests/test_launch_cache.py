@@ -195,3 +195,59 @@ def test_direct_launches_match_the_ordinary_launch_on_gpu(variant: str, config: 
         for y, w in zip(out, ws):
             ref = a @ w.double().T
             assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def _triton_specialization(kernel: Any, args: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, ...]:
+    """What Triton's lookup of a compiled kernel depends on for ``kernel[grid](*args, **options)``, tensor alignment
+    left out: each constexpr's value, each other argument's type and value specialization, and the options."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import JITFunction, native_specialize_impl
+
+    fn = getattr(kernel, "fn", kernel)  # the interpreter wraps the function; JITFunction gives its parameters
+    params = JITFunction(fn, do_not_specialize=getattr(kernel, "kwargs", {}).get("do_not_specialize")).params
+    assert len(args) == len(params), "LaunchCache's contract: every kernel parameter, in signature order"
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+    spec = []
+    for p, a in zip(params, args):
+        if p.is_constexpr:
+            spec.append((p.name, "constexpr", a))
+        else:
+            ty, sp = native_specialize_impl(backend, a, False, not p.do_not_specialize, True)
+            spec.append((p.name, ty, None if isinstance(a, torch.Tensor) else sp))
+    return tuple(spec) + tuple(sorted(options.items()))
+
+
+def test_site_keys_determine_tritons_specialization(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For the fused kernels' launch sites: every launch that shares a key (and grid) would be specialized by Triton
+    the same way (alignment aside), so the kernel the cache launches directly is the one Triton would pick. The
+    launches vary M, the group size, bias, residual, h_out (its dtype too: ``fused_linear``'s caller supplies it),
+    the activation dtype and the skinny fixup."""
+    from fusion_pass.kernels import gemv, skinny
+
+    seen: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+    class _Recording(LaunchCache):
+        def launch(self, key: Any, grid: tuple[int, ...], args: Any, options: dict[str, Any]) -> None:
+            spec = _triton_specialization(self.kernel, tuple(args), options)
+            slot = (id(self.kernel), key, tuple(grid))
+            assert seen.setdefault(slot, spec) == spec, f"key {key} launched with two specializations"
+
+    for mod, name in ((gemv, "_STREAM_LAUNCHES"), (skinny, "_SKINNY_LAUNCHES"), (skinny, "_EPILOGUE_LAUNCHES")):
+        monkeypatch.setattr(mod, name, _Recording(getattr(mod, name).kernel))
+    k = 64
+    for dt in (torch.float16, torch.float32):
+        for m in (1, 2, 3):
+            for g in (1, 3):
+                for bias in (False, True):
+                    for h_dt in (None, dt, torch.float32, torch.float16):
+                        x, r, nw = torch.zeros(m, k, dtype=dt), torch.zeros(m, k, dtype=dt), torch.ones(k, dtype=dt)
+                        ws = [torch.zeros(16 * (i + 1), k, dtype=dt) for i in range(g)]
+                        bs = [torch.zeros(w.shape[0], dtype=dt) if bias else None for w in ws]
+                        ys = [torch.empty(m, w.shape[0], dtype=dt) for w in ws]
+                        h = torch.empty(m, k, dtype=h_dt) if h_dt is not None else None
+                        gemv.launch_stream(x, r, nw, ws, bs, ys, h, 1e-6, (4, 4, 4))
+                        gemv.launch_stream(x, None, nw, ws, bs, ys, None, 1e-6, (4, 4, 4))
+                        for cfg in ((16, 32, 4, 1), (16, 32, 4, 0), (16, 64, 4, 0)):
+                            skinny.launch_skinny(x, r, nw, ws, bs, ys, h, 1e-6, cfg)
+    assert len(seen) > 10

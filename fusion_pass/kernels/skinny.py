@@ -267,7 +267,7 @@ def launch_skinny(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor
     # or the defaults of an ungrouped launch
     rest = (ws[1], ws[2], bs[1], bs[2], outs[1], outs[2]) if g > 1 else (None,) * 6
     key = (M, K, tuple(ns), config, ks, splits, fixup, has_res, has_bias, write_h, pdl, x2d.dtype, ws[0].dtype,
-           norm_weight.dtype, r.dtype, bs[0].dtype if has_bias else None)
+           norm_weight.dtype, r.dtype, hb.dtype, bs[0].dtype if has_bias else None)
     args = (x2d, r, norm_weight, ws[0], bs[0], outs[0], hb, part, sq, counters if fixup else sq, M, ns[0], float(eps),
             K, has_res, has_bias, write_h, splits > 1, x2d.dtype == torch.float32, bm, bn, ks, pdl, fixup, splits, g,
             *rest, ns[1], ns[2])
