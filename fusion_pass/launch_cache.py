@@ -9,8 +9,8 @@ the fused ops pay it at every call.
 
 A launch site whose grid, constants and argument types do not change between calls (one weight group of one
 compiled model at one M) can skip the binding: :class:`LaunchCache` keeps, per site key and per alignment pattern
-of the tensor arguments, the compiled kernel that the first ordinary launch returned, and afterwards launches it
-through ``CompiledKernel[grid](*args, stream=...)`` (Triton's launch of an already compiled kernel). Everything
+of the tensor arguments, the compiled kernel that the first ordinary launch returned, and afterwards calls its C
+launcher (``CompiledKernel.run``) with the arguments Triton's own launch passes it, no launch hooks. Everything
 Triton would specialize on must be fixed by the caller's key except the tensors' alignment, which is checked at
 every call; so the kernel launched is the one Triton's own lookup would pick.
 """
