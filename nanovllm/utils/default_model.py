@@ -86,6 +86,7 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "bfloat16") -> str:
         state = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()
                  if not (tied and k == "lm_head.weight")}
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(os.path.join(tmp, "model.safetensors"), 0o644)  # readable like the other files of the folder
         with open(os.path.join(tmp, _DONE_MARK), "w") as f:
             json.dump({"source": name, "dtype": dtype}, f)
         if os.path.isdir(out_dir):  # a leftover without the mark (an older interrupted layout): replace it
