@@ -25,8 +25,20 @@ from torch import Tensor
 
 log = logging.getLogger("fusion_pass")
 
-#: Entries kept per cache before it is emptied (a key per site and M: a compiled model has a few dozen).
+#: Sites kept per cache before it is emptied (a key per site and M: a compiled model has a few dozen).
 MAX_ENTRIES = 4096
+
+
+class _Site:
+    """One site key's launch: the positions of the tensor arguments (fixed by the key), the grid as three counts,
+    and the compiled kernel per alignment pattern of those tensors."""
+
+    __slots__ = ("tensors", "grid", "binaries")
+
+    def __init__(self, args: Sequence[Any], grid: tuple[int, ...]) -> None:
+        self.tensors = tuple(i for i, a in enumerate(args) if isinstance(a, Tensor))
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.binaries: dict[int, Any] = {}
 
 
 class LaunchCache:
@@ -42,7 +54,7 @@ class LaunchCache:
 
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
-        self._entries: dict[tuple[Hashable, tuple[int, ...], int, int], tuple[Any, tuple[int, ...]]] = {}
+        self._sites: dict[tuple[Hashable, tuple[int, ...], int], _Site] = {}  # (key, grid, device) -> _Site
         self.direct = 0  # launches that took the direct path (tests, benchmarks)
         self.disabled = False  # set when the compiled kernel's launcher refused the call: Triton's path from then on
 
@@ -60,22 +72,24 @@ class LaunchCache:
             self.kernel[grid](*args, **options)  # the interpreter (CPU tensors), or a profiler's launch hooks
             return
         device = self._device()
-        slot = (key, grid, device, _alignment_mask(args))
-        entry = self._entries.get(slot)
-        if entry is None:
+        site = self._sites.get((key, grid, device))
+        mask = _alignment_mask(args, site.tensors) if site is not None else 0
+        compiled = site.binaries.get(mask) if site is not None else None
+        if compiled is None:
             compiled = self.kernel[grid](*args, **options)
             if compiled is None or not hasattr(compiled, "function"):
                 return  # an asynchronous compile or an unknown Triton: nothing to keep
-            if len(self._entries) >= MAX_ENTRIES:
-                self._entries.clear()
-            g = tuple(grid) + (1,) * (3 - len(grid))
-            self._entries[slot] = (compiled, g)
+            if site is None:
+                if len(self._sites) >= MAX_ENTRIES:
+                    self._sites.clear()
+                site = self._sites[(key, grid, device)] = _Site(args, grid)
+                mask = _alignment_mask(args, site.tensors)
+            site.binaries[mask] = compiled
             return
-        compiled, g = entry
-        stream = self._stream(device)
+        g = site.grid
         try:
-            compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
-                         *args)
+            compiled.run(g[0], g[1], g[2], self._stream(device), compiled.function, compiled.packed_metadata, None,
+                         None, None, *args)
         except (TypeError, AttributeError) as e:  # a Triton whose launcher takes other arguments: its own path
             self.disabled = True
             log.warning("fusion_pass: direct launches of %s are off (%s: %s); launching through Triton",
@@ -105,16 +119,15 @@ class LaunchCache:
 
     def clear(self) -> None:
         """Forget every compiled kernel kept (the next launch of each key goes through Triton again)."""
-        self._entries.clear()
+        self._sites.clear()
 
 
-def _alignment_mask(args: Sequence[Any]) -> int:
-    """One bit per tensor argument, in order: 1 where its address is a multiple of 16 bytes (Triton's "D"
-    specialization of a pointer), plus a leading 1 so that patterns of different lengths differ."""
+def _alignment_mask(args: Sequence[Any], tensors: tuple[int, ...]) -> int:
+    """One bit per tensor argument (``tensors``: their positions in ``args``), in order: 1 where its address is a
+    multiple of 16 bytes (Triton's "D" specialization of a pointer), plus a leading 1."""
     mask = 1
-    for a in args:
-        if isinstance(a, Tensor):
-            mask = (mask << 1) | ((a.data_ptr() & 15) == 0)
+    for i in tensors:
+        mask = (mask << 1) | ((args[i].data_ptr() & 15) == 0)
     return mask
 
 

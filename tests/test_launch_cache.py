@@ -68,7 +68,7 @@ def test_first_launch_compiles_later_launches_go_direct() -> None:
     args = (x, y, 16, 2.0, True, None)
     cache.launch(("site", 16), (4,), args, {"num_warps": 4})
     assert len(k.compiles) == 1 and k.compiles[0][0] == (4,) and k.compiles[0][2] == {"num_warps": 4}
-    compiled = cache._entries[next(iter(cache._entries))][0]
+    compiled = next(iter(next(iter(cache._sites.values())).binaries.values()))
     cache.launch(("site", 16), (4,), args, {"num_warps": 4})
     assert len(k.compiles) == 1 and cache.direct == 1
     assert compiled.calls == [(4, 1, 1, 1234, "fn-handle", "meta", None, None, None, *args)]
@@ -113,7 +113,7 @@ def test_cache_empties_past_max_entries(monkeypatch: pytest.MonkeyPatch) -> None
     x = torch.zeros(16)
     for i in range(4):
         cache.launch(("site", i), (1,), (x,), {})
-    assert len(cache._entries) == 1  # emptied when the fourth arrived
+    assert len(cache._sites) == 1  # emptied when the fourth arrived
     cache.launch(("site", 0), (1,), (x,), {})
     assert len(k.compiles) == 5  # the first key was forgotten
 
@@ -124,7 +124,7 @@ def test_cpu_tensors_take_the_ordinary_launch() -> None:
     x = torch.zeros(16)
     for _ in range(3):
         cache.launch("site", (1,), (x, 3), {})
-    assert len(k.compiles) == 3 and cache.direct == 0 and not cache._entries
+    assert len(k.compiles) == 3 and cache.direct == 0 and not cache._sites
 
 
 def test_launch_hooks_send_launches_through_triton(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,8 +160,8 @@ def test_alignment_mask_follows_tritons_pointer_specialization() -> None:
     for off in range(12):
         t = base[off:]
         triton_aligned = native_specialize_impl(backend, t, False, True, True)[1] == "D"
-        assert launch_cache._alignment_mask([t]) == (0b10 | int(triton_aligned)), off
-    masks = {launch_cache._alignment_mask([base[a:], 7, base[b:]]) for a in (0, 1) for b in (0, 1)}
+        assert launch_cache._alignment_mask([t], (0,)) == (0b10 | int(triton_aligned)), off
+    masks = {launch_cache._alignment_mask([base[a:], 7, base[b:]], (0, 2)) for a in (0, 1) for b in (0, 1)}
     assert len(masks) == 4  # every pattern of two pointers has its own mask; integers do not count
 
 
