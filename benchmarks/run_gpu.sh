@@ -20,6 +20,8 @@
 #                 transformers peer; writes the same file, so run it after `throughput`                (~5-6 min)
 #   latency-llama benchmarks/latency.py --second-only on the Llama-3.2-1B shape, added to latency.json
 #                 (needs scripts/make_qwen3_06b_checkpoint.py --shape llama-3.2-1b)               (~3 min)
+#   throughput-llama  benchmarks/throughput.py --no-cold on the Llama-3.2-1B shape, under the key llama-3.2-1b of
+#                 throughput.json                                                                  (~4 min)
 #   check-full    benchmarks/check.py with every part at full size                                   (~4 min)
 #   kernels       benchmarks/kernels.py: fused op, GEMV, decode attention through their public entry points
 #                 against the unfused paths and bytes floors (KERNELS_ARGS="--what fusion-variants,..." for more) (~4 min)
@@ -83,6 +85,12 @@ stage() {
   echo "${DONE[-1]}" | tee -a "$SUMMARY"
 }
 
+# seed NAME: copy the committed results/<gpu>/NAME into $RESULTS unless a file is there (the stages that add a key
+# to an existing JSON: latency-llama, throughput-llama).
+seed() {
+  [ -f "$RESULTS/$1" ] || [ ! -f "benchmarks/results/$GPU/$1" ] || cp "benchmarks/results/$GPU/$1" "$RESULTS/$1"
+}
+
 # checkpoint DIR [SHAPE]: build the random checkpoint unless it exists.
 checkpoint() {
   local dir="$1" shape="${2:-}"
@@ -104,10 +112,12 @@ for s in "${STAGES[@]}"; do
                   stage check-full 480 "$PY benchmarks/check.py --what fusion,fixup,engine,bf16-agreement --model $CKPT --budget-s 420 --out $RESULTS/check.json ${CHECK_ARGS:-}" ;;
     latency)      checkpoint "$CKPT"
                   stage latency 480 "$PY benchmarks/latency.py --model $CKPT --budget-s 300 --out $RESULTS/latency.json ${LATENCY_ARGS:-}" ;;
-    latency-llama) checkpoint "$LLAMA_CKPT" llama-3.2-1b && \
+    latency-llama) checkpoint "$LLAMA_CKPT" llama-3.2-1b && seed latency.json && \
                   stage latency-llama 480 "$PY benchmarks/latency.py --second-only --second-model $LLAMA_CKPT --budget-s 300 --out $RESULTS/latency.json ${LATENCY_ARGS:-}" ;;
     throughput)   checkpoint "$CKPT"
                   stage throughput 360 "$PY benchmarks/throughput.py --model $CKPT --no-cold --budget-s 300 --out $RESULTS/throughput.json ${THROUGHPUT_ARGS:-}" ;;
+    throughput-llama) checkpoint "$LLAMA_CKPT" llama-3.2-1b && seed throughput.json && \
+                  stage throughput-llama 360 "$PY benchmarks/throughput.py --model $LLAMA_CKPT --no-cold --budget-s 300 --into-key llama-3.2-1b --out $RESULTS/throughput.json ${THROUGHPUT_ARGS:-}" ;;
     throughput-cold) checkpoint "$CKPT"
                   stage throughput-cold 540 "$PY benchmarks/throughput.py --model $CKPT --peer --budget-s 450 --out $RESULTS/throughput.json ${THROUGHPUT_ARGS:-}" ;;
     kernels)      stage kernels 540 "$PY benchmarks/kernels.py --budget-s 420 --out $RESULTS/kernels.json ${KERNELS_ARGS:-}" ;;
@@ -123,7 +133,7 @@ for s in "${STAGES[@]}"; do
                   fi ;;
     tests)        stage tests 540 "$PY -m pytest $PYTEST_ARGS" ;;
     plot)         stage plot 60 "$PY benchmarks/plot.py --results $(dirname "$RESULTS") --img $IMG" ;;
-    *)            DONE+=("$(printf '%-14s UNKNOWN  (stages: check check-full latency latency-llama throughput throughput-cold kernels profile serving hf-decode tests plot)' "$s")")
+    *)            DONE+=("$(printf '%-14s UNKNOWN  (stages: check check-full latency latency-llama throughput throughput-llama throughput-cold kernels profile serving hf-decode tests plot)' "$s")")
                   echo "${DONE[-1]}" | tee -a "$SUMMARY" ;;
   esac
 done

@@ -27,6 +27,8 @@ Usage::
 
     python benchmarks/throughput.py --model /tmp/qwen3-0.6b --peer
     python benchmarks/throughput.py --model /tmp/qwen3-0.6b --no-cold --modes fusion      # warm build only
+    python benchmarks/throughput.py --model /tmp/llama-3.2-1b --no-cold --into-key llama-3.2-1b   # a second model,
+                                                                  # under its key of the existing throughput.json
 """
 from __future__ import annotations
 
@@ -75,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget-s", type=float, default=540.0,
                     help="start no new child (or the peer) after this many seconds; skipped parts are recorded")
     ap.add_argument("--out", default=None, help="JSON path (default: results/<gpu>/throughput.json)")
+    ap.add_argument("--into-key", default=None,
+                    help="write the figures under this key of the JSON already at the output path, keeping its other "
+                         "keys (e.g. llama-3.2-1b for a second checkpoint)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)       # internal: mode to build and run
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)   # internal: its JSON
     ap.add_argument("--child-tuning-file", default=None, help=argparse.SUPPRESS)  # internal: its tuning file
@@ -180,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         return child(args)
     t0 = time.perf_counter()
     path = results_io.results_path("throughput", args.out)
+    base: dict[str, Any] = {}
+    if args.into_key and os.path.exists(path):
+        with open(path) as f:
+            base = json.load(f)
+
+    def save(res: dict[str, Any]) -> None:
+        results_io.write_json(path, {**base, args.into_key: res} if args.into_key else res)
+
     prompts, max_tokens = workload(args)
     res: dict[str, Any] = {**provenance.header(argv, "benchmarks/throughput.py"),
                            "copy_bandwidth_tb_s": None, "floor_tokens_per_s": None,
@@ -217,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                     res["first_run_over_second"][mode] = r["first_run_over_second"]
                 else:
                     res["cold_first_run_over_second"][mode] = r["first_run_over_second"]
-            results_io.write_json(path, res)
+            save(res)
     floor = floor_of(args, prompts, max_tokens)
     res["copy_bandwidth_tb_s"] = round(floor["bandwidth_bytes_per_s"] / 1e12, 4)
     res["floor_tokens_per_s"] = floor["output_tokens_per_s"]
@@ -227,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     tps = res["output_tokens_per_s"]
     if tps.get("fusion") and tps.get("nofusion"):
         res["fusion_over_nofusion"] = round(tps["fusion"] / tps["nofusion"], 4)
-    results_io.write_json(path, res)
+    save(res)
     if args.peer:
         if time.perf_counter() - t0 > args.budget_s:
             res["transformers_peer"] = {"skipped": "budget"}
@@ -239,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 res["transformers_peer"] = {"error": f"{type(e).__name__}: {e}"}
                 failed = True
     res["total_s"] = round(time.perf_counter() - t0, 1)
-    results_io.write_json(path, res)
+    save(res)
     rows = [[m, tps.get(m), res["fraction_of_floor"].get(m), res["cold_build_s"].get(m), res["warm_build_s"].get(m),
              res["first_run_over_second"].get(m)] for m in args.modes]
     if isinstance(res["transformers_peer"], dict) and "output_tokens_per_s" in res["transformers_peer"]:

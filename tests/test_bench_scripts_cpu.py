@@ -115,6 +115,18 @@ def test_throughput_keys(ckpt: str, tmp_path) -> None:  # noqa: ANN001
     assert r["transformers_peer"]["num_seqs"] == 2 and r["transformers_peer"]["output_tokens_per_s"] > 0
     assert r["workload"]["output_tokens"] == sum(
         workloads.nano_vllm_workload(3, 0, 16, 6, 8, 3)[1])
+    # --into-key: a second checkpoint's figures under their own key; the file's own figures stay as they were
+    second = [sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--model", ckpt, *ENGINE_FLAGS,
+              "--modes", "nofusion", "--num-seqs", "2", "--min-input-len", "8", "--max-input-len", "16",
+              "--min-output-len", "3", "--max-output-len", "6", "--max-num-seqs", "4", "--no-cold",
+              "--into-key", "second", "--out", str(out)]
+    p = subprocess.run(second, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r2 = json.loads(out.read_text())
+    assert {k: v for k, v in r2.items() if k != "second"} == r
+    assert HEADER <= set(r2["second"]) and r2["second"]["output_tokens_per_s"]["nofusion"] > 0
+    assert r2["second"]["workload"]["num_seqs"] == 2 and set(r2["second"]["children"]) == {"nofusion-warm"}
 
 
 def test_parts_scripts_merge_and_record_failures(ckpt: str, tmp_path) -> None:  # noqa: ANN001
