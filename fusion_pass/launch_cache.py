@@ -3,9 +3,10 @@
 ``kernel[grid](*args, **kwargs)`` binds the arguments to the kernel's signature, computes each one's
 specialization (a tensor's dtype and whether its address is a multiple of 16 bytes; an integer equal to 1 or
 divisible by 16), hashes that into the key of its cache of compiled kernels, and only then calls the compiled
-kernel's C launcher. On an H100 host (triton 3.6) that path costs about 30 us per launch; the C launcher alone a
-third of it. Where no CUDA graph replays the launches (a model compiled without CUDA graphs, the engine's prefill),
-the fused ops pay it at every call.
+kernel's C launcher. Where no CUDA graph replays the launches (a model compiled without CUDA graphs, the engine's
+prefill), the fused ops pay that at every call: on an H100 host (triton 3.6) the fused launch of a decode q/k/v group
+took 54.9 us of host time that way and 37.9 us with the direct launch below, output buffers included
+(benchmarks/results/h100/host-overhead.json).
 
 A launch site whose grid, constants and argument types do not change between calls (one weight group of one
 compiled model at one M) can skip the binding: :class:`LaunchCache` keeps, per site key and per alignment pattern
