@@ -18,7 +18,8 @@ Two parts per (model, mode, batch), each run with both backends:
 - generate: `model.generate` with a static cache and generate's own compile of the decode step (CompileConfig with
   the backend and mode), greedy, `--new-tokens` tokens after a `--prompt-len` prompt; one warm-up call (compiles),
   then `--generate-runs` timed calls per backend, interleaved, each backend on its own copy of the model;
-  tokens/s = batch * new tokens / median seconds (prefill included). Reported: both tokens/s, their ratio, and whether the greedy tokens are equal.
+  tokens/s = batch * new tokens / median seconds (prefill included). Reported: both tokens/s, their ratio, and
+  whether the greedy tokens are equal.
 Rows run in priority order (every step row before any generate row; within a part batch 1, then 8, then 32) until
 `--budget-s` is spent; the rest are recorded as skipped. Compile times are reported per row and never enter a timing.
 

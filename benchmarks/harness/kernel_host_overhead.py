@@ -121,11 +121,12 @@ def build_cases(tokens: int, device: str, dtype: torch.dtype) -> list[tuple[str,
 
 def decode_cases(rand: Callable[..., torch.Tensor], k: int) -> list[tuple[str, str, Callable[[], Any]]]:
     """A decode step's site without CUDA graphs: the q / k / v group of Qwen3-0.6B (N = 2048 + 1024 + 1024) at M = 1
-    rows through the coconut op (under inference_mode, and under no_grad as transformers' generate runs it: the
-    dispatcher then also visits the op's Autograd kernel), and its fused launch alone, with the kernel's direct
-    launch (fusion_pass.launch_cache) and with Triton's ordinary launch."""
+    rows through the coconut op (under inference_mode, and under no_grad as transformers' generate runs it), and
+    its fused launch alone, with the kernel's direct launch (fusion_pass.launch_cache) and with Triton's ordinary
+    launch."""
     from fusion_pass import kernels
     from fusion_pass.kernels import gemv
+    from fusion_pass.launch_cache import LaunchCache
 
     x1, r1, nw1 = rand(1, k), rand(1, k), rand(k, scale=0.1) + 1
     ws = [rand(n, k, scale=0.02) for n in (2048, 1024, 1024)]
@@ -138,15 +139,9 @@ def decode_cases(rand: Callable[..., torch.Tensor], k: int) -> list[tuple[str, s
         with torch.inference_mode(False), torch.no_grad():
             return op(x1, r1, nw1, ws, [None] * 3, 1e-6)
 
-    class _TritonLaunch:  # LaunchCache's interface, always through kernel[grid](...)
-        def __init__(self, kernel: Any) -> None:
-            self.kernel = kernel
-
-        def launch(self, key: Any, grid: Any, args: Any, options: Any) -> None:
-            self.kernel[grid](*args, **options)
-
     direct = gemv._STREAM_LAUNCHES
-    ordinary = _TritonLaunch(direct.kernel)
+    ordinary = LaunchCache(direct.kernel)
+    ordinary.disabled = True  # every launch through kernel[grid](...)
 
     def fused(cache: Any) -> Callable[[], Any]:
         def call() -> Any:

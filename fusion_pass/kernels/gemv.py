@@ -130,7 +130,7 @@ def launch_stream(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor
     args = (x2d, residual2d if has_res else x2d, norm_weight, ws[0], bs[0], outs[0], h_out if write_h else outs[0],
             M, ns[0], float(eps), K, has_res, has_bias, write_h, bm, bn, next_power_of_2(K), pdl, g, *rest,
             ns[1], ns[2])
-    key = (M, K, tuple(ns), config, grid, has_res, has_bias, write_h, pdl, x2d.dtype, ws[0].dtype,
+    key = (M, K, tuple(ns), config, has_res, has_bias, write_h, pdl, x2d.dtype, ws[0].dtype,
            norm_weight.dtype, residual2d.dtype if has_res else None, bs[0].dtype if has_bias else None,
            h_out.dtype if write_h else None)
     _STREAM_LAUNCHES.launch(key, (grid,), args, dict(num_warps=warps, num_stages=1, **launch_options(pdl)))
