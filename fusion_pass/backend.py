@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from . import kernels, ops, options as _options, patterns, settings as _kernel_settings, stats
+from . import graph_launch, kernels, ops, options as _options, patterns, settings as _kernel_settings, stats
 from .options import CoconutOptionError, Settings, parse_options
 from .stats import all_stats, fused_site_count, last_stats, reset_stats
 
@@ -56,7 +56,8 @@ _OPS = (patterns.OP_PLAIN, patterns.OP_RESIDUAL)
 
 def _source_hash() -> str:
     h = hashlib.sha256()
-    for path in (patterns.__file__, ops.__file__, _options.__file__, stats.__file__, *kernels.source_files()):
+    for path in (patterns.__file__, ops.__file__, _options.__file__, stats.__file__, graph_launch.__file__,
+                 *kernels.source_files()):
         with open(path, "rb") as f:
             h.update(f.read())
     with open(__file__, "rb") as f:
@@ -97,12 +98,17 @@ class CoconutFusionPass(CustomGraphPass):
 
     _uuid: Optional[str] = None
 
-    def __init__(self, settings: Settings = Settings()) -> None:
+    def __init__(self, settings: Settings = Settings(), launch: str = "op") -> None:
         self.settings = settings
+        self.launch = graph_launch.resolve_launch(launch, cudagraphs=True)  # "auto" resolved by the caller
         self.static_sites: list[tuple[int, int, int, torch.dtype, torch.device, tuple[int, ...]]] = []
 
     def __call__(self, graph: fx.Graph) -> None:
-        result = patterns.rewrite_graph(graph)
+        if self.launch == "graph":
+            result = patterns.rewrite_graph(graph, graph_launch.site_admission())
+            result.launched = graph_launch.lower_graph(graph)
+        else:
+            result = patterns.rewrite_graph(graph)
         stats.record(result.as_dict(), warn_unfused=self.settings.warn_unfused)
         if result.sites < self.settings.min_sites:
             raise RuntimeError(f"coconut: the graph fused {result.sites} site(s), fewer than coconut.min_sites = "
@@ -112,7 +118,7 @@ class CoconutFusionPass(CustomGraphPass):
     def uuid(self) -> str:
         if CoconutFusionPass._uuid is None:
             CoconutFusionPass._uuid = "coconut-" + _source_hash()
-        return CoconutFusionPass._uuid
+        return f"{CoconutFusionPass._uuid}-{self.launch}"  # the launch mode changes the graph: part of the key
 
 
 class _ChainedPass(CustomGraphPass):
@@ -233,13 +239,14 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], patches: d
         # the split-K counters are global and live for the process: allocate them now, not in a CUDA-graph
         # tree's warm-up run, whose private memory pool would hold them
         kernels.fixup_counters(dev, 0)
-    the_pass = CoconutFusionPass(settings)
-    existing = patches.get("post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass)
-    chained: Any = the_pass if existing is None else _ChainedPass(existing, the_pass)
     decompositions = None
     with inductor_config.patch(patches):
         if inductor_config.coordinate_descent_tuning:
             decompositions = decompositions_keeping_row_mm()
+        cudagraphs = bool(inductor_config.triton.cudagraphs)
+    the_pass = CoconutFusionPass(settings, graph_launch.resolve_launch(settings.launch, cudagraphs))
+    existing = patches.get("post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass)
+    chained: Any = the_pass if existing is None else _ChainedPass(existing, the_pass)
     compiled = compile_fx(gm, example_inputs, config_patches={**patches, "post_grad_custom_pre_pass": chained},
                           decompositions=decompositions)
     if settings.pretune:

@@ -21,6 +21,9 @@ from typing import Any, Optional
 
 from .settings import FORCED_VARIANTS, check_value
 
+#: Values of "coconut.launch" (fusion_pass.graph_launch).
+LAUNCH_MODES: tuple[str, ...] = ("auto", "op", "graph")
+
 #: The backend's own option keys: name -> (type, default, meaning). A new setting is one entry here, one field of
 #: Settings (same name after "coconut.", same default), and its use in fusion_pass.backend._compile, which
 #: receives the Settings of each compile (a new kernel setting: also an entry of KERNEL_OPTIONS).
@@ -32,6 +35,11 @@ COCONUT_OPTIONS: dict[str, tuple[type, Any, str]] = {
                                     "warm-up or capture)"),
     "coconut.min_sites": (int, 0, "raise RuntimeError from the compile when a graph fuses fewer sites (0: never); "
                                   "a guard for benchmarks and CI that must not silently run unfused"),
+    "coconut.launch": (str, "auto", "how a fused site of static shape on CUDA runs: 'op' (a coconut op call, the "
+                                    "kernel picked per call, PDL launches), 'graph' (the stream kernel's launch "
+                                    "written into Inductor's graph, sites measured to need another path left to "
+                                    "Inductor; fusion_pass/graph_launch.py), 'auto' ('op' under Inductor's CUDA "
+                                    "graphs, else 'graph')"),
     "coconut.warn_unfused": (bool, True, "log a WARNING when a graph has RMSNorm -> linear candidates and none "
                                          "was fused"),
     # Kernel settings (fusion_pass.settings.KernelSettings, same field names). None (the default): leave the
@@ -66,6 +74,7 @@ class Settings:
     enable: bool = True
     pretune: bool = True
     min_sites: int = 0
+    launch: str = "auto"
     warn_unfused: bool = True
     pdl: Optional[bool] = None
     autotune: Optional[bool] = None
@@ -107,7 +116,7 @@ def parse_options(mode: Optional[str] = None, options: Optional[dict[str, Any]] 
         (Inductor config patches {dotted name: value}, Settings).
     Raises:
         CoconutOptionError (RuntimeError and ValueError): unknown mode, unknown key, value of the wrong type,
-        `options` not a dict, a negative "coconut.min_sites", a "coconut.variant" outside FORCED_VARIANTS, an
+        `options` not a dict, a negative "coconut.min_sites", a "coconut.launch" outside LAUNCH_MODES, a "coconut.variant" outside FORCED_VARIANTS, an
         empty "coconut.tuning_file"; the message names the key.
     """
     from torch._inductor import config, list_mode_options
@@ -141,6 +150,8 @@ def parse_options(mode: Optional[str] = None, options: Optional[dict[str, Any]] 
                                          f"{typ.__name__}")
             if key == "coconut.min_sites" and val < 0:
                 raise CoconutOptionError(f"coconut.min_sites must be >= 0, got {val}")
+            if key == "coconut.launch" and val not in LAUNCH_MODES:
+                raise CoconutOptionError(f"coconut.launch must be one of {LAUNCH_MODES}, got {val!r}")
             if key in KERNEL_OPTIONS:
                 try:
                     check_value(KERNEL_OPTIONS[key], val, key)

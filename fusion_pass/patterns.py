@@ -36,7 +36,7 @@ import logging
 import numbers
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -449,10 +449,12 @@ def _rewrite(graph: fx.Graph, site: Site, stats: PassStats, renamed: dict[Node, 
     return True
 
 
-def rewrite_graph(graph: fx.Graph) -> PassStats:
+def rewrite_graph(graph: fx.Graph, admit: Optional[Callable[[Site], Optional[str]]] = None) -> PassStats:
     """Find every fusable norm -> linear(s) site in a post-grad graph and replace it by one coconut op call.
 
-    Mutates `graph` in place (and lints it). Returns the statistics of this run.
+    ``admit``: called with each matched site before it is rewritten; a string return leaves the site alone with
+    that reason (fusion_pass.graph_launch.site_admission), None rewrites it. Mutates `graph` in place (and lints
+    it). Returns the statistics of this run.
     """
     stats = PassStats()
     sites: list[Site] = []
@@ -471,6 +473,10 @@ def rewrite_graph(graph: fx.Graph) -> PassStats:
             continue
         stats.candidates += 1
         site.consumers = consumers
+        reason = admit(site) if admit is not None else None
+        if reason is not None:
+            stats.skipped.append(f"{n.name}: {reason}")
+            continue
         sites.append(site)
     renamed: dict[Node, Node] = {}
     for site in sites:

@@ -11,7 +11,8 @@ same architectures (fp32; for the CPU smoke test).
 
 Two parts per (model, mode, batch), each run with both backends:
 - step: one decode forward (one new token per sequence) against a static KV cache holding `--context` tokens.
-  Mode "default": the compiled forward captured in one CUDA graph here and replayed; "reduce-overhead": Inductor's
+  Mode "default": the compiled forward captured in one CUDA graph here and replayed (coconut with option
+  ``coconut.launch`` = "op", since it replays in a graph Inductor does not know of); "reduce-overhead": Inductor's
   CUDA-graph trees replay it. Timed as `--pairs` pairs of chunks of `--replays` calls, Inductor then coconut in
   each pair; per call = chunk time / replays (CUDA events). Reported: the medians and each pair's ratio
   inductor/coconut (> 1: coconut faster). Also the argmax agreement of the two backends' logits.
@@ -177,9 +178,14 @@ def _step_runner(model: torch.nn.Module, backend: str, mode: str, cache: Any, ar
     kw = _forward_kwargs(model, cache, args.context, 1, batch)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=args.device,
                         generator=torch.Generator(args.device).manual_seed(args.seed + 1))
-    compiled = torch.compile(model.forward, backend=backend, mode=None if mode == "default" else mode,
-                             fullgraph=bool(args.fullgraph))
     trees = mode in ("reduce-overhead", "max-autotune") and args.device == "cuda"
+    chosen: Any = backend
+    if backend == "coconut" and mode == "default" and args.device == "cuda":
+        # the step is replayed in a CUDA graph captured here, which Inductor does not know of: tell coconut (launch
+        # "op", as the engine does), else it would write the sites out as Inductor launches without PDL
+        chosen = fusion_pass.make_backend(options={"coconut.launch": "op"})
+    compiled = torch.compile(model.forward, backend=chosen, mode=None if mode == "default" else mode,
+                             fullgraph=bool(args.fullgraph))
     out: dict[str, torch.Tensor] = {}
 
     def call() -> None:

@@ -10,6 +10,7 @@ compiled callables of one module never mix.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -28,8 +29,23 @@ def separate_prefill_compile(compile_fusion: bool, device_type: str) -> bool:
     return compile_fusion and device_type == "cuda"
 
 
-def compile_model(model: torch.nn.Module, backend: str) -> Forward:
-    """``torch.compile`` of the model with ``backend``: one graph, dynamic token count."""
+@functools.lru_cache(maxsize=None)
+def engine_coconut_backend() -> Callable:
+    """The coconut backend as the engine uses it (one object per process: Dynamo's cache entries are per backend).
+
+    Option ``coconut.launch`` = "op": the engine captures its decode steps in CUDA graphs of its own, which
+    Inductor does not know about, so the backend's "auto" would take it for a graph launched from Python and write
+    the batch-1 sites out as Inductor launches without PDL; replayed, the op's PDL launches are faster
+    (fusion_pass/graph_launch.py).
+    """
+    import fusion_pass
+
+    return fusion_pass.make_backend(options={"coconut.launch": "op"})
+
+
+def compile_model(model: torch.nn.Module, backend: str | Callable) -> Forward:
+    """``torch.compile`` of the model with ``backend`` (a name or a backend callable): one graph, dynamic token
+    count."""
     # One graph serves every token count (dynamic=True); a batch of one token gets its own specialization.
     # Prefill and decode share the graph (attention is one opaque op), so few recompiles ever happen.
     cfg_dynamo = torch._dynamo.config
@@ -64,9 +80,7 @@ def build_forwards(model: torch.nn.Module, config: Config, device: torch.device)
     if config.enforce_eager and not config.compile_fusion:
         return model, model
     if config.compile_fusion:
-        import fusion_pass.backend  # noqa: F401 - registers backend="coconut"
-
-        forward = compile_model(model, "coconut")
+        forward = compile_model(model, engine_coconut_backend())
     elif device.type == "cuda":
         forward = compile_model(model, "inductor")
     else:
