@@ -27,7 +27,10 @@ from fusion_pass import graph_launch, patterns  # noqa: E402
 from fusion_pass.kernels import Choice  # noqa: E402
 from fusion_pass.options import CoconutOptionError, parse_options  # noqa: E402
 
-CPU = ("cpu",)
+# The lowered graphs run eagerly: in the Triton interpreter on a CPU machine, on the GPU where there is one.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HERE = (DEVICE,)  # device_types under which the sites qualify
+ELSEWHERE = ("cpu",) if DEVICE == "cuda" else ("cuda",)
 K = 64
 
 
@@ -60,7 +63,8 @@ def op_inputs(widths: tuple[int, ...], bias: bool, rows: tuple[int, ...] = (1,),
     nw = 1 + 0.1 * torch.randn(K, generator=g)
     ws = [torch.randn(n, K, generator=g) * K ** -0.5 for n in widths]
     bs = [torch.randn(n, generator=g) if bias else None for n in widths]
-    return [x, r, nw, ws, bs]
+    return [t.to(DEVICE) if t is not None else None for t in (x, r, nw)] + [[w.to(DEVICE) for w in ws],
+                                                                           [b if b is None else b.to(DEVICE) for b in bs]]
 
 
 @pytest.mark.parametrize("residual", [True, False])
@@ -82,7 +86,7 @@ def test_lowered_op_equals_the_op(residual, widths, bias, config, rows):
 
     gm = make_fx(f, tracing_mode="fake")(x, r, nw, ws, bs)
     decide = deciding("stream", config)
-    assert graph_launch.lower_graph(gm.graph, decide, CPU) == 1
+    assert graph_launch.lower_graph(gm.graph, decide, HERE) == 1
     gm.recompile()
     groups = (len(widths) + 2) // 3
     assert launches(gm) == groups and fusion_pass.ops.add_rms_norm_linear not in targets(gm)
@@ -106,7 +110,7 @@ def fused_site(m: int = 1):  # noqa: ANN201
     args = (torch.randn(m, K, generator=gen), torch.randn(m, K, generator=gen), 1 + 0.1 * torch.randn(K, generator=gen),
             torch.randn(32, K, generator=gen), torch.randn(16, K, generator=gen), torch.randn(32, generator=gen),
             torch.randn(16, generator=gen))
-    return f, args
+    return f, tuple(a.to(DEVICE) for a in args)
 
 
 @pytest.mark.parametrize("variant,source,fused,launched", [("stream", "measured", 1, 1), ("unfused", "measured", 0, 0),
@@ -119,12 +123,12 @@ def test_admission_rule(variant, source, fused, launched):
     f, args = fused_site()
     gm = make_fx(f, tracing_mode="fake")(*args)
     decide = deciding(variant, source=source)
-    stats = patterns.rewrite_graph(gm.graph, graph_launch.site_admission(decide, CPU))
+    stats = patterns.rewrite_graph(gm.graph, graph_launch.site_admission(decide, HERE))
     assert (stats.sites, stats.candidates) == (fused, 1), stats
     if not fused:
         assert stats.skipped == [stats.skipped[0]] and "left to Inductor" in stats.skipped[0]
         assert variant in stats.skipped[0]
-    assert graph_launch.lower_graph(gm.graph, decide, CPU) == launched
+    assert graph_launch.lower_graph(gm.graph, decide, HERE) == launched
     gm.recompile()
     assert launches(gm) == launched
     assert (torch.ops.coconut.add_rms_norm_linear.default in targets(gm)) == (fused and not launched)
@@ -136,7 +140,7 @@ def test_admission_rule(variant, source, fused, launched):
 def test_admission_leaves_other_devices_and_symbolic_rows_to_the_op():
     """Sites on a device outside device_types, or of symbolic M, are rewritten into ops without any decision."""
     f, args = fused_site(m=3)
-    for device_types, mode in ((("cuda",), "fake"), (CPU, "symbolic")):
+    for device_types, mode in ((ELSEWHERE, "fake"), (HERE, "symbolic")):
         gm = make_fx(f, tracing_mode=mode)(*args)
         decide = deciding("unfused")
         stats = patterns.rewrite_graph(gm.graph, graph_launch.site_admission(decide, device_types))
@@ -153,7 +157,7 @@ def test_lowering_refuses_what_the_kernel_cannot_take():
         return torch.ops.coconut.rms_norm_linear(torch.cat([xt, xt], 1)[:, ::2], nw, ws, bs, 1e-6)
 
     def tensor_eps(x, r, nw, ws, bs):  # noqa: ANN001, ANN202
-        return torch.ops.coconut.rms_norm_linear(x, nw, ws, bs, 1e-6, torch.tensor(1e-6))
+        return torch.ops.coconut.rms_norm_linear(x, nw, ws, bs, 1e-6, torch.tensor(1e-6))  # a 0-d CPU tensor
 
     def plain(x, r, nw, ws, bs):  # noqa: ANN001, ANN202
         return torch.ops.coconut.rms_norm_linear(x, nw, ws, bs, 1e-6)
@@ -161,8 +165,8 @@ def test_lowering_refuses_what_the_kernel_cannot_take():
     def failing(*a):  # noqa: ANN002, ANN202
         raise RuntimeError("out of memory")
 
-    for fn, decide, devices in ((strided, deciding("stream"), CPU), (tensor_eps, deciding("stream"), CPU),
-                                (plain, failing, CPU), (plain, deciding("stream"), ("cuda",))):
+    for fn, decide, devices in ((strided, deciding("stream"), HERE), (tensor_eps, deciding("stream"), HERE),
+                                (plain, failing, HERE), (plain, deciding("stream"), ELSEWHERE)):
         gm = make_fx(fn, tracing_mode="fake")(x, r, nw, ws, bs)
         assert graph_launch.lower_graph(gm.graph, decide, devices) == 0, fn.__name__
         assert torch.ops.coconut.rms_norm_linear.default in targets(gm)
