@@ -20,6 +20,7 @@ from nanovllm.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from nanovllm.engine.input_buffers import StepInputBuffers
 from nanovllm.engine.prefill_graphs import PREFILL_GRAPH_MAX_SEQS, PrefillGraphs, pad_prefill, prefill_buckets
 from nanovllm.engine.sequence import Sequence
+from nanovllm.kernels.prefill_attention import warm_up_prefill_attention
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.registry import model_class
 from nanovllm.utils.context import reset_context, set_context
@@ -85,6 +86,10 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.allocate_kv_cache()  # on the GPU this runs (and compiles) the largest prefill first
         self.init_seconds["kv_cache"] = time.perf_counter() - t0
+        if self.device.type == "cuda" and self.kv_caches:  # every prefill attention configuration, compiled now
+            t0 = time.perf_counter()
+            warm_up_prefill_attention(*self.kv_caches[0], hf.num_attention_heads // self.world, self.dtype)
+            self.init_seconds["attention_warm_up"] = time.perf_counter() - t0
         # Inference tensors, like the prefill inputs that run() creates under inference mode: the compiled forward
         # guards on its inputs' dispatch keys, so mixing the two kinds doubled its graphs (and the guard checks
         # of every prefill call). All writes to the buffers happen inside run(), run_decode_steps() and the graph

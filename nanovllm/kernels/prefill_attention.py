@@ -242,4 +242,48 @@ def prefill_attention(
     return check_out(out, q).copy_(o)
 
 
-__all__ = ["prefill_attention", "prefill_attention_triton"]
+def warm_up_lengths(group_pad: int) -> list[int]:
+    """One ``max_seqlen_q`` per launch configuration that :func:`_prefill_config` can return for ``group_pad``
+    (the smallest such length), ascending. The configuration depends on ``max_seqlen_q`` only up to
+    ``128 // group_pad`` (where BLOCK_M stops growing), so powers of two up to 128 cover every one."""
+    first: dict[tuple[int, int, int, int], int] = {}
+    length = 1
+    while length <= 128:
+        first.setdefault(_prefill_config(group_pad, length), length)
+        length *= 2
+    return sorted(first.values())
+
+
+def warm_up_prefill_attention(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, dtype: torch.dtype,
+                              force_triton: bool = False) -> list[int]:
+    """Compile the prefill kernel for every launch configuration a step on these caches can use, before a first
+    request would: one launch of one sequence per length of :func:`warm_up_lengths`, reading block 0 of the
+    caches (nothing is written to them; the outputs are dropped).
+
+    Triton compiles a kernel once per configuration (BLOCK_M and the warp count follow ``max_seqlen_q``) and per
+    specialization of its integer arguments; the caches fix the strides, and a step's query strides are multiples
+    of 16 like these. Without this, a run whose longest new-token count falls in a range not seen before (prefix
+    cache hits shorten it) compiled mid-run, about a second with the GPU idle.
+
+    Args:
+        k_cache, v_cache: one layer's ``[num_blocks, block_size, Hkv, D]`` caches (as the engine allocated them).
+        num_heads: query heads ``H`` on this rank (a multiple of ``Hkv``).
+        dtype: the queries' dtype (the model's).
+        force_triton: launch on CPU tensors too (``TRITON_INTERPRET=1`` tests).
+    Returns:
+        The query lengths launched.
+    Raises:
+        ValueError: inconsistent shapes (:func:`prefill_attention`).
+    """
+    block_size, kv_heads, head_dim = k_cache.shape[1:]
+    lengths = warm_up_lengths(next_power_of_2(num_heads // kv_heads))
+    dev = k_cache.device
+    for n in lengths:
+        q = torch.zeros(n, num_heads, head_dim, dtype=dtype, device=dev)
+        cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
+        tables = torch.zeros(1, cdiv(n, block_size), dtype=torch.int32, device=dev)
+        prefill_attention(q, k_cache, v_cache, cu, cu, tables, n, n, head_dim ** -0.5, force_triton=force_triton)
+    return lengths
+
+
+__all__ = ["prefill_attention", "prefill_attention_triton", "warm_up_lengths", "warm_up_prefill_attention"]
