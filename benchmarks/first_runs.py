@@ -3,7 +3,8 @@
     python benchmarks/first_runs.py --model /tmp/qwen3-0.6b --out benchmarks/results/h100/first-runs.json   # GPU
 
 Builds one `LLM(model, compile_fusion=...)`, then runs the offline throughput workload (the first `--requests` of
-benchmarks/throughput.py's 256 requests, temperature 0.6, EOS ignored) `--runs` times. During each run it records
+benchmarks/throughput.py's 256 requests, temperature 0.6, EOS ignored) `--runs` times; as in throughput.py, each
+run's prompts differ from the others' in their first token, so no run hits the prefix cache of another. During each run it records
 every Triton JIT compile (the cache-miss hook ``triton.knobs.runtime.jit_cache_hook``: kernel name and time into
 the run), the Dynamo counters that changed (recompiles, graph breaks) and the log records of the ``fusion_pass``
 and ``nanovllm`` loggers at INFO (a dispatch measurement logs one). Inductor's own kernels compile inside Dynamo's
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     import triton
     from torch._dynamo.utils import counters
 
-    from benchmarks.harness import workloads
+    from benchmarks.harness import engine, workloads
+    from benchmarks.throughput import shifted
     from nanovllm import LLM, SamplingParams
 
     compiles: list[tuple[float, str]] = []
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         build_s = time.perf_counter() - t0
         build_compiles = len(compiles)
         prompts, outs = workloads.nano_vllm_workload(args.requests)
+        high = engine.prompt_id_high(args.model)
+        prompts = [[t % (high + 1) for t in p] for p in prompts]
         params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in outs]
         runs = []
         for run in range(1, args.runs + 1):
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             records.clear()
             before = {k: dict(v) for k, v in counters.items()}
             t0 = time.perf_counter()
-            llm.generate(prompts, params, use_tqdm=False)
+            llm.generate(shifted(prompts, run - 1, high), params, use_tqdm=False)
             torch.cuda.synchronize() if torch.cuda.is_available() else None
             s = time.perf_counter() - t0
             changed = {k: {kk: vv - before.get(k, {}).get(kk, 0) for kk, vv in v.items()

@@ -102,3 +102,41 @@ def test_warm_up_sampling_covers_the_kernel_variants(monkeypatch: pytest.MonkeyP
     assert warm_up_sampling("cpu", torch.float64, vocab, max_rows=8) == [] and not calls
     with pytest.raises(ValueError, match="row_stride"):
         warm_up_sampling("cpu", torch.float32, vocab, max_rows=8, row_stride=vocab - 1)
+
+
+@pytest.mark.parametrize("group_pad", [1, 2, 4, 8, 16])
+def test_prefill_warm_up_lengths_cover_every_launch_config(group_pad: int) -> None:
+    """The model runner compiles the prefill kernel at these query lengths when the KV cache is allocated: one length
+    per launch configuration, and together every configuration any longest new-token count can pick."""
+    from nanovllm.kernels.prefill_attention import _prefill_config, warm_up_lengths
+
+    lengths = warm_up_lengths(group_pad)
+    configs = [_prefill_config(group_pad, n) for n in lengths]
+    assert len(set(configs)) == len(lengths)
+    assert set(configs) == {_prefill_config(group_pad, n) for n in range(1, 20000)}
+
+
+def test_prefill_warm_up_reads_the_cache_and_writes_nothing() -> None:
+    """warm_up_prefill_attention launches the Triton kernel (the interpreter here) once per length, on the given
+    caches, which it leaves unchanged; GQA with 4 query heads per KV head."""
+    import importlib
+
+    pa = importlib.import_module("nanovllm.kernels.prefill_attention")  # the module (the package exports the function)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(6, 16, 2, 16, generator=g)
+    v = torch.randn(6, 16, 2, 16, generator=g)
+    k0, v0 = k.clone(), v.clone()
+    launched: list[int] = []
+    original = pa.prefill_attention_triton
+
+    def spy(q, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        launched.append(q.shape[0])
+        return original(q, *args, **kwargs)
+
+    pa.prefill_attention_triton = spy
+    try:
+        lengths = pa.warm_up_prefill_attention(k, v, 8, torch.float32, force_triton=True)
+    finally:
+        pa.prefill_attention_triton = original
+    assert lengths == pa.warm_up_lengths(4) and launched == lengths
+    assert torch.equal(k, k0) and torch.equal(v, v0)
