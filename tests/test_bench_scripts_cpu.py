@@ -214,3 +214,18 @@ def test_harness_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
         engine.engine_kwargs("warp")
     t = engine.Timed(decode_s=0.5, decode_tokens=100)
     assert t.decode_step_ms(4) == pytest.approx(20.0)  # 25 steps of a batch of 4 in 0.5 s
+
+
+def test_first_runs_script(tiny_ckpt: str, tmp_path) -> None:  # noqa: ANN001
+    """benchmarks/first_runs.py on the CPU (fusion: the first run compiles the graphs, the second compiles nothing):
+    the JSON has the header, one entry per run with its compiles and Dynamo counters."""
+    out = tmp_path / "first-runs.json"
+    r = subprocess.run([sys.executable, "benchmarks/first_runs.py", "--model", tiny_ckpt, "--requests", "1", "--runs",
+                        "2", "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert d["gpu"] and d["command"].startswith("python benchmarks/first_runs.py") and d["requests"] == 1
+    first, second = d["runs"]
+    assert first["dynamo_counters"] and not second["dynamo_counters"], (first, second)
+    assert second["output_tokens_per_s"] > 0 and "| 2 |" in r.stdout
