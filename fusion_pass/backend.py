@@ -36,6 +36,7 @@ import functools
 import hashlib
 import logging
 import operator
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -54,14 +55,18 @@ log = logging.getLogger("fusion_pass")
 _OPS = (patterns.OP_PLAIN, patterns.OP_RESIDUAL)
 
 
+def _pass_source_files() -> list[str]:
+    """Every Python file of the fusion_pass package and its kernels, sorted: all of them can change what the pass
+    writes into a graph (fx_edit.py the rewrite, launch.py the grid of a launch written out under "graph")."""
+    here = os.path.dirname(__file__)
+    return sorted(os.path.join(here, f) for f in os.listdir(here) if f.endswith(".py")) + kernels.source_files()
+
+
 def _source_hash() -> str:
     h = hashlib.sha256()
-    for path in (patterns.__file__, ops.__file__, _options.__file__, stats.__file__, graph_launch.__file__,
-                 *kernels.source_files()):
+    for path in _pass_source_files():
         with open(path, "rb") as f:
             h.update(f.read())
-    with open(__file__, "rb") as f:
-        h.update(f.read())
     return h.hexdigest()
 
 
@@ -116,9 +121,16 @@ class CoconutFusionPass(CustomGraphPass):
         self.static_sites.extend(_static_sites(graph))
 
     def uuid(self) -> str:
+        """The pass's part of Inductor's FX-graph cache key, taken before the pass runs: its source, the launch mode
+        and, under "graph", the kernel settings that decide at compile time what a site becomes (``variant``,
+        ``autotune``, ``poison_outputs``). Under "op" those are read at each call, so they stay out of the key."""
         if CoconutFusionPass._uuid is None:
             CoconutFusionPass._uuid = "coconut-" + _source_hash()
-        return f"{CoconutFusionPass._uuid}-{self.launch}"  # the launch mode changes the graph: part of the key
+        key = f"{CoconutFusionPass._uuid}-{self.launch}"
+        if self.launch == "graph":
+            ks = _kernel_settings.kernel_settings()
+            key += f"-{ks.variant}-autotune={ks.autotune}-poison={ks.poison_outputs}"
+        return key
 
 
 class _ChainedPass(CustomGraphPass):

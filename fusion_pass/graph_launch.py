@@ -41,6 +41,7 @@ from .kernels.segments import MAX_GROUP
 from .launch import cdiv, next_power_of_2, sm_count
 from .options import LAUNCH_MODES
 from .patterns import OP_PLAIN, OP_RESIDUAL, Site
+from .settings import kernel_settings
 
 log = logging.getLogger("fusion_pass")
 
@@ -50,7 +51,9 @@ aten = torch.ops.aten
 # decide(m, n, k, dtype, device, widths) -> Choice, as fusion_pass.kernels.choose (tests pass their own)
 Decide = Callable[[int, int, int, torch.dtype, torch.device, Sequence[int]], "kernels.Choice"]
 
-LEFT_TO_INDUCTOR = "left to Inductor (coconut.launch 'graph': its measured path is {path}, not the stream kernel)"
+# {path}: "<variant> (<source>)" per distinct decision; source "default" / "failed": nothing was measured (the
+# ``autotune`` setting off, or the measurement raised), so the op would take the unfused path too
+LEFT_TO_INDUCTOR = "left to Inductor (coconut.launch 'graph': its decision is {path}, not the stream kernel)"
 
 
 def resolve_launch(launch: str, cudagraphs: bool) -> str:
@@ -115,7 +118,7 @@ def site_admission(decide: Decide = kernels.choose, device_types: tuple[str, ...
                             x.device, decide)
         if choices is None or _launchable(choices) or any(c.source == "forced" for c in choices):
             return None
-        return LEFT_TO_INDUCTOR.format(path=", ".join(sorted({c.variant for c in choices})))
+        return LEFT_TO_INDUCTOR.format(path=", ".join(sorted({f"{c.variant} ({c.source})" for c in choices})))
 
     return admit
 
@@ -141,8 +144,11 @@ def _call(graph: fx.Graph, mode: Any, target: Any, args: tuple = (),
 
 
 def _empty(graph: fx.Graph, mode: Any, shape: list[int], like: torch.Tensor) -> Node:
-    return _call(graph, mode, aten.empty.memory_format, (shape,),
-                 {"dtype": like.dtype, "layout": torch.strided, "device": like.device, "pin_memory": False})
+    """An output buffer: uninitialized, or NaN-filled under the ``poison_outputs`` kernel setting (as the op's)."""
+    kw = {"dtype": like.dtype, "layout": torch.strided, "device": like.device, "pin_memory": False}
+    if kernel_settings().poison_outputs:
+        return _call(graph, mode, aten.full.default, (shape, float("nan")), kw)
+    return _call(graph, mode, aten.empty.memory_format, (shape,), kw)
 
 
 def _or(bias: Optional[Node], weight: Node) -> Node:

@@ -211,6 +211,86 @@ def test_engine_asks_for_ops():
     assert seen == {"launch": "op"}
 
 
+@pytest.mark.parametrize("dtype,weight_in_fp32,rows,keep", [
+    (torch.float16, True, (1, 1, 2), (1, 2)),      # nn.RMSNorm form (fp32 gain), 4-D, y0 unused
+    (torch.float16, False, (2,), (0, 2)),          # Llama form in fp16, 2-D, y1 unused
+    (torch.float32, True, (1,), (2,))])            # only h used
+def test_lowered_op_low_precision_and_partial_uses(dtype, weight_in_fp32, rows, keep):
+    """fp16 activations, the weight_in_fp32 form (its fp32 gain read by the stream kernel as the op's fused path
+    reads it), a 4-D activation, and outputs left unused: the outputs that are used keep their shapes and dtypes
+    and match a float64 reference; every new node carries its fake value."""
+    x, r, nw, ws, bs = op_inputs((24, 8), True, rows, seed=3)
+    x, r, ws, bs = x.to(dtype), r.to(dtype), [w.to(dtype) for w in ws], [b.to(dtype) for b in bs]
+    nw = nw if weight_in_fp32 else nw.to(dtype)
+
+    def f(x, r, nw, ws, bs):  # noqa: ANN001, ANN202
+        out = torch.ops.coconut.add_rms_norm_linear(x, r, nw, ws, bs, 1e-6, None, weight_in_fp32)
+        return [out[i] * 1 for i in keep]
+
+    gm = make_fx(f, tracing_mode="fake")(x, r, nw, ws, bs)
+    assert graph_launch.lower_graph(gm.graph, deciding("stream"), HERE) == 1
+    gm.recompile()
+    assert all("val" in n.meta for n in gm.graph.nodes if n.op == "call_function")
+    from fusion_pass.kernels import reference_rms_norm_linear
+
+    k = x.shape[-1]
+    ys, h = reference_rms_norm_linear(x.double().reshape(-1, k), nw.double(), [w.double() for w in ws],
+                                      [b.double() for b in bs], 1e-6, r.double().reshape(-1, k), weight_in_fp32)
+    refs = ys + [h.reshape(x.shape)]
+    got = gm(x, r, nw, ws, bs)
+    for i, a in zip(keep, got):
+        assert a.shape == refs[i].shape and a.dtype == dtype and rel_err(a, refs[i]) < 1e-2, (i, rel_err(a, refs[i]))
+
+
+def test_poison_outputs_fills_the_lowered_buffers():
+    """Under the ``poison_outputs`` kernel setting the launches write into NaN-filled buffers (as the op's Triton
+    paths do), and still produce the op's values."""
+    from fusion_pass.settings import configure_kernels
+
+    x, r, nw, ws, bs = op_inputs((16, 8), False, (1,))
+
+    def f(x, r, nw, ws, bs):  # noqa: ANN001, ANN202
+        return [o * 1 for o in torch.ops.coconut.add_rms_norm_linear(x, r, nw, ws, bs, 1e-6)]
+
+    gm = make_fx(f, tracing_mode="fake")(x, r, nw, ws, bs)
+    previous = configure_kernels(poison_outputs=True)
+    try:
+        assert graph_launch.lower_graph(gm.graph, deciding("stream"), HERE) == 1
+    finally:
+        configure_kernels(**previous.as_dict())
+    gm.recompile()
+    assert targets(gm).count(torch.ops.aten.full.default) == 3  # y0, y1, h
+    for a, b in zip(gm(x, r, nw, ws, bs), f(x, r, nw, ws, bs)):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_cache_key_follows_what_the_graph_depends_on():
+    """Inductor's FX-graph cache keys a graph before the pass runs. Under "graph" the kernel settings that decide a
+    site at compile time (a forced ``variant``, ``autotune``, ``poison_outputs``) change the graph, so they are part
+    of the pass's key; under "op" they are read at each call and leave the key alone. Every source file of the
+    package is hashed (fx_edit.py shapes the rewrite, launch.py the grid of a lowered launch)."""
+    import glob
+
+    from fusion_pass import backend
+    from fusion_pass.settings import configure_kernels
+
+    op_pass, graph_pass = fusion_pass.CoconutFusionPass(launch="op"), fusion_pass.CoconutFusionPass(launch="graph")
+    keys = {}
+    previous = configure_kernels()
+    try:
+        for change in ({"variant": "auto"}, {"variant": "unfused"}, {"variant": "stream"}, {"autotune": False},
+                       {"poison_outputs": True}):
+            configure_kernels(**{**previous.as_dict(), **change})
+            keys[str(change)] = (op_pass.uuid(), graph_pass.uuid())
+    finally:
+        configure_kernels(**previous.as_dict())
+    assert len({k[0] for k in keys.values()}) == 1
+    assert len({k[1] for k in keys.values()}) == len(keys)
+    here = os.path.dirname(fusion_pass.__file__)
+    expected = glob.glob(os.path.join(here, "*.py")) + glob.glob(os.path.join(here, "kernels", "*.py"))
+    assert sorted(backend._pass_source_files()) == sorted(expected)
+
+
 # ---------------------------------------------------------------------------------------------- GPU: whole compiles
 
 @pytest.fixture
