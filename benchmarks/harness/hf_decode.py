@@ -180,12 +180,15 @@ def _step_runner(model: torch.nn.Module, backend: str, mode: str, cache: Any, ar
                         generator=torch.Generator(args.device).manual_seed(args.seed + 1))
     trees = mode in ("reduce-overhead", "max-autotune") and args.device == "cuda"
     chosen: Any = backend
-    if backend == "coconut" and mode == "default" and args.device == "cuda":
-        # the step is replayed in a CUDA graph captured here, which Inductor does not know of: tell coconut (launch
-        # "op", as the engine does), else it would write the sites out as Inductor launches without PDL
-        chosen = fusion_pass.make_backend(options={"coconut.launch": "op"})
-    compiled = torch.compile(model.forward, backend=chosen, mode=None if mode == "default" else mode,
-                             fullgraph=bool(args.fullgraph))
+    compile_mode: Optional[str] = None if mode == "default" else mode
+    if backend == "coconut" and args.device == "cuda" and not trees:
+        # the step is replayed in a CUDA graph captured here (mode "default" or "max-autotune-no-cudagraphs"), which
+        # Inductor does not know of: tell coconut (launch "op", as the engine does), else it would write the sites
+        # out as Inductor launches without PDL. make_backend takes the mode with the option (torch.compile does not
+        # take both).
+        chosen = fusion_pass.make_backend(compile_mode, {"coconut.launch": "op"})
+        compile_mode = None
+    compiled = torch.compile(model.forward, backend=chosen, mode=compile_mode, fullgraph=bool(args.fullgraph))
     out: dict[str, torch.Tensor] = {}
 
     def call() -> None:
