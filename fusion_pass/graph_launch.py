@@ -17,8 +17,13 @@ therefore treats the sites whose shapes are all static integers on a CUDA device
 - Where the decision is another path (the split-K skinny kernel, or the unfused norm + cuBLAS), the site is left
   to Inductor's own code: with no CUDA graph to replay it, an op call would cost more host time than the fused
   kernel saves on the GPU (the measured ratios are in docs/backend.md).
-- A forced ``coconut.variant`` other than "stream", a symbolic M, an ``eps`` given as a tensor, or non-contiguous
-  inputs keep the site a coconut op, as under "op".
+- A forced ``coconut.variant`` other than "stream", a symbolic M, or an ``eps`` given as a tensor keep the site a
+  coconut op, as under "op"; so do non-contiguous inputs where the decision is the stream kernel (the lowering
+  takes contiguous tensors only; with another decision the site is left to Inductor).
+
+The decisions are part of the compiled graph, which Inductor's FX-graph cache keeps; the pass's cache key
+(:meth:`fusion_pass.backend.CoconutFusionPass.uuid`) holds the kernel settings that steer them, not the measured
+decisions.
 
 Under CUDA graphs (mode "reduce-overhead" / "max-autotune", or a caller that captures its own, like the engine,
 which asks for "op") the host time of a call is paid once at capture, and the op's PDL launches are worth more.
