@@ -115,8 +115,9 @@ class CoconutFusionPass(CustomGraphPass):
         else:
             result = patterns.rewrite_graph(graph)
         stats.record(result.as_dict(), warn_unfused=self.settings.warn_unfused)
-        if result.sites < self.settings.min_sites:
-            raise RuntimeError(f"coconut: the graph fused {result.sites} site(s), fewer than coconut.min_sites = "
+        if result.sites + result.left_to_inductor < self.settings.min_sites:  # a decision is not a failed match
+            raise RuntimeError(f"coconut: the graph fused {result.sites} site(s) (and left {result.left_to_inductor} "
+                               f"to Inductor by their measured decision), fewer than coconut.min_sites = "
                                f"{self.settings.min_sites}; left alone: {result.skipped}")
         self.static_sites.extend(_static_sites(graph))
 

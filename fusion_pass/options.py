@@ -33,8 +33,10 @@ COCONUT_OPTIONS: dict[str, tuple[type, Any, str]] = {
     "coconut.pretune": (bool, True, "on CUDA, time the kernel variants of every fused site of static shape while "
                                     "the graph compiles, so nothing is measured later (inside a CUDA-graph "
                                     "warm-up or capture)"),
-    "coconut.min_sites": (int, 0, "raise RuntimeError from the compile when a graph fuses fewer sites (0: never); "
-                                  "a guard for benchmarks and CI that must not silently run unfused"),
+    "coconut.min_sites": (int, 0, "raise RuntimeError from the compile when a graph fuses fewer sites (0: never; "
+                                  "sites that coconut.launch 'graph' leaves to Inductor by their measured decision "
+                                  "count as handled); a guard for benchmarks and CI that must not silently run "
+                                  "unfused"),
     "coconut.launch": (str, "auto", "how a fused site of static shape on CUDA runs: 'op' (a coconut op call, the "
                                     "kernel picked per call, PDL launches), 'graph' (the stream kernel's launch "
                                     "written into Inductor's graph, sites measured to need another path left to "

@@ -453,7 +453,7 @@ def rewrite_graph(graph: fx.Graph, admit: Optional[Callable[[Site], Optional[str
     """Find every fusable norm -> linear(s) site in a post-grad graph and replace it by one coconut op call.
 
     ``admit``: called with each matched site before it is rewritten; a string return leaves the site alone with
-    that reason (fusion_pass.graph_launch.site_admission), None rewrites it. Mutates `graph` in place (and lints
+    that reason, counted in ``left_to_inductor`` (fusion_pass.graph_launch.site_admission), None rewrites it. Mutates `graph` in place (and lints
     it). Returns the statistics of this run.
     """
     stats = PassStats()
@@ -476,6 +476,7 @@ def rewrite_graph(graph: fx.Graph, admit: Optional[Callable[[Site], Optional[str
         reason = admit(site) if admit is not None else None
         if reason is not None:
             stats.skipped.append(f"{n.name}: {reason}")
+            stats.left_to_inductor += 1
             continue
         sites.append(site)
     renamed: dict[Node, Node] = {}

@@ -127,6 +127,7 @@ def test_admission_rule(variant, source, fused, launched):
     assert (stats.sites, stats.candidates) == (fused, 1), stats
     if not fused:
         assert stats.skipped == [stats.skipped[0]] and "left to Inductor" in stats.skipped[0]
+        assert stats.left_to_inductor == 1
         assert variant in stats.skipped[0]
     assert graph_launch.lower_graph(gm.graph, decide, HERE) == launched
     gm.recompile()
@@ -368,3 +369,26 @@ def test_gpu_graph_launch_generate_equals_eager():
     assert torch.equal(out, ref), (out, ref)
     assert any(s["launched"] == 2 * cfg.num_hidden_layers + 1 for s in fusion_pass.all_stats()), \
         fusion_pass.all_stats()
+
+
+def test_min_sites_counts_sites_left_to_inductor_by_decision(monkeypatch):
+    """coconut.min_sites guards against sites that failed to match, not against a measured decision: a graph whose
+    one site "graph" left to Inductor passes min_sites = 1; one with no candidate at all does not."""
+    from fusion_pass.backend import CoconutFusionPass
+    from fusion_pass.options import Settings
+
+    f, args = fused_site()
+    gm = make_fx(f, tracing_mode="fake")(*args)
+    the_pass = CoconutFusionPass(Settings(min_sites=1), launch="graph")
+    admission = graph_launch.site_admission
+    monkeypatch.setattr(graph_launch, "site_admission", lambda: admission(deciding("unfused"), HERE))
+    the_pass(gm.graph)
+    stats = fusion_pass.last_stats()
+    assert (stats["sites"], stats["left_to_inductor"], stats["launched"]) == (0, 1, 0), stats
+
+    def plain(x):  # noqa: ANN001, ANN202 - no norm, no candidate
+        return x * 2
+
+    empty = make_fx(plain, tracing_mode="fake")(args[0])
+    with pytest.raises(RuntimeError, match="min_sites"):
+        the_pass(empty.graph)
