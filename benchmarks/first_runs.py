@@ -12,6 +12,7 @@ compiles, which the counters show. A run that compiles nothing is as fast as the
 answers is why run 1 is slower than run 2 (docs/performance.md, cold start).
 
 Prints one table row per run and writes JSON: {header (gpu, date, commit, command, versions), "build_s",
+"build_phases_s" (the model runner's init_seconds: load, pretune, kv_cache, attention_warm_up, cudagraphs, ...),
 "build_jit_compiles", "runs": [{"run", "seconds", "output_tokens_per_s", "jit_compiles": [{"kernel", "at_s"}],
 "dynamo_counters", "log_records"}]}.
 """
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                   gpu_memory_utilization=0.9)
         build_s = time.perf_counter() - t0
         build_compiles = len(compiles)
+        phases = getattr(llm.engine.model_runner, "init_seconds", {})  # the build's phases (model runner)
         prompts, outs = workloads.nano_vllm_workload(args.requests)
         high = engine.prompt_id_high(args.model)
         prompts = [[t % (high + 1) for t in p] for p in prompts]
@@ -106,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         kernels = dict(collections.Counter(c["kernel"] for c in r["jit_compiles"]))
         print(f"| {r['run']} | {r['seconds']} | {r['output_tokens_per_s']} | {kernels or 0} | "
               f"{r['dynamo_counters'] or '-'} |")
-    print(f"build {build_s:.1f} s, {build_compiles} Triton JIT compiles during the build")
+    print(f"build {build_s:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in phases.items())}), {build_compiles} Triton "
+          "JIT compiles during the build")
     result = {**header(script="benchmarks/first_runs.py"), "model": args.model, "fusion": bool(args.fusion),
-              "requests": args.requests, "build_s": round(build_s, 2), "build_jit_compiles": build_compiles,
+              "requests": args.requests, "build_s": round(build_s, 2),
+              "build_phases_s": {k: round(v, 2) for k, v in phases.items()}, "build_jit_compiles": build_compiles,
               "runs": runs}
     if args.out:
         with open(args.out, "w") as f:

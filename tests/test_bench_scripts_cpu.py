@@ -226,6 +226,7 @@ def test_first_runs_script(tiny_ckpt: str, tmp_path) -> None:  # noqa: ANN001
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(out.read_text())
     assert d["gpu"] and d["command"].startswith("python benchmarks/first_runs.py") and d["requests"] == 1
+    assert d["build_phases_s"]["load"] > 0
     first, second = d["runs"]
     assert first["dynamo_counters"] and not second["dynamo_counters"], (first, second)
     assert second["output_tokens_per_s"] > 0 and "| 2 |" in r.stdout
