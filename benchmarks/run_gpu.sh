@@ -22,6 +22,10 @@
 #                 (needs scripts/make_qwen3_06b_checkpoint.py --shape llama-3.2-1b)               (~3 min)
 #   throughput-llama  benchmarks/throughput.py --no-cold on the Llama-3.2-1B shape, under the key llama-3.2-1b of
 #                 throughput.json                                                                  (~4 min)
+#   first-runs    benchmarks/first_runs.py: a fresh fusion engine's first runs, what each compiles, the build's
+#                 phases (run it on a fresh machine for a cold build)                              (~2-3 min)
+#   hf-generate   hf_decode's generate part in modes default and reduce-overhead at batch 1, 8 and 32 (the
+#                 default mode with coconut.launch "auto": decode sites launched by Inductor)        (~8 min)
 #   check-full    benchmarks/check.py with every part at full size                                   (~4 min)
 #   kernels       benchmarks/kernels.py: fused op, GEMV, decode attention through their public entry points
 #                 against the unfused paths and bytes floors (KERNELS_ARGS="--what fusion-variants,..." for more) (~4 min)
@@ -131,9 +135,12 @@ for s in "${STAGES[@]}"; do
                     DONE+=("$(printf '%-14s SKIPPED  (benchmarks/harness/hf_decode.py is not in this checkout)' "$s")")
                     echo "${DONE[-1]}" | tee -a "$SUMMARY"
                   fi ;;
+    first-runs)   checkpoint "$CKPT"
+                  stage first-runs 300 "$PY benchmarks/first_runs.py --model $CKPT --runs 2 --out $RESULTS/first-runs.json" ;;
+    hf-generate)  stage hf-generate 540 "$PY -m benchmarks.harness.hf_decode --models llama-3.2-1b,qwen3-0.6b --pairs 5 --generate-runs 3 --modes default,reduce-overhead --parts generate --batches 1,8,32 --budget-s 460 --out $RESULTS/hf-decode-generate.json ${HF_DECODE_ARGS:-}" ;;
     tests)        stage tests 540 "$PY -m pytest $PYTEST_ARGS" ;;
     plot)         stage plot 60 "$PY benchmarks/plot.py --results $(dirname "$RESULTS") --img $IMG" ;;
-    *)            DONE+=("$(printf '%-14s UNKNOWN  (stages: check check-full latency latency-llama throughput throughput-llama throughput-cold kernels profile serving hf-decode tests plot)' "$s")")
+    *)            DONE+=("$(printf '%-14s UNKNOWN  (stages: check check-full latency latency-llama throughput throughput-llama throughput-cold first-runs kernels profile serving hf-decode hf-generate tests plot)' "$s")")
                   echo "${DONE[-1]}" | tee -a "$SUMMARY" ;;
   esac
 done
