@@ -43,6 +43,8 @@ def test_smoke_run_writes_json_and_backends_agree(tmp_path):
     assert step["fused_sites"] == 3  # 1 layer: qkv, gate_up, lm_head
     assert gen["tokens_equal"] is True and gen["token_agreement"] == 1.0
     assert gen["fused_sites"] == 3  # the final norm reaches lm_head through generate's last-token slice
+    assert (gen["launched_sites"], gen["left_to_inductor"]) == (0, 0)  # on the CPU every site stays an op
+    assert len(gen["pair_ratios"]) == 1 and gen["pair_ratios"][0] > 0
     assert gen["inductor_tok_s"] > 0 and gen["coconut_tok_s"] > 0
     summary = result["summary"]
     assert set(summary["step_worst_ratio"]) == {"qwen3-0.6b/default"} and summary["generate_tokens_equal"] is True

@@ -19,8 +19,9 @@ Two parts per (model, mode, batch), each run with both backends:
 - generate: `model.generate` with a static cache and generate's own compile of the decode step (CompileConfig with
   the backend and mode), greedy, `--new-tokens` tokens after a `--prompt-len` prompt; one warm-up call (compiles),
   then `--generate-runs` timed calls per backend, interleaved, each backend on its own copy of the model;
-  tokens/s = batch * new tokens / median seconds (prefill included). Reported: both tokens/s, their ratio, and
-  whether the greedy tokens are equal.
+  tokens/s = batch * new tokens / median seconds (prefill included). Reported: both tokens/s, their ratio, each
+  interleaved pair's ratio (the spread), whether the greedy tokens are equal, and how many fused sites Inductor
+  launches itself and how many were left to Inductor (``coconut.launch``, docs/backend.md).
 Rows run in priority order (every step row before any generate row; within a part batch 1, then 8, then 32) until
 `--budget-s` is spent; the rest are recorded as skipped. Compile times are reported per row and never enter a timing.
 
@@ -312,6 +313,7 @@ def generate_row(model: torch.nn.Module, mode: str, batch: int, args: argparse.N
 
     clock = _Clock(args.device)
     compile_s, tokens, sites = {}, {}, 0
+    graphs_before = len(fusion_pass.all_stats())
     for b in BACKENDS:
         before = fusion_pass.fused_site_count()
         t = time.perf_counter()
@@ -323,12 +325,16 @@ def generate_row(model: torch.nn.Module, mode: str, batch: int, args: argparse.N
         for b in BACKENDS:
             secs[b].append(clock.ms(lambda b=b: gen(b)) / 1e3)
     tps = {b: batch * args.new_tokens / statistics.median(secs[b]) for b in BACKENDS}
+    compiled = fusion_pass.all_stats()[graphs_before:]  # the graphs coconut compiled for this row
     return {"part": "generate", "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "inductor_tok_s": round(tps["inductor"], 2), "coconut_tok_s": round(tps["coconut"], 2),
             "ratio": round(tps["coconut"] / tps["inductor"], 4),
             "tokens_equal": bool(torch.equal(tokens["inductor"], tokens["coconut"])),
             "token_agreement": (tokens["inductor"] == tokens["coconut"]).float().mean().item(),
-            "compile_s": compile_s, "fused_sites": sites}
+            "pair_ratios": [round(i / c, 4) for i, c in zip(secs["inductor"], secs["coconut"])],
+            "compile_s": compile_s, "fused_sites": sites,
+            "launched_sites": sum(g.get("launched", 0) for g in compiled),
+            "left_to_inductor": sum(g.get("left_to_inductor", 0) for g in compiled)}
 
 
 def _meta(args: argparse.Namespace) -> dict[str, Any]:
