@@ -1,26 +1,29 @@
 """Two FX graph edits used by the pass: running an op on the graph's fake values, and moving nodes up."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 from torch.fx import Node
 
 
-def _val(n: Any) -> Any:
+def meta_value(n: Any) -> Any:
+    """A node's ``meta["val"]`` (its fake tensor, or a list of them), None for anything else."""
     return n.meta.get("val") if isinstance(n, Node) else None
 
 
-def fake_run(target: Any, args: tuple) -> Any:
-    """Run the op's fake impl on the args' meta values (under the graph's fake mode)."""
-    vals = fx.node.map_arg(args, _val)
-    flat = [v for v in torch.utils._pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)]
-    mode = torch._guards.detect_fake_mode(flat)
+def fake_run(target: Any, args: tuple, kwargs: Optional[dict[str, Any]] = None, mode: Any = None) -> Any:
+    """Run ``target`` on the meta values of ``args`` / ``kwargs`` under the graph's fake mode (``mode``, or the one
+    of the tensors among them); None when there is no fake mode to run under."""
+    vals = fx.node.map_arg((args, kwargs or {}), meta_value)
+    if mode is None:
+        flat = [v for v in torch.utils._pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)]
+        mode = torch._guards.detect_fake_mode(flat)
     if mode is None:
         return None
     with mode:
-        return target(*vals)
+        return target(*vals[0], **vals[1])
 
 
 def hoist_all(inputs: list[Node], first: Node, order: dict[Node, int], forbidden: set[Node]) -> bool:

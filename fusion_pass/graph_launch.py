@@ -41,9 +41,10 @@ import triton
 from torch.fx import Node
 
 from . import kernels
-from .kernels.gemv import _fused_stream_kernel
+from .fx_edit import fake_run, meta_value as _val
+from .kernels.gemv import _fused_stream_kernel, stream_grid
 from .kernels.segments import MAX_GROUP
-from .launch import cdiv, next_power_of_2, sm_count
+from .launch import next_power_of_2
 from .options import LAUNCH_MODES
 from .patterns import OP_PLAIN, OP_RESIDUAL, Site
 from .settings import kernel_settings
@@ -69,10 +70,6 @@ def resolve_launch(launch: str, cudagraphs: bool) -> str:
     if launch == "auto":
         return "op" if cudagraphs else "graph"
     return launch
-
-
-def _val(n: Any) -> Any:
-    return n.meta.get("val") if isinstance(n, Node) else None
 
 
 def _static(t: Any) -> bool:
@@ -139,12 +136,10 @@ def _stream_kernel(num_warps: int) -> Any:
 def _call(graph: fx.Graph, mode: Any, target: Any, args: tuple = (),
           kwargs: Optional[dict[str, Any]] = None) -> Node:
     """A new node ``target(*args, **kwargs)`` with its value computed under the graph's fake ``mode``."""
-    kwargs = kwargs or {}
-    n = graph.call_function(target, args, kwargs)
-    if mode is not None:
-        vals = fx.node.map_arg((args, kwargs), _val)
-        with mode:
-            n.meta["val"] = target(*vals[0], **vals[1])
+    n = graph.call_function(target, args, kwargs or {})
+    val = fake_run(target, args, kwargs, mode)
+    if val is not None:
+        n.meta["val"] = val
     return n
 
 
@@ -233,8 +228,7 @@ def lower_node(graph: fx.Graph, op: Node, decide: Decide = kernels.choose,
                 else:
                     consts.update(dict.fromkeys(names))
                     consts[f"N{s}"] = 0
-            tiles = sum(cdiv(widths[i], bn) for i in grp)
-            grid = tiles if per_sm <= 0 or xv.device.type != "cuda" else min(tiles, per_sm * sm_count(xv.device))
+            grid = stream_grid([widths[i] for i in grp], bn, per_sm, xv.device)
             launch = _call(graph, mode, triton_kernel_wrapper_functional, (), {
                 "kernel_idx": kernel_side_table.add_kernel(_stream_kernel(warps)),
                 "constant_args_idx": kernel_side_table.add_constant_args(consts),

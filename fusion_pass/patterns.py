@@ -43,7 +43,7 @@ import torch.fx as fx
 from torch.fx import Node
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.coconut.*)
-from .fx_edit import fake_run as _fake_run, hoist_all as _hoist_all
+from .fx_edit import fake_run as _fake_run, hoist_all as _hoist_all, meta_value as _val
 from .stats import PassStats
 
 log = logging.getLogger("fusion_pass")
@@ -83,10 +83,6 @@ class Site:
     consumers: list[Consumer]
     residual: Optional[tuple[Node, Node]] = None
     rows: Optional[tuple[int, Any, Any]] = None  # (dim, start, end): the linears read out[rows] (a row slice)
-
-
-def _val(n: Any) -> Any:
-    return n.meta.get("val") if isinstance(n, Node) else None
 
 
 def _is_call(n: Any, targets: Any) -> bool:
@@ -453,8 +449,8 @@ def rewrite_graph(graph: fx.Graph, admit: Optional[Callable[[Site], Optional[str
     """Find every fusable norm -> linear(s) site in a post-grad graph and replace it by one coconut op call.
 
     ``admit``: called with each matched site before it is rewritten; a string return leaves the site alone with
-    that reason, counted in ``left_to_inductor`` (fusion_pass.graph_launch.site_admission), None rewrites it. Mutates `graph` in place (and lints
-    it). Returns the statistics of this run.
+    that reason, counted in ``left_to_inductor`` (fusion_pass.graph_launch.site_admission), None rewrites it.
+    Mutates `graph` in place (and lints it). Returns the statistics of this run.
     """
     stats = PassStats()
     sites: list[Site] = []

@@ -76,7 +76,8 @@ def last_stats() -> dict[str, Any]:
     sites (fused), residual_sites (of those, with the residual add), linears (served by the fused ops),
     norms_seen (RMSNorm chains matched), candidates (of those, feeding at least one linear), launched (fused
     sites written out as kernel launches that Inductor makes, coconut.launch "graph"), left_to_inductor (candidates
-    that coconut.launch "graph" left unfused by their decision), skipped (list of "<node>: <reason>" for each matched RMSNorm left alone). All zero before any run."""
+    that coconut.launch "graph" left unfused by their decision), skipped (list of "<node>: <reason>" for each
+    matched RMSNorm left alone). All zero before any run."""
     with _lock:
         return dict(_history[-1]) if _history else dict(_EMPTY, skipped=[])
 

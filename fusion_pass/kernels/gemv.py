@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -101,6 +102,14 @@ def _fused_stream_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, 
         w = w_next
 
 
+def stream_grid(widths: Sequence[int], bn: int, per_sm: int, device: torch.device) -> int:
+    """Programs of one stream launch over segments of ``widths`` rows in tiles of ``bn``: one per tile, or with
+    ``per_sm`` > 0 a persistent grid of at most ``per_sm`` programs per SM (CUDA; the interpreter takes one per
+    tile)."""
+    tiles = sum(cdiv(n, bn) for n in widths)
+    return tiles if per_sm <= 0 or device.type != "cuda" else min(tiles, per_sm * sm_count(device))
+
+
 def launch_stream(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor, weights: Sequence[Tensor],
                   biases: Sequence[Optional[Tensor]], ys: Sequence[Tensor], h_out: Optional[Tensor], eps: float,
                   config: tuple[int, ...]) -> None:
@@ -117,9 +126,8 @@ def launch_stream(x2d: Tensor, residual2d: Optional[Tensor], norm_weight: Tensor
     if bm > STREAM_MAX_ROWS:
         raise ValueError(f"stream variant handles at most {STREAM_MAX_ROWS} rows, got M={M}")
     ws, bs, outs, ns = segment_args(weights, biases, ys)
-    tiles = sum(cdiv(n, bn) for n in ns)
     pdl = use_pdl(x2d)
-    grid = tiles if per_sm <= 0 or not x2d.is_cuda else min(tiles, per_sm * sm_count(x2d.device))
+    grid = stream_grid(ns, bn, per_sm, x2d.device)
     has_res = residual2d is not None
     write_h = has_res and h_out is not None
     has_bias = biases[0] is not None
