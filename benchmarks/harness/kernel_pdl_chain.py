@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=50)
     p.add_argument("--out", default=results_io.default_out("pdl-chain"))
     p.add_argument("--layers", type=int, default=LAYERS)
+    p.add_argument("--modes", default="",
+                   help="comma-separated extra modes, PDL on (step()'s docstring): 'store', 'shared', "
+                        "'store+skip-attn', ...; L2 prefetch before attention: 'pf' (o_proj, gate_up, down weights), "
+                        "'pf-next' (and the next layer's qkv), suffixes '-64k' (64 KiB chunks), '-line' (one "
+                        "prefetch per 128-byte line), '-side' (launched on a second stream)")
     p.add_argument("--check-cpu", action="store_true", help="run the chain once on the CPU (TRITON_INTERPRET=1) "
                    "against a float32 PyTorch model of the same layers, then exit (a test of this script)")
     args = p.parse_args(argv)
@@ -45,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         print("the pdl-chain benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     from fusion_pass import kernels as FK
-    from nanovllm.kernels import decode_attention, qk_norm_rope, store_kvcache
+    from nanovllm.kernels import decode_attention, qk_norm_rope, qk_norm_rope_store, store_kvcache
+    from nanovllm.kernels.l2_prefetch import prefetch_l2
     from nanovllm.kernels import gemv as G
     from nanovllm.layers.rotary_embedding import RotaryEmbedding
     from fusion_pass.settings import configure_kernels
@@ -71,41 +77,88 @@ def main(argv: list[str] | None = None) -> int:
     x0 = rnd(1, HIDDEN)
     r0 = rnd(1, HIDDEN)
 
-    def step() -> torch.Tensor:
+    side = torch.cuda.Stream()
+    zero_q = torch.zeros(1, H, D, device=dev, dtype=dt)
+    zero_o = torch.zeros(1, H, D, device=dev, dtype=dt)
+    zero_gu = torch.zeros(1, 2 * INTER, device=dev, dtype=dt)
+
+    def step(mode: str = "") -> torch.Tensor:
+        """One decode step; ``mode`` names variants: 'store' (q/k norm + RoPE with the KV store in one kernel, as
+        the engine runs it), 'shared' (every layer reads layer 0's weights and caches: they stay in L2),
+        'skip-X' (kernel X not launched, its output a fixed tensor: X in qkv, qknorm, attn, o, gu, down),
+        'pf...' (an L2 prefetch before attention, see --prefetch)."""
         x, res = x0, r0
-        for lw, k_cache, v_cache in zip(L, kc, vc):
+        skip = {part[5:] for part in mode.split("+") if part.startswith("skip-")}
+        for i, (lw, k_cache, v_cache) in enumerate(zip(L, kc, vc)):
+            if "shared" in mode:
+                lw, k_cache, v_cache = L[0], kc[0], vc[0]
             h = torch.empty_like(x)
-            qkv = FK.fused_linear(x, lw["g1"], lw["wqkv"], None, eps, residual2d=res, h_out=h, variant="stream",
-                                  config=(4, 4, 4))
-            q, k = qk_norm_rope(qkv, lw["qw"], lw["kw"], cs, pos, H, HKV, eps)
-            v = qkv[:, (H + HKV) * D:].view(1, HKV, D)
-            store_kvcache(k, v, k_cache, v_cache, slot)
-            o = decode_attention(q, k_cache, v_cache, bt, lens, D ** -0.5)
-            a = G.gemv(o.view(1, H * D), lw["wo"])
+            if "qkv" in skip:
+                qkv, h = L[0]["qkv_out"], x
+            else:
+                qkv = FK.fused_linear(x, lw["g1"], lw["wqkv"], None, eps, residual2d=res, h_out=h,
+                                      variant="stream", config=(4, 4, 4))
+            if "qknorm" in skip:
+                q = zero_q
+            elif "store" in mode:
+                q = qk_norm_rope_store(qkv, lw["qw"], lw["kw"], cs, pos, H, HKV, eps, k_cache, v_cache, slot)
+            else:
+                q, k = qk_norm_rope(qkv, lw["qw"], lw["kw"], cs, pos, H, HKV, eps)
+                v = qkv[:, (H + HKV) * D:].view(1, HKV, D)
+                store_kvcache(k, v, k_cache, v_cache, slot)
+            if mode.startswith("pf"):
+                ahead = [lw["wo"], lw["wgu"], lw["wd"]]
+                if "next" in mode:
+                    ahead.append(L[(i + 1) % len(L)]["wqkv"])
+                kw = dict(chunk_bytes=65536 if "64k" in mode else 16384, line="line" in mode)
+                if "side" in mode:
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        prefetch_l2(ahead, **kw)
+                else:
+                    prefetch_l2(ahead, **kw)
+            o = zero_o if "attn" in skip else decode_attention(q, k_cache, v_cache, bt, lens, D ** -0.5)
+            a = x if "o" in skip else G.gemv(o.view(1, H * D), lw["wo"])
             h2 = torch.empty_like(x)
-            gu = FK.fused_linear(a, lw["g2"], lw["wgu"], None, eps, residual2d=h, h_out=h2, variant="stream",
-                                 config=(4, 4, 4))
-            x, res = G.gemv(gu, lw["wd"], act="silu_mul"), h2
+            if "gu" in skip:
+                gu, h2 = zero_gu, a
+            else:
+                gu = FK.fused_linear(a, lw["g2"], lw["wgu"], None, eps, residual2d=h, h_out=h2, variant="stream",
+                                     config=(4, 4, 4))
+            x, res = (x if "down" in skip else G.gemv(gu, lw["wd"], act="silu_mul")), h2
+        if "side" in mode:
+            torch.cuda.current_stream().wait_stream(side)
         return x + res
 
+    L[0]["qkv_out"] = FK.fused_linear(x0, L[0]["g1"], L[0]["wqkv"], None, eps, residual2d=r0,
+                                      h_out=torch.empty_like(x0), variant="stream", config=(4, 4, 4))
     results: dict[str, Any] = {}
     graphs, outs = {}, {}
-    for mode in ("off", "on"):
-        configure_kernels(pdl=mode == "on")
-        step()  # compile this mode's kernel variants outside the capture
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            outs[mode] = step()
-        graphs[mode] = g
+    modes = ["off", "on"] + [m for m in args.modes.split(",") if m]
+    import nanovllm.kernels.decode_attention as DA
+    for mode in list(modes):
+        configure_kernels(pdl=mode != "off")
+        DA.REDUCE_PDL, DA.KV_PREFETCH = "noredpdl" not in mode, "nokvpf" not in mode
+        pf = "" if mode in ("off", "on") else mode
+        try:
+            step(pf)  # compile this mode's kernel variants outside the capture
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                outs[mode] = step(pf)
+            graphs[mode] = g
+        except Exception as e:  # noqa: BLE001 - a variant that does not build is reported, not fatal
+            print(f"mode {mode}: {type(e).__name__}: {e}", flush=True)
+            results[f"error_{mode}"] = f"{type(e).__name__}: {str(e)[:300]}"
+            modes.remove(mode)
     configure_kernels(pdl=False)
-    times: dict[str, list[float]] = {"off": [], "on": []}
-    for mode in ("off", "on"):
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for mode in modes:
         for _ in range(3):
             graphs[mode].replay()
     torch.cuda.synchronize()
     for _ in range(args.rounds):
-        for mode in ("off", "on"):
+        for mode in modes:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             graphs[mode].replay()
@@ -113,11 +166,17 @@ def main(argv: list[str] | None = None) -> int:
             b.synchronize()
             times[mode].append(a.elapsed_time(b))
     eager_ref = step()
-    results = {"ctx": args.ctx, "layers": args.layers,
-               "ms_pdl_off": statistics.median(times["off"]), "ms_pdl_on": statistics.median(times["on"]),
-               "outputs_equal": bool(torch.equal(outs["off"], outs["on"])),
-               "graph_equals_eager": bool(torch.equal(outs["off"], eager_ref))}
+    results.update({"ctx": args.ctx, "layers": args.layers,
+                    "ms_pdl_off": statistics.median(times["off"]), "ms_pdl_on": statistics.median(times["on"]),
+                    "outputs_equal": all(bool(torch.equal(outs["off"], outs[m])) for m in modes
+                                         if m.startswith("pf") or m == "on"),
+                    "graph_equals_eager": bool(torch.equal(outs["off"], eager_ref))})
     results["speedup"] = results["ms_pdl_off"] / results["ms_pdl_on"]
+    for m in modes[2:]:
+        if "skip" not in m and "shared" not in m:
+            results[f"equal_{m}"] = bool(torch.equal(outs["off"], outs[m]))
+        results[f"ms_{m}"] = statistics.median(times[m])
+        results[f"speedup_{m}_over_pdl"] = results["ms_pdl_on"] / results[f"ms_{m}"]
     print(results, flush=True)
     meta = provenance.run_metadata(None if argv is None else [sys.argv[0], *argv])
     path = results_io.write_json(args.out, {"meta": meta, **results})
@@ -166,3 +225,7 @@ def check_cpu(args: argparse.Namespace) -> int:
     print("check-cpu", "OK" if ok else "FAILED")
     return 0 if ok else 1
 
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
