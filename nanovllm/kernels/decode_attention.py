@@ -38,8 +38,6 @@ DECODE_BLOCK_N = 64  # key positions per tile
 DECODE_MIN_TILES_PER_SPLIT = 1  # a split covers at least this many tiles of the context bound
 DECODE_WAVES = 4  # aim for about this many programs per SM
 DECODE_MAX_SPLITS = 64
-REDUCE_PDL = True
-KV_PREFETCH = True
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, sm_count: int, block_n: int = DECODE_BLOCK_N) -> int:
@@ -63,23 +61,6 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, sm_co
     want = cdiv(DECODE_WAVES * sm_count, programs)
     by_len = max(1, cdiv(max(1, max_context_len), DECODE_MIN_TILES_PER_SPLIT * block_n))
     return max(1, min(want, by_len, DECODE_MAX_SPLITS))
-
-
-@triton.jit
-def _prefetch_tile_l2(k_cache_ptr, v_cache_ptr, bt_row_ptr, start_n, kv_end, kv_head_off, stride_kb, stride_kt,
-                      BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Ask L2 for the K and V rows of key positions [start_n, start_n + BLOCK_N) below kv_end (PTX
-    ``prefetch.global.L2``, one per 128-byte line): a hint that changes no value, issued before the kernel waits for
-    the previous one, so the tile's later loads hit L2."""
-    LINES: tl.constexpr = HEAD_DIM * 2 // 128 if HEAD_DIM * 2 >= 128 else 1
-    n = start_n + tl.arange(0, BLOCK_N)
-    blk = tl.load(bt_row_ptr + n // BLOCK_SIZE, mask=n < kv_end, other=0).to(tl.int64)
-    row = blk * stride_kb + (n % BLOCK_SIZE).to(tl.int64) * stride_kt + kv_head_off
-    offs = row[:, None] + (tl.arange(0, LINES) * (128 // 2))[None, :]
-    ok = ((n < kv_end)[:, None] & (tl.arange(0, LINES) < LINES)[None, :]).to(tl.int32)
-    asm: tl.constexpr = "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }"
-    tl.inline_asm_elementwise(asm, "=r,l,r", [k_cache_ptr + offs, ok], dtype=tl.int32, is_pure=False, pack=1)
-    tl.inline_asm_elementwise(asm, "=r,l,r", [v_cache_ptr + offs, ok], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -112,20 +93,14 @@ def _decode_split_kernel(
     DIRECT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr = False,
-    KV_PREFETCH: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    ctx_len = tl.load(ctx_ptr + seq)  # context lengths and block tables are written before the previous kernels
     if USE_PDL:  # q and the newest K/V come from the previous kernels (fusion_pass/launch.py)
-        if KV_PREFETCH:
-            if split * BLOCK_N < ctx_len:
-                _prefetch_tile_l2(k_cache_ptr, v_cache_ptr, bt_ptr + seq.to(tl.int64) * stride_bt, split * BLOCK_N,
-                                  ctx_len, kv_head.to(tl.int64) * stride_kh, stride_kb, stride_kt, BLOCK_N,
-                                  BLOCK_SIZE, HEAD_DIM)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+    ctx_len = tl.load(ctx_ptr + seq)
     # Splits without a tile exit; split 0 always runs so a padding row (ctx_len == 0) still gets a defined 0 output.
     if (split > 0) & (split * BLOCK_N >= ctx_len):
         return
@@ -189,15 +164,11 @@ def _decode_reduce_kernel(
     SPLITS_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
 ):
     """o[seq, head] = the softmax-weighted combination of the head's non-empty split partials (module docstring)."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    ctx_len = tl.load(ctx_ptr + seq)  # written before the previous kernels ran
-    if USE_PDL:  # the partials come from the split kernel (fusion_pass/launch.py)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    ctx_len = tl.load(ctx_ptr + seq)
     used = tl.cdiv(ctx_len, BLOCK_N)  # splits s < used hold at least one tile
     s = tl.arange(0, SPLITS_PAD)
     s_ok = (s < used) & (s < num_splits)
@@ -280,7 +251,6 @@ def decode_attention_triton(
         DIRECT=direct,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_PDL=pdl,
-        KV_PREFETCH=KV_PREFETCH and q.element_size() == 2,
         num_warps=4,
         num_stages=3,
         **launch_options(pdl),
@@ -299,9 +269,7 @@ def decode_attention_triton(
             SPLITS_PAD=splits_pad,
             BLOCK_N=bn,
             HEAD_DIM=head_dim,
-            USE_PDL=pdl and REDUCE_PDL,
             num_warps=4 if head_dim >= 128 else 2,
-            **launch_options(pdl and REDUCE_PDL),
         )
     return out
 
