@@ -4,6 +4,8 @@
   (from latency.json);
 - ``step_floor_<gpu>.png``: the time of each kernel group of one batch-1 decode step against its bytes floor
   (from profile.json, part ``decode``, mode ``fusion``);
+- ``decode_chain_<gpu>.png``: each kernel's share of the batch-1 decode chain against its bytes floor, us per layer
+  (from decode-chain.json, key ``ablation``);
 - ``throughput.png``: output tokens/s of the offline workload per GPU: fusion, nofusion, the transformers peer
   and the floor (from every throughput.json).
 
@@ -102,6 +104,23 @@ def plot_step_floor(d: dict[str, Any], out: str, plt: Any) -> bool:
     return save(fig, ax, out, plt, grid=dict(axis="y"))
 
 
+def plot_decode_chain(d: dict[str, Any], out: str, plt: Any) -> bool:
+    """Per kernel of one layer of the batch-1 decode chain: its share of the step against its bytes floor (us);
+    False without the ``ablation`` key."""
+    per = ((d.get("ablation") or {}).get("per_kernel_us_per_layer")) or {}
+    if not per:
+        return False
+    names = list(per)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [per[k]["us_per_layer"] for k in names], 0.4, label="share of the step")
+    ax.bar([x + 0.2 for x in xs], [per[k]["bytes_floor_us"] for k in names], 0.4, label="bytes floor")
+    ax.set_xticks(list(xs), [k.replace("_", " ") for k in names], fontsize=8)
+    ax.set_ylabel("us per layer")
+    ax.set_title(f"Batch-1 decode chain, one layer by kernel\n{stamp(d)}", fontsize=9)
+    return save(fig, ax, out, plt, grid=dict(axis="y"))
+
+
 def plot_throughput(by_gpu: dict[str, dict[str, Any]], out: str, plt: Any) -> bool:
     """Output tokens/s per GPU: fusion, nofusion, the transformers peer and the floor; False without data."""
     gpus = [g for g, d in sorted(by_gpu.items()) if d.get("output_tokens_per_s")]
@@ -144,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             written.append(p)
         prof = load(os.path.join(args.results, g, "profile.json"))
         if prof and plot_step_floor(prof, p := os.path.join(args.img, f"step_floor_{g}.png"), plt):
+            written.append(p)
+        chain = load(os.path.join(args.results, g, "decode-chain.json"))
+        if chain and plot_decode_chain(chain, p := os.path.join(args.img, f"decode_chain_{g}.png"), plt):
             written.append(p)
         tp = load(os.path.join(args.results, g, "throughput.json"))
         if tp:

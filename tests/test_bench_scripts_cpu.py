@@ -191,8 +191,11 @@ def test_plot_from_results(latency_result: dict, tmp_path) -> None:  # noqa: ANN
     (gpu / "throughput.json").write_text(json.dumps({"gpu": "NVIDIA H100", "date": "2026-01-01", "commit": "abc",
                                                      "output_tokens_per_s": {"fusion": 2.0, "nofusion": 1.0},
                                                      "floor_tokens_per_s": 3.0}))
+    (gpu / "decode-chain.json").write_text(json.dumps({"gpu": "NVIDIA H100", "date": "2026-01-01", "commit": "abc",
+                                                       "ablation": {"per_kernel_us_per_layer": {
+                                                           "qkv": {"us_per_layer": 3.9, "bytes_floor_us": 2.8}}}}))
     assert plot.main(["--results", str(tmp_path / "results"), "--img", str(tmp_path / "img")]) == 0
-    assert sorted(os.listdir(tmp_path / "img")) == ["latency_h100.png", "throughput.png"]
+    assert sorted(os.listdir(tmp_path / "img")) == ["decode_chain_h100.png", "latency_h100.png", "throughput.png"]
 
 
 def test_harness_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
