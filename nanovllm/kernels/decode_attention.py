@@ -208,18 +208,8 @@ def decode_attention_triton(
     bound = block_tables.shape[1] * block_size
     if max_context_len is not None:
         bound = min(bound, max_context_len)
-    if num_splits is None:
-        sms = sm_count(q.device) if q.is_cuda else 132
-        num_splits = choose_num_splits(batch, num_kv_heads, bound, sms, bn)
-    num_splits = max(1, int(num_splits))
+    num_splits, (m_part, l_part, acc_part) = split_partials(out, num_kv_heads, bound, num_splits, bn)
     direct = num_splits == 1
-    splits_pad = max(2, next_power_of_2(num_splits))
-    if direct:
-        m_part = l_part = acc_part = out  # unused
-    else:
-        m_part = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
-        l_part = torch.empty_like(m_part)
-        acc_part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     rows = max(16, next_power_of_2(group))
     pdl = use_pdl(q)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
@@ -256,22 +246,37 @@ def decode_attention_triton(
         **launch_options(pdl),
     )
     if not direct:
-        _decode_reduce_kernel[(batch, num_heads)](
-            context_lens,
-            out,
-            m_part,
-            l_part,
-            acc_part,
-            out.stride(0),
-            out.stride(1),
-            num_splits,
-            NUM_HEADS=num_heads,
-            SPLITS_PAD=splits_pad,
-            BLOCK_N=bn,
-            HEAD_DIM=head_dim,
-            num_warps=4 if head_dim >= 128 else 2,
-        )
+        reduce_splits(context_lens, out, (m_part, l_part, acc_part), num_splits, bn)
     return out
+
+
+def split_partials(out: torch.Tensor, num_kv_heads: int, bound: int, num_splits: int | None, block_n: int
+                   ) -> tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(num_splits, (m_part, l_part, acc_part))`` for a split-KV launch writing ``out`` ``[B, H, D]``: the split
+    count (``num_splits`` if given, else :func:`choose_num_splits` over the context ``bound``) and the float32
+    partial buffers ``[B, H, S]``, ``[B, H, S]``, ``[B, H, S, D]`` (``out`` itself three times when ``S == 1``:
+    the split kernel then writes the output directly and nothing reads them)."""
+    batch, num_heads, head_dim = out.shape
+    if num_splits is None:
+        sms = sm_count(out.device) if out.is_cuda else 132
+        num_splits = choose_num_splits(batch, num_kv_heads, bound, sms, block_n)
+    num_splits = max(1, int(num_splits))
+    if num_splits == 1:
+        return 1, (out, out, out)
+    m_part = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=out.device)
+    acc_part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=out.device)
+    return num_splits, (m_part, torch.empty_like(m_part), acc_part)
+
+
+def reduce_splits(context_lens: torch.Tensor, out: torch.Tensor,
+                  partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor], num_splits: int, block_n: int) -> None:
+    """Launch the reduce kernel: ``out`` ``[B, H, D]`` = the combination of the ``num_splits`` > 1 partials of
+    :func:`split_partials` (module docstring)."""
+    batch, num_heads, head_dim = out.shape
+    _decode_reduce_kernel[(batch, num_heads)](
+        context_lens, out, *partials, out.stride(0), out.stride(1), num_splits, NUM_HEADS=num_heads,
+        SPLITS_PAD=max(2, next_power_of_2(num_splits)), BLOCK_N=block_n, HEAD_DIM=head_dim,
+        num_warps=4 if head_dim >= 128 else 2)
 
 
 def _check_decode_shapes(

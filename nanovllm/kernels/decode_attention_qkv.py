@@ -28,10 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_pass.launch import launch_options, next_power_of_2, sm_count, use_pdl
+from fusion_pass.launch import launch_options, next_power_of_2, use_pdl
 
 from .attention_common import LOG2E, check_out, online_softmax_tile
-from .decode_attention import DECODE_BLOCK_N, _check_decode_shapes, _decode_reduce_kernel, choose_num_splits
+from .decode_attention import DECODE_BLOCK_N, _check_decode_shapes, reduce_splits, split_partials
 from .qk_norm_rope import qk_norm_rope_store
 from .reference import decode_attention_ref
 
@@ -185,17 +185,9 @@ def decode_attention_qkv(qkv: torch.Tensor, q_weight: torch.Tensor | None, k_wei
     block_size = k_cache.shape[1]
     group = num_heads // num_kv_heads
     bn = DECODE_BLOCK_N
-    if num_splits is None:
-        sms = sm_count(qkv.device) if qkv.is_cuda else 132
-        num_splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, sms, bn)
-    num_splits = max(1, int(num_splits))
+    num_splits, (m_part, l_part, acc_part) = split_partials(out, num_kv_heads, block_tables.shape[1] * block_size,
+                                                           num_splits, bn)
     direct = num_splits == 1
-    if direct:
-        m_part = l_part = acc_part = out  # unused
-    else:
-        m_part = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=qkv.device)
-        l_part = torch.empty_like(m_part)
-        acc_part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=qkv.device)
     norm = q_weight is not None and k_weight is not None
     cs = cos_sin.contiguous()
     qw, kw = (q_weight.contiguous(), k_weight.contiguous()) if norm else (cs, cs)  # unused without the norm
@@ -209,9 +201,6 @@ def decode_attention_qkv(qkv: torch.Tensor, q_weight: torch.Tensor | None, k_wei
         DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", USE_PDL=pdl, num_warps=4, num_stages=3,
         **launch_options(pdl))
     if not direct:
-        _decode_reduce_kernel[(batch, num_heads)](
-            context_lens, out, m_part, l_part, acc_part, out.stride(0), out.stride(1), num_splits,
-            NUM_HEADS=num_heads, SPLITS_PAD=max(2, next_power_of_2(num_splits)), BLOCK_N=bn, HEAD_DIM=head_dim,
-            num_warps=4 if head_dim >= 128 else 2)
+        reduce_splits(context_lens, out, (m_part, l_part, acc_part), num_splits, bn)
     return out
 
