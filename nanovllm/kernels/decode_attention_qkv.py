@@ -171,15 +171,15 @@ def decode_attention_qkv(qkv: torch.Tensor, q_weight: torch.Tensor | None, k_wei
         o = decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
         return o if out is None else check_out(out, o).copy_(o)
     batch, head_dim = qkv.shape[0], cos_sin.shape[1]
-    probe = torch.empty((batch, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    o = torch.empty((batch, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     # the argument checks of the two steps this kernel replaces (no work: zero tokens are stored)
     qk_norm_rope_store(qkv[:0], q_weight, k_weight, cos_sin, positions[:0], num_heads, num_kv_heads, eps, k_cache,
                        v_cache, slot_mapping[:0], force_triton=True)
-    _check_decode_shapes(probe, k_cache, v_cache, block_tables, context_lens)
+    _check_decode_shapes(o, k_cache, v_cache, block_tables, context_lens)
     if positions.shape != (batch,) or slot_mapping.shape != (batch,):
         raise ValueError(f"positions and slot_mapping must be [{batch}], got {tuple(positions.shape)} and "
                          f"{tuple(slot_mapping.shape)}")
-    out = check_out(out, probe)
+    out = o if out is None else check_out(out, o)
     if batch == 0:
         return out
     block_size = k_cache.shape[1]
