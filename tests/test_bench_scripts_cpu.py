@@ -229,7 +229,9 @@ def test_first_runs_script(tiny_ckpt: str, tmp_path) -> None:  # noqa: ANN001
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(out.read_text())
     assert d["gpu"] and d["command"].startswith("python benchmarks/first_runs.py") and d["requests"] == 1
-    assert d["build_phases_s"]["load"] > 0
+    phases = d["build_phases_s"]  # rounded to 10 ms: a tiny checkpoint's load may round to 0.0
+    assert "load" in phases and min(phases.values()) >= 0 and d["build_s"] > 0
+    assert sum(phases.values()) <= d["build_s"] + 0.01 * len(phases), (phases, d["build_s"])
     first, second = d["runs"]
     assert first["dynamo_counters"] and not second["dynamo_counters"], (first, second)
     assert second["output_tokens_per_s"] > 0 and "| 2 |" in r.stdout

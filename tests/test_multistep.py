@@ -211,3 +211,35 @@ def test_cuda_graph_rounds_equal_single_steps(tiny_ckpt: str) -> None:
             assert llm.engine.stats.decode_steps > llm.engine.stats.decode_rounds
         del llm
     assert outs[1] == outs[8]
+
+
+def test_a_round_ends_where_token_by_token_appending_would() -> None:
+    """Scheduler._accept_round (one pass over a round's tokens) against appending them one at a time with
+    _finish_reason after each, over random rounds: EOS on or off, stop token ids, max_tokens and max_model_len
+    limits inside, at the edge of and beyond the round, a stop token at the length limit's token."""
+    rng = np.random.default_rng(0)
+    cfg = _Cfg()
+    sched = Scheduler(cfg, BlockManager(64, 4))
+    checked = {"stop": 0, "length": 0, None: 0}
+    for _ in range(3000):
+        prompt = list(range(int(rng.integers(1, 20))))
+        params = SamplingParams(max_tokens=int(rng.integers(1, 12)), ignore_eos=bool(rng.integers(2)),
+                                stop_token_ids=[int(t) for t in rng.integers(3, 9, int(rng.integers(0, 3)))] or None)
+        done = int(rng.integers(0, params.max_tokens))  # completion tokens already generated
+        tokens = [int(t) for t in rng.integers(0, 12, int(rng.integers(1, 9)))]
+        cfg.max_model_len = len(prompt) + done + int(rng.integers(1, 12))
+        a, b = (Sequence(prompt, params, 4) for _ in range(2))
+        for s in (a, b):
+            s.token_ids += [11] * done
+            s.num_computed_tokens = len(s) - 1
+        sched._accept_round(a, tokens)
+        for j, t in enumerate(tokens):  # the rule, token by token
+            if j:
+                b.num_computed_tokens += 1
+            b.append_token(t)
+            if sched._finish_reason(b, t) is not None:
+                break
+        assert (a.token_ids, a.num_computed_tokens, a.finish_reason) == \
+            (b.token_ids, b.num_computed_tokens, b.finish_reason), (prompt, params, done, tokens, cfg.max_model_len)
+        checked[a.finish_reason] += 1
+    assert min(checked.values()) > 100, checked  # every outcome was exercised

@@ -168,14 +168,11 @@ class Scheduler:
             seq.num_scheduled_tokens = 0
             if tokens is None:
                 continue
-            is_round = isinstance(tokens, list)
-            for j, token_id in enumerate(tokens if is_round else (tokens,)):
-                if j:  # each later step of a round wrote the KV of the token sampled by the step before
-                    seq.num_computed_tokens += 1
-                seq.append_token(token_id)
-                if self._finish_reason(seq, token_id) is not None:
-                    break
-            if is_round:
+            if not isinstance(tokens, list):
+                seq.append_token(tokens)
+                self._finish_reason(seq, tokens)
+            else:
+                self._accept_round(seq, tokens)
                 # register the blocks the round filled now: a sequence that stopped inside the round is freed
                 # below (its blocks keep their hash, cached), and a prefill scheduled next may hit them
                 self.block_manager.commit(seq, seq.num_computed_tokens)
@@ -185,6 +182,29 @@ class Scheduler:
                 self.running.remove(seq)
                 finished.append(seq)
         return finished
+
+    def _accept_round(self, seq: Sequence, tokens: list[int]) -> None:
+        """Append a multi-step round's tokens to ``seq`` up to the first one that finishes it, exactly as appending
+        them one by one with :meth:`_finish_reason` after each would (a stop token before the length limit, the
+        stop winning at the same token), and count the KV that each later step of the round wrote (the token
+        sampled by the step before it)."""
+        params = seq.sampling_params
+        end, reason = len(tokens), None
+        stops = params.stop_token_ids
+        eos = () if params.ignore_eos else self.eos_ids
+        if (eos and not self.eos_ids.isdisjoint(tokens)) or (stops and not set(stops).isdisjoint(tokens)):
+            for j, token_id in enumerate(tokens):
+                if token_id in eos or (stops and token_id in stops):
+                    end, reason = j + 1, "stop"
+                    break
+        # "length" once the completion reaches max_tokens or the sequence max_model_len; checked after a token
+        at_length = max(1, min(params.max_tokens - seq.num_completion_tokens, self.max_model_len - len(seq)))
+        if at_length < end or (reason is None and at_length == end):
+            end, reason = at_length, "length"
+        seq.token_ids.extend(tokens[:end])
+        seq.num_computed_tokens += end - 1
+        if reason is not None:
+            seq.finish_reason = reason
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
         """Set and return ``seq.finish_reason`` after ``token_id`` was appended (None: it goes on)."""
