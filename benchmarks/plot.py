@@ -5,7 +5,7 @@
 - ``step_floor_<gpu>.png``: the time of each kernel group of one batch-1 decode step against its bytes floor
   (from profile.json, part ``decode``, mode ``fusion``);
 - ``decode_chain_<gpu>.png``: each kernel's share of the batch-1 decode chain against its bytes floor, us per layer
-  (from decode-chain.json, key ``ablation``);
+  (from decode-chain.json, key ``per_kernel_us_per_layer``, top level or under ``ablation``);
 - ``throughput.png``: output tokens/s of the offline workload per GPU: fusion, nofusion, the transformers peer
   and the floor (from every throughput.json).
 
@@ -106,8 +106,8 @@ def plot_step_floor(d: dict[str, Any], out: str, plt: Any) -> bool:
 
 def plot_decode_chain(d: dict[str, Any], out: str, plt: Any) -> bool:
     """Per kernel of one layer of the batch-1 decode chain: its share of the step against its bytes floor (us);
-    False without the ``ablation`` key."""
-    per = ((d.get("ablation") or {}).get("per_kernel_us_per_layer")) or {}
+    False without that breakdown."""
+    per = d.get("per_kernel_us_per_layer") or (d.get("ablation") or {}).get("per_kernel_us_per_layer") or {}
     if not per:
         return False
     names = list(per)
@@ -117,7 +117,10 @@ def plot_decode_chain(d: dict[str, Any], out: str, plt: Any) -> bool:
     ax.bar([x + 0.2 for x in xs], [per[k]["bytes_floor_us"] for k in names], 0.4, label="bytes floor")
     ax.set_xticks(list(xs), [k.replace("_", " ") for k in names], fontsize=8)
     ax.set_ylabel("us per layer")
-    ax.set_title(f"Batch-1 decode chain, one layer by kernel\n{stamp(d)}", fontsize=9)
+    meta = d.get("meta") or {}  # the chain script's own JSON keeps GPU, date and commit there
+    src = {"gpu": d.get("gpu") or (meta.get("gpu") or {}).get("name"), "date": d.get("date") or meta.get("date_utc"),
+           "commit": d.get("commit") or meta.get("git_commit")}
+    ax.set_title(f"Batch-1 decode chain, one layer by kernel\n{stamp(src)}", fontsize=9)
     return save(fig, ax, out, plt, grid=dict(axis="y"))
 
 

@@ -198,6 +198,23 @@ def test_plot_from_results(latency_result: dict, tmp_path) -> None:  # noqa: ANN
     assert sorted(os.listdir(tmp_path / "img")) == ["decode_chain_h100.png", "latency_h100.png", "throughput.png"]
 
 
+def test_decode_chain_breakdown_and_plot_of_the_scripts_own_json(tmp_path) -> None:  # noqa: ANN001
+    pytest.importorskip("matplotlib")
+    from benchmarks.harness.kernel_pdl_chain import per_kernel_breakdown
+
+    ms = {"store": 0.7, "store+skip-attn": 0.5, "store+skip-qkv": 0.6}
+    per = per_kernel_breakdown(ms, 28, 512, 3e12)
+    # (0.7 - 0.5) ms / 28 layers = 7.14 us; K/V of 512 tokens: 2 * 512 * 8 * 128 * 2 bytes at 3 TB/s = 0.70 us
+    assert per == {"attention": {"us_per_layer": 7.14, "bytes_floor_us": 0.7},
+                   "qkv": {"us_per_layer": 3.57, "bytes_floor_us": 2.8}}
+    gpu = tmp_path / "results" / "h100"
+    gpu.mkdir(parents=True)
+    (gpu / "decode-chain.json").write_text(json.dumps({"meta": {"gpu": {"name": "NVIDIA H100"}, "date_utc": "2026",
+                                                                "git_commit": "abc"}, "per_kernel_us_per_layer": per}))
+    assert plot.main(["--results", str(tmp_path / "results"), "--img", str(tmp_path / "img")]) == 0
+    assert os.listdir(tmp_path / "img") == ["decode_chain_h100.png"]
+
+
 def test_harness_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
     assert accelerator.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
     assert accelerator.gpu_slug("NVIDIA H200") == "h200"

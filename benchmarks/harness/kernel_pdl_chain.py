@@ -175,11 +175,41 @@ def main(argv: list[str] | None = None) -> int:
             results[f"rel_err_{m}"] = float((outs[m].float() - ref).norm() / ref.norm())
         results[f"ms_{m}"] = statistics.median(times[m])
         results[f"ratio_pdl_over_{m}"] = results["ms_pdl_on"] / results[f"ms_{m}"]
+    if any(m.startswith("store+skip-") for m in modes):
+        from .timing import copy_bandwidth
+
+        bw = copy_bandwidth()["bytes_per_s"]
+        results["copy_bandwidth_tb_s"] = round(bw / 1e12, 4)
+        results["per_kernel_us_per_layer"] = per_kernel_breakdown(
+            {m: statistics.median(t) for m, t in times.items()}, args.layers, args.ctx, bw)
     print(results, flush=True)
     meta = provenance.run_metadata(None if argv is None else [sys.argv[0], *argv])
     path = results_io.write_json(args.out, {"meta": meta, **results})
     print(f"wrote {path}")
     return 0 if results["outputs_equal"] else 1
+
+
+# kernel of one layer -> (the mode that leaves it out, the bytes it must move at batch 1: bf16 weights, or the K/V
+# of ``ctx`` tokens for attention)
+CHAIN_KERNELS: dict[str, tuple[str, Any]] = {
+    "qkv": ("skip-qkv", lambda ctx: (H + 2 * HKV) * D * HIDDEN * 2),
+    "qknorm_rope_store": ("skip-qknorm", lambda ctx: 0),
+    "attention": ("skip-attn", lambda ctx: 2 * ctx * HKV * D * 2),
+    "o_proj": ("skip-o", lambda ctx: HIDDEN * H * D * 2),
+    "gate_up": ("skip-gu", lambda ctx: 2 * INTER * HIDDEN * 2),
+    "down": ("skip-down", lambda ctx: HIDDEN * INTER * 2),
+}
+
+
+def per_kernel_breakdown(ms: dict[str, float], layers: int, ctx: int, bytes_per_s: float) -> dict[str, dict]:
+    """Each kernel's share of one layer of the step, in us: (median ms of mode 'store' - median ms of
+    'store+skip-X') / layers, beside its bytes floor (bytes / ``bytes_per_s``), for the kernels whose mode ran."""
+    out = {}
+    for name, (skip, nbytes) in CHAIN_KERNELS.items():
+        if "store" in ms and f"store+{skip}" in ms:
+            out[name] = {"us_per_layer": round((ms["store"] - ms[f"store+{skip}"]) / layers * 1e3, 2),
+                         "bytes_floor_us": round(nbytes(ctx) / bytes_per_s * 1e6, 2)}
+    return out
 
 
 def check_cpu(args: argparse.Namespace) -> int:
