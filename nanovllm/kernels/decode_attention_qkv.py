@@ -1,6 +1,10 @@
 """Decode attention that starts from the fused qkv projection: q/k RMSNorm + RoPE of the new token, its KV-cache
 store and split-KV attention in one kernel (plus the split reduce of :mod:`nanovllm.kernels.decode_attention`).
 
+Algorithms: split-KV decode attention as in :mod:`nanovllm.kernels.decode_attention` (flash-decoding: Dao, Haziza,
+Massa, Sizov, 2023), with the online softmax of FlashAttention (Dao et al. 2022); RoPE as in
+:mod:`nanovllm.kernels.qk_norm_rope` (RoFormer: Su et al. 2021, "rotate half" layout).
+
 At batch 1 a decode layer runs ``qkv GEMV -> q/k norm + RoPE + KV store -> split-KV attention -> reduce -> o_proj``,
 and every kernel boundary costs about as much as a small kernel's work (docs/performance.md, "Where a batch-1 decode
 step goes"). Here the attention's split kernel does the second kernel's work itself:
