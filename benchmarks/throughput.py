@@ -11,7 +11,9 @@ caches, nothing tuned), the second the warm one (the caches and the tuning file 
 the workload twice on its fresh engine, with no warm-up run of its own (the engine's build-time warm-up on CUDA
 counts in the build): ``first_run_over_second`` = tokens/s of run 1 / run 2. ``output_tokens_per_s`` is run 2 of the
 warm child (output tokens / wall time of the run). Each run shifts the first token of every prompt, so the prefix
-cache never serves one run's prompts to the next. ``build_phases_s[kind][mode]`` (``kind`` "cold" / "warm") splits
+cache never serves one run's prompts to the next. Each run records its ``prefill_s`` and ``decode_s`` (the steps'
+wall time) and ``host_s``, the part of it that is host work the GPU waits for (scheduling, a step's inputs before its
+first launch, the postprocess; the engine's ``host_seconds``). ``build_phases_s[kind][mode]`` (``kind`` "cold" / "warm") splits
 that child's build into the engine's phases in seconds (the model runner's ``init_seconds``: load, pretune,
 kv_cache, cudagraphs, prefill_cudagraphs, warm_up; those that ran on that device), also kept in the child's own
 ``init_seconds``.
@@ -134,7 +136,7 @@ def child(args: argparse.Namespace) -> int:
         n = sum(max_tokens)
         runs.append({"output_tokens_per_s": round(n / t.wall_s, 1), "seconds": round(t.wall_s, 3),
                      "prefill_s": round(t.prefill_s, 3), "decode_s": round(t.decode_s, 3),
-                     "cached_tokens": t.cached_tokens})
+                     "host_s": round(t.host_s, 3), "cached_tokens": t.cached_tokens})
         print(f"[{mode}] run {k + 1}: {n} tokens in {t.wall_s:.2f} s = {n / t.wall_s:,.0f} tok/s", flush=True)
     res = {"mode": mode, "build_s": round(build_s, 2), "runs": runs, "llm_kwargs": kw,
            "num_kvcache_blocks": llm.config.num_kvcache_blocks,

@@ -143,7 +143,9 @@ class LLM:
 
     def stats(self) -> dict[str, float]:
         """Engine counters: prefix-cache hit tokens, preemptions, prefill/decode tokens and seconds, decode steps
-        (model steps) and decode rounds (``step()`` calls; fewer than the steps with ``num_scheduler_steps > 1``)."""
+        (model steps) and decode rounds (``step()`` calls; fewer than the steps with ``num_scheduler_steps > 1``),
+        and ``host_seconds``: the part of the steps' time that is host work the device waits for (scheduling, a
+        step's inputs before its first launch, the postprocess after its tokens are read)."""
         st = self.engine.stats
         return {
             "prefix_cache_hit_tokens": self.engine.block_manager.num_cache_hit_tokens,
@@ -155,6 +157,7 @@ class LLM:
             "decode_seconds": st.decode_seconds,
             "decode_steps": st.decode_steps,
             "decode_rounds": st.decode_rounds,
+            "host_seconds": st.host_seconds,
         }
 
     def shutdown(self) -> None:

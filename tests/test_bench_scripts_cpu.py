@@ -112,6 +112,7 @@ def test_throughput_keys(ckpt: str, tmp_path) -> None:  # noqa: ANN001
         assert phases == child["init_seconds"] and {"load", "kv_cache"} <= set(phases), (kind, phases)
         assert 0 <= sum(phases.values()) <= child["build_s"] + 0.05, (kind, phases)
     assert all(run["cached_tokens"] == 0 for run in warm["runs"])  # the second run reuses no prefix
+    assert all(0 < run["host_s"] < run["prefill_s"] + run["decode_s"] for run in warm["runs"])
     assert r["transformers_peer"]["num_seqs"] == 2 and r["transformers_peer"]["output_tokens_per_s"] > 0
     assert r["workload"]["output_tokens"] == sum(
         workloads.nano_vllm_workload(3, 0, 16, 6, 8, 3)[1])

@@ -78,6 +78,7 @@ class Timed:
     decode_rounds: int = 0
     output_tokens: list[int] = field(default_factory=list)  # per request
     cached_tokens: int = 0         # prompt tokens served by the prefix cache
+    host_s: float = 0.0            # of the steps' time, host work the device waits for (the engine's host_seconds)
 
     def decode_step_ms(self, batch: int) -> float:
         """Mean time of one decode step of the whole batch: decode_s / (decode_tokens / batch), in ms."""
@@ -106,6 +107,7 @@ def run_timed(llm: Any, prompts: list[list[int]], params: Any) -> Timed:
     t_start = time.perf_counter()
     seqs = [eng.add_request(list(p), sp) for p, sp in zip(prompts, params_list)]
     out = Timed()
+    host0 = eng.stats.host_seconds
     first_token_done = False
     while not eng.scheduler.is_finished():
         before = [s.num_completion_tokens for s in seqs]
@@ -126,6 +128,7 @@ def run_timed(llm: Any, prompts: list[list[int]], params: Any) -> Timed:
             out.ttft_s = time.perf_counter() - t_start
             first_token_done = True
     out.wall_s = time.perf_counter() - t_start
+    out.host_s = eng.stats.host_seconds - host0
     out.output_tokens = [s.num_completion_tokens for s in seqs]
     out.cached_tokens = sum(int(getattr(s, "num_cached_tokens", 0) or 0) for s in seqs)
     return out

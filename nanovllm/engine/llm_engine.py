@@ -32,6 +32,9 @@ class StepStats:
     decode_steps: int = 0  # model steps of decode (a multi-step round counts each of its steps)
     decode_rounds: int = 0  # step() calls that decoded (a multi-step round counts once)
     steps: int = 0  # calls of LLMEngine.step (a multi-step round is one)
+    # host work of the steps that the device waits for: scheduling before a step, the inputs of a decode step or
+    # round before its first launch, the postprocess after the sampled tokens are read (seconds)
+    host_seconds: float = 0.0
 
 
 @dataclass
@@ -212,17 +215,23 @@ class LLMEngine:
         num_steps = 1
         if not is_prefill and self.config.num_scheduler_steps > 1 and self.model_runner.supports_multi_step:
             num_steps = self.scheduler.extend_decode(seqs, self.config.num_scheduler_steps)
+        prepared = getattr(self.model_runner, "prepare_seconds", 0.0)
+        t1 = time.perf_counter()
         if num_steps > 1:
             before = sum(len(s) for s in seqs)
             token_ids = self.model_runner.run_decode_steps(seqs, num_steps)
+            t2 = time.perf_counter()
             finished = self.scheduler.postprocess(seqs, token_ids)
             tokens = sum(len(s) for s in seqs) - before  # the tokens kept (a stop drops the rest of the round)
         else:
             tokens = sum(s.num_scheduled_tokens for s in seqs)
             token_ids = self.model_runner.run(seqs, is_prefill)
+            t2 = time.perf_counter()
             finished = self.scheduler.postprocess(seqs, token_ids)
-        dt = time.perf_counter() - t0
+        t3 = time.perf_counter()
+        dt = t3 - t0
         st = self.stats
+        st.host_seconds += (t1 - t0) + (t3 - t2) + getattr(self.model_runner, "prepare_seconds", 0.0) - prepared
         st.steps += 1
         if is_prefill:
             st.prefill_tokens += tokens

@@ -54,6 +54,7 @@ class ModelRunner:
             self.device = torch.device("cpu")
         self.max_blocks_per_seq = math.ceil(config.max_model_len / self.block_size)
         self.init_seconds: dict[str, float] = {}  # seconds of each phase of the build (the CLI's start line)
+        self.prepare_seconds = 0.0  # host time spent building step inputs before their first launch (StepStats)
         t0 = time.perf_counter()
 
         default_dtype = torch.get_default_dtype()
@@ -338,12 +339,14 @@ class ModelRunner:
             One token id per sequence, or None for a prefill chunk that does not end its prompt.
         """
         sample_args: dict = {}
+        t0 = time.perf_counter()
         if is_prefill:
             input_ids, positions, logits_indices = self.prepare_prefill(seqs)
         else:
             if self.rank == 0:  # only rank 0 samples (a worker's sequence views carry no sampling parameters)
                 sample_args = self.prepare_sample(seqs, upload=False)
             input_ids, positions, logits_indices = self.prepare_decode(seqs)
+        self.prepare_seconds += time.perf_counter() - t0
         logits = self.run_model(input_ids, positions, logits_indices, is_prefill)[:len(seqs)]
         reset_context()
         if self.rank != 0:
@@ -378,8 +381,10 @@ class ModelRunner:
             raise RuntimeError("multi-step decode runs only without tensor parallelism")
         n = len(seqs)
         buf = self.buffers
+        t0 = time.perf_counter()
         sample_args = self.prepare_sample(seqs, upload=False)
         input_ids, positions, logits_indices = self.prepare_decode(seqs, num_steps)
+        self.prepare_seconds += time.perf_counter() - t0
         for j in range(num_steps):
             if j:
                 buf.load_step(j, n)
