@@ -120,21 +120,41 @@ def _decode_split_kernel(
     bt_row_ptr = bt_ptr + seq.to(tl.int64) * stride_bt
     kv_head_off = kv_head.to(tl.int64) * stride_kh
 
-    num_full = ctx_len // BLOCK_N
-    # This split's whole tiles, unmasked (MASKED=False): tiles split, split + num_splits, ... CAUSAL=False: the
-    # one query token sees every key < ctx_len, so q_pos (0 here) is not read.
+    acc, m_i, l_i = split_tiles(acc, m_i, l_i, q, split, num_splits, ctx_len, k_cache_ptr, v_cache_ptr, bt_row_ptr,
+                                kv_head_off, stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM,
+                                DOT_PRECISION)
+    write_split_result(acc, m_i, l_i, o_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, seq, head, row_ok, d, split,
+                       num_splits, stride_ob, stride_oh, NUM_HEADS, HEAD_DIM, DIRECT)
+
+
+@triton.jit
+def split_tiles(acc, m_i, l_i, q, split, num_splits, kv_end, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
+                stride_kb, stride_kt, qk_scale, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The online softmax of one split over key positions ``[0, kv_end)``: its whole tiles ``split, split +
+    num_splits, ...`` unmasked (MASKED=False; CAUSAL=False: the one query token sees every key, so q_pos, 0 here, is
+    not read), and the partial last tile, masked at ``kv_end``, when it is this split's turn. Returns the updated
+    ``(acc, m_i, l_i)`` of :func:`nanovllm.kernels.attention_common.online_softmax_tile`."""
+    num_full = kv_end // BLOCK_N
     for tile in range(split, num_full, num_splits):
         acc, m_i, l_i = online_softmax_tile(
-            acc, m_i, l_i, q, tile * BLOCK_N, 0, ctx_len, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
+            acc, m_i, l_i, q, tile * BLOCK_N, 0, kv_end, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
             stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, False, DOT_PRECISION,
         )
-    # The partial last tile (masked at ctx_len) belongs to the split whose turn it is.
-    if (num_full * BLOCK_N < ctx_len) & (num_full % num_splits == split):
+    if (num_full * BLOCK_N < kv_end) & (num_full % num_splits == split):
         acc, m_i, l_i = online_softmax_tile(
-            acc, m_i, l_i, q, num_full * BLOCK_N, 0, ctx_len, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
+            acc, m_i, l_i, q, num_full * BLOCK_N, 0, kv_end, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
             stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, False, DOT_PRECISION,
         )
+    return acc, m_i, l_i
 
+
+@triton.jit
+def write_split_result(acc, m_i, l_i, o_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, seq, head, row_ok, d, split,
+                       num_splits, stride_ob, stride_oh, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       DIRECT: tl.constexpr):
+    """With ``DIRECT`` (one split) the normalized output rows ``head`` of ``seq``; else this split's partials,
+    contiguous ``[B, H, num_splits]`` (m, l) and ``[B, H, num_splits, D]`` (acc), for the reduce kernel."""
     if DIRECT:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(
@@ -143,7 +163,6 @@ def _decode_split_kernel(
             mask=row_ok[:, None],
         )
     else:
-        # Partials are contiguous [B, H, num_splits] (m, l) and [B, H, num_splits, D] (acc).
         part = (seq.to(tl.int64) * NUM_HEADS + head) * num_splits + split
         tl.store(m_part_ptr + part, m_i, mask=row_ok)
         tl.store(l_part_ptr + part, l_i, mask=row_ok)

@@ -34,8 +34,9 @@ import triton.language as tl
 
 from fusion_pass.launch import launch_options, next_power_of_2, use_pdl
 
-from .attention_common import LOG2E, check_out, online_softmax_tile
-from .decode_attention import DECODE_BLOCK_N, _check_decode_shapes, reduce_splits, split_partials
+from .attention_common import LOG2E, check_out
+from .decode_attention import (DECODE_BLOCK_N, _check_decode_shapes, reduce_splits, split_partials, split_tiles,
+                               write_split_result)
 from .qk_norm_rope import qk_norm_rope_store
 from .reference import decode_attention_ref
 
@@ -108,19 +109,11 @@ def _decode_qkv_split_kernel(qkv_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr, slot_ptr,
     bt_row_ptr = bt_ptr + seq.to(tl.int64) * stride_bt
     kv_head_off = kv_head.to(tl.int64) * stride_kh
     cached = tl.maximum(ctx_len - 1, 0)  # positions written by earlier steps
-    num_full = cached // BLOCK_N
-    for tile in range(split, num_full, num_splits):
-        acc, m_i, l_i = online_softmax_tile(
-            acc, m_i, l_i, q, tile * BLOCK_N, 0, cached, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
-            stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, False, DOT_PRECISION,
-        )
-    # The tile holding the new position (with the cached tail, if any) belongs to the split whose turn it is.
-    if (ctx_len > 0) & (num_full % num_splits == split):
-        if num_full * BLOCK_N < cached:
-            acc, m_i, l_i = online_softmax_tile(
-                acc, m_i, l_i, q, num_full * BLOCK_N, 0, cached, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
-                stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, False, DOT_PRECISION,
-            )
+    acc, m_i, l_i = split_tiles(acc, m_i, l_i, q, split, num_splits, cached, k_cache_ptr, v_cache_ptr, bt_row_ptr,
+                                kv_head_off, stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM,
+                                DOT_PRECISION)
+    # The new position belongs to the split whose turn its tile (the last one) is.
+    if (ctx_len > 0) & ((cached // BLOCK_N) % num_splits == split):
         k_c = k_new.to(cache_dt)
         v_c = v_new.to(cache_dt)
         s = tl.sum(q.to(tl.float32) * k_c.to(tl.float32), axis=1) * qk_scale  # [ROWS], log2 domain
@@ -134,16 +127,8 @@ def _decode_qkv_split_kernel(qkv_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr, slot_ptr,
         dst = slot * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + d[None, :]
         tl.store(k_cache_ptr + dst, k_c, mask=slot >= 0)
         tl.store(v_cache_ptr + dst, v_c, mask=slot >= 0)
-
-    if DIRECT:
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        tl.store(o_ptr + seq.to(tl.int64) * stride_ob + head[:, None] * stride_oh + d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
-    else:
-        part = (seq.to(tl.int64) * NUM_HEADS + head) * num_splits + split
-        tl.store(m_part_ptr + part, m_i, mask=row_ok)
-        tl.store(l_part_ptr + part, l_i, mask=row_ok)
-        tl.store(acc_part_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
+    write_split_result(acc, m_i, l_i, o_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, seq, head, row_ok, d, split,
+                       num_splits, stride_ob, stride_oh, NUM_HEADS, HEAD_DIM, DIRECT)
 
 
 def decode_attention_qkv(qkv: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
