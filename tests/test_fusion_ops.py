@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from typing import Callable, Optional
 
 import torch
 
@@ -377,6 +379,57 @@ def test_failed_measurement_is_cached_not_retried(failure, monkeypatch):
         assert len(calls) == 2
     finally:
         kernels.clear_dispatch_cache()
+
+
+def _fastest_run(compile_ahead: Optional[bool], capturing: bool = False
+                 ) -> tuple[kernels.Choice, list[tuple[int, str, int]], list[str], bool]:
+    """:func:`dispatch.fastest` over fake candidates on the CPU: fn(i) records (i, variant, thread) and returns its
+    variant ("bad" raises); the fake timer calls fn(1) and returns the variant's time. Returns the choice, the
+    calls, the names reported to on_error and whether the first calls' barrier broke (they did not all overlap)."""
+    calls: list[tuple[int, str, int]] = []
+    errors: list[str] = []
+    barrier = threading.Barrier(3, timeout=10)  # the three good candidates' first calls, all at once
+    us = {"a": 3.0, "b": 1.0, "c": 2.0, "bad": 0.5}
+
+    def call(variant: str, cfg: tuple[int, ...]) -> Callable[[int], object]:
+        def fn(i: int) -> str:
+            calls.append((i, variant, threading.get_ident()))
+            if variant == "bad":
+                raise RuntimeError("out of shared memory")
+            if i == 0:
+                barrier.wait()
+            return variant
+        return fn
+
+    def timer(fn: Callable[[int], object], reps: int) -> float:
+        return us[str(fn(1))]
+
+    cands = [("a", ()), ("bad", ()), ("b", ()), ("c", (4, 2))]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "cpu_count", lambda: 8)
+        mp.setattr(torch.cuda, "is_available", lambda: capturing)  # no CUDA: no device, streams nor sync
+        mp.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+        choice = dispatch.fastest(cands, call, 10, kernels.Choice("unfused"), lambda name, e: errors.append(name),
+                                  timer=timer, compile_ahead=compile_ahead)
+    return choice, calls, errors, barrier.broken
+
+
+def test_fastest_runs_the_first_calls_concurrently_before_timing():
+    """compile_ahead=True: every candidate's fn(0) runs first, concurrently, in worker threads; then the serial
+    timing, which reports a candidate failing there too once and picks the fastest. compile_ahead=False, or None
+    without CUDA, or during a CUDA-graph capture: no call ahead."""
+    best = kernels.Choice("b", (), "measured", (("a", 3.0), ("b", 1.0), ("c[4,2]", 2.0)))
+    choice, calls, errors, broken = _fastest_run(True)
+    assert (choice, errors, broken) == (best, ["bad"], False)
+    first_timed = next(n for n, c in enumerate(calls) if c[0] == 1)
+    assert sorted(v for i, v, _ in calls[:first_timed]) == ["a", "b", "bad", "c"]
+    assert all(i == 0 for i, _, _ in calls[:first_timed]) and all(i == 1 for i, _, _ in calls[first_timed:])
+    ahead_threads = {t for _, _, t in calls[:first_timed]}
+    assert len(ahead_threads) > 1 and threading.get_ident() not in ahead_threads
+    assert {t for _, _, t in calls[first_timed:]} == {threading.get_ident()}  # the timing: serial, in the caller
+    for compile_ahead, capturing in ((False, False), (None, False), (True, True)):
+        choice, calls, errors, _ = _fastest_run(compile_ahead, capturing)
+        assert (choice, errors) == (best, ["bad"]) and [i for i, _, _ in calls] == [1] * 4
 
 
 def test_tuning_roundtrip(tmp_path):

@@ -15,6 +15,7 @@ Files, one job each:
   segments.py   weight groups: the linears of one site (q, k, v) as segments of one launch.
   registry.py   the fused variants by name (configs and launcher); ``fused_linear(s)``, which launch one.
   dispatch.py   picks the fastest path per shape by measurement on the running GPU, caches it, saves/loads it.
+  compile_ahead.py  the measurement's candidates' first calls, concurrently: their kernels compile in parallel.
   linear.py     ``rms_norm_linear``, the entry point of the custom ops.
 """
 from __future__ import annotations

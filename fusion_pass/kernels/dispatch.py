@@ -33,6 +33,7 @@ from torch import Tensor
 from ..launch import device_name
 from ..settings import kernel_settings
 from .common import log, m_bucket
+from .compile_ahead import first_calls_concurrently
 from .norm import triton_rms_norm
 from .registry import FUSED_VARIANTS, fused_linears
 
@@ -351,22 +352,39 @@ def measure(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device | s
     return fastest(cands, call, reps, Choice("unfused", (), "default"), failed)
 
 
+Timer = Callable[[Callable[[int], object], int], float]  # (fn, reps) -> microseconds per call, as time_in_graph
+
+
 def fastest(cands: Iterable[tuple[str, tuple[int, ...]]],
             call: Callable[[str, tuple[int, ...]], Callable[[int], object]], reps: int, fallback: Choice,
-            on_error: Optional[Callable[[str, Exception], None]] = None) -> Choice:
+            on_error: Optional[Callable[[str, Exception], None]] = None, timer: Timer = time_in_graph,
+            compile_ahead: Optional[bool] = None) -> Choice:
     """The fastest (variant, config) candidate: each one's ``call(variant, config)`` (a function of the call
-    index) timed in a CUDA graph of ``reps`` calls (:func:`time_in_graph`, microseconds per call).
+    index) timed by ``timer`` (by default in a CUDA graph of ``reps`` calls: :func:`time_in_graph`, microseconds
+    per call), one after another.
 
-    A candidate that raises (a launch shape that does not compile, e.g. too much shared memory) is skipped, after
-    ``on_error(name, exception)``. Returns a "measured" :class:`Choice` carrying every candidate's time, or
-    ``fallback`` when none ran.
+    ``compile_ahead`` (None: when CUDA is available): with more than one candidate and outside a CUDA-graph
+    capture, first run every candidate's first call concurrently (:func:`first_calls_concurrently`), so that their
+    kernels compile in parallel. A candidate that raises (a launch shape that does not compile, e.g. too much
+    shared memory) is skipped, after ``on_error(name, exception)`` (once, from its timing). Returns a "measured"
+    :class:`Choice` carrying every candidate's time, or ``fallback`` when none ran.
     """
+    cands = list(cands)
+    fns: list[Optional[Callable[[int], object]]] = [None] * len(cands)
+    if compile_ahead is None:
+        compile_ahead = torch.cuda.is_available()
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if compile_ahead and len(cands) > 1 and not capturing:
+        for i, (variant, cfg) in enumerate(cands):
+            with contextlib.suppress(Exception):  # raised again, and reported, by the timing below
+                fns[i] = call(variant, cfg)
+        first_calls_concurrently([fn for fn in fns if fn is not None])
     times: dict[str, float] = {}
     best: Optional[tuple[float, str, tuple[int, ...]]] = None
-    for variant, cfg in cands:
+    for (variant, cfg), fn in zip(cands, fns):
         name = variant + ("" if not cfg else str(list(cfg)).replace(" ", ""))
         try:
-            t = time_in_graph(call(variant, cfg), reps)
+            t = timer(fn if fn is not None else call(variant, cfg), reps)
         except Exception as e:  # noqa: BLE001 - not a candidate on this GPU
             if on_error is not None:
                 on_error(name, e)

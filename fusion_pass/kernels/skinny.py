@@ -172,7 +172,8 @@ def _fused_splitk_epilogue_kernel(p_ptr, q_ptr, b_ptr, y_ptr, M, N, eps, K: tl.c
 # one int32 per tile, zero between launches (the last program of a tile resets its counter). One buffer per
 # device, allocated on first use outside a CUDA graph capture and never freed (captured graphs keep its address);
 # kernels that share it must not run concurrently on two streams (the engine and Inductor's code use one stream;
-# PDL is safe: a kernel touches the counters only after griddepcontrol.wait).
+# PDL is safe: a kernel touches the counters only after griddepcontrol.wait; the dispatcher's concurrent first calls,
+# compile_ahead.py, zero the counters after them).
 FIXUP_COUNTERS = 1 << 16
 _FIXUP_BUFFERS: dict[str, Tensor] = {}
 
