@@ -25,7 +25,7 @@
 #   first-runs    benchmarks/first_runs.py: a fresh fusion engine's first runs, what each compiles, the build's
 #                 phases (run it on a fresh machine for a cold build)                              (~2-3 min)
 #   decode-chain  benchmarks/harness/kernel_pdl_chain.py: the batch-1 decode step's kernels in one CUDA graph, each
-#                 kernel's share by leaving it out, the weights in L2, the attention kernel that starts from qkv  (~1 min)
+#                 kernel's share by leaving it out, the weights in L2                               (~1 min)
 #   hf-generate   hf_decode's generate part in modes default and reduce-overhead at batch 1, 8 and 32 (the
 #                 default mode with coconut.launch "auto": decode sites launched by Inductor)        (~8 min)
 #   check-full    benchmarks/check.py with every part at full size                                   (~4 min)
@@ -139,7 +139,7 @@ for s in "${STAGES[@]}"; do
                   fi ;;
     first-runs)   checkpoint "$CKPT"
                   stage first-runs 300 "$PY benchmarks/first_runs.py --model $CKPT --runs 2 --out $RESULTS/first-runs.json" ;;
-    decode-chain) stage decode-chain 240 "$PY -m benchmarks.harness.kernel_pdl_chain --ctx 512 --rounds 60 --modes store,store+shared,store+skip-attn,store+skip-qknorm,store+skip-o,store+skip-gu,store+skip-down,store+skip-qkv,store+skip-qknorm+skip-attn,store+shared+skip-qknorm+skip-attn,qkvattn --out $RESULTS/decode-chain.json" ;;
+    decode-chain) stage decode-chain 240 "$PY -m benchmarks.harness.kernel_pdl_chain --ctx 512 --rounds 60 --modes store,store+shared,store+skip-attn,store+skip-qknorm,store+skip-o,store+skip-gu,store+skip-down,store+skip-qkv,store+skip-qknorm+skip-attn,store+shared+skip-qknorm+skip-attn --out $RESULTS/decode-chain.json" ;;
     hf-generate)  stage hf-generate 540 "$PY -m benchmarks.harness.hf_decode --models llama-3.2-1b,qwen3-0.6b --pairs 5 --generate-runs 3 --modes default,reduce-overhead --parts generate --batches 1,8,32 --budget-s 460 --out $RESULTS/hf-decode-generate.json ${HF_DECODE_ARGS:-}" ;;
     tests)        stage tests 540 "$PY -m pytest $PYTEST_ARGS" ;;
     plot)         stage plot 60 "$PY benchmarks/plot.py --results $(dirname "$RESULTS") --img $IMG" ;;

@@ -346,8 +346,7 @@ def test_bf16_on_gpu() -> None:
 
 # Compiles the attention kernels for sm_90 the way a launch on an H100/H200 would (pointers and strides that are
 # multiples of 16 marked divisible, as Triton specializes them at run time): the tensor-core (mma) path for
-# 16-bit inputs, the FMA path for fp32 ("ieee"), both block-table paths (BLOCK_N > and <= block_size), and the
-# decode kernel that starts from qkv (with and without the q/k norm).
+# 16-bit inputs, the FMA path for fp32 ("ieee") and both block-table paths (BLOCK_N > and <= block_size).
 _ATTN_AOT_SCRIPT = r"""
 import importlib
 import triton
@@ -356,8 +355,7 @@ from triton.compiler import ASTSource
 pa = importlib.import_module("nanovllm.kernels.prefill_attention")
 da = importlib.import_module("nanovllm.kernels.decode_attention")
 INT_PTRS = {"bt_ptr", "cu_q_ptr", "cu_k_ptr", "ctx_ptr", "lock_ptr", "slot_ptr"}
-I64_PTRS = {"pos_ptr"}
-F32_PTRS = {"m_part_ptr", "l_part_ptr", "acc_part_ptr", "cs_ptr"}
+F32_PTRS = {"m_part_ptr", "l_part_ptr", "acc_part_ptr"}
 
 def compile_one(fn, ptr, consts, warps, stages, want_mma):
     sig, attrs = {}, {}
@@ -366,10 +364,9 @@ def compile_one(fn, ptr, consts, warps, stages, want_mma):
             sig[n] = "constexpr"
             continue
         if n.endswith("_ptr"):
-            sig[n] = ("*i32" if n in INT_PTRS else "*i64" if n in I64_PTRS else "*fp32" if n in F32_PTRS
-                      else ptr)
+            sig[n] = "*i32" if n in INT_PTRS else "*fp32" if n in F32_PTRS else ptr
         else:
-            sig[n] = "fp32" if n in ("qk_scale", "eps") else "i32"
+            sig[n] = "fp32" if n == "qk_scale" else "i32"
         if n.endswith("_ptr") or (n.startswith("stride_") and n != "stride_bt"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
@@ -391,11 +388,6 @@ for pdl in (False, True):
                                                         USE_PDL=pdl), 4, 1, False)
 compile_one(da._decode_reduce_kernel, "*bf16", dict(NUM_HEADS=16, SPLITS_PAD=8, BLOCK_N=64,
                                                     HEAD_DIM=128), 4, 1, False)
-dq = importlib.import_module("nanovllm.kernels.decode_attention_qkv")
-for norm, direct in ((True, False), (False, True)):
-    compile_one(dq._decode_qkv_split_kernel, "*bf16", dict(NUM_HEADS=16, NUM_KV_HEADS=8, GROUP=2, ROWS=16,
-                BLOCK_N=64, BLOCK_SIZE=16, HEAD_DIM=128, NORM=norm, DIRECT=direct, DOT_PRECISION="tf32",
-                USE_PDL=True), 4, 3, True)
 print("AOT-OK")
 """
 

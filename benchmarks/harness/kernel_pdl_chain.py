@@ -14,9 +14,7 @@ equal.
 ``--modes`` adds graphs (PDL on) replayed in the same alternation, for a breakdown of the step by kernel: 'store'
 runs q/k norm + RoPE and the KV store as one kernel, as the engine does; 'skip-X' leaves kernel X out (its output a
 fixed tensor), so the difference to the full chain is X's share of the step, overlaps included; 'shared' makes
-every layer read layer 0's weights and caches, which then stay in L2 (the chain without HBM traffic); 'qkvattn'
-runs the attention kernel that starts from qkv (q/k norm + RoPE + store in its prologue), one kernel fewer per
-layer than 'store'. Keys
+every layer read layer 0's weights and caches, which then stay in L2 (the chain without HBM traffic). Keys
 ``ms_<mode>``, ``ratio_pdl_over_<mode>`` and, for modes that compute the same step, ``equal_<mode>`` (bitwise) and
 ``rel_err_<mode>`` (||out - out_off|| / ||out_off||).
 
@@ -60,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from fusion_pass import kernels as FK
     from nanovllm.kernels import decode_attention, qk_norm_rope, qk_norm_rope_store, store_kvcache
-    from nanovllm.kernels.decode_attention_qkv import decode_attention_qkv
     from nanovllm.kernels import gemv as G
     from nanovllm.layers.rotary_embedding import RotaryEmbedding
     from fusion_pass.settings import configure_kernels
@@ -93,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     def step(mode: str = "") -> torch.Tensor:
         """One decode step; ``mode`` names variants: 'store' (q/k norm + RoPE with the KV store in one kernel, as
         the engine runs it), 'shared' (every layer reads layer 0's weights and caches: they stay in L2),
-        'skip-X' (kernel X not launched, its output a fixed tensor: X in qkv, qknorm, attn, o, gu, down),
-        'qkvattn' (q/k norm + RoPE + store inside the attention kernel, nanovllm/kernels/decode_attention_qkv.py)."""
+        'skip-X' (kernel X not launched, its output a fixed tensor: X in qkv, qknorm, attn, o, gu, down)."""
         x, res = x0, r0
         skip = {part[5:] for part in mode.split("+") if part.startswith("skip-")}
         for lw, k_cache, v_cache in zip(L, kc, vc):
@@ -106,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 qkv = FK.fused_linear(x, lw["g1"], lw["wqkv"], None, eps, residual2d=res, h_out=h,
                                       variant="stream", config=(4, 4, 4))
-            if "qkvattn" in mode:  # the attention kernel does q/k norm + RoPE + store itself
-                o = decode_attention_qkv(qkv, lw["qw"], lw["kw"], cs, pos, eps, k_cache, v_cache, slot, bt, lens, H,
-                                         HKV, D ** -0.5)
-            elif "qknorm" in skip:
+            if "qknorm" in skip:
                 q = zero_q
             elif "store" in mode:
                 q = qk_norm_rope_store(qkv, lw["qw"], lw["kw"], cs, pos, H, HKV, eps, k_cache, v_cache, slot)
@@ -117,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 q, k = qk_norm_rope(qkv, lw["qw"], lw["kw"], cs, pos, H, HKV, eps)
                 v = qkv[:, (H + HKV) * D:].view(1, HKV, D)
                 store_kvcache(k, v, k_cache, v_cache, slot)
-            if "qkvattn" not in mode:
-                o = zero_o if "attn" in skip else decode_attention(q, k_cache, v_cache, bt, lens, D ** -0.5)
+            o = zero_o if "attn" in skip else decode_attention(q, k_cache, v_cache, bt, lens, D ** -0.5)
             a = x if "o" in skip else G.gemv(o.view(1, H * D), lw["wo"])
             h2 = torch.empty_like(x)
             if "gu" in skip:

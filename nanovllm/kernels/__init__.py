@@ -6,9 +6,6 @@ PyTorch reference in :mod:`nanovllm.kernels.reference`, or in :mod:`nanovllm.ker
 - :func:`store_kvcache` - write new tokens' K/V into the cache by slot (slot -1 = padding, skipped).
 - :func:`prefill_attention` - causal varlen attention of packed new tokens over their paged contexts.
 - :func:`decode_attention` - one query token per sequence, split-KV (flash-decoding) on the GPU.
-- :func:`decode_attention_qkv` - the same from the fused qkv projection output: q/k norm + RoPE of the new token
-  and its KV-cache store inside the split kernel (one launch fewer per layer; measured in the decode-chain
-  benchmark, not yet used by the engine).
 - :func:`sample_tokens` - one token per row, greedy or temperature sampling (Gumbel-max on a Philox stream), one
   pass over the logits; the reference is :func:`sample_tokens_ref` on :func:`sample_uniforms_ref`.
 - :func:`qk_norm_rope` - Qwen3's per-head q/k RMSNorm + RoPE in one kernel; the reference is
@@ -18,7 +15,6 @@ PyTorch reference in :mod:`nanovllm.kernels.reference`, or in :mod:`nanovllm.ker
 Design notes: docs/attention.md (attention), the docstring of :mod:`nanovllm.kernels.sampling` (sampling).
 """
 from .decode_attention import choose_num_splits, decode_attention, decode_attention_triton
-from .decode_attention_qkv import decode_attention_qkv
 from .kv_store import store_kvcache, store_kvcache_triton
 from .prefill_attention import prefill_attention, prefill_attention_triton
 from .qk_norm_rope import qk_norm_rope, qk_norm_rope_ref, qk_norm_rope_store
@@ -30,7 +26,6 @@ __all__ = [
     "choose_num_splits",
     "choose_sample_splits",
     "decode_attention",
-    "decode_attention_qkv",
     "decode_attention_ref",
     "decode_attention_triton",
     "prefill_attention",
