@@ -136,8 +136,7 @@ def child(args: argparse.Namespace) -> int:
         n = sum(max_tokens)
         runs.append({"output_tokens_per_s": round(n / t.wall_s, 1), "seconds": round(t.wall_s, 3),
                      "prefill_s": round(t.prefill_s, 3), "decode_s": round(t.decode_s, 3),
-                     "host_s": round(t.host_s, 3), "rounds": t.decode_rounds,
-                     "rounds_ahead": t.rounds_ahead, "cached_tokens": t.cached_tokens})
+                     "host_s": round(t.host_s, 3), "cached_tokens": t.cached_tokens})
         print(f"[{mode}] run {k + 1}: {n} tokens in {t.wall_s:.2f} s = {n / t.wall_s:,.0f} tok/s", flush=True)
     res = {"mode": mode, "build_s": round(build_s, 2), "runs": runs, "llm_kwargs": kw,
            "num_kvcache_blocks": llm.config.num_kvcache_blocks,

@@ -108,17 +108,6 @@ class Config:
             end, so up to k - 1 steps later. Greedy outputs are the same for every value. 1 = one step per
             round. None (the default): 8 on one GPU, 1 on the CPU and with tensor parallelism
             (:func:`default_num_scheduler_steps`); tensor parallelism always runs 1.
-        async_scheduling: with multi-step decode, launch the next round before reading the tokens of the one
-            on the device (vLLM's keyword of the same name), so that the host's work between rounds (reading and
-            accepting the tokens, stop checks, the next round's inputs) runs while the GPU computes instead of
-            between its rounds. The next round assumes that no sequence stops inside the current one: its
-            sequences are those that cannot reach their length limit there, its positions follow the current
-            round's last, and its first input ids are the current round's last tokens, gathered on the device. A
-            sequence that does stop in the current round (a stop token) drops the next round's tokens too. A
-            round is launched ahead only when no request waits for prefill and the free KV blocks cover it
-            without preemption (``Scheduler.extend_decode``). Greedy and seeded outputs are the same with and
-            without; requests sampled with the engine's generator (temperature > 0, no ``SamplingParams.seed``)
-            draw differently once a sequence stops early. Default True; no effect with one step per round.
         tuning_file: the JSON file of the dispatch decisions measured on CUDA (the fused op's and the small-M
             linear's, ``fusion_pass.save_tuning`` format): decisions of this GPU found there are loaded instead of
             measured when the engine starts, and the file is written when something new was measured. None (the
@@ -161,7 +150,6 @@ class Config:
     compile_fusion: bool = False
     seed: int | None = None
     num_scheduler_steps: int | None = None
-    async_scheduling: bool = True
     tuning_file: str | bool | None = None
     tp_timeout_s: float = 600.0
     tp_start_timeout_s: float = 900.0
@@ -199,7 +187,7 @@ class Config:
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {value!r}")
             setattr(self, name, int(value))  # numpy integers become Python ints
-        for name in ("enforce_eager", "compile_fusion", "async_scheduling"):
+        for name in ("enforce_eager", "compile_fusion"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.gpu_memory_utilization, (bool, np.bool_)) or not isinstance(self.gpu_memory_utilization,

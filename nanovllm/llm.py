@@ -144,10 +144,8 @@ class LLM:
     def stats(self) -> dict[str, float]:
         """Engine counters: prefix-cache hit tokens, preemptions, prefill/decode tokens and seconds, decode steps
         (model steps) and decode rounds (``step()`` calls; fewer than the steps with ``num_scheduler_steps > 1``),
-        ``decode_rounds_ahead``: the rounds launched before the round before them was read (``async_scheduling``),
         and ``host_seconds``: the part of the steps' time that is host work the device waits for (scheduling, a
-        step's inputs before its first launch, the postprocess after its tokens are read when no round was
-        launched ahead)."""
+        step's inputs before its first launch, the postprocess after its tokens are read)."""
         st = self.engine.stats
         return {
             "prefix_cache_hit_tokens": self.engine.block_manager.num_cache_hit_tokens,
@@ -159,7 +157,6 @@ class LLM:
             "decode_seconds": st.decode_seconds,
             "decode_steps": st.decode_steps,
             "decode_rounds": st.decode_rounds,
-            "decode_rounds_ahead": st.decode_rounds_ahead,
             "host_seconds": st.host_seconds,
         }
 

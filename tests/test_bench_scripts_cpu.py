@@ -253,23 +253,3 @@ def test_first_runs_script(tiny_ckpt: str, tmp_path) -> None:  # noqa: ANN001
     first, second = d["runs"]
     assert first["dynamo_counters"] and not second["dynamo_counters"], (first, second)
     assert second["output_tokens_per_s"] > 0 and "| 2 |" in r.stdout
-
-
-def test_async_ab_runs_both_sides_on_one_engine(ckpt: str, tmp_path) -> None:  # noqa: ANN001
-    """benchmarks/harness/async_ab.py: each pair runs async scheduling on and off; only "on" launches rounds ahead,
-    both produce every requested token; the medians and ratios are those of the pairs."""
-    from benchmarks.harness import async_ab
-
-    out = tmp_path / "async.json"
-    rc = async_ab.main(["--model", ckpt, "--device", "cpu", "--dtype", "float32", "--mode", "nofusion",
-                        "--num-scheduler-steps", "4", "--num-seqs", "4", "--max-input-len", "20",
-                        "--max-output-len", "20", "--max-model-len", "64", "--pairs", "2", "--out", str(out)])
-    assert rc == 0
-    r = json.loads(out.read_text())
-    assert r["meta"]["command"] and r["copy_bandwidth_tb_s"] > 0 and r["weights_floor_ms"] > 0
-    rows = r["throughput"]["pairs"]
-    assert len(rows) == 2 and all(row["on"]["rounds_ahead"] > 0 == row["off"]["rounds_ahead"] for row in rows)
-    ratios = [row["on"]["output_tokens_per_s"] / row["off"]["output_tokens_per_s"] for row in rows]
-    assert r["throughput"]["ratio_on_over_off"]["median"] == pytest.approx(sum(ratios) / 2, rel=1e-5)
-    assert r["throughput_floor"]["output_tokens_per_s"] > 0
-    assert len(r["batch1"]["pairs"]) == 5 and all(row["on"]["rounds_ahead"] > 0 for row in r["batch1"]["pairs"])

@@ -248,7 +248,7 @@ def test_a_round_ends_where_token_by_token_appending_would() -> None:
 def test_host_seconds_are_a_part_of_the_steps_time(tiny_ckpt: str) -> None:
     """StepStats.host_seconds: scheduling, the inputs before a step's first launch and the postprocess; more than
     nothing, less than the steps' whole time, and the runner's share (its input preparation) inside it."""
-    llm = engine(tiny_ckpt, 4, async_scheduling=False)  # (a round launched ahead prepares while the device works)
+    llm = engine(tiny_ckpt, 4)
     llm.generate(random_prompts([5, 12, 30, 7, 19, 3], vocab=500, seed=3),
                  SamplingParams(temperature=0, max_tokens=9, ignore_eos=True),
                  use_tqdm=False)

@@ -11,8 +11,7 @@ the middle of a clean run's calls, either before the real call runs (RuntimeErro
 
 The configuration forces chunked prefill (``max_num_batched_tokens=24``) and preemption (a 6-block pool for
 three requests that need 9), so the fault also lands inside those paths; "multi" runs rounds of up to 4 decode
-steps (``num_scheduler_steps=4``) with their block reservation; "ahead" runs rounds of 2 in a pool without
-preemption, so that rounds are launched before the one before them is read (``async_scheduling``).
+steps (``num_scheduler_steps=4``) with their block reservation.
 """
 from __future__ import annotations
 
@@ -32,7 +31,6 @@ PARAMS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 CONFIGS = {
     "single": dict(num_scheduler_steps=1),
     "multi": dict(num_scheduler_steps=4),
-    "ahead": dict(num_scheduler_steps=2, num_kvcache_blocks=40),
 }
 BASE = dict(device="cpu", kvcache_block_size=8, num_kvcache_blocks=6, max_num_seqs=4, max_num_batched_tokens=24,
             max_model_len=64)
@@ -51,18 +49,12 @@ COMMON_TARGETS = [
     ("Sequence", "append_token"),
 ]
 MULTI_TARGETS = [
-    ("scheduler", "extend_decode"), ("block_manager", "reserve"), ("model_runner", "launch_decode_steps"),
-    ("model_runner", "read_decode_steps"), ("model_runner.buffers", "fill_decode_steps"),
-    ("model_runner.buffers", "load_step"), ("scheduler", "schedule_ahead"),
-]
-AHEAD_TARGETS = [
-    ("model_runner.buffers", "stage_prev_rows"), ("model_runner.buffers", "chain_input_ids"),
-    ("model_runner.buffers", "begin_round"), ("model_runner.buffers", "round_token_lists"),
+    ("scheduler", "extend_decode"), ("block_manager", "reserve"), ("model_runner", "run_decode_steps"),
+    ("model_runner.buffers", "fill_decode_steps"), ("model_runner.buffers", "load_step"),
 ]
 FAULTS = [(RuntimeError, "before"), (KeyboardInterrupt, "after")]
 CASES = ([("single", *t, *f) for t in COMMON_TARGETS for f in FAULTS]
-         + [("multi", *t, *f) for t in COMMON_TARGETS + MULTI_TARGETS for f in FAULTS]
-         + [("ahead", *t, *f) for t in MULTI_TARGETS + AHEAD_TARGETS for f in FAULTS])
+         + [("multi", *t, *f) for t in COMMON_TARGETS + MULTI_TARGETS for f in FAULTS])
 
 
 def _owner(llm: LLM, path: str) -> Any:
@@ -102,14 +94,13 @@ def engines(tiny_ckpt: str) -> dict[str, tuple[LLM, list[list[int]], dict]]:
     """Per configuration: the reused engine, a fresh engine's tokens, and each target's call count in a clean run."""
     out = {}
     for name, kw in CONFIGS.items():
-        fresh = LLM(tiny_ckpt, **(BASE | kw))
+        fresh = LLM(tiny_ckpt, **BASE, **kw)
         ref = [o["token_ids"] for o in fresh.generate(PROMPTS, PARAMS, use_tqdm=False)]
         del fresh
-        llm = LLM(tiny_ckpt, **(BASE | kw))
+        llm = LLM(tiny_ckpt, **BASE, **kw)
         counts = {}
         mp = pytest.MonkeyPatch()
         targets = COMMON_TARGETS + (MULTI_TARGETS if kw["num_scheduler_steps"] > 1 else [])
-        targets += AHEAD_TARGETS if name == "ahead" else []
         for path, attr in targets:
             counts[path, attr] = {"n": 0}
             mp.setattr(_owner(llm, path), attr, _counting(getattr(_owner(llm, path), attr), counts[path, attr]))
@@ -118,10 +109,7 @@ def engines(tiny_ckpt: str) -> dict[str, tuple[LLM, list[list[int]], dict]]:
         finally:
             mp.undo()
         assert got == ref
-        if name == "ahead":
-            assert llm.stats()["decode_rounds_ahead"] > 0, "rounds were meant to be launched ahead"
-        else:
-            assert llm.stats()["num_preemptions"] > 0, "the pool was meant to force preemption"
+        assert llm.stats()["num_preemptions"] > 0, "the pool was meant to force preemption"
         out[name] = (llm, ref, {k: v["n"] for k, v in counts.items()})
     return out
 
@@ -138,8 +126,7 @@ def assert_as_new(llm: LLM, after_fault: bool = True) -> None:
     assert not after_fault or not bm.hash_to_block_id
     ctx = get_context()
     assert ctx.slot_mapping is None and ctx.block_tables is None and not ctx.kv_caches
-    assert eng.model_runner.buffers._step_rows == 0 and eng.model_runner.buffers._prev_rows == 0
-    assert eng._in_flight is None
+    assert eng.model_runner.buffers._step_rows == 0
 
 
 @pytest.mark.parametrize("config, path, attr, exc, when", CASES,
@@ -168,13 +155,12 @@ def test_fault_after_a_round_reserved_blocks(engines, monkeypatch) -> None:
     runner = llm.engine.model_runner
     seen = {}
 
-    def failing_round(seqs: list[Sequence], num_steps: int, lens: list[int] | None = None,
-                      follows: object = None) -> object:
+    def failing_round(seqs: list[Sequence], num_steps: int) -> list[list[int]]:
         seen["extra"] = sum(len(s.block_table) - s.num_blocks for s in seqs)
-        runner.prepare_decode(seqs, num_steps, lens)
+        runner.prepare_decode(seqs, num_steps)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "launch_decode_steps", failing_round)
+    monkeypatch.setattr(runner, "run_decode_steps", failing_round)
     with pytest.raises(KeyboardInterrupt):
         llm.generate(PROMPTS, PARAMS, use_tqdm=False)
     monkeypatch.undo()

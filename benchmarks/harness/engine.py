@@ -79,7 +79,6 @@ class Timed:
     output_tokens: list[int] = field(default_factory=list)  # per request
     cached_tokens: int = 0         # prompt tokens served by the prefix cache
     host_s: float = 0.0            # of the steps' time, host work the device waits for (the engine's host_seconds)
-    rounds_ahead: int = 0          # decode rounds launched before the round before them was read (async_scheduling)
 
     def decode_step_ms(self, batch: int) -> float:
         """Mean time of one decode step of the whole batch: decode_s / (decode_tokens / batch), in ms."""
@@ -109,14 +108,12 @@ def run_timed(llm: Any, prompts: list[list[int]], params: Any) -> Timed:
     seqs = [eng.add_request(list(p), sp) for p, sp in zip(prompts, params_list)]
     out = Timed()
     host0 = eng.stats.host_seconds
-    ahead0 = getattr(eng.stats, "decode_rounds_ahead", 0)
     first_token_done = False
     while not eng.scheduler.is_finished():
         before = [s.num_completion_tokens for s in seqs]
         t0 = time.perf_counter()
         eng.step()
-        if not getattr(eng, "round_in_flight", False):  # a round launched ahead runs on while the host goes on
-            synchronize()
+        synchronize()
         dt = time.perf_counter() - t0
         gained = [s.num_completion_tokens - b for s, b in zip(seqs, before)]
         is_prefill = any(g > 0 and b == 0 for g, b in zip(gained, before)) or not any(gained)
@@ -132,7 +129,6 @@ def run_timed(llm: Any, prompts: list[list[int]], params: Any) -> Timed:
             first_token_done = True
     out.wall_s = time.perf_counter() - t_start
     out.host_s = eng.stats.host_seconds - host0
-    out.rounds_ahead = getattr(eng.stats, "decode_rounds_ahead", 0) - ahead0
     out.output_tokens = [s.num_completion_tokens for s in seqs]
     out.cached_tokens = sum(int(getattr(s, "num_cached_tokens", 0) or 0) for s in seqs)
     return out

@@ -49,9 +49,7 @@ class StepInputBuffers:
         input_ids, positions, top_ks: int64.
         slot_mapping, context_lens: int32; block_tables: int32 ``[max_rows, width]``.
         temperatures, top_ps: float32.
-        step_tokens: int64 ``[max_steps, max_rows]``, the tokens sampled by each step of the current round: one
-            of two buffers (:attr:`round_tokens`), so that a round launched ahead of reading the one before
-            (``async_scheduling``) leaves that one's tokens intact; :meth:`begin_round` switches.
+        step_tokens: int64 ``[max_steps, max_rows]``, the tokens sampled by each step of a round.
     """
 
     def __init__(self, max_rows: int, width: int, block_size: int, device: torch.device, max_steps: int = 1) -> None:
@@ -87,16 +85,8 @@ class StepInputBuffers:
         self.host_step32 = torch.zeros(extra, 2 * r, dtype=torch.int32, pin_memory=self.on_gpu)
         self.dev_step64 = torch.zeros(extra, r, dtype=torch.int64, device=device) if self.on_gpu else self.host_step64
         self.dev_step32 = torch.zeros(extra, 2 * r, dtype=torch.int32, device=device) if self.on_gpu else self.host_step32
-        self.round_tokens = torch.zeros(2, max_steps, r, dtype=torch.int64, device=device)
-        self.parity = 0  # which of round_tokens the current round writes
-        self.step_tokens = self.round_tokens[0]
-        # the rounds' tokens read back to the host (pinned, asynchronous on the GPU), one buffer per parity
-        self.host_round_tokens = torch.zeros(2, max_steps, r, dtype=torch.int64, pin_memory=self.on_gpu)
-        # rows of the previous round whose last tokens are the first input ids of a round launched ahead
-        self.host_prev_rows = torch.zeros(r, dtype=torch.int64, pin_memory=self.on_gpu)
-        self.dev_prev_rows = torch.zeros(r, dtype=torch.int64, device=device) if self.on_gpu else self.host_prev_rows
+        self.step_tokens = torch.zeros(max_steps, r, dtype=torch.int64, device=device)
         self._step_rows = 0  # staging rows filled for the current round
-        self._prev_rows = 0  # rows of host_prev_rows staged since the last upload
         self.np_slot_mapping.fill(-1)
         self.np_block_tables.fill(-1)
         self.upload(0)
@@ -107,12 +97,9 @@ class StepInputBuffers:
             self._uploaded.synchronize()
             self._uploaded = None
 
-    def fill_decode(self, seqs: list[Sequence], rows: int, lens: list[int] | None = None) -> None:
+    def fill_decode(self, seqs: list[Sequence], rows: int) -> None:
         """Write the decode inputs of ``seqs`` (one new token each) into rows ``[0, len(seqs))`` and padding
         into rows ``[len(seqs), rows)``: token 0, position 0, slot -1 (nothing stored), context length 0.
-
-        ``lens``: the sequences' lengths when they differ from ``len(seq)`` (a round launched ahead: its newest
-        tokens are still on the device); their input ids are then left 0 for :meth:`chain_input_ids`.
 
         Raises:
             ValueError: more sequences than ``rows``, ``rows`` above ``max_rows``, or a block table wider
@@ -124,8 +111,7 @@ class StepInputBuffers:
         self._wait_for_last_upload()
         bs = self.block_size
         # len(s) and s.last_token only: a tensor-parallel worker gets a view of each sequence without its tokens
-        ahead = lens is not None
-        lens = np.fromiter((len(s) for s in seqs) if lens is None else lens, dtype=np.int64, count=n)
+        lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=n)
         num_blocks = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=n)
         if n and int(num_blocks.max()) > self.width:
             raise ValueError(f"a block table has {int(num_blocks.max())} blocks; the buffers hold {self.width}")
@@ -136,10 +122,7 @@ class StepInputBuffers:
                            count=int(num_blocks.sum()))
         table[:n][self._arange_width[None, :] < num_blocks[:, None]] = flat
         pos = lens - 1
-        if ahead:
-            self.np_input_ids[:n] = 0
-        else:
-            self.np_input_ids[:n] = np.fromiter((s.last_token for s in seqs), dtype=np.int64, count=n)
+        self.np_input_ids[:n] = np.fromiter((s.last_token for s in seqs), dtype=np.int64, count=n)
         self.np_positions[:n] = pos
         self.np_context_lens[:n] = lens
         self.np_slot_mapping[:n] = table[np.arange(n), pos // bs].astype(np.int64) * bs + pos % bs
@@ -182,7 +165,7 @@ class StepInputBuffers:
     def reset(self) -> None:
         """Drop the staging of a round that did not run (after a failed step) and wait for the last upload."""
         self._wait_for_last_upload()
-        self._step_rows = self._prev_rows = 0
+        self._step_rows = 0
 
     def load_step(self, j: int, n: int) -> None:
         """Before step ``j >= 1`` of a round (on the device, in stream order): the staged positions, slot
@@ -193,48 +176,8 @@ class StepInputBuffers:
         self.dev32[2 * r:4 * r].copy_(self.dev_step32[j - 1])
         self.input_ids[:n].copy_(self.step_tokens[j - 1, :n])
 
-    def begin_round(self) -> None:
-        """Switch :attr:`step_tokens` to the other of the two round buffers (before a round's first step)."""
-        self.parity ^= 1
-        self.step_tokens = self.round_tokens[self.parity]
-
-    def stage_prev_rows(self, prev_rows: list[int]) -> None:
-        """Write, for each sequence of a round launched ahead, its row in the round before (uploaded with the
-        next :meth:`upload`, used by :meth:`chain_input_ids`)."""
-        self._wait_for_last_upload()
-        self.host_prev_rows.numpy()[:len(prev_rows)] = prev_rows
-        self._prev_rows = len(prev_rows)
-
-    def chain_input_ids(self, n: int, prev_parity: int, prev_steps: int) -> None:
-        """On the device, after :meth:`upload`: the first input ids of a round launched ahead are the last tokens
-        of the round before (buffer ``prev_parity``, step ``prev_steps - 1``) at the rows staged by
-        :meth:`stage_prev_rows`."""
-        rows = self.dev_prev_rows[:n]
-        self.input_ids[:n].copy_(self.round_tokens[prev_parity, prev_steps - 1].index_select(0, rows))
-
-    def read_back(self, num_steps: int, n: int) -> "torch.cuda.Event | None":
-        """Start copying the current round's tokens ``[num_steps, n]`` to the host (after its last step, in stream
-        order); returns the event to wait on (None on the CPU, where :meth:`round_token_lists` reads directly)."""
-        if not self.on_gpu:
-            return None
-        self.host_round_tokens[self.parity, :num_steps, :n].copy_(self.step_tokens[:num_steps, :n], non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return done
-
-    def round_token_lists(self, parity: int, num_steps: int, n: int, done: "torch.cuda.Event | None"
-                          ) -> list[list[int]]:
-        """The tokens of the round that wrote buffer ``parity``, per sequence in order (waits for ``done``)."""
-        if done is not None:
-            done.synchronize()
-            per_step = self.host_round_tokens[parity, :num_steps, :n].tolist()
-        else:
-            per_step = self.round_tokens[parity, :num_steps, :n].tolist()
-        return [list(t) for t in zip(*per_step)]
-
-    def fill_sampling(self, seqs: list[Sequence], lens: list[int] | None = None) -> dict:
-        """Write each row's sampling settings; return the host-side flags of the batch. ``lens``: the sequences'
-        lengths when they differ from ``len(seq)`` (a round launched ahead), for the seeded rows' positions.
+    def fill_sampling(self, seqs: list[Sequence]) -> dict:
+        """Write each row's sampling settings; return the host-side flags of the batch.
 
         Returns:
             ``{"all_greedy": bool, "use_top_k": bool, "use_top_p": bool, "seeded": SeededRows | None}``; ``seeded``
@@ -256,14 +199,14 @@ class StepInputBuffers:
         return {"all_greedy": not temps.any(), "use_top_k": bool((top_ks > 0).any()),
                 "use_top_p": bool((top_ps < 1).any()),
                 "seeded": SeededRows([i for i, _ in seeded], [s.sampling_params.seed for _, s in seeded],
-                                     [len(s) if lens is None else lens[i] for i, s in seeded]) if seeded else None}
+                                     [len(s) for _, s in seeded]) if seeded else None}
 
     def upload(self, block_table_rows: int) -> None:
         """Copy the host side to the device: all of ``i64`` and the ``i32`` prefix that ends after
         ``block_table_rows`` block-table rows, and the multi-step staging rows that :meth:`fill_decode_steps`
         filled since the last upload (asynchronous on the GPU; nothing to do on the CPU)."""
         if not self.on_gpu:
-            self._step_rows = self._prev_rows = 0  # host and device are the same tensors
+            self._step_rows = 0  # host and device are the same tensors
             return
         end32 = 4 * self.max_rows + block_table_rows * self.width
         self.dev64.copy_(self.host64, non_blocking=True)
@@ -273,9 +216,6 @@ class StepInputBuffers:
             self.dev_step64[:k].copy_(self.host_step64[:k], non_blocking=True)
             self.dev_step32[:k].copy_(self.host_step32[:k], non_blocking=True)
             self._step_rows = 0
-        if self._prev_rows:
-            self.dev_prev_rows[:self._prev_rows].copy_(self.host_prev_rows[:self._prev_rows], non_blocking=True)
-            self._prev_rows = 0
         self._uploaded = torch.cuda.Event()
         self._uploaded.record()
 

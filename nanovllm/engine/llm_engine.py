@@ -16,7 +16,7 @@ from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
-from nanovllm.engine.step_runner import LaunchedRound, StepRunner
+from nanovllm.engine.step_runner import StepRunner
 from nanovllm.layers.sampler import warm_up_sampling
 from nanovllm.sampling_params import SamplingParams
 
@@ -32,7 +32,6 @@ class StepStats:
     decode_steps: int = 0  # model steps of decode (a multi-step round counts each of its steps)
     decode_rounds: int = 0  # step() calls that decoded (a multi-step round counts once)
     steps: int = 0  # calls of LLMEngine.step (a multi-step round is one)
-    decode_rounds_ahead: int = 0  # rounds launched before the round before them was read (async_scheduling)
     # host work of the steps that the device waits for: scheduling before a step, the inputs of a decode step or
     # round before its first launch, the postprocess after the sampled tokens are read (seconds)
     host_seconds: float = 0.0
@@ -81,7 +80,6 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.stats = StepStats()
         self.last_num_steps = 1  # model steps run by the last call of step()
-        self._in_flight: LaunchedRound | None = None  # a round launched ahead (async_scheduling), read next step
         # online requests (submit / abort / step_requests): the inboxes may be filled from any thread; the rest
         # is touched only by the thread that calls step_requests
         self._inbox: deque[Sequence] = deque()
@@ -146,7 +144,6 @@ class LLMEngine:
             except ValueError:
                 continue
             self.generate(prompts, [greedy] * len(prompts), use_tqdm=False)
-        self._in_flight = None
         self.block_manager.reset()
         self.scheduler.num_preemptions = 0
         self.stats = StepStats()
@@ -212,95 +209,40 @@ class LLMEngine:
     def step(self) -> tuple[list[Sequence], bool, int]:
         """Schedule and run one step: a prefill step, a decode step, or (``num_scheduler_steps`` > 1, one process)
         a round of up to that many decode steps sized by :meth:`Scheduler.extend_decode`. Returns (finished
-        sequences, is_prefill, tokens processed; for a round, the tokens kept).
-
-        With ``async_scheduling``, a round is read only after the next one is launched (:meth:`_launch_ahead`);
-        a step then reads the round that the step before launched, without scheduling."""
-        flight = self._in_flight
-        if flight is not None and all(s.is_finished for s in flight.seqs):
-            flight = self._in_flight = None  # every sequence stopped or was aborted: nothing to read
-        if flight is not None:
-            self._in_flight = None
-            return self._read_round(flight, time.perf_counter(), 0.0)
+        sequences, is_prefill, tokens processed; for a round, the tokens kept)."""
         t0 = time.perf_counter()
         seqs, is_prefill = self.scheduler.schedule()
         num_steps = 1
         if not is_prefill and self.config.num_scheduler_steps > 1 and self.model_runner.supports_multi_step:
             num_steps = self.scheduler.extend_decode(seqs, self.config.num_scheduler_steps)
-        if num_steps > 1:
-            scheduled = time.perf_counter() - t0
-            prepared = self.model_runner.prepare_seconds
-            launched = self.model_runner.launch_decode_steps(seqs, num_steps)
-            return self._read_round(launched, t0, scheduled + self.model_runner.prepare_seconds - prepared)
         prepared = getattr(self.model_runner, "prepare_seconds", 0.0)
         t1 = time.perf_counter()
-        tokens = sum(s.num_scheduled_tokens for s in seqs)
-        token_ids = self.model_runner.run(seqs, is_prefill)
-        t2 = time.perf_counter()
-        finished = self.scheduler.postprocess(seqs, token_ids)
+        if num_steps > 1:
+            before = sum(len(s) for s in seqs)
+            token_ids = self.model_runner.run_decode_steps(seqs, num_steps)
+            t2 = time.perf_counter()
+            finished = self.scheduler.postprocess(seqs, token_ids)
+            tokens = sum(len(s) for s in seqs) - before  # the tokens kept (a stop drops the rest of the round)
+        else:
+            tokens = sum(s.num_scheduled_tokens for s in seqs)
+            token_ids = self.model_runner.run(seqs, is_prefill)
+            t2 = time.perf_counter()
+            finished = self.scheduler.postprocess(seqs, token_ids)
         t3 = time.perf_counter()
-        host = (t1 - t0) + (t3 - t2) + getattr(self.model_runner, "prepare_seconds", 0.0) - prepared
-        self._count(is_prefill, tokens, t3 - t0, host, 1)
-        return finished, is_prefill, tokens
-
-    @property
-    def round_in_flight(self) -> bool:
-        """Whether a round launched ahead (``async_scheduling``) is queued on the device, to be read by the next
-        :meth:`step` (a caller timing steps must not synchronize the device then: that would undo the overlap)."""
-        return self._in_flight is not None
-
-    def _read_round(self, launched: LaunchedRound, t0: float, host_before: float
-                    ) -> tuple[list[Sequence], bool, int]:
-        """Launch the next round ahead (:meth:`_launch_ahead`), then read ``launched`` and accept its tokens.
-
-        ``t0``: when this step began; ``host_before``: the host time that the device waited for before
-        ``launched`` (its scheduling and inputs, when this step launched it; 0 for a round launched ahead). The
-        acceptance of the tokens counts as host time too when no round was launched ahead (the device then has
-        nothing queued)."""
-        live = [s for s in launched.seqs if not s.is_finished]
-        for s in live:
-            s.num_scheduled_tokens = 1  # as a decode step schedules it (a round launched ahead was not scheduled)
-        before = sum(len(s) for s in live)
-        ahead = self._launch_ahead(launched)
-        token_ids = self.model_runner.read_decode_steps(launched)
-        t3 = time.perf_counter()
-        finished = self.scheduler.postprocess(launched.seqs, token_ids)
-        t4 = time.perf_counter()
-        tokens = sum(len(s) for s in live) - before  # the tokens kept (a stop drops the rest of the round)
-        if ahead and all(s.is_finished for s in self._in_flight.seqs):
-            self._in_flight = None  # every sequence of the round launched ahead stopped in this one
-        host = host_before + (0.0 if ahead else t4 - t3)
-        self._count(False, tokens, t4 - t0, host, launched.num_steps)
-        return finished, False, tokens
-
-    def _launch_ahead(self, current: LaunchedRound) -> bool:
-        """With ``async_scheduling``: plan the round after ``current`` (:meth:`Scheduler.schedule_ahead`, which
-        reserves its blocks) and launch it before ``current`` is read, its first input ids taken on the device
-        from ``current``'s last tokens. Returns whether a round was launched (it is read by the next step)."""
-        if not self.config.async_scheduling:
-            return False
-        seqs, lens, k = self.scheduler.schedule_ahead(current.seqs, [len(s) for s in current.seqs],
-                                                      current.num_steps, self.config.num_scheduler_steps)
-        if k <= 1:
-            return False
-        self._in_flight = self.model_runner.launch_decode_steps(seqs, k, lens=lens, follows=current)
-        self.stats.decode_rounds_ahead += 1
-        return True
-
-    def _count(self, is_prefill: bool, tokens: int, seconds: float, host_seconds: float, num_steps: int) -> None:
-        """Add one step to :attr:`stats`."""
+        dt = t3 - t0
         st = self.stats
-        st.host_seconds += host_seconds
+        st.host_seconds += (t1 - t0) + (t3 - t2) + getattr(self.model_runner, "prepare_seconds", 0.0) - prepared
         st.steps += 1
         if is_prefill:
             st.prefill_tokens += tokens
-            st.prefill_seconds += seconds
+            st.prefill_seconds += dt
         else:
             st.decode_tokens += tokens
-            st.decode_seconds += seconds
+            st.decode_seconds += dt
             st.decode_steps += num_steps
             st.decode_rounds += 1
         self.last_num_steps = num_steps
+        return finished, is_prefill, tokens
 
     def generate(self, token_ids: list[list[int]], params: list[SamplingParams], use_tqdm: bool = True
                  ) -> list[Sequence]:
@@ -341,7 +283,6 @@ class LLMEngine:
         empty state and clear the model runner's per-step state (attention context, sampling flags, multi-step
         staging). Afterwards the engine behaves as a fresh one: no block held, nothing scheduled, no prefix
         cached (a block of the failed step may hold partly written KV)."""
-        self._in_flight = None
         self.scheduler.abort_all(seqs)
         self.model_runner.reset_step_state()
 

@@ -20,7 +20,6 @@ from nanovllm.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from nanovllm.engine.input_buffers import StepInputBuffers
 from nanovllm.engine.prefill_graphs import PREFILL_GRAPH_MAX_SEQS, PrefillGraphs, pad_prefill, prefill_buckets
 from nanovllm.engine.sequence import Sequence
-from nanovllm.engine.step_runner import LaunchedRound
 from nanovllm.kernels.prefill_attention import warm_up_prefill_attention
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.registry import model_class
@@ -267,7 +266,7 @@ class ModelRunner:
         return (self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
                 self._to_device(logits_indices, torch.int64))
 
-    def prepare_decode(self, seqs: list[Sequence], num_steps: int = 1, lens: list[int] | None = None
+    def prepare_decode(self, seqs: list[Sequence], num_steps: int = 1
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One new token per sequence (its last); set the decode context. Returns like :meth:`prepare_prefill`.
 
@@ -276,12 +275,11 @@ class ModelRunner:
         CUDA graph's batch size when a graph will run the step. With ``num_steps``
         > 1 the later steps of a multi-step round are staged and uploaded too (:meth:`run_decode_steps`); the
         context then serves every step of the round (its tensors are the static views that each step refills).
-        ``lens``: the lengths of a round launched ahead (:meth:`launch_decode_steps`).
         """
         n = len(seqs)
         rows = self.graphs.padded_rows(n)
         buf = self.buffers
-        buf.fill_decode(seqs, rows, lens)
+        buf.fill_decode(seqs, rows)
         if num_steps > 1:
             buf.fill_decode_steps(seqs, rows, num_steps)
         buf.upload(rows)
@@ -289,7 +287,7 @@ class ModelRunner:
                     block_tables=buf.block_tables[:rows], kv_caches=self.kv_caches)
         return buf.input_ids[:rows], buf.positions[:rows], buf.row_index[:rows]
 
-    def prepare_sample(self, seqs: list[Sequence], upload: bool, lens: list[int] | None = None) -> dict:
+    def prepare_sample(self, seqs: list[Sequence], upload: bool) -> dict:
         """Write the batch's sampling settings into the step buffers and return the sampler's keyword arguments:
         per-row ``temperatures`` (float32), ``top_ks`` (int64), ``top_ps`` (float32), each ``[B]`` on the device,
         and the host-side flags ``all_greedy``, ``use_top_k``, ``use_top_p`` (so the sampler never waits for the
@@ -298,9 +296,8 @@ class ModelRunner:
         Args:
             upload: copy the rows to the device now (a prefill step); False when the step's inputs are uploaded
                 after this call (:meth:`prepare_decode` copies them with its own upload).
-            lens: the lengths of a round launched ahead (the seeded rows' positions); None: ``len(seq)``.
         """
-        flags = self.buffers.fill_sampling(seqs, lens)
+        flags = self.buffers.fill_sampling(seqs)
         if upload:
             self.buffers.upload(0)
         return {**self.buffers.sampler_args(len(seqs)), **flags}
@@ -362,21 +359,10 @@ class ModelRunner:
         return [t if s.num_computed_tokens + s.num_scheduled_tokens == len(s) else None
                 for s, t in zip(seqs, token_ids)]
 
-    def run_decode_steps(self, seqs: list[Sequence], num_steps: int) -> list[list[int]]:
-        """Run a multi-step decode round and read its tokens: :meth:`launch_decode_steps` then
-        :meth:`read_decode_steps`. Returns, for each sequence, the ``num_steps`` tokens sampled for it, in order.
-
-        Raises:
-            RuntimeError: on a tensor-parallel rank (workers only follow single steps).
-        """
-        return self.read_decode_steps(self.launch_decode_steps(seqs, num_steps))
-
     @torch.inference_mode()
-    def launch_decode_steps(self, seqs: list[Sequence], num_steps: int, lens: list[int] | None = None,
-                            follows: LaunchedRound | None = None) -> LaunchedRound:
-        """Launch a multi-step decode round: ``num_steps`` decode steps back to back on the device, each step's
-        sampled tokens feeding the next step's input ids, and the copy of every token to the host; nothing
-        waits for the device.
+    def run_decode_steps(self, seqs: list[Sequence], num_steps: int) -> list[list[int]]:
+        """Run a multi-step decode round: ``num_steps`` decode steps back to back on the device, each step's
+        sampled tokens feeding the next step's input ids, and read every token once at the end.
 
         The scheduler reserved the KV blocks of the whole round (:meth:`Scheduler.extend_decode`). The host
         prepares all the steps' inputs in one go (positions, slot mapping, context lengths per step), so while the
@@ -384,13 +370,9 @@ class ModelRunner:
         critical path. Each step is exactly the single-step computation (same graph, same sampler), so greedy
         tokens equal those of one step at a time.
 
-        A round launched ahead (``async_scheduling``, :meth:`Scheduler.schedule_ahead`) gives ``lens``, each
-        sequence's length at the round's start (its newest tokens are not on the host yet), and ``follows``, the
-        round before, still unread: the first input ids are that round's last tokens, gathered on the device.
-        Every sequence of such a round must be in ``follows``.
-
         Returns:
-            The :class:`LaunchedRound` to give :meth:`read_decode_steps`.
+            For each sequence, the ``num_steps`` tokens sampled for it, in order (the scheduler drops those after
+            a stop).
 
         Raises:
             RuntimeError: on a tensor-parallel rank (workers only follow single steps).
@@ -400,14 +382,8 @@ class ModelRunner:
         n = len(seqs)
         buf = self.buffers
         t0 = time.perf_counter()
-        sample_args = self.prepare_sample(seqs, upload=False, lens=lens)
-        if follows is not None:
-            row_of = {id(s): i for i, s in enumerate(follows.seqs)}
-            buf.stage_prev_rows([row_of[id(s)] for s in seqs])
-        input_ids, positions, logits_indices = self.prepare_decode(seqs, num_steps, lens)
-        if follows is not None:
-            buf.chain_input_ids(n, follows.parity, follows.num_steps)
-        buf.begin_round()
+        sample_args = self.prepare_sample(seqs, upload=False)
+        input_ids, positions, logits_indices = self.prepare_decode(seqs, num_steps)
         self.prepare_seconds += time.perf_counter() - t0
         for j in range(num_steps):
             if j:
@@ -415,9 +391,5 @@ class ModelRunner:
             logits = self.run_model(input_ids, positions, logits_indices, False)[:n]
             buf.step_tokens[j, :n].copy_(self.sampler(logits, generator=self.generator, **sample_args))
         reset_context()
-        return LaunchedRound(list(seqs), num_steps, buf.parity, buf.read_back(num_steps, n))
-
-    def read_decode_steps(self, launched: LaunchedRound) -> list[list[int]]:
-        """Wait for a launched round's tokens; for each sequence, the ``num_steps`` tokens sampled for it, in order
-        (the scheduler drops those after a stop)."""
-        return self.buffers.round_token_lists(launched.parity, launched.num_steps, len(launched.seqs), launched.done)
+        per_step = buf.step_tokens[:num_steps, :n].tolist()
+        return [list(t) for t in zip(*per_step)]

@@ -110,7 +110,7 @@ class Scheduler:
             self.running.extendleft(reversed(scheduled))  # admission order kept: the newest is preempted first
         return scheduled
 
-    def extend_decode(self, seqs: list[Sequence], max_steps: int, lens: list[int] | None = None) -> int:
+    def extend_decode(self, seqs: list[Sequence], max_steps: int) -> int:
         """Turn the decode step just scheduled for ``seqs`` into a round of up to ``max_steps`` steps
         (multi-step decode, ``num_scheduler_steps``).
 
@@ -119,70 +119,23 @@ class Scheduler:
         ``len(seq) + k - 1`` tokens (step ``j`` writes the KV of position ``len(seq) - 1 + j``); when the free
         blocks do not suffice ``k`` is halved until they do. Nothing is preempted for a longer round.
 
-        Args:
-            lens: each sequence's length at the round's start when it differs from ``len(seq)`` (a round
-                launched ahead, :meth:`schedule_ahead`); None: ``len(seq)``.
-
         Returns:
             k >= 1; 1 means a plain decode step (no block was reserved).
         """
         if max_steps <= 1 or not seqs:
             return 1
-        lens = [len(s) for s in seqs] if lens is None else lens
-        room = min(self.max_model_len - n + 1 for n in lens)  # positions stay below max_model_len
-        wanted = max(min(s.sampling_params.max_tokens - (n - s.num_prompt_tokens), self.max_model_len - n)
-                     for s, n in zip(seqs, lens))
+        room = min(self.max_model_len - len(s) + 1 for s in seqs)  # positions stay below max_model_len
+        wanted = max(min(s.sampling_params.max_tokens - s.num_completion_tokens, self.max_model_len - len(s))
+                     for s in seqs)
         k = min(max_steps, room, wanted)
         bm = self.block_manager
-        while k > 1 and sum(bm.blocks_missing(s, n + k - 1) for s, n in zip(seqs, lens)) > bm.num_free_blocks:
+        while k > 1 and sum(bm.blocks_missing(s, len(s) + k - 1) for s in seqs) > bm.num_free_blocks:
             k //= 2
         if k <= 1:
             return 1
-        for s, n in zip(seqs, lens):
-            bm.reserve(s, n + k - 1)
+        for s in seqs:
+            bm.reserve(s, len(s) + k - 1)
         return k
-
-    def schedule_ahead(self, seqs: list[Sequence], lens: list[int], num_steps: int, max_steps: int
-                       ) -> tuple[list[Sequence], list[int], int]:
-        """Plan the round after a multi-step round that is on the device and not yet read (``async_scheduling``):
-        which sequences it runs, their lengths at its start and its step count; reserves its KV blocks.
-
-        The plan assumes that no sequence stops inside the current round before its length limit: the next
-        round runs every sequence of ``seqs`` that cannot reach ``max_tokens`` or ``max_model_len`` there (one
-        that reaches it is finished by the current round), each ``num_steps`` tokens longer, sized by
-        :meth:`extend_decode`. A sequence that does stop early (a stop token) is finished when the current round
-        is read; its tokens of the next round are dropped then (:meth:`postprocess` skips finished sequences).
-        Nothing is planned while a request waits for prefill (it goes first, once the current round is read)
-        or a running sequence is not in the current round (the batch limits left it out; it goes first next
-        time), and nothing is preempted: without the free blocks for two steps, nothing is planned.
-
-        Args:
-            seqs: the current round's sequences, in its row order.
-            lens: their lengths at the current round's start.
-            num_steps: the current round's step count.
-            max_steps: ``num_scheduler_steps``.
-
-        Returns:
-            (sequences, lengths at the next round's start, k); ``([], [], 1)`` when no round is planned.
-        """
-        if self.waiting or max_steps <= 1:
-            return [], [], 1
-        if len(self.running) > sum(not s.is_finished for s in seqs):
-            return [], [], 1  # the batch limits left sequences out of this round: they go first next time
-        nxt: list[Sequence] = []
-        nxt_lens: list[int] = []
-        for s, n in zip(seqs, lens):
-            if s.is_finished:
-                continue
-            p = s.sampling_params
-            at_length = max(1, min(p.max_tokens - (n - s.num_prompt_tokens), self.max_model_len - n))
-            if at_length > num_steps:  # as in _accept_round: the round cannot finish it by length
-                nxt.append(s)
-                nxt_lens.append(n + num_steps)
-        k = self.extend_decode(nxt, max_steps, nxt_lens) if nxt else 1
-        if k <= 1:
-            return [], [], 1
-        return nxt, nxt_lens, k
 
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
@@ -204,17 +157,13 @@ class Scheduler:
             seqs: the sequences of the step, as returned by :meth:`schedule`.
             token_ids: per sequence, one sampled token (int); None for a prefill chunk that did not reach the
                 end of its prompt (no token is produced); or, after a multi-step round, the list of the round's
-                tokens in order (the tokens after the one that finishes the sequence are dropped). A sequence
-                already finished (stopped in the round before a round launched ahead, or aborted while it ran)
-                is skipped: its tokens are dropped.
+                tokens in order (the tokens after the one that finishes the sequence are dropped).
 
         Returns:
             The sequences that finished in this step.
         """
         finished = []
         for seq, tokens in zip(seqs, token_ids):
-            if seq.is_finished:  # stopped or aborted while a round launched ahead ran: its tokens are dropped
-                continue
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
             if tokens is None:

@@ -47,7 +47,6 @@ import torch.multiprocessing as mp
 
 from nanovllm.config import Config
 from nanovllm.engine.sequence import Sequence
-from nanovllm.engine.step_runner import LaunchedRound
 
 if TYPE_CHECKING:
     from nanovllm.engine.model_runner import ModelRunner
@@ -410,15 +409,6 @@ class TensorParallelRunner:
         Raises:
             RuntimeError: always.
         """
-        raise RuntimeError("multi-step decode runs only without tensor parallelism")
-
-    def launch_decode_steps(self, seqs: list[Sequence], num_steps: int, lens: list[int] | None = None,
-                            follows: LaunchedRound | None = None) -> LaunchedRound:
-        """Not supported under tensor parallelism. Raises: RuntimeError: always."""
-        raise RuntimeError("multi-step decode runs only without tensor parallelism")
-
-    def read_decode_steps(self, launched: LaunchedRound) -> list[list[int]]:
-        """Not supported under tensor parallelism. Raises: RuntimeError: always."""
         raise RuntimeError("multi-step decode runs only without tensor parallelism")
 
     def reset_step_state(self) -> None:
