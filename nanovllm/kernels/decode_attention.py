@@ -120,41 +120,21 @@ def _decode_split_kernel(
     bt_row_ptr = bt_ptr + seq.to(tl.int64) * stride_bt
     kv_head_off = kv_head.to(tl.int64) * stride_kh
 
-    acc, m_i, l_i = split_tiles(acc, m_i, l_i, q, split, num_splits, ctx_len, k_cache_ptr, v_cache_ptr, bt_row_ptr,
-                                kv_head_off, stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM,
-                                DOT_PRECISION)
-    write_split_result(acc, m_i, l_i, o_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, seq, head, row_ok, d, split,
-                       num_splits, stride_ob, stride_oh, NUM_HEADS, HEAD_DIM, DIRECT)
-
-
-@triton.jit
-def split_tiles(acc, m_i, l_i, q, split, num_splits, kv_end, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
-                stride_kb, stride_kt, qk_scale, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The online softmax of one split over key positions ``[0, kv_end)``: its whole tiles ``split, split +
-    num_splits, ...`` unmasked (MASKED=False; CAUSAL=False: the one query token sees every key, so q_pos, 0 here, is
-    not read), and the partial last tile, masked at ``kv_end``, when it is this split's turn. Returns the updated
-    ``(acc, m_i, l_i)`` of :func:`nanovllm.kernels.attention_common.online_softmax_tile`."""
-    num_full = kv_end // BLOCK_N
+    num_full = ctx_len // BLOCK_N
+    # This split's whole tiles, unmasked (MASKED=False): tiles split, split + num_splits, ... CAUSAL=False: the
+    # one query token sees every key < ctx_len, so q_pos (0 here) is not read.
     for tile in range(split, num_full, num_splits):
         acc, m_i, l_i = online_softmax_tile(
-            acc, m_i, l_i, q, tile * BLOCK_N, 0, kv_end, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
+            acc, m_i, l_i, q, tile * BLOCK_N, 0, ctx_len, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
             stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, False, False, DOT_PRECISION,
         )
-    if (num_full * BLOCK_N < kv_end) & (num_full % num_splits == split):
+    # The partial last tile (masked at ctx_len) belongs to the split whose turn it is.
+    if (num_full * BLOCK_N < ctx_len) & (num_full % num_splits == split):
         acc, m_i, l_i = online_softmax_tile(
-            acc, m_i, l_i, q, num_full * BLOCK_N, 0, kv_end, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
+            acc, m_i, l_i, q, num_full * BLOCK_N, 0, ctx_len, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
             stride_kb, stride_kt, qk_scale, BLOCK_N, BLOCK_SIZE, HEAD_DIM, True, False, DOT_PRECISION,
         )
-    return acc, m_i, l_i
 
-
-@triton.jit
-def write_split_result(acc, m_i, l_i, o_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, seq, head, row_ok, d, split,
-                       num_splits, stride_ob, stride_oh, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       DIRECT: tl.constexpr):
-    """With ``DIRECT`` (one split) the normalized output rows ``head`` of ``seq``; else this split's partials,
-    contiguous ``[B, H, num_splits]`` (m, l) and ``[B, H, num_splits, D]`` (acc), for the reduce kernel."""
     if DIRECT:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(
@@ -163,6 +143,7 @@ def write_split_result(acc, m_i, l_i, o_ptr, m_part_ptr, l_part_ptr, acc_part_pt
             mask=row_ok[:, None],
         )
     else:
+        # Partials are contiguous [B, H, num_splits] (m, l) and [B, H, num_splits, D] (acc).
         part = (seq.to(tl.int64) * NUM_HEADS + head) * num_splits + split
         tl.store(m_part_ptr + part, m_i, mask=row_ok)
         tl.store(l_part_ptr + part, l_i, mask=row_ok)
@@ -227,8 +208,18 @@ def decode_attention_triton(
     bound = block_tables.shape[1] * block_size
     if max_context_len is not None:
         bound = min(bound, max_context_len)
-    num_splits, (m_part, l_part, acc_part) = split_partials(out, num_kv_heads, bound, num_splits, bn)
+    if num_splits is None:
+        sms = sm_count(q.device) if q.is_cuda else 132
+        num_splits = choose_num_splits(batch, num_kv_heads, bound, sms, bn)
+    num_splits = max(1, int(num_splits))
     direct = num_splits == 1
+    splits_pad = max(2, next_power_of_2(num_splits))
+    if direct:
+        m_part = l_part = acc_part = out  # unused
+    else:
+        m_part = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+        l_part = torch.empty_like(m_part)
+        acc_part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     rows = max(16, next_power_of_2(group))
     pdl = use_pdl(q)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
@@ -265,37 +256,22 @@ def decode_attention_triton(
         **launch_options(pdl),
     )
     if not direct:
-        reduce_splits(context_lens, out, (m_part, l_part, acc_part), num_splits, bn)
+        _decode_reduce_kernel[(batch, num_heads)](
+            context_lens,
+            out,
+            m_part,
+            l_part,
+            acc_part,
+            out.stride(0),
+            out.stride(1),
+            num_splits,
+            NUM_HEADS=num_heads,
+            SPLITS_PAD=splits_pad,
+            BLOCK_N=bn,
+            HEAD_DIM=head_dim,
+            num_warps=4 if head_dim >= 128 else 2,
+        )
     return out
-
-
-def split_partials(out: torch.Tensor, num_kv_heads: int, bound: int, num_splits: int | None, block_n: int
-                   ) -> tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``(num_splits, (m_part, l_part, acc_part))`` for a split-KV launch writing ``out`` ``[B, H, D]``: the split
-    count (``num_splits`` if given, else :func:`choose_num_splits` over the context ``bound``) and the float32
-    partial buffers ``[B, H, S]``, ``[B, H, S]``, ``[B, H, S, D]`` (``out`` itself three times when ``S == 1``:
-    the split kernel then writes the output directly and nothing reads them)."""
-    batch, num_heads, head_dim = out.shape
-    if num_splits is None:
-        sms = sm_count(out.device) if out.is_cuda else 132
-        num_splits = choose_num_splits(batch, num_kv_heads, bound, sms, block_n)
-    num_splits = max(1, int(num_splits))
-    if num_splits == 1:
-        return 1, (out, out, out)
-    m_part = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=out.device)
-    acc_part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=out.device)
-    return num_splits, (m_part, torch.empty_like(m_part), acc_part)
-
-
-def reduce_splits(context_lens: torch.Tensor, out: torch.Tensor,
-                  partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor], num_splits: int, block_n: int) -> None:
-    """Launch the reduce kernel: ``out`` ``[B, H, D]`` = the combination of the ``num_splits`` > 1 partials of
-    :func:`split_partials` (module docstring)."""
-    batch, num_heads, head_dim = out.shape
-    _decode_reduce_kernel[(batch, num_heads)](
-        context_lens, out, *partials, out.stride(0), out.stride(1), num_splits, NUM_HEADS=num_heads,
-        SPLITS_PAD=max(2, next_power_of_2(num_splits)), BLOCK_N=block_n, HEAD_DIM=head_dim,
-        num_warps=4 if head_dim >= 128 else 2)
 
 
 def _check_decode_shapes(
