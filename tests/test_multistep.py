@@ -134,6 +134,19 @@ def _decoding(bm: BlockManager, sched: Scheduler, lengths: list[int], max_tokens
     return batch
 
 
+def test_decode_batch_is_longest_first_and_queue_order_is_kept() -> None:
+    bm = BlockManager(num_blocks=40, block_size=4)
+    sched = Scheduler(_Cfg(), bm)
+    batch = _decoding(bm, sched, [5, 12, 8, 12], max_tokens=6)  # lengths 6, 13, 9, 13 after the first token
+    queued = list(sched.running)
+    assert [len(s) for s in queued] == [6, 13, 9, 13]  # admission order
+    assert [len(s) for s in batch] == [13, 13, 9, 6]
+    assert batch[0] is queued[1] and batch[1] is queued[3]  # a tie keeps the scheduling order
+    sched.postprocess(batch, [5] * len(batch))
+    assert list(sched.running) == queued  # the queue (and so the preemption order) is not reordered
+    assert [len(s) for s in sched.schedule()[0]] == [14, 14, 10, 7]
+
+
 def test_extend_decode_caps_and_reserves() -> None:
     bm = BlockManager(num_blocks=20, block_size=4)
     sched = Scheduler(_Cfg(), bm)
@@ -141,7 +154,8 @@ def test_extend_decode_caps_and_reserves() -> None:
     free = bm.num_free_blocks
     k = sched.extend_decode(seqs, 8)
     assert k == 5  # at most 5 more tokens for either (max_tokens 6)
-    assert [len(s.block_table) for s in seqs] == [-(-(7 + 4) // 4), -(-(11 + 4) // 4)]  # len + k - 1 tokens
+    assert [len(s) for s in seqs] == [11, 7]  # the decode batch: longest first
+    assert [len(s.block_table) for s in seqs] == [-(-(11 + 4) // 4), -(-(7 + 4) // 4)]  # len + k - 1 tokens
     assert bm.num_free_blocks == free - (3 - 2) - (4 - 3)
     bm.check_invariants()
 

@@ -10,6 +10,18 @@ from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, SequenceStatus
 
 
+def decode_order(seqs: list[Sequence]) -> list[Sequence]:
+    """The rows of a decode batch: longest sequence first (ties in scheduling order).
+
+    The decode attention kernel starts its programs in batch order, each program's work proportional to its
+    sequence's context. Longest first is longest-processing-time-first list scheduling (Graham, "Bounds on
+    multiprocessing timing anomalies", 1969): the long programs start at once and the short ones fill the GPU's
+    tail, where batch order leaves long programs running alone at the end. Measured in
+    ``benchmarks/results/<gpu>/attention-order.json``. The order of the queues (``running``) is not changed.
+    """
+    return sorted(seqs, key=len, reverse=True)
+
+
 class Scheduler:
     """Waiting and running queues over one :class:`BlockManager`.
 
@@ -17,7 +29,8 @@ class Scheduler:
     - A step is either a *prefill* step or a *decode* step. Prefill goes first: waiting sequences are admitted
       in order while blocks, ``max_num_seqs`` and the ``max_num_batched_tokens`` budget allow; the last one
       admitted may be cut into a chunk (chunked prefill) and continues in the next prefill step.
-    - A decode step computes one token for every running sequence (:meth:`extend_decode` can turn it into a
+    - A decode step computes one token for every running sequence, the longest first (:func:`decode_order`;
+      :meth:`extend_decode` can turn it into a
       round of several steps: multi-step decode). If a sequence needs a block and none is
       free, the most recently admitted running sequence is preempted: its blocks are freed and it goes back
       to the front of the waiting queue to be recomputed later (preemption by recompute).
@@ -108,7 +121,7 @@ class Scheduler:
             self.running.extend(scheduled)
         else:
             self.running.extendleft(reversed(scheduled))  # admission order kept: the newest is preempted first
-        return scheduled
+        return decode_order(scheduled)
 
     def extend_decode(self, seqs: list[Sequence], max_steps: int) -> int:
         """Turn the decode step just scheduled for ``seqs`` into a round of up to ``max_steps`` steps

@@ -2,7 +2,8 @@
 
 Algorithm: flash-decoding (Dao, Haziza, Massa, Sizov, 2023, "Flash-Decoding for long-context inference").
 The context of each sequence is cut into ``BLOCK_N``-token tiles, dealt round-robin to ``num_splits`` splits:
-split ``s`` takes tiles ``s, s + num_splits, s + 2 num_splits, ...``. Kernel 1, grid ``(B, Hkv, num_splits)``:
+split ``s`` takes tiles ``s, s + num_splits, s + 2 num_splits, ...``. Kernel 1, one program per ``(sequence, kv
+head, split)`` on a flat grid ordered sequence-major (programs start in batch order):
 each program runs one split for all ``G = H // Hkv`` query heads of one kv head (so each K/V tile is loaded once
 for the whole group; the ``G`` rows are padded to at least 16 for ``tl.dot``), with an online softmax (base 2,
 float32) over its tiles, and writes the partial ``(max m_s, sum l_s, unnormalized acc_s)``. Kernel 2, grid
@@ -94,9 +95,13 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    # One flat grid, the kv head fastest, then the split, the sequence slowest: programs start in batch order, so
+    # a batch sorted longest context first (the scheduler's decode order) starts its longest programs first and
+    # its shortest ones fill the tail (longest-processing-time-first list scheduling, Graham 1969).
+    pid = tl.program_id(0)
+    kv_head = pid % (NUM_HEADS // GROUP)
+    split = (pid // (NUM_HEADS // GROUP)) % num_splits
+    seq = pid // (NUM_HEADS // GROUP) // num_splits
     if USE_PDL:  # q and the newest K/V come from the previous kernels (fusion_pass/launch.py)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -222,7 +227,7 @@ def decode_attention_triton(
         acc_part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     rows = max(16, next_power_of_2(group))
     pdl = use_pdl(q)
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+    _decode_split_kernel[(batch * num_kv_heads * num_splits,)](
         q,
         k_cache,
         v_cache,
