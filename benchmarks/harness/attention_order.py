@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None, extra: dict[str, Any] | None = None) -> 
     if not torch.cuda.is_available():
         print("the attention-order benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
-    res = {**provenance.header(argv, "python -m benchmarks.harness.attention_order"),
+    res = {**provenance.header(argv, module="benchmarks.harness.attention_order"),
            **run([int(b) for b in args.batches.split(",")], args.max_model_len, args.calls, args.rounds, extra)}
     results_io.write_json(args.out, res)
     print(f"wrote {args.out}")

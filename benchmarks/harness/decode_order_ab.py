@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     bw = floors.bandwidth_bytes_per_s()
-    out: dict[str, Any] = {**provenance.header(argv, "python -m benchmarks.harness.decode_order_ab"),
+    out: dict[str, Any] = {**provenance.header(argv, module="benchmarks.harness.decode_order_ab"),
                            "mode": args.mode, "copy_bandwidth_tb_s": round(bw / 1e12, 4)}
     kw = engine.engine_kwargs(args.mode, max_model_len=args.max_model_len, max_num_seqs=512,
                               max_num_batched_tokens=16384, device=args.device)

@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--modes: unknown {bad}; choose from {sorted(engine.MODES)}")
     path = results_io.results_path("workload-profile", args.out)
     bw = floors.bandwidth_bytes_per_s()
-    res: dict[str, Any] = {**provenance.header(argv, "python -m benchmarks.harness.profile_workload"),
+    res: dict[str, Any] = {**provenance.header(argv, module="benchmarks.harness.profile_workload"),
                            "copy_bandwidth_tb_s": round(bw / 1e12, 3), "modes": {}}
     failed = 0
     for mode in modes:

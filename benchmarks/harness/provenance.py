@@ -70,12 +70,14 @@ def run_metadata(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
 
 
-def header(argv: Sequence[str] | None = None, script: str | None = None) -> dict[str, Any]:
+def header(argv: Sequence[str] | None = None, script: str | None = None, module: str | None = None
+           ) -> dict[str, Any]:
     """The keys every result JSON starts with.
 
     Args:
         argv: the script's arguments after its name (default ``sys.argv[1:]``).
         script: the script path relative to the repository (default: ``sys.argv[0]`` made relative).
+        module: the module run with ``python -m`` (instead of ``script``), e.g. ``benchmarks.harness.serving``.
 
     Returns:
         dict: gpu (full device name, "cpu" without CUDA), date (UTC, ISO 8601), commit (git HEAD, None outside a
@@ -89,7 +91,7 @@ def header(argv: Sequence[str] | None = None, script: str | None = None) -> dict
     return {"gpu": str(info.get("name", "cpu")),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "commit": _git("rev-parse", "HEAD"), "commit_dirty": None if status is None else bool(status),
-            "command": "python " + shlex.join([script, *args]),
+            "command": "python " + shlex.join([*(["-m", module] if module else [script]), *args]),
             "versions": {"torch": _version("torch"), "triton": _version("triton"),
                          "transformers": _version("transformers"), "python": platform.python_version(),
                          "cuda": info.get("cuda")}}
