@@ -92,8 +92,9 @@ class StepLog:
                 out = inner()
             k = int(getattr(eng, "last_num_steps", 1))
             self.steps.append({"prefill": bool(out[1]), "rows": len(running), "model_steps": k,
-                               # K/V read over the round: each model step reads every live token, its new one included
-                               "live_token_steps": k * live + len(running) * k * (k + 1) // 2})
+                               # K/V read over the round: model step j (from 0) reads every live token and j more
+                               # per row (``len(seq)`` already counts the token the round's first step feeds)
+                               "live_token_steps": k * live + len(running) * k * (k - 1) // 2})
             return out
 
         eng.step = step
