@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch._dynamo.utils import counters
 
     from benchmarks.harness import engine, workloads
-    from benchmarks.throughput import shifted
+    from benchmarks.harness.workloads import shifted
     from nanovllm import LLM, SamplingParams
 
     compiles: list[tuple[float, str]] = []

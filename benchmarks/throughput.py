@@ -108,12 +108,6 @@ def workload(args: argparse.Namespace) -> tuple[list[list[int]], list[int]]:
     return prompts, max_tokens
 
 
-def shifted(prompts: list[list[int]], k: int, high: int) -> list[list[int]]:
-    """The prompts with their first token id changed (k = 0: unchanged), so no KV block hash of one run matches
-    another's; lengths are kept."""
-    return prompts if k == 0 else [[(p[0] + 997 * k) % (high + 1)] + p[1:] for p in prompts]
-
-
 def child(args: argparse.Namespace) -> int:
     """Build one engine (mode ``args.child``), run the workload twice, write the child JSON. Returns 0."""
     from nanovllm import SamplingParams
@@ -131,7 +125,7 @@ def child(args: argparse.Namespace) -> int:
     sps = [SamplingParams(temperature=engine.TEMPERATURE, ignore_eos=True, max_tokens=m) for m in max_tokens]
     runs = []
     for k in range(2):
-        t = engine.run_timed(llm, shifted(prompts, k + 1, high), sps)
+        t = engine.run_timed(llm, workloads.shifted(prompts, k + 1, high), sps)
         engine.check_counts(t, max_tokens, f"{mode} run {k + 1}")
         n = sum(max_tokens)
         runs.append({"output_tokens_per_s": round(n / t.wall_s, 1), "seconds": round(t.wall_s, 3),

@@ -89,19 +89,7 @@ def variants(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bt: torch.Tensor
 def time_alternating(calls: dict[str, Callable[[], Any]], n_calls: int, rounds: int) -> dict[str, list[float]]:
     """Microseconds per call of each variant: one CUDA graph of ``n_calls`` calls per variant, replayed in
     alternation ``rounds`` times (the order rotates each round)."""
-    graphs: dict[str, torch.cuda.CUDAGraph] = {}
-    for name, fn in calls.items():
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(n_calls):
-                fn()
-        graphs[name] = g
+    graphs = {name: timing.capture_graph(fn, n_calls) for name, fn in calls.items()}
     torch.cuda.synchronize()
     names = list(graphs)
     times: dict[str, list[float]] = {n: [] for n in names}

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 name = "longest" if side == 0 else "batch"
                 scheduler.decode_order = sorted_order if side == 0 else (lambda seqs: seqs)
                 shift = 2 * i + side + 1
-                t = engine.run_timed(llm, [[(p[0] + 997 * shift) % (high + 1)] + p[1:] for p in prompts], sps)
+                t = engine.run_timed(llm, workloads.shifted(prompts, shift, high), sps)
                 engine.check_counts(t, max_tokens, f"{name} pair {i}")
                 row[name] = {"output_tokens_per_s": round(sum(max_tokens) / t.wall_s, 1),
                              "seconds": round(t.wall_s, 3), "decode_s": round(t.decode_s, 3),

@@ -175,16 +175,14 @@ def profile_mode(args: argparse.Namespace, mode: str, bw: float) -> dict[str, An
     prompts, max_tokens = workloads.nano_vllm_workload(args.num_seqs, 0, args.max_input_len, args.max_output_len,
                                                        args.min_input_len, args.min_output_len)
     high = engine.prompt_id_high(args.model)
+    prompts = [[t % (high + 1) for t in p] for p in prompts]
     sps = [SamplingParams(temperature=engine.TEMPERATURE, ignore_eos=True, max_tokens=m) for m in max_tokens]
     llm, build_s = engine.build(args.model, kw)
     try:
-        def variant(k: int) -> list[list[int]]:
-            return [[(p[0] + 997 * k) % (high + 1)] + [t % (high + 1) for t in p[1:]] for p in prompts]
-
-        plain = engine.run_timed(llm, variant(1), sps)
+        plain = engine.run_timed(llm, workloads.shifted(prompts, 1, high), sps)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with StepLog(llm.engine) as log, profile(activities=activities) as prof:
-            profiled = engine.run_timed(llm, variant(2), sps)
+            profiled = engine.run_timed(llm, workloads.shifted(prompts, 2, high), sps)
         fd, trace = tempfile.mkstemp(prefix=f"workload-{mode}-", suffix=".json")
         os.close(fd)
         try:

@@ -94,15 +94,10 @@ def event_time_us(fn: Callable[[], Any], iters: int = 50, warmup: int = 5) -> fl
     return median(times)
 
 
-def graph_time_us(fn: Callable[[], Any], calls_per_graph: int = 20, replays: int = 20, warmup: int = 3) -> float:
-    """Median time of one ``fn()`` in microseconds, from replays of a CUDA graph that holds ``calls_per_graph``
-    back-to-back calls (the host's launch cost is out of the measurement, as in the engine's decode graphs).
-
-    ``fn`` must be capturable (no host synchronisation, static shapes). Raises RuntimeError without CUDA.
-    """
+def capture_graph(fn: Callable[[], Any], calls: int, warmup: int = 3) -> Any:
+    """A ``torch.cuda.CUDAGraph`` of ``calls`` back-to-back ``fn()`` calls, captured after ``warmup`` calls on a side
+    stream (which compile and allocate what the capture must not); the device is synchronized before the capture."""
     import torch
-    if not torch.cuda.is_available():
-        raise RuntimeError("graph_time_us needs CUDA")
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -112,8 +107,21 @@ def graph_time_us(fn: Callable[[], Any], calls_per_graph: int = 20, replays: int
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(calls_per_graph):
+        for _ in range(calls):
             fn()
+    return g
+
+
+def graph_time_us(fn: Callable[[], Any], calls_per_graph: int = 20, replays: int = 20, warmup: int = 3) -> float:
+    """Median time of one ``fn()`` in microseconds, from replays of a CUDA graph that holds ``calls_per_graph``
+    back-to-back calls (the host's launch cost is out of the measurement, as in the engine's decode graphs).
+
+    ``fn`` must be capturable (no host synchronisation, static shapes). Raises RuntimeError without CUDA.
+    """
+    import torch
+    if not torch.cuda.is_available():
+        raise RuntimeError("graph_time_us needs CUDA")
+    g = capture_graph(fn, calls_per_graph, warmup)
     g.replay()
     torch.cuda.synchronize()
     times = []

@@ -42,3 +42,9 @@ def random_prompts(batch: int, length: int, seed: int, high: int = 10000) -> lis
     """
     rng = random.Random(seed)
     return [[rng.randint(0, high) for _ in range(length)] for _ in range(batch)]
+
+
+def shifted(prompts: list[list[int]], k: int, high: int) -> list[list[int]]:
+    """The prompts with their first token id changed (k = 0: unchanged), so no KV block hash of one run matches
+    another's and the prefix cache serves nothing; lengths are kept. ``high``: the largest token id allowed."""
+    return prompts if k == 0 else [[(p[0] + 997 * k) % (high + 1)] + p[1:] for p in prompts]
