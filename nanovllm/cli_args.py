@@ -94,7 +94,7 @@ def nonempty_text(text: str) -> str:
 # ---- the flags -----------------------------------------------------------------------------------------------
 ENGINE_FLAGS = ("device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
                 "kvcache_block_size", "num_kvcache_blocks", "gpu_memory_utilization", "num_scheduler_steps",
-                "compile_fusion", "enforce_eager", "seed")
+                "async_scheduling", "compile_fusion", "enforce_eager", "seed")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, max_model_len: int = 1024) -> None:
@@ -129,6 +129,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, max_model_len: int = 1
                    help="fraction of the GPU's memory the engine may use, in (0, 1]")
     g.add_argument("--num-scheduler-steps", type=int_in(1, MAX_SCHEDULER_STEPS), default=None,
                    help="decode steps per scheduling round (none: 8 on one GPU, 1 on the CPU)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="plan and launch the next decode round while the GPU runs the current one (with "
+                        "--num-scheduler-steps > 1)")
     g.add_argument("--compile-fusion", action="store_true",
                    help="compile the model with the coconut backend (RMSNorm -> Linear fusion)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")

@@ -108,6 +108,15 @@ class Config:
             end, so up to k - 1 steps later. Greedy outputs are the same for every value. 1 = one step per
             round. None (the default): 8 on one GPU, 1 on the CPU and with tensor parallelism
             (:func:`default_num_scheduler_steps`); tensor parallelism always runs 1.
+        async_scheduling: with multi-step decode (``num_scheduler_steps`` > 1), plan and launch the next decode
+            round while the device runs the current one, before its tokens are read
+            (``Scheduler.plan_next_round``), so that scheduling, batch preparation and the stop checks of a round
+            overlap the device's work instead of leaving it idle between rounds. The next round is planned only
+            when it continues the current one (no request waiting, no preemption needed); sequences that reach
+            max_tokens or max_model_len inside the current round are left out of it, and the tokens computed
+            for a sequence that stops on a stop token in the current round are dropped. Outputs are the same as
+            with False (greedy tokens exactly; seeded sampling too). Default True; False waits for each round's
+            tokens before scheduling the next.
         tuning_file: the JSON file of the dispatch decisions measured on CUDA (the fused op's and the small-M
             linear's, ``fusion_pass.save_tuning`` format): decisions of this GPU found there are loaded instead of
             measured when the engine starts, and the file is written when something new was measured. None (the
@@ -150,6 +159,7 @@ class Config:
     compile_fusion: bool = False
     seed: int | None = None
     num_scheduler_steps: int | None = None
+    async_scheduling: bool = True
     tuning_file: str | bool | None = None
     tp_timeout_s: float = 600.0
     tp_start_timeout_s: float = 900.0
@@ -187,7 +197,7 @@ class Config:
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {value!r}")
             setattr(self, name, int(value))  # numpy integers become Python ints
-        for name in ("enforce_eager", "compile_fusion"):
+        for name in ("enforce_eager", "compile_fusion", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.gpu_memory_utilization, (bool, np.bool_)) or not isinstance(self.gpu_memory_utilization,

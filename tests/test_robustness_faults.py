@@ -11,7 +11,8 @@ the middle of a clean run's calls, either before the real call runs (RuntimeErro
 
 The configuration forces chunked prefill (``max_num_batched_tokens=24``) and preemption (a 6-block pool for
 three requests that need 9), so the fault also lands inside those paths; "multi" runs rounds of up to 4 decode
-steps (``num_scheduler_steps=4``) with their block reservation.
+steps (``num_scheduler_steps=4``) with their block reservation, each next round planned and launched before the
+last one is read (async scheduling); "multi-sync" the same rounds one at a time.
 """
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ from nanovllm.utils.context import get_context
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 PROMPTS = random_prompts([20, 13, 9], seed=180)
-PARAMS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+PARAMS = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
 CONFIGS = {
     "single": dict(num_scheduler_steps=1),
     "multi": dict(num_scheduler_steps=4),
+    "multi-sync": dict(num_scheduler_steps=4, async_scheduling=False),
 }
 BASE = dict(device="cpu", kvcache_block_size=8, num_kvcache_blocks=6, max_num_seqs=4, max_num_batched_tokens=24,
             max_model_len=64)
@@ -49,12 +51,16 @@ COMMON_TARGETS = [
     ("Sequence", "append_token"),
 ]
 MULTI_TARGETS = [
-    ("scheduler", "extend_decode"), ("block_manager", "reserve"), ("model_runner", "run_decode_steps"),
-    ("model_runner.buffers", "fill_decode_steps"), ("model_runner.buffers", "load_step"),
+    ("scheduler", "extend_decode"), ("block_manager", "reserve"), ("model_runner", "launch_decode_steps"),
+    ("model_runner", "collect_decode_steps"), ("model_runner.buffers", "fill_decode_steps"),
+    ("model_runner.buffers", "load_step"),
 ]
+ASYNC_TARGETS = [("scheduler", "plan_next_round"), ("model_runner.buffers", "feed_from_round")]
+SYNC_TARGETS = [("model_runner", "run_decode_steps")]
+TARGETS = {"single": COMMON_TARGETS, "multi": COMMON_TARGETS + MULTI_TARGETS + ASYNC_TARGETS,
+           "multi-sync": COMMON_TARGETS + MULTI_TARGETS + SYNC_TARGETS}
 FAULTS = [(RuntimeError, "before"), (KeyboardInterrupt, "after")]
-CASES = ([("single", *t, *f) for t in COMMON_TARGETS for f in FAULTS]
-         + [("multi", *t, *f) for t in COMMON_TARGETS + MULTI_TARGETS for f in FAULTS])
+CASES = [(c, *t, *f) for c, targets in TARGETS.items() for t in targets for f in FAULTS]
 
 
 def _owner(llm: LLM, path: str) -> Any:
@@ -100,8 +106,7 @@ def engines(tiny_ckpt: str) -> dict[str, tuple[LLM, list[list[int]], dict]]:
         llm = LLM(tiny_ckpt, **BASE, **kw)
         counts = {}
         mp = pytest.MonkeyPatch()
-        targets = COMMON_TARGETS + (MULTI_TARGETS if kw["num_scheduler_steps"] > 1 else [])
-        for path, attr in targets:
+        for path, attr in TARGETS[name]:
             counts[path, attr] = {"n": 0}
             mp.setattr(_owner(llm, path), attr, _counting(getattr(_owner(llm, path), attr), counts[path, attr]))
         try:
@@ -127,6 +132,7 @@ def assert_as_new(llm: LLM, after_fault: bool = True) -> None:
     ctx = get_context()
     assert ctx.slot_mapping is None and ctx.block_tables is None and not ctx.kv_caches
     assert eng.model_runner.buffers._step_rows == 0
+    assert eng._in_flight is None
 
 
 @pytest.mark.parametrize("config, path, attr, exc, when", CASES,
@@ -155,12 +161,12 @@ def test_fault_after_a_round_reserved_blocks(engines, monkeypatch) -> None:
     runner = llm.engine.model_runner
     seen = {}
 
-    def failing_round(seqs: list[Sequence], num_steps: int) -> list[list[int]]:
+    def failing_round(seqs: list[Sequence], num_steps: int, after: Any = None) -> Any:
         seen["extra"] = sum(len(s.block_table) - s.num_blocks for s in seqs)
         runner.prepare_decode(seqs, num_steps)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "run_decode_steps", failing_round)
+    monkeypatch.setattr(runner, "launch_decode_steps", failing_round)
     with pytest.raises(KeyboardInterrupt):
         llm.generate(PROMPTS, PARAMS, use_tqdm=False)
     monkeypatch.undo()

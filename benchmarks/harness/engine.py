@@ -109,11 +109,12 @@ def run_timed(llm: Any, prompts: list[list[int]], params: Any) -> Timed:
     out = Timed()
     host0 = eng.stats.host_seconds
     first_token_done = False
-    while not eng.scheduler.is_finished():
+    while not eng.is_finished():
         before = [s.num_completion_tokens for s in seqs]
         t0 = time.perf_counter()
         eng.step()
-        synchronize()
+        if not eng.round_in_flight:  # with a round in flight, waiting for the device would undo async scheduling
+            synchronize()
         dt = time.perf_counter() - t0
         gained = [s.num_completion_tokens - b for s, b in zip(seqs, before)]
         is_prefill = any(g > 0 and b == 0 for g, b in zip(gained, before)) or not any(gained)

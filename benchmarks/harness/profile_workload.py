@@ -7,7 +7,10 @@ with CPU and CUDA activities (run 2, with other first token ids so that no prefi
 Every ``engine.step()`` of run 2 is wrapped in a ``record_function`` range, and the GPU activities (the kernels of
 CUDA-graph replays included) are tied to their step through the correlation id of their launch
 (:func:`.decode_trace.parse_trace`). Each step is a prefill step or a decode round (``num_scheduler_steps`` model
-steps); decode rounds are grouped by batch size (rows in the round).
+steps); decode rounds are grouped by batch size (rows in the round). The engines run one round at a time
+(``async_scheduling=False``): with async scheduling a step launches the round after the one it reports, so its
+kernels would land in the wrong step; the GPU's idle time between rounds measured here is what async scheduling
+overlaps with the device's work.
 
 Per group: ``wall_s`` (the steps' host ranges, each ending in the read-back of the sampled ids, so it includes the
 wait for the GPU), ``gpu_busy_s`` (the union of the GPU activities' intervals), ``idle_s = wall_s - gpu_busy_s``
@@ -177,6 +180,7 @@ def profile_mode(args: argparse.Namespace, mode: str, bw: float) -> dict[str, An
     high = engine.prompt_id_high(args.model)
     prompts = [[t % (high + 1) for t in p] for p in prompts]
     sps = [SamplingParams(temperature=engine.TEMPERATURE, ignore_eos=True, max_tokens=m) for m in max_tokens]
+    kw["async_scheduling"] = False  # each step's kernels are then those of the round it reports (see the docstring)
     llm, build_s = engine.build(args.model, kw)
     try:
         plain = engine.run_timed(llm, workloads.shifted(prompts, 1, high), sps)

@@ -97,9 +97,17 @@ class StepInputBuffers:
             self._uploaded.synchronize()
             self._uploaded = None
 
-    def fill_decode(self, seqs: list[Sequence], rows: int) -> None:
+    def fill_decode(self, seqs: list[Sequence], rows: int, ahead: int = 0,
+                    prev_rows: list[int] | None = None) -> None:
         """Write the decode inputs of ``seqs`` (one new token each) into rows ``[0, len(seqs))`` and padding
         into rows ``[len(seqs), rows)``: token 0, position 0, slot -1 (nothing stored), context length 0.
+
+        Args:
+            ahead: tokens each sequence gains, before this step, from a round whose tokens the host has not read
+                (async scheduling): the step sits at ``len(s) + ahead - 1``.
+            prev_rows: with ``ahead`` > 0, each sequence's row in that round; the input ids are then its tokens,
+                gathered on the device by :meth:`feed_from_round` after the upload (rows ``[0, n)`` of
+                ``input_ids`` carry these row numbers until then).
 
         Raises:
             ValueError: more sequences than ``rows``, ``rows`` above ``max_rows``, or a block table wider
@@ -111,7 +119,7 @@ class StepInputBuffers:
         self._wait_for_last_upload()
         bs = self.block_size
         # len(s) and s.last_token only: a tensor-parallel worker gets a view of each sequence without its tokens
-        lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=n)
+        lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=n) + ahead
         num_blocks = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=n)
         if n and int(num_blocks.max()) > self.width:
             raise ValueError(f"a block table has {int(num_blocks.max())} blocks; the buffers hold {self.width}")
@@ -122,7 +130,12 @@ class StepInputBuffers:
                            count=int(num_blocks.sum()))
         table[:n][self._arange_width[None, :] < num_blocks[:, None]] = flat
         pos = lens - 1
-        self.np_input_ids[:n] = np.fromiter((s.last_token for s in seqs), dtype=np.int64, count=n)
+        if ahead:
+            if prev_rows is None or len(prev_rows) != n:
+                raise ValueError("fill_decode: ahead > 0 needs each sequence's row in the round before")
+            self.np_input_ids[:n] = prev_rows
+        else:
+            self.np_input_ids[:n] = np.fromiter((s.last_token for s in seqs), dtype=np.int64, count=n)
         self.np_positions[:n] = pos
         self.np_context_lens[:n] = lens
         self.np_slot_mapping[:n] = table[np.arange(n), pos // bs].astype(np.int64) * bs + pos % bs
@@ -176,8 +189,16 @@ class StepInputBuffers:
         self.dev32[2 * r:4 * r].copy_(self.dev_step32[j - 1])
         self.input_ids[:n].copy_(self.step_tokens[j - 1, :n])
 
-    def fill_sampling(self, seqs: list[Sequence]) -> dict:
-        """Write each row's sampling settings; return the host-side flags of the batch.
+    def feed_from_round(self, last_step: int, n: int) -> None:
+        """After :meth:`fill_decode` with ``prev_rows`` and the upload (on the device, in stream order): replace
+        the row numbers in ``input_ids[:n]`` by the tokens that step ``last_step`` of the round before sampled in
+        those rows (``step_tokens[last_step]``)."""
+        ids = self.input_ids[:n]
+        ids.copy_(self.step_tokens[last_step].index_select(0, ids))
+
+    def fill_sampling(self, seqs: list[Sequence], ahead: int = 0) -> dict:
+        """Write each row's sampling settings; return the host-side flags of the batch. ``ahead``: as in
+        :meth:`fill_decode` (the seeded rows' next positions are ``len(s) + ahead``).
 
         Returns:
             ``{"all_greedy": bool, "use_top_k": bool, "use_top_p": bool, "seeded": SeededRows | None}``; ``seeded``
@@ -199,7 +220,7 @@ class StepInputBuffers:
         return {"all_greedy": not temps.any(), "use_top_k": bool((top_ks > 0).any()),
                 "use_top_p": bool((top_ps < 1).any()),
                 "seeded": SeededRows([i for i, _ in seeded], [s.sampling_params.seed for _, s in seeded],
-                                     [len(s) for _, s in seeded]) if seeded else None}
+                                     [len(s) + ahead for _, s in seeded]) if seeded else None}
 
     def upload(self, block_table_rows: int) -> None:
         """Copy the host side to the device: all of ``i64`` and the ``i32`` prefix that ends after

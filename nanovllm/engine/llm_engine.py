@@ -16,7 +16,7 @@ from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
-from nanovllm.engine.step_runner import StepRunner
+from nanovllm.engine.step_runner import PendingRound, StepRunner
 from nanovllm.layers.sampler import warm_up_sampling
 from nanovllm.sampling_params import SamplingParams
 
@@ -80,6 +80,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.stats = StepStats()
         self.last_num_steps = 1  # model steps run by the last call of step()
+        self._in_flight: PendingRound | None = None  # async scheduling: a launched decode round not yet read
         # online requests (submit / abort / step_requests): the inboxes may be filled from any thread; the rest
         # is touched only by the thread that calls step_requests
         self._inbox: deque[Sequence] = deque()
@@ -209,12 +210,25 @@ class LLMEngine:
     def step(self) -> tuple[list[Sequence], bool, int]:
         """Schedule and run one step: a prefill step, a decode step, or (``num_scheduler_steps`` > 1, one process)
         a round of up to that many decode steps sized by :meth:`Scheduler.extend_decode`. Returns (finished
-        sequences, is_prefill, tokens processed; for a round, the tokens kept)."""
+        sequences, is_prefill, tokens processed; for a round, the tokens kept).
+
+        With ``async_scheduling``, a decode round is launched without waiting for it; the next round is then
+        planned (:meth:`Scheduler.plan_next_round`) and launched behind it before this one's tokens are read, so
+        the host's scheduling, preparation and postprocessing run while the device computes. Each call still
+        reports one round: the one launched earliest.
+        """
         t0 = time.perf_counter()
+        if self._in_flight is not None:
+            return self._step_in_flight(t0)
         seqs, is_prefill = self.scheduler.schedule()
         num_steps = 1
         if not is_prefill and self.config.num_scheduler_steps > 1 and self.model_runner.supports_multi_step:
             num_steps = self.scheduler.extend_decode(seqs, self.config.num_scheduler_steps)
+        if num_steps > 1 and self.config.async_scheduling:
+            prepared = self.model_runner.prepare_seconds
+            self._in_flight = self.model_runner.launch_decode_steps(seqs, num_steps)
+            self.stats.host_seconds += self.model_runner.prepare_seconds - prepared
+            return self._step_in_flight(t0)
         prepared = getattr(self.model_runner, "prepare_seconds", 0.0)
         t1 = time.perf_counter()
         if num_steps > 1:
@@ -229,20 +243,63 @@ class LLMEngine:
             t2 = time.perf_counter()
             finished = self.scheduler.postprocess(seqs, token_ids)
         t3 = time.perf_counter()
-        dt = t3 - t0
+        self.stats.host_seconds += (t1 - t0) + (t3 - t2) + getattr(self.model_runner, "prepare_seconds", 0.0) - prepared
+        self._count(is_prefill, tokens, t3 - t0, num_steps)
+        return finished, is_prefill, tokens
+
+    def _step_in_flight(self, t0: float) -> tuple[list[Sequence], bool, int]:
+        """The async-scheduling part of :meth:`step`: a round is in flight. Plan and launch the next round behind
+        it (when it is a plain continuation), then read the round in flight and postprocess it."""
+        runner, sched = self.model_runner, self.scheduler
+        current = self._in_flight
+        assert current is not None
+        plan = sched.plan_next_round(current.seqs, current.num_steps, self.config.num_scheduler_steps)
+        self._in_flight = None
+        if plan is not None:
+            self._in_flight = runner.launch_decode_steps(*plan, after=current)
+        t1 = time.perf_counter()
+        token_ids = runner.collect_decode_steps(current)
+        t2 = time.perf_counter()
+        live = [s for s in current.seqs if not s.is_finished]
+        before = sum(len(s) for s in live)
+        for s in live:
+            s.num_scheduled_tokens = 1  # a planned round's sequences were scheduled before the last postprocess
+        finished = sched.postprocess(current.seqs, token_ids)
+        tokens = sum(len(s) for s in live) - before
+        if self._in_flight is not None:
+            for s in self._in_flight.seqs:
+                if not s.is_finished:  # what _schedule_decode registers for a step's sequences
+                    self.block_manager.commit(s, len(s))
+            if all(s.is_finished for s in self._in_flight.seqs):
+                runner.collect_decode_steps(self._in_flight)  # every row stopped: nothing of it is kept
+                self._in_flight = None
+        t3 = time.perf_counter()
+        self.stats.host_seconds += (t1 - t0) + (t3 - t2)
+        self._count(False, tokens, t3 - t0, current.num_steps)
+        return finished, False, tokens
+
+    def _count(self, is_prefill: bool, tokens: int, seconds: float, num_steps: int) -> None:
         st = self.stats
-        st.host_seconds += (t1 - t0) + (t3 - t2) + getattr(self.model_runner, "prepare_seconds", 0.0) - prepared
         st.steps += 1
         if is_prefill:
             st.prefill_tokens += tokens
-            st.prefill_seconds += dt
+            st.prefill_seconds += seconds
         else:
             st.decode_tokens += tokens
-            st.decode_seconds += dt
+            st.decode_seconds += seconds
             st.decode_steps += num_steps
             st.decode_rounds += 1
         self.last_num_steps = num_steps
-        return finished, is_prefill, tokens
+
+    @property
+    def round_in_flight(self) -> bool:
+        """True while a decode round launched by async scheduling has not been read (the next :meth:`step`
+        reports it)."""
+        return self._in_flight is not None
+
+    def is_finished(self) -> bool:
+        """True when no request is waiting or running and no decode round is in flight."""
+        return self.scheduler.is_finished() and self._in_flight is None
 
     def generate(self, token_ids: list[list[int]], params: list[SamplingParams], use_tqdm: bool = True
                  ) -> list[Sequence]:
@@ -259,7 +316,7 @@ class LLMEngine:
             for t, p in zip(token_ids, params):
                 seqs.append(self.add_request(t, p))
             bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-            while not self.scheduler.is_finished():
+            while not self.is_finished():
                 t0 = time.perf_counter()
                 finished, is_prefill, tokens = self.step()
                 dt = max(time.perf_counter() - t0, 1e-9)
@@ -283,6 +340,7 @@ class LLMEngine:
         empty state and clear the model runner's per-step state (attention context, sampling flags, multi-step
         staging). Afterwards the engine behaves as a fresh one: no block held, nothing scheduled, no prefix
         cached (a block of the failed step may hold partly written KV)."""
+        self._in_flight = None
         self.scheduler.abort_all(seqs)
         self.model_runner.reset_step_state()
 
@@ -326,7 +384,7 @@ class LLMEngine:
             entry = self._online.get(self._abort_inbox.popleft())
             if entry is not None and not entry[0].is_finished:
                 self.scheduler.abort(entry[0])
-        if not self.scheduler.is_finished():
+        if not self.is_finished():
             try:
                 self.step()
             except BaseException:

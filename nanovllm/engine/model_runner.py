@@ -20,6 +20,7 @@ from nanovllm.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from nanovllm.engine.input_buffers import StepInputBuffers
 from nanovllm.engine.prefill_graphs import PREFILL_GRAPH_MAX_SEQS, PrefillGraphs, pad_prefill, prefill_buckets
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.step_runner import PendingRound
 from nanovllm.kernels.prefill_attention import warm_up_prefill_attention
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.registry import model_class
@@ -100,6 +101,11 @@ class ModelRunner:
             self.buffers = StepInputBuffers(config.max_num_seqs, self.max_blocks_per_seq, self.block_size,
                                             self.device,
                                             max_steps=config.num_scheduler_steps if self.supports_multi_step else 1)
+        # pinned host copies of a round's tokens, two so that a round can be launched before the last one is read
+        steps = self.buffers.max_steps
+        self._round_tokens = [torch.empty(steps * config.max_num_seqs, dtype=torch.int64,
+                                          pin_memory=self.device.type == "cuda") for _ in range(2)]
+        self._round_slot = 0
         self.graphs = DecodeGraphs(config.max_num_seqs)
         if self.device.type == "cuda" and not config.enforce_eager:
             t0 = time.perf_counter()
@@ -266,8 +272,8 @@ class ModelRunner:
         return (self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
                 self._to_device(logits_indices, torch.int64))
 
-    def prepare_decode(self, seqs: list[Sequence], num_steps: int = 1
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def prepare_decode(self, seqs: list[Sequence], num_steps: int = 1, ahead: int = 0,
+                       prev_rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One new token per sequence (its last); set the decode context. Returns like :meth:`prepare_prefill`.
 
         The inputs go through the persistent :class:`StepInputBuffers` (numpy on the host, one asynchronous copy
@@ -275,11 +281,13 @@ class ModelRunner:
         CUDA graph's batch size when a graph will run the step. With ``num_steps``
         > 1 the later steps of a multi-step round are staged and uploaded too (:meth:`run_decode_steps`); the
         context then serves every step of the round (its tensors are the static views that each step refills).
+        ``ahead`` and ``prev_rows``: see :meth:`StepInputBuffers.fill_decode` (a round launched after one whose
+        tokens the host has not read).
         """
         n = len(seqs)
         rows = self.graphs.padded_rows(n)
         buf = self.buffers
-        buf.fill_decode(seqs, rows)
+        buf.fill_decode(seqs, rows, ahead, prev_rows)
         if num_steps > 1:
             buf.fill_decode_steps(seqs, rows, num_steps)
         buf.upload(rows)
@@ -287,7 +295,7 @@ class ModelRunner:
                     block_tables=buf.block_tables[:rows], kv_caches=self.kv_caches)
         return buf.input_ids[:rows], buf.positions[:rows], buf.row_index[:rows]
 
-    def prepare_sample(self, seqs: list[Sequence], upload: bool) -> dict:
+    def prepare_sample(self, seqs: list[Sequence], upload: bool, ahead: int = 0) -> dict:
         """Write the batch's sampling settings into the step buffers and return the sampler's keyword arguments:
         per-row ``temperatures`` (float32), ``top_ks`` (int64), ``top_ps`` (float32), each ``[B]`` on the device,
         and the host-side flags ``all_greedy``, ``use_top_k``, ``use_top_p`` (so the sampler never waits for the
@@ -296,8 +304,10 @@ class ModelRunner:
         Args:
             upload: copy the rows to the device now (a prefill step); False when the step's inputs are uploaded
                 after this call (:meth:`prepare_decode` copies them with its own upload).
+            ahead: tokens each sequence gains from a round the host has not read (seeded rows sample position
+                ``len(s) + ahead``).
         """
-        flags = self.buffers.fill_sampling(seqs)
+        flags = self.buffers.fill_sampling(seqs, ahead)
         if upload:
             self.buffers.upload(0)
         return {**self.buffers.sampler_args(len(seqs)), **flags}
@@ -361,18 +371,34 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_decode_steps(self, seqs: list[Sequence], num_steps: int) -> list[list[int]]:
-        """Run a multi-step decode round: ``num_steps`` decode steps back to back on the device, each step's
-        sampled tokens feeding the next step's input ids, and read every token once at the end.
-
-        The scheduler reserved the KV blocks of the whole round (:meth:`Scheduler.extend_decode`). The host
-        prepares all the steps' inputs in one go (positions, slot mapping, context lengths per step), so while the
-        GPU runs the round the host only launches graph replays and the sampler: its per-step work moves off the
-        critical path. Each step is exactly the single-step computation (same graph, same sampler), so greedy
-        tokens equal those of one step at a time.
+        """Run a multi-step decode round and read its tokens: :meth:`collect_decode_steps` of
+        :meth:`launch_decode_steps`.
 
         Returns:
             For each sequence, the ``num_steps`` tokens sampled for it, in order (the scheduler drops those after
             a stop).
+
+        Raises:
+            RuntimeError: on a tensor-parallel rank (workers only follow single steps).
+        """
+        return self.collect_decode_steps(self.launch_decode_steps(seqs, num_steps))
+
+    @torch.inference_mode()
+    def launch_decode_steps(self, seqs: list[Sequence], num_steps: int, after: PendingRound | None = None
+                            ) -> PendingRound:
+        """Launch a multi-step decode round: ``num_steps`` decode steps back to back on the device, each step's
+        sampled tokens feeding the next step's input ids, then an asynchronous copy of all the tokens to the host.
+        Nothing waits for the device; :meth:`collect_decode_steps` reads the tokens.
+
+        The scheduler reserved the KV blocks of the whole round (:meth:`Scheduler.extend_decode`). The host
+        prepares all the steps' inputs in one go (positions, slot mapping, context lengths per step), so while the
+        GPU runs the round the host only launches graph replays and the sampler. Each step is exactly the
+        single-step computation (same graph, same sampler), so greedy tokens equal those of one step at a time.
+
+        Args:
+            after: the round launched before this one, whose tokens the host has not read (async scheduling,
+                :meth:`Scheduler.plan_next_round`): every one of ``seqs`` ran in it, and this round starts
+                ``after.num_steps`` tokens further, from the tokens its last step sampled (gathered on the device).
 
         Raises:
             RuntimeError: on a tensor-parallel rank (workers only follow single steps).
@@ -382,8 +408,15 @@ class ModelRunner:
         n = len(seqs)
         buf = self.buffers
         t0 = time.perf_counter()
-        sample_args = self.prepare_sample(seqs, upload=False)
-        input_ids, positions, logits_indices = self.prepare_decode(seqs, num_steps)
+        ahead = after.num_steps if after is not None else 0
+        prev_rows = None
+        if after is not None:
+            row_of = {id(s): i for i, s in enumerate(after.seqs)}
+            prev_rows = [row_of[id(s)] for s in seqs]
+        sample_args = self.prepare_sample(seqs, upload=False, ahead=ahead)
+        input_ids, positions, logits_indices = self.prepare_decode(seqs, num_steps, ahead, prev_rows)
+        if after is not None:
+            buf.feed_from_round(after.num_steps - 1, n)
         self.prepare_seconds += time.perf_counter() - t0
         for j in range(num_steps):
             if j:
@@ -391,5 +424,20 @@ class ModelRunner:
             logits = self.run_model(input_ids, positions, logits_indices, False)[:n]
             buf.step_tokens[j, :n].copy_(self.sampler(logits, generator=self.generator, **sample_args))
         reset_context()
-        per_step = buf.step_tokens[:num_steps, :n].tolist()
+        tokens = buf.step_tokens[:num_steps, :n]
+        if self.device.type != "cuda":
+            return PendingRound(seqs, num_steps, tokens.clone(), None)
+        host = self._round_tokens[self._round_slot][:num_steps * n].view(num_steps, n)
+        self._round_slot ^= 1  # two rounds at most are in flight: the one read next and the one after it
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingRound(seqs, num_steps, host, done)
+
+    def collect_decode_steps(self, pending: PendingRound) -> list[list[int]]:
+        """Wait for a round of :meth:`launch_decode_steps` (its tokens only, not what was launched after it) and
+        return, for each sequence, its ``num_steps`` tokens in order."""
+        if pending.done is not None:
+            pending.done.synchronize()
+        per_step = pending.tokens.tolist()
         return [list(t) for t in zip(*per_step)]

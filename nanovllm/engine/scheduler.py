@@ -150,6 +150,45 @@ class Scheduler:
             bm.reserve(s, len(s) + k - 1)
         return k
 
+    def plan_next_round(self, seqs: list[Sequence], num_steps: int, max_steps: int) -> tuple[list[Sequence], int] | None:
+        """Schedule the decode round after the one running now, before its tokens are known (async scheduling:
+        the host prepares and launches the next round while the device runs the current one).
+
+        ``seqs`` run a round of ``num_steps`` steps whose tokens the host has not read. After it, each sequence
+        is ``num_steps`` tokens longer unless it stops inside the round. A stop at its length limit (``max_tokens``,
+        ``max_model_len``) is known now: those sequences are left out. A stop token is not: a sequence that
+        samples one stays in the next round, whose tokens for it are dropped (:meth:`postprocess` of that round
+        skips finished sequences). The next round is what :meth:`_schedule_decode` and :meth:`extend_decode`
+        would give once the tokens are in (the same sequences, longest first, the same step count), with the
+        blocks for every step reserved now.
+
+        Returns:
+            (sequences, steps), or None when the next round is not a plain continuation and is left to
+            :meth:`schedule` once the tokens are in: a request is waiting (a prefill goes first), some running
+            sequence is not in ``seqs``, no sequence goes on, fewer than two steps fit, or the free blocks do
+            not cover the round without a preemption.
+        """
+        if self.waiting or len(self.running) != len(seqs) or max_steps <= 1 or any(s.is_finished for s in seqs):
+            return None
+        k = num_steps
+        live = [s for s in seqs if min(s.sampling_params.max_tokens - s.num_completion_tokens,
+                                       self.max_model_len - len(s)) > k]
+        if not live:
+            return None
+        # extend_decode's rule at the lengths after this round
+        room = min(self.max_model_len - (len(s) + k) + 1 for s in live)
+        wanted = max(min(s.sampling_params.max_tokens - s.num_completion_tokens - k, self.max_model_len - len(s) - k)
+                     for s in live)
+        steps = min(max_steps, room, wanted)
+        bm = self.block_manager
+        while steps > 1 and sum(bm.blocks_missing(s, len(s) + k + steps - 1) for s in live) > bm.num_free_blocks:
+            steps //= 2
+        if steps <= 1:
+            return None
+        for s in live:
+            bm.reserve(s, len(s) + k + steps - 1)
+        return live, steps
+
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
@@ -170,13 +209,17 @@ class Scheduler:
             seqs: the sequences of the step, as returned by :meth:`schedule`.
             token_ids: per sequence, one sampled token (int); None for a prefill chunk that did not reach the
                 end of its prompt (no token is produced); or, after a multi-step round, the list of the round's
-                tokens in order (the tokens after the one that finishes the sequence are dropped).
+                tokens in order (the tokens after the one that finishes the sequence are dropped). A sequence
+                that finished while the step ran (a stop token in the round before it, an abort: async
+                scheduling) is skipped and its tokens are dropped.
 
         Returns:
             The sequences that finished in this step.
         """
         finished = []
         for seq, tokens in zip(seqs, token_ids):
+            if seq.is_finished:
+                continue  # stopped or aborted while this round ran (async scheduling): its tokens are dropped
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
             if tokens is None:

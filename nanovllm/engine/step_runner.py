@@ -2,11 +2,29 @@
 ModelRunner`) or several (:class:`~nanovllm.engine.tp_runner.TensorParallelRunner`)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from nanovllm.engine.sequence import Sequence
+
+
+@dataclass
+class PendingRound:
+    """A multi-step decode round launched on the device whose tokens the host has not read yet.
+
+    Attributes:
+        seqs: the round's sequences, in batch-row order.
+        num_steps: its decode steps.
+        tokens: int64 ``[num_steps, len(seqs)]``, the sampled tokens once ``done`` has completed (pinned host
+            memory on the GPU).
+        done: the CUDA event recorded after the copy of the tokens to the host; None on the CPU (already there).
+    """
+    seqs: list[Sequence]
+    num_steps: int
+    tokens: torch.Tensor
+    done: torch.cuda.Event | None
 
 
 @runtime_checkable
@@ -31,6 +49,16 @@ class StepRunner(Protocol):
     def run_decode_steps(self, seqs: list[Sequence], num_steps: int) -> list[list[int]]:
         """Run ``num_steps`` decode steps back to back; the tokens of each sequence in order. Only when
         :attr:`supports_multi_step`."""
+        ...
+
+    def launch_decode_steps(self, seqs: list[Sequence], num_steps: int, after: PendingRound | None = None
+                            ) -> PendingRound:
+        """Launch a round like :meth:`run_decode_steps` without waiting for it; ``after``: the round in flight that
+        this one continues (async scheduling). Only when :attr:`supports_multi_step`."""
+        ...
+
+    def collect_decode_steps(self, pending: PendingRound) -> list[list[int]]:
+        """Wait for a launched round; the tokens of each sequence in order."""
         ...
 
     def reset_step_state(self) -> None:

@@ -47,6 +47,7 @@ import torch.multiprocessing as mp
 
 from nanovllm.config import Config
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.step_runner import PendingRound
 
 if TYPE_CHECKING:
     from nanovllm.engine.model_runner import ModelRunner
@@ -404,6 +405,23 @@ class TensorParallelRunner:
         return False
 
     def run_decode_steps(self, seqs: list[Sequence], num_steps: int) -> list[list[int]]:
+        """Not supported under tensor parallelism (:attr:`supports_multi_step` is False).
+
+        Raises:
+            RuntimeError: always.
+        """
+        raise RuntimeError("multi-step decode runs only without tensor parallelism")
+
+    def launch_decode_steps(self, seqs: list[Sequence], num_steps: int, after: PendingRound | None = None
+                            ) -> PendingRound:
+        """Not supported under tensor parallelism (:attr:`supports_multi_step` is False).
+
+        Raises:
+            RuntimeError: always.
+        """
+        raise RuntimeError("multi-step decode runs only without tensor parallelism")
+
+    def collect_decode_steps(self, pending: PendingRound) -> list[list[int]]:
         """Not supported under tensor parallelism (:attr:`supports_multi_step` is False).
 
         Raises:
