@@ -30,6 +30,8 @@
 #                 its decode by batch size and kernel category against the K/V and weights' floors  (~3-4 min)
 #   decode-order  python -m benchmarks.harness.decode_order_ab: the decode batch longest first against scheduling
 #                 order on one engine, the offline workload in interleaved pairs                    (~2-3 min)
+#   async-scheduling  python -m benchmarks.harness.decode_order_ab --compare async: async scheduling against rounds one
+#                 at a time on one engine, the offline workload in interleaved pairs                (~2-3 min)
 #   attention-order  python -m benchmarks.harness.attention_order: the split attention kernel alone on unequal
 #                 contexts, batch order against longest first and more splits                       (~1 min)
 #   hf-generate   hf_decode's generate part in modes default and reduce-overhead at batch 1, 8 and 32 (the
@@ -150,11 +152,13 @@ for s in "${STAGES[@]}"; do
                   stage workload-profile 420 "$PY -m benchmarks.harness.profile_workload --model $CKPT --out $RESULTS/workload-profile.json" ;;
     decode-order) checkpoint "$CKPT"
                   stage decode-order 300 "$PY -m benchmarks.harness.decode_order_ab --model $CKPT --pairs 2 --budget-s 200 --out $RESULTS/decode-order.json" ;;
+    async-scheduling) checkpoint "$CKPT"
+                  stage async-scheduling 300 "$PY -m benchmarks.harness.decode_order_ab --compare async --model $CKPT --pairs 2 --budget-s 200 --out $RESULTS/async-scheduling.json" ;;
     attention-order) stage attention-order 180 "$PY -m benchmarks.harness.attention_order --out $RESULTS/attention-order.json" ;;
     hf-generate)  stage hf-generate 540 "$PY -m benchmarks.harness.hf_decode --models llama-3.2-1b,qwen3-0.6b --pairs 5 --generate-runs 3 --modes default,reduce-overhead --parts generate --batches 1,8,32 --budget-s 460 --out $RESULTS/hf-decode-generate.json ${HF_DECODE_ARGS:-}" ;;
     tests)        stage tests 540 "$PY -m pytest $PYTEST_ARGS" ;;
     plot)         stage plot 60 "$PY benchmarks/plot.py --results $(dirname "$RESULTS") --img $IMG" ;;
-    *)            DONE+=("$(printf '%-14s UNKNOWN  (stages: check check-full latency latency-llama throughput throughput-llama throughput-cold first-runs decode-chain workload-profile decode-order attention-order kernels profile serving hf-decode hf-generate tests plot)' "$s")")
+    *)            DONE+=("$(printf '%-14s UNKNOWN  (stages: check check-full latency latency-llama throughput throughput-llama throughput-cold first-runs decode-chain workload-profile decode-order async-scheduling attention-order kernels profile serving hf-decode hf-generate tests plot)' "$s")")
                   echo "${DONE[-1]}" | tee -a "$SUMMARY" ;;
   esac
 done
