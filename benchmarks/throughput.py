@@ -12,8 +12,8 @@ the workload twice on its fresh engine, with no warm-up run of its own (the engi
 counts in the build): ``first_run_over_second`` = tokens/s of run 1 / run 2. ``output_tokens_per_s`` is run 2 of the
 warm child (output tokens / wall time of the run). Each run shifts the first token of every prompt, so the prefix
 cache never serves one run's prompts to the next. Each run records its ``prefill_s`` and ``decode_s`` (the steps'
-wall time) and ``host_s``, the part of it that is host work the GPU waits for (scheduling, a step's inputs before its
-first launch, the postprocess; the engine's ``host_seconds``). ``build_phases_s[kind][mode]`` (``kind`` "cold" / "warm") splits
+wall time) and ``host_s``, the host work of the steps (scheduling, a step's inputs before its first launch, the
+postprocess; the engine's ``host_seconds``: the GPU waits for it except where async scheduling overlaps it). ``build_phases_s[kind][mode]`` (``kind`` "cold" / "warm") splits
 that child's build into the engine's phases in seconds (the model runner's ``init_seconds``: load, pretune,
 kv_cache, cudagraphs, prefill_cudagraphs, warm_up; those that ran on that device), also kept in the child's own
 ``init_seconds``.

@@ -144,8 +144,9 @@ class LLM:
     def stats(self) -> dict[str, float]:
         """Engine counters: prefix-cache hit tokens, preemptions, prefill/decode tokens and seconds, decode steps
         (model steps) and decode rounds (``step()`` calls; fewer than the steps with ``num_scheduler_steps > 1``),
-        and ``host_seconds``: the part of the steps' time that is host work the device waits for (scheduling, a
-        step's inputs before its first launch, the postprocess after its tokens are read)."""
+        and ``host_seconds``: the host work of the steps (scheduling, a step's inputs before its first launch, the
+        postprocess after its tokens are read); the device waits for it, except in decode rounds planned ahead
+        by async scheduling, where it overlaps the device's work."""
         st = self.engine.stats
         return {
             "prefix_cache_hit_tokens": self.engine.block_manager.num_cache_hit_tokens,

@@ -78,7 +78,7 @@ class Timed:
     decode_rounds: int = 0
     output_tokens: list[int] = field(default_factory=list)  # per request
     cached_tokens: int = 0         # prompt tokens served by the prefix cache
-    host_s: float = 0.0            # of the steps' time, host work the device waits for (the engine's host_seconds)
+    host_s: float = 0.0            # the steps' host work (the engine's host_seconds; overlapped by async scheduling)
 
     def decode_step_ms(self, batch: int) -> float:
         """Mean time of one decode step of the whole batch: decode_s / (decode_tokens / batch), in ms."""

@@ -32,8 +32,9 @@ class StepStats:
     decode_steps: int = 0  # model steps of decode (a multi-step round counts each of its steps)
     decode_rounds: int = 0  # step() calls that decoded (a multi-step round counts once)
     steps: int = 0  # calls of LLMEngine.step (a multi-step round is one)
-    # host work of the steps that the device waits for: scheduling before a step, the inputs of a decode step or
-    # round before its first launch, the postprocess after the sampled tokens are read (seconds)
+    # host work of the steps: scheduling before a step, the inputs of a decode step or round before its first
+    # launch, the postprocess after the sampled tokens are read (seconds); the device waits for it, except where
+    # async scheduling planned the next round ahead (then it overlaps the device's work)
     host_seconds: float = 0.0
 
 
