@@ -112,11 +112,14 @@ class Config:
             round while the device runs the current one, before its tokens are read
             (``Scheduler.plan_next_round``), so that scheduling, batch preparation and the stop checks of a round
             overlap the device's work instead of leaving it idle between rounds. The next round is planned only
-            when it continues the current one (no request waiting, no preemption needed); sequences that reach
+            when it continues the current one (no waiting request that could be admitted, no preemption needed);
+            a request that arrives meanwhile is admitted one round later. Sequences that reach
             max_tokens or max_model_len inside the current round are left out of it, and the tokens computed
             for a sequence that stops on a stop token in the current round are dropped. Outputs are the same as
-            with False (greedy tokens exactly; seeded sampling too). Default True; False waits for each round's
-            tokens before scheduling the next.
+            with False: greedy tokens exactly (on the GPU in bf16, up to the rounding of kernels chosen per batch
+            size, which a stopped row kept in a round can change) and requests with their own
+            ``SamplingParams.seed``; unseeded sampling under the engine's ``seed`` draws its noise in another order
+            when rounds differ. Default True; False waits for each round's tokens before scheduling the next.
         tuning_file: the JSON file of the dispatch decisions measured on CUDA (the fused op's and the small-M
             linear's, ``fusion_pass.save_tuning`` format): decisions of this GPU found there are loaded instead of
             measured when the engine starts, and the file is written when something new was measured. None (the

@@ -78,6 +78,36 @@ def test_a_stop_token_inside_a_round_drops_the_planned_rounds_tokens(tiny_ckpt: 
     assert outputs(llm, prompts, free) == ref
 
 
+def test_rounds_after_a_stop_are_still_planned_ahead(tiny_ckpt: str) -> None:
+    """Staggered stop tokens (request i stops at token 7 + 7 i): the finished sequences are left out of the next
+    round instead of ending the overlap, so only the first decode round is launched plain."""
+    prompts = random_prompts([8] * 16, seed=96)
+    kw = BASE | dict(max_num_seqs=16, max_model_len=256)
+    ref = outputs(LLM(tiny_ckpt, **kw, async_scheduling=False), prompts,
+                  SamplingParams(temperature=0, max_tokens=120, ignore_eos=True))
+    params = [SamplingParams(temperature=0, max_tokens=120, stop_token_ids=[ref[i][0][7 + 7 * i]])
+              for i in range(len(prompts))]
+    want = outputs(LLM(tiny_ckpt, **kw, async_scheduling=False), prompts, params)
+    llm = LLM(tiny_ckpt, **kw)
+    counts = count_launches(llm)
+    assert outputs(llm, prompts, params) == want
+    assert counts["plain"] <= 2 and counts["after"] >= 20, counts
+
+
+def test_a_queue_that_cannot_be_admitted_does_not_stop_the_overlap(tiny_ckpt: str, hf_model) -> None:  # noqa: ANN001
+    """16 requests, max_num_seqs 4: while the batch is full the waiting requests cannot be admitted, so rounds are
+    still planned ahead; a round in which a sequence reaches max_tokens is read first (its slot admits the next
+    request). Tokens equal transformers' greedy tokens."""
+    prompts = random_prompts([8] * 16, seed=97)
+    params = [SamplingParams(temperature=0, max_tokens=30 + i % 5, ignore_eos=True) for i in range(16)]
+    llm = LLM(tiny_ckpt, **(BASE | dict(max_num_seqs=4)))
+    counts = count_launches(llm)
+    got = [t for t, _ in outputs(llm, prompts, params)]
+    assert got == [hf_greedy(hf_model, p, sp.max_tokens) for p, sp in zip(prompts, params)]
+    assert counts["after"] >= 2 * counts["plain"], counts
+    assert llm.kv_cache_usage() == 0.0
+
+
 def test_seeded_sampling_equals_rounds_one_at_a_time(tiny_ckpt: str) -> None:
     """Requests with their own seed sample at the positions of their tokens, whichever round planned them."""
     prompts = random_prompts([7, 19, 12, 26], seed=92)
@@ -182,7 +212,10 @@ def test_plan_is_none_unless_the_next_round_continues_this_one() -> None:
     assert sched.plan_next_round([a], 4, 8) is None  # a running sequence is not in the round
     assert sched.plan_next_round([a, b], 4, 1) is None  # one step per round
     sched.add(Sequence([5, 6, 7], SamplingParams(max_tokens=4), 4))
-    assert sched.plan_next_round([a, b], 4, 8) is None  # a request waits: a prefill goes first
+    assert sched.plan_next_round([a, b], 4, 8) is None  # a request waits and fits: a prefill goes first
+    sched.waiting.clear()
+    sched.add(Sequence(list(range(3, 3 + 4 * 60)), SamplingParams(max_tokens=4), 4))  # 60 blocks: does not fit
+    assert sched.plan_next_round([a, b], 4, 8) is not None  # the queue's head cannot be admitted: plan on
     sched.waiting.clear()
     short = Scheduler(_Cfg(), BlockManager(6, 4))
     c, d = _running(short, [10, 11], [20, 20])  # 3 blocks each: nothing free for the next round

@@ -226,9 +226,8 @@ class LLMEngine:
         if not is_prefill and self.config.num_scheduler_steps > 1 and self.model_runner.supports_multi_step:
             num_steps = self.scheduler.extend_decode(seqs, self.config.num_scheduler_steps)
         if num_steps > 1 and self.config.async_scheduling:
-            prepared = self.model_runner.prepare_seconds
-            self._in_flight = self.model_runner.launch_decode_steps(seqs, num_steps)
-            self.stats.host_seconds += self.model_runner.prepare_seconds - prepared
+            self.stats.host_seconds += time.perf_counter() - t0  # scheduling (the inputs: prepare_seconds below)
+            self._in_flight = self._launch(seqs, num_steps, None)
             return self._step_in_flight(t0)
         prepared = getattr(self.model_runner, "prepare_seconds", 0.0)
         t1 = time.perf_counter()
@@ -254,11 +253,12 @@ class LLMEngine:
         runner, sched = self.model_runner, self.scheduler
         current = self._in_flight
         assert current is not None
+        t1 = time.perf_counter()
         plan = sched.plan_next_round(current.seqs, current.num_steps, self.config.num_scheduler_steps)
+        self.stats.host_seconds += time.perf_counter() - t1
         self._in_flight = None
         if plan is not None:
-            self._in_flight = runner.launch_decode_steps(*plan, after=current)
-        t1 = time.perf_counter()
+            self._in_flight = self._launch(*plan, current)
         token_ids = runner.collect_decode_steps(current)
         t2 = time.perf_counter()
         live = [s for s in current.seqs if not s.is_finished]
@@ -275,9 +275,16 @@ class LLMEngine:
                 runner.collect_decode_steps(self._in_flight)  # every row stopped: nothing of it is kept
                 self._in_flight = None
         t3 = time.perf_counter()
-        self.stats.host_seconds += (t1 - t0) + (t3 - t2)
+        self.stats.host_seconds += t3 - t2
         self._count(False, tokens, t3 - t0, current.num_steps)
         return finished, False, tokens
+
+    def _launch(self, seqs: list[Sequence], num_steps: int, after: PendingRound | None) -> PendingRound:
+        """``launch_decode_steps``, its input preparation counted as host time (not its kernel launches)."""
+        prepared = self.model_runner.prepare_seconds
+        pending = self.model_runner.launch_decode_steps(seqs, num_steps, after=after)
+        self.stats.host_seconds += self.model_runner.prepare_seconds - prepared
+        return pending
 
     def _count(self, is_prefill: bool, tokens: int, seconds: float, num_steps: int) -> None:
         st = self.stats

@@ -156,25 +156,37 @@ class Scheduler:
 
         ``seqs`` run a round of ``num_steps`` steps whose tokens the host has not read. After it, each sequence
         is ``num_steps`` tokens longer unless it stops inside the round. A stop at its length limit (``max_tokens``,
-        ``max_model_len``) is known now: those sequences are left out. A stop token is not: a sequence that
-        samples one stays in the next round, whose tokens for it are dropped (:meth:`postprocess` of that round
-        skips finished sequences). The next round is what :meth:`_schedule_decode` and :meth:`extend_decode`
-        would give once the tokens are in (the same sequences, longest first, the same step count), with the
-        blocks for every step reserved now.
+        ``max_model_len``) is known now: those sequences are left out, and so are sequences already finished (a
+        stop token or an abort seen since the round was launched). A stop token inside the current round is not
+        known: such a sequence stays in the next round, whose tokens for it are dropped (:meth:`postprocess` skips
+        finished sequences). Otherwise the next round is what :meth:`schedule` would give once the tokens are in:
+        the same sequences in the same order (longest first stays longest first) and :meth:`extend_decode`'s step
+        count at the new lengths (which still counts the sequences that turn out to stop on a stop token), with the
+        blocks of all its steps reserved now.
 
         Returns:
-            (sequences, steps), or None when the next round is not a plain continuation and is left to
-            :meth:`schedule` once the tokens are in: a request is waiting (a prefill goes first), some running
-            sequence is not in ``seqs``, no sequence goes on, fewer than two steps fit, or the free blocks do
-            not cover the round without a preemption.
+            (sequences, steps), or None when the next round is not planned now and is left to :meth:`schedule`
+            once the tokens are in: a waiting request might be admitted after the current round (a prefill goes
+            first; planning goes on while the batch is full, or the head of the queue does not fit the free blocks,
+            and no sequence reaches its length limit in the current round), a running sequence is not in
+            ``seqs`` (the batch limits left it out), no sequence goes on, fewer than two steps fit, or the free
+            blocks do not cover the round without a preemption.
         """
-        if self.waiting or len(self.running) != len(seqs) or max_steps <= 1 or any(s.is_finished for s in seqs):
+        if max_steps <= 1:
             return None
         k = num_steps
-        live = [s for s in seqs if min(s.sampling_params.max_tokens - s.num_completion_tokens,
-                                       self.max_model_len - len(s)) > k]
+        going = [s for s in seqs if not s.is_finished]
+        if len(self.running) != len(going):
+            return None
+        live = [s for s in going if min(s.sampling_params.max_tokens - s.num_completion_tokens,
+                                        self.max_model_len - len(s)) > k]
         if not live:
             return None
+        if self.waiting:
+            head = self.waiting[0]
+            full = len(self.running) >= self.max_num_seqs
+            if len(live) < len(going) or head.block_table or not (full or not self.block_manager.can_allocate(head)):
+                return None
         # extend_decode's rule at the lengths after this round
         room = min(self.max_model_len - (len(s) + k) + 1 for s in live)
         wanted = max(min(s.sampling_params.max_tokens - s.num_completion_tokens - k, self.max_model_len - len(s) - k)
