@@ -123,7 +123,7 @@ class Scheduler:
             self.running.extendleft(reversed(scheduled))  # admission order kept: the newest is preempted first
         return decode_order(scheduled)
 
-    def extend_decode(self, seqs: list[Sequence], max_steps: int) -> int:
+    def extend_decode(self, seqs: list[Sequence], max_steps: int, ahead: int = 0) -> int:
         """Turn the decode step just scheduled for ``seqs`` into a round of up to ``max_steps`` steps
         (multi-step decode, ``num_scheduler_steps``).
 
@@ -132,23 +132,29 @@ class Scheduler:
         ``len(seq) + k - 1`` tokens (step ``j`` writes the KV of position ``len(seq) - 1 + j``); when the free
         blocks do not suffice ``k`` is halved until they do. Nothing is preempted for a longer round.
 
+        Args:
+            ahead: tokens each sequence gains, before this round, from a round whose tokens the host has not read
+                (:meth:`plan_next_round`): the rule applies at ``len(seq) + ahead``.
+
         Returns:
             k >= 1; 1 means a plain decode step (no block was reserved).
         """
         if max_steps <= 1 or not seqs:
             return 1
-        room = min(self.max_model_len - len(s) + 1 for s in seqs)  # positions stay below max_model_len
-        wanted = max(min(s.sampling_params.max_tokens - s.num_completion_tokens, self.max_model_len - len(s))
-                     for s in seqs)
-        k = min(max_steps, room, wanted)
+        room = min(self.max_model_len - (len(s) + ahead) + 1 for s in seqs)  # positions stay below max_model_len
+        k = min(max_steps, room, max(self._tokens_left(s) - ahead for s in seqs))
         bm = self.block_manager
-        while k > 1 and sum(bm.blocks_missing(s, len(s) + k - 1) for s in seqs) > bm.num_free_blocks:
+        while k > 1 and sum(bm.blocks_missing(s, len(s) + ahead + k - 1) for s in seqs) > bm.num_free_blocks:
             k //= 2
         if k <= 1:
             return 1
         for s in seqs:
-            bm.reserve(s, len(s) + k - 1)
+            bm.reserve(s, len(s) + ahead + k - 1)
         return k
+
+    def _tokens_left(self, seq: Sequence) -> int:
+        """The most tokens ``seq`` may still produce: up to ``max_tokens`` and to ``max_model_len``."""
+        return min(seq.sampling_params.max_tokens - seq.num_completion_tokens, self.max_model_len - len(seq))
 
     def plan_next_round(self, seqs: list[Sequence], num_steps: int, max_steps: int) -> tuple[list[Sequence], int] | None:
         """Schedule the decode round after the one running now, before its tokens are known (async scheduling:
@@ -178,8 +184,7 @@ class Scheduler:
         going = [s for s in seqs if not s.is_finished]
         if len(self.running) != len(going):
             return None
-        live = [s for s in going if min(s.sampling_params.max_tokens - s.num_completion_tokens,
-                                        self.max_model_len - len(s)) > k]
+        live = [s for s in going if self._tokens_left(s) > k]
         if not live:
             return None
         if self.waiting:
@@ -187,19 +192,8 @@ class Scheduler:
             full = len(self.running) >= self.max_num_seqs
             if len(live) < len(going) or head.block_table or not (full or not self.block_manager.can_allocate(head)):
                 return None
-        # extend_decode's rule at the lengths after this round
-        room = min(self.max_model_len - (len(s) + k) + 1 for s in live)
-        wanted = max(min(s.sampling_params.max_tokens - s.num_completion_tokens - k, self.max_model_len - len(s) - k)
-                     for s in live)
-        steps = min(max_steps, room, wanted)
-        bm = self.block_manager
-        while steps > 1 and sum(bm.blocks_missing(s, len(s) + k + steps - 1) for s in live) > bm.num_free_blocks:
-            steps //= 2
-        if steps <= 1:
-            return None
-        for s in live:
-            bm.reserve(s, len(s) + k + steps - 1)
-        return live, steps
+        steps = self.extend_decode(live, max_steps, ahead=k)
+        return (live, steps) if steps > 1 else None
 
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
@@ -266,7 +260,7 @@ class Scheduler:
                     end, reason = j + 1, "stop"
                     break
         # "length" once the completion reaches max_tokens or the sequence max_model_len; checked after a token
-        at_length = max(1, min(params.max_tokens - seq.num_completion_tokens, self.max_model_len - len(seq)))
+        at_length = max(1, self._tokens_left(seq))
         if at_length < end or (reason is None and at_length == end):
             end, reason = at_length, "length"
         seq.token_ids.extend(tokens[:end])
