@@ -147,7 +147,7 @@ for s in "${STAGES[@]}"; do
                   fi ;;
     first-runs)   checkpoint "$CKPT"
                   stage first-runs 300 "$PY benchmarks/first_runs.py --model $CKPT --runs 2 --out $RESULTS/first-runs.json" ;;
-    decode-chain) stage decode-chain 240 "$PY -m benchmarks.harness.kernel_pdl_chain --ctx 512 --rounds 60 --modes store,store+shared,store+skip-attn,store+skip-qknorm,store+skip-o,store+skip-gu,store+skip-down,store+skip-qkv,store+skip-qknorm+skip-attn,store+shared+skip-qknorm+skip-attn --out $RESULTS/decode-chain.json" ;;
+    decode-chain) stage decode-chain 240 "$PY -m benchmarks.harness.kernel_pdl_chain --ctx 512 --rounds 60 --modes store,store+wide,store+shared,store+skip-attn,store+skip-qknorm,store+skip-o,store+skip-gu,store+skip-down,store+skip-qkv,store+skip-qknorm+skip-attn,store+shared+skip-qknorm+skip-attn --out $RESULTS/decode-chain.json" ;;
     workload-profile) checkpoint "$CKPT"
                   stage workload-profile 420 "$PY -m benchmarks.harness.profile_workload --model $CKPT --out $RESULTS/workload-profile.json" ;;
     decode-order) checkpoint "$CKPT"

@@ -5,12 +5,10 @@ Outputs are pre-filled with NaN (``out=`` argument) so an element the kernel for
 """
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import zlib
 from pathlib import Path
-from typing import Any
 
 # tests/conftest.py (lead) sets this when CUDA is absent; keep a fallback so this module also runs alone.
 # It must happen before triton is imported.
@@ -232,59 +230,6 @@ def test_decode_max_context_len_hint_and_padding_rows() -> None:
         assert torch.equal(out[3], torch.zeros_like(out[3]))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-def test_decode_fixup_combines_splits_in_the_split_kernel(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """fixup=True: the last split of each (sequence, kv head) to arrive combines the partials; the output matches
-    float64 attention and the second kernel's (bitwise in the interpreter: the same combine code), padding rows give
-    zeros, the arrival counters are back at zero after every launch (the next launch relies on it), and without a
-    counter buffer (first use inside a CUDA-graph capture) the second kernel runs instead."""
-    from fusion_pass.kernels import fixup_counters
-
-    da = importlib.import_module("nanovllm.kernels.decode_attention")
-    gen = torch.Generator().manual_seed(11)
-    ctx_lens = [1, 17, 130, 64, 0]
-    head_dim = 32 if dtype == torch.float32 else 64
-    k_cache, v_cache, bt = make_paged(ctx_lens[:-1], 16, 2, head_dim, dtype, gen, extra_cols=4)
-    bt = torch.cat([bt, torch.full((1, bt.shape[1]), -1, dtype=torch.int32, device=DEVICE)])
-    q = torch.randn(len(ctx_lens), 8, head_dim, generator=gen).to(dtype).to(DEVICE)
-    lens = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
-    dense = dense_attention_f64(q[:-1], k_cache, v_cache, bt, [1] * 4, ctx_lens[:-1], 0.3)
-    counters = fixup_counters(q.device, 0)
-    by_splits = {}
-    for splits in (2, 3, 16):  # fewer splits than a row has tiles, uneven deals, more splits than tiles
-        outs = {}
-        for fixup in (True, False):
-            out = torch.full_like(q, float("nan"))
-            decode_attention_triton(q, k_cache, v_cache, bt, lens, 0.3, num_splits=splits, block_n=16, out=out,
-                                    fixup=fixup)
-            assert torch.isfinite(out).all(), (splits, fixup)
-            assert rel_err(out[:-1].cpu(), dense) <= TOL[dtype], (splits, fixup)
-            assert torch.equal(out[-1], torch.zeros_like(out[-1]))
-            assert int(counters.abs().sum()) == 0, "a counter was left behind"
-            outs[fixup] = out
-        if DEVICE == "cpu":  # the interpreter runs the same combine code in both; a GPU may order the sums otherwise
-            assert torch.equal(outs[True], outs[False]), splits
-        by_splits[splits] = outs[False]
-    launches: list[bool] = []
-    real = da._decode_reduce_kernel
-    monkeypatch.setattr(da, "fixup_counters", lambda device, n: None)
-    monkeypatch.setattr(da, "_decode_reduce_kernel", _Recording(real, launches))
-    out = decode_attention_triton(q, k_cache, v_cache, bt, lens, 0.3, num_splits=3, block_n=16, fixup=True)
-    assert launches == [True], "without counters the second kernel must combine the splits"
-    assert torch.equal(out, by_splits[3])  # the second kernel's output, as with fixup=False
-
-
-class _Recording:
-    """A Triton kernel stand-in that records each launch (``kernel[grid](...)``) and runs the real kernel."""
-
-    def __init__(self, kernel: Any, launches: list[bool]) -> None:
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid: Any) -> Any:
-        self.launches.append(True)
-        return self.kernel[grid]
-
-
 def test_choose_num_splits() -> None:
     # Batch 1, long context: split until the SMs are busy (4 waves of 132 SMs over 8 kv heads = 66), bounded by
     # the number of 64-token tiles (64) and DECODE_MAX_SPLITS (64).
@@ -409,7 +354,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 pa = importlib.import_module("nanovllm.kernels.prefill_attention")
 da = importlib.import_module("nanovllm.kernels.decode_attention")
-INT_PTRS = {"bt_ptr", "cu_q_ptr", "cu_k_ptr", "ctx_ptr", "lock_ptr", "slot_ptr", "c_ptr"}
+INT_PTRS = {"bt_ptr", "cu_q_ptr", "cu_k_ptr", "ctx_ptr", "lock_ptr", "slot_ptr"}
 F32_PTRS = {"m_part_ptr", "l_part_ptr", "acc_part_ptr"}
 
 def compile_one(fn, ptr, consts, warps, stages, want_mma):
@@ -433,11 +378,10 @@ for ptr, prec, bn, mma in (("*bf16", "tf32", 64, True), ("*fp32", "ieee", 32, Fa
     for bs in (16, 256):
         compile_one(pa._prefill_kernel, ptr, dict(GROUP=2, GROUP_PAD=2, BLOCK_M=64, BLOCK_N=bn, BLOCK_SIZE=bs,
                                                   HEAD_DIM=128, DOT_PRECISION=prec), 8, 2, mma)
-for bs, direct, pdl, fixup in ((16, False, False, False), (256, True, True, False), (16, False, True, False),
-                               (16, False, True, True)):
+for bs, direct, pdl in ((16, False, False), (256, True, True), (16, False, True)):
     compile_one(da._decode_split_kernel, "*bf16", dict(NUM_HEADS=16, GROUP=2,
                 ROWS=16, BLOCK_N=64, BLOCK_SIZE=bs, HEAD_DIM=128, DIRECT=direct, DOT_PRECISION="tf32",
-                USE_PDL=pdl, FIXUP=fixup, SPLITS_PAD=64 if fixup else 2), 4, 3, True)
+                USE_PDL=pdl), 4, 3, True)
 ks = importlib.import_module("nanovllm.kernels.kv_store")
 for pdl in (False, True):
     compile_one(ks._store_kvcache_kernel, "*bf16", dict(NUM_KV_HEADS=8, HEAD_DIM=128, HEADS_PAD=8, DIM_PAD=128,

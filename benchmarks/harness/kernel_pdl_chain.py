@@ -16,9 +16,7 @@ runs q/k norm + RoPE and the KV store as one kernel, as the engine does; 'skip-X
 fixed tensor), so the difference to the full chain is X's share of the step, overlaps included; 'shared' makes
 every layer read layer 0's weights and caches, which then stay in L2 (the chain without HBM traffic); 'wide' gives
 the attention the engine's block-table width (``--max-model-len`` tokens, so the split count the engine's CUDA
-graphs use at batch 1: 64 where the context's own tiles give 9 at 512 tokens); 'fixup' combines the attention's
-splits inside its split kernel (``decode_attention_triton(fixup=True)``), 'reduce' in a second kernel (without
-either, the engine's default). Keys
+graphs use at batch 1: 64 where the context's own tiles give 9 at 512 tokens). Keys
 ``ms_<mode>``, ``ratio_pdl_over_<mode>`` and, for modes that compute the same step, ``equal_<mode>`` (bitwise) and
 ``rel_err_<mode>`` (||out - out_off|| / ||out_off||).
 
@@ -52,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=4096, help="the block-table width of mode 'wide', in tokens")
     p.add_argument("--modes", default="",
                    help="comma-separated extra modes, PDL on, parts joined by '+' (step()'s docstring): 'store', "
-                        "'shared', 'wide', 'fixup', 'reduce', 'skip-X', e.g. 'store+skip-attn'")
+                        "'shared', 'wide', 'skip-X', e.g. 'store+skip-attn'")
     p.add_argument("--check-cpu", action="store_true", help="run the chain once on the CPU (TRITON_INTERPRET=1) "
                    "against a float32 PyTorch model of the same layers, then exit (a test of this script)")
     args = p.parse_args(argv)
@@ -98,13 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     def step(mode: str = "") -> torch.Tensor:
         """One decode step; ``mode`` names variants: 'store' (q/k norm + RoPE with the KV store in one kernel, as
         the engine runs it), 'shared' (every layer reads layer 0's weights and caches: they stay in L2),
-        'wide' (the engine's block-table width), 'fixup' / 'reduce' (the attention's splits combined in its split
-        kernel / in a second kernel),
+        'wide' (the engine's block-table width),
         'skip-X' (kernel X not launched, its output a fixed tensor: X in qkv, qknorm, attn, o, gu, down)."""
         x, res = x0, r0
-        parts = set(mode.split("+"))
-        skip = {part[5:] for part in parts if part.startswith("skip-")}
-        fixup = True if "fixup" in parts else False if "reduce" in parts else None  # None: the engine's default
+        skip = {part[5:] for part in mode.split("+") if part.startswith("skip-")}
         for lw, k_cache, v_cache in zip(L, kc, vc):
             if "shared" in mode:
                 lw, k_cache, v_cache = L[0], kc[0], vc[0]
@@ -123,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 v = qkv[:, (H + HKV) * D:].view(1, HKV, D)
                 store_kvcache(k, v, k_cache, v_cache, slot)
             o = zero_o if "attn" in skip else decode_attention_triton(
-                q, k_cache, v_cache, bt_wide if "wide" in mode else bt, lens, D ** -0.5, fixup=fixup)
+                q, k_cache, v_cache, bt_wide if "wide" in mode else bt, lens, D ** -0.5)
             a = x if "o" in skip else G.gemv(o.view(1, H * D), lw["wo"])
             h2 = torch.empty_like(x)
             if "gu" in skip:
@@ -174,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                     "graph_equals_eager": bool(torch.equal(outs["off"], eager_ref))})
     results["speedup"] = results["ms_pdl_off"] / results["ms_pdl_on"]
     for m in modes[2:]:
-        if "skip" not in m and "shared" not in m:  # 'wide' and 'fixup' compute the same step
+        if "skip" not in m and "shared" not in m:  # 'wide' computes the same step
             results[f"equal_{m}"] = bool(torch.equal(outs["off"], outs[m]))
             ref = outs["off"].float()
             results[f"rel_err_{m}"] = float((outs[m].float() - ref).norm() / ref.norm())
@@ -249,10 +244,6 @@ def check_cpu(args: argparse.Namespace) -> int:
     att = torch.softmax(torch.einsum("hd,thd->ht", q[0], kk.repeat_interleave(n_h // n_kv, 1)) * d ** -0.5, -1)
     o_ref = torch.einsum("ht,thd->hd", att, vv.repeat_interleave(n_h // n_kv, 1))
     ok &= torch.allclose(o[0], o_ref, atol=1e-4)
-    for fixup in (False, True):  # modes 'reduce' and 'fixup': the splits combined by a second kernel or in place
-        o2 = decode_attention_triton(q, kc, vc, bt, torch.tensor([ctx], dtype=torch.int32), d ** -0.5, num_splits=2,
-                                     block_n=16, fixup=fixup)
-        ok &= torch.allclose(o2[0], o_ref, atol=1e-4)
     a = G.gemv(o.view(1, n_h * d), wo, force_triton=True)
     ok &= torch.allclose(a, F.linear(o.view(1, n_h * d), wo), atol=1e-4)
     wd = w(hid, inter)

@@ -12,12 +12,7 @@ float32) over its tiles, and writes the partial ``(max m_s, sum l_s, unnormalize
     M = max_s m_s,  w_s = 2^(m_s - M),  o = sum_s w_s acc_s / sum_s w_s l_s,
 
 which is exact (the same rescaling identity as the online softmax; the order of the tiles does not matter).
-With ``num_splits == 1`` kernel 1 writes the normalized output directly and kernel 2 is skipped. With ``fixup``
-there is no kernel 2 either: each split program, after writing its partials, increments an arrival counter of its
-``(sequence, kv head)`` (one acq_rel atomic after a CTA barrier), and the program that arrives last combines the
-partials of its ``G`` heads with the formula above, in a fixed order (the result does not depend on which split
-arrives last), then resets the counter to zero: the "fixup" of Stream-K (Osama et al. 2023, arXiv 2301.03598),
-the same scheme as the skinny GEMM's split-K (``fusion_pass/kernels/skinny.py``, whose counter buffer it shares).
+With ``num_splits == 1`` kernel 1 writes the normalized output directly and kernel 2 is skipped.
 
 The number of splits depends only on static quantities (``B``, ``Hkv``, the SM count and the context bound
 ``W * block_size`` from the block-table width, or ``max_context_len`` if given), never on ``context_lens``'
@@ -34,7 +29,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_pass.kernels import fixup_counters
 from fusion_pass.launch import cdiv, launch_options, next_power_of_2, sm_count, use_pdl
 
 from .attention_common import LOG2E, check_out, check_paged_attention_args, online_softmax_tile
@@ -45,7 +39,6 @@ DECODE_BLOCK_N = 64  # key positions per tile
 DECODE_MIN_TILES_PER_SPLIT = 1  # a split covers at least this many tiles of the context bound
 DECODE_WAVES = 4  # aim for about this many programs per SM
 DECODE_MAX_SPLITS = 64
-DECODE_FIXUP = False  # combine the splits inside the split kernel (last arrival) instead of a second kernel
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, sm_count: int, block_n: int = DECODE_BLOCK_N) -> int:
@@ -82,7 +75,6 @@ def _decode_split_kernel(
     m_part_ptr,
     l_part_ptr,
     acc_part_ptr,
-    c_ptr,
     stride_qb,
     stride_qh,
     stride_ob,
@@ -102,8 +94,6 @@ def _decode_split_kernel(
     DIRECT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr = False,
-    FIXUP: tl.constexpr = False,
-    SPLITS_PAD: tl.constexpr = 2,
 ):
     # One flat grid, the kv head fastest, then the split, the sequence slowest: programs start in batch order, so
     # a batch sorted longest context first (the scheduler's decode order) starts its longest programs first and
@@ -163,37 +153,6 @@ def _decode_split_kernel(
         tl.store(m_part_ptr + part, m_i, mask=row_ok)
         tl.store(l_part_ptr + part, l_i, mask=row_ok)
         tl.store(acc_part_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
-        if FIXUP:  # the last split of this (sequence, kv head) to arrive combines all of them (module docstring)
-            counter = c_ptr + seq * (NUM_HEADS // GROUP) + kv_head
-            used = tl.minimum(tl.maximum(tl.cdiv(ctx_len, BLOCK_N), 1), num_splits)  # splits that did not exit
-            tl.debug_barrier()  # every thread's partial is written before the release below
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-            if arrived == used - 1:
-                for g in tl.static_range(GROUP):
-                    _combine_splits(o_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, seq, kv_head * GROUP + g, used,
-                                    stride_ob, stride_oh, num_splits, NUM_HEADS, SPLITS_PAD, HEAD_DIM, ".cg")
-                tl.atomic_xchg(counter, 0)  # ready for the next launch
-
-
-@triton.jit
-def _combine_splits(o_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, seq, head, used, stride_ob, stride_oh, num_splits,
-                    NUM_HEADS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    CACHE: tl.constexpr):
-    """o[seq, head] = the softmax-weighted combination of the head's first ``used`` split partials (the module
-    docstring's formula). CACHE: the partials' load cache modifier (".cg" when other programs wrote them)."""
-    s = tl.arange(0, SPLITS_PAD)
-    s_ok = (s < used) & (s < num_splits)
-    base = (seq.to(tl.int64) * NUM_HEADS + head) * num_splits
-    m = tl.load(m_part_ptr + base + s, mask=s_ok, other=-1.0e30, cache_modifier=CACHE)
-    l = tl.load(l_part_ptr + base + s, mask=s_ok, other=0.0, cache_modifier=CACHE)
-    m_max = tl.max(m, 0)
-    w = tl.where(s_ok, tl.exp2(m - m_max), 0.0)
-    denom = tl.sum(w * l, 0)
-    d = tl.arange(0, HEAD_DIM)
-    acc = tl.load(acc_part_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0,
-                  cache_modifier=CACHE)
-    out = tl.sum(w[:, None] * acc, 0) / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(o_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -216,8 +175,18 @@ def _decode_reduce_kernel(
     head = tl.program_id(1)
     ctx_len = tl.load(ctx_ptr + seq)
     used = tl.cdiv(ctx_len, BLOCK_N)  # splits s < used hold at least one tile
-    _combine_splits(o_ptr, m_part_ptr, l_part_ptr, acc_part_ptr, seq, head, used, stride_ob, stride_oh, num_splits,
-                    NUM_HEADS, SPLITS_PAD, HEAD_DIM, "")
+    s = tl.arange(0, SPLITS_PAD)
+    s_ok = (s < used) & (s < num_splits)
+    base = (seq.to(tl.int64) * NUM_HEADS + head) * num_splits
+    m = tl.load(m_part_ptr + base + s, mask=s_ok, other=-1.0e30)
+    l = tl.load(l_part_ptr + base + s, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(s_ok, tl.exp2(m - m_max), 0.0)
+    denom = tl.sum(w * l, 0)
+    d = tl.arange(0, HEAD_DIM)
+    acc = tl.load(acc_part_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(o_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
 def decode_attention_triton(
@@ -231,14 +200,8 @@ def decode_attention_triton(
     max_context_len: int | None = None,
     block_n: int | None = None,
     out: torch.Tensor | None = None,
-    fixup: bool | None = None,
 ) -> torch.Tensor:
-    """Triton version of :func:`decode_attention` (same contract plus tuning overrides).
-
-    ``fixup`` (default :data:`DECODE_FIXUP`): with more than one split, combine the splits inside the split kernel
-    (the last program of each (sequence, kv head) to arrive does it, module docstring) instead of a second kernel.
-    Falls back to the second kernel when the shared counter buffer (``fusion_pass.kernels.fixup_counters``) does not
-    exist yet inside a CUDA-graph capture or has fewer than ``B * Hkv`` counters."""
+    """Triton version of :func:`decode_attention` (same contract plus tuning overrides)."""
     _check_decode_shapes(q, k_cache, v_cache, block_tables, context_lens)
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -256,9 +219,6 @@ def decode_attention_triton(
     num_splits = max(1, int(num_splits))
     direct = num_splits == 1
     splits_pad = max(2, next_power_of_2(num_splits))
-    counters = None
-    if not direct and (DECODE_FIXUP if fixup is None else fixup):
-        counters = fixup_counters(q.device, batch * num_kv_heads)  # None: the reduce kernel below
     if direct:
         m_part = l_part = acc_part = out  # unused
     else:
@@ -277,7 +237,6 @@ def decode_attention_triton(
         m_part,
         l_part,
         acc_part,
-        out if counters is None else counters,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -297,14 +256,11 @@ def decode_attention_triton(
         DIRECT=direct,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_PDL=pdl,
-        FIXUP=counters is not None,
-        # one compiled variant for every split count up to DECODE_MAX_SPLITS (the padded lanes are masked)
-        SPLITS_PAD=2 if counters is None else max(splits_pad, next_power_of_2(DECODE_MAX_SPLITS)),
         num_warps=4,
         num_stages=3,
         **launch_options(pdl),
     )
-    if not direct and counters is None:
+    if not direct:
         _decode_reduce_kernel[(batch, num_heads)](
             context_lens,
             out,
