@@ -1,0 +1,78 @@
+"""The server's handling of awkward requests: field errors, defaults that must fit the engine, stop strings that
+must not stall the event loop, clients that leave early. The app runs in this process (uvicorn in a thread) over
+an engine whose KV pool (128 tokens) is smaller than its max_model_len (256)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import pytest
+
+from nanovllm import LLM
+from nanovllm.serve.detokenizer import StopStrings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+POOL_TOKENS = 8 * 16  # num_kvcache_blocks * kvcache_block_size
+
+
+@pytest.fixture(scope="module")
+def served(tiny_ckpt: str) -> Iterator[SimpleNamespace]:
+    """``port``, ``llm`` and ``server`` (the app's :class:`Server`) of a running app."""
+    import uvicorn
+
+    from nanovllm.serve.app import build_app
+
+    llm = LLM(tiny_ckpt, device="cpu", max_model_len=256, num_kvcache_blocks=8, max_num_seqs=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = build_app(llm.engine, "m")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    yield SimpleNamespace(port=port, llm=llm, server=app.state.server)
+    server.should_exit = True
+    thread.join(30)
+
+
+def _post(port: int, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def test_long_stop_strings_cost_no_more_than_the_text() -> None:
+    """Holding back text that may begin a stop string looks at the unshown text only: a 1M-character stop string
+    (a ~1 MB request body) costs microseconds per token, not a scan of every prefix of the stop string."""
+    stops = StopStrings(["x" * 1_000_000, "y" * 500_000])
+    t0 = time.perf_counter()
+    shown = "".join(stops.feed("some text ") for _ in range(200))
+    shown += stops.feed("and xx", final=False)
+    assert time.perf_counter() - t0 < 1.0
+    assert shown == "some text " * 200 + "and " and not stops.stopped
+    assert stops.feed("", final=True) == "xx"
+
+
+def test_stop_strings_hold_back_exactly_a_possible_stop_prefix() -> None:
+    stops = StopStrings(["abc", "bcd"])
+    assert stops.feed("xxab") == "xx"  # "ab" may begin "abc"
+    assert stops.feed("c") == "" and stops.stopped  # "abc" found: the text ends before it
+    stops = StopStrings(["abc", "bcd"])
+    assert stops.feed("zab") == "z" and stops.feed("x") == "abx"
+    assert stops.feed("bc") == "" and stops.feed("e", final=True) == "bce"
