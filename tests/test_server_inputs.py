@@ -57,6 +57,17 @@ def _post(port: int, path: str, body: dict[str, Any]) -> tuple[int, dict[str, An
         conn.close()
 
 
+def test_chat_without_max_tokens_fills_the_kv_pool(served: SimpleNamespace) -> None:
+    """Chat's default max_tokens is the room left in a request's largest context, here the KV pool (smaller than
+    max_model_len): the request runs to the pool's size instead of being refused for a max_tokens never sent."""
+    status, body = _post(served.port, "/v1/chat/completions", {
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True, "temperature": 0})
+    assert status == 200, body
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["total_tokens"] == POOL_TOKENS
+    assert served.llm.kv_cache_usage() == 0.0
+
+
 def test_long_stop_strings_cost_no_more_than_the_text() -> None:
     """Holding back text that may begin a stop string looks at the unshown text only: a 1M-character stop string
     (a ~1 MB request body) costs microseconds per token, not a scan of every prefix of the stop string."""

@@ -90,6 +90,8 @@ class Server:
         self.tokenizer = engine.tokenizer
         self.model_name = served_model_name
         self.max_model_len = engine.config.max_model_len
+        # the most tokens (prompt + completion) one request can hold: max_model_len, or the KV pool when smaller
+        self.max_context = min(self.max_model_len, engine.block_manager.num_blocks * engine.config.kvcache_block_size)
         self.metrics = Metrics()
         self.loop = EngineLoop(engine, self.metrics, max_waiting_requests)
 
@@ -314,7 +316,7 @@ class Server:
             raise RequestError(400, f"messages: the chat template failed: {e}", param="messages") from None
         token_ids = self.tokenize(prompt, "messages")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self.sampling_params(req, max_tokens, max(self.max_model_len - len(token_ids), 1))
+        params = self.sampling_params(req, max_tokens, max(self.max_context - len(token_ids), 1))
         self.check_fits(token_ids, params, "messages")
         return await self.run(request, req, token_ids, params, chat=True)
 
