@@ -68,6 +68,14 @@ def test_chat_without_max_tokens_fills_the_kv_pool(served: SimpleNamespace) -> N
     assert served.llm.kv_cache_usage() == 0.0
 
 
+def test_max_completion_tokens_errors_name_that_field(served: SimpleNamespace) -> None:
+    for value in (0, -3):
+        status, body = _post(served.port, "/v1/chat/completions", {
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": value})
+        assert status == 400 and body["error"]["param"] == "max_completion_tokens", body
+        assert body["error"]["message"].startswith("max_completion_tokens must be >= 1"), body
+
+
 def test_long_stop_strings_cost_no_more_than_the_text() -> None:
     """Holding back text that may begin a stop string looks at the unshown text only: a 1M-character stop string
     (a ~1 MB request body) costs microseconds per token, not a scan of every prefix of the stop string."""

@@ -130,8 +130,10 @@ class Server:
             raise RequestError(400, "stop: stop strings must not be empty", param="stop")
         return req
 
-    def sampling_params(self, req: SamplingFields, max_tokens: int | None, default_max_tokens: int) -> SamplingParams:
-        """Map the request's sampling fields onto :class:`SamplingParams` (400 naming the field when bad)."""
+    def sampling_params(self, req: SamplingFields, max_tokens: int | None, default_max_tokens: int,
+                        max_tokens_field: str = "max_tokens") -> SamplingParams:
+        """Map the request's sampling fields onto :class:`SamplingParams` (400 naming the field when bad;
+        ``max_tokens_field``: the request's name of the field that gave ``max_tokens``)."""
         temperature = 1.0 if req.temperature is None else req.temperature
         try:
             return SamplingParams(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
@@ -140,7 +142,10 @@ class Server:
                                   ignore_eos=req.ignore_eos, stop_token_ids=req.stop_token_ids, seed=req.seed)
         except (ValueError, TypeError) as e:
             m = re.search(r"SamplingParams\.(\w+)", str(e))
-            raise RequestError(400, str(e).replace("SamplingParams.", ""), param=m.group(1) if m else None) from None
+            message, param = str(e).replace("SamplingParams.", ""), m.group(1) if m else None
+            if param == "max_tokens" and max_tokens_field != param:
+                message, param = message.replace("max_tokens", max_tokens_field, 1), max_tokens_field
+            raise RequestError(400, message, param=param) from None
 
     def tokenize(self, prompt: Any, param: str) -> list[int]:
         """Token ids of one prompt, exactly as ``LLM.generate`` makes them (400 when the prompt is bad)."""
@@ -315,8 +320,8 @@ class Server:
         except Exception as e:  # noqa: BLE001 - the template's own error (jinja, a missing template) is the message
             raise RequestError(400, f"messages: the chat template failed: {e}", param="messages") from None
         token_ids = self.tokenize(prompt, "messages")
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self.sampling_params(req, max_tokens, max(self.max_context - len(token_ids), 1))
+        field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        params = self.sampling_params(req, getattr(req, field), max(self.max_context - len(token_ids), 1), field)
         self.check_fits(token_ids, params, "messages")
         return await self.run(request, req, token_ids, params, chat=True)
 
