@@ -76,6 +76,24 @@ def test_max_completion_tokens_errors_name_that_field(served: SimpleNamespace) -
         assert body["error"]["message"].startswith("max_completion_tokens must be >= 1"), body
 
 
+@pytest.mark.parametrize("path, field, value, param", [
+    ("/v1/completions", "prompt", [1.0, 2.0], "prompt"),
+    ("/v1/completions", "prompt", 5, "prompt"),
+    ("/v1/completions", "stop", 5, "stop"),
+    ("/v1/completions", "stop", ["a", 1], "stop"),
+    ("/v1/chat/completions", "messages", [{"role": "user", "content": 5}], "messages.0.content"),
+    ("/v1/chat/completions", "messages", [{"role": "user", "content": ["a"]}], "messages.0.content"),
+])
+def test_a_mistyped_union_field_is_named_without_pydantic_member_tags(served: SimpleNamespace, path: str, field: str,
+                                                                      value: Any, param: str) -> None:
+    body: dict[str, Any] = {"model": "m", "max_tokens": 2}
+    body.update({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]})
+    body[field] = value
+    status, out = _post(served.port, path, body)
+    assert status == 400 and out["error"]["param"] == param, out
+    assert out["error"]["message"].startswith(f"{param}: the value matches none of the accepted types ("), out
+
+
 def test_long_stop_strings_cost_no_more_than_the_text() -> None:
     """Holding back text that may begin a stop string looks at the unshown text only: a 1M-character stop string
     (a ~1 MB request body) costs microseconds per token, not a scan of every prefix of the stop string."""

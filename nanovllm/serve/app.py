@@ -34,6 +34,7 @@ from nanovllm.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoi
                                      unsupported_fields)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI default of /v1/completions (chat defaults to the context left)
+_UNION_TAGS = {"str", "int", "float", "bool", "none"}  # pydantic's names of union members in an error's location
 DISCONNECT_POLL_SECONDS = 1.0  # how often a non-streamed request checks that its client is still there
 
 
@@ -55,6 +56,20 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
     """An OpenAI-style error body."""
     body = ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _field_error(errors: list[dict[str, Any]]) -> tuple[str | None, str]:
+    """(param, message) of a pydantic validation failure: the first error's field. When that field is a union
+    (``prompt``, ``stop``, a message's ``content``), pydantic reports one error per member with the member's tag
+    (``str``, ``list[int]``) in the location; the tags are dropped and the message lists the accepted types."""
+    loc = [str(p) for p in errors[0]["loc"]]
+    cut = next((i for i, p in enumerate(loc) if p in _UNION_TAGS or "[" in p), None)
+    if cut is None:
+        param = ".".join(loc) or None
+        return param, f"{param}: {errors[0]['msg']}" if param else errors[0]["msg"]
+    param = ".".join(loc[:cut]) or None
+    tags = [str(e["loc"][cut]) for e in errors if [str(p) for p in e["loc"][:cut]] == loc[:cut] and len(e["loc"]) > cut]
+    return param, f"{param}: the value matches none of the accepted types ({', '.join(dict.fromkeys(tags))})"
 
 
 def _sse(payload: str) -> str:
@@ -112,9 +127,8 @@ class Server:
         try:
             req = cls.model_validate(body)
         except pydantic.ValidationError as e:
-            err = e.errors()[0]
-            param = ".".join(str(p) for p in err["loc"]) or None
-            raise RequestError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
+            param, message = _field_error(e.errors())
+            raise RequestError(400, message, param=param) from None
         if req.model != self.model_name:
             raise RequestError(404, f"the model {req.model!r} does not exist; this server serves "
                                f"{self.model_name!r}", param="model", code="model_not_found")
