@@ -94,6 +94,19 @@ def test_a_mistyped_union_field_is_named_without_pydantic_member_tags(served: Si
     assert out["error"]["message"].startswith(f"{param}: the value matches none of the accepted types ("), out
 
 
+def test_client_leaving_mid_body_is_not_a_server_error(served: SimpleNamespace) -> None:
+    """A body cut short by a client that left: the request is dropped as gone (no 500, nothing submitted)."""
+    from nanovllm.serve.app import ClientGone, CompletionRequest
+    from starlette.requests import ClientDisconnect
+
+    class LeavingRequest:
+        async def body(self) -> bytes:
+            raise ClientDisconnect()
+
+    with pytest.raises(ClientGone):
+        asyncio.run(served.server.parse(LeavingRequest(), CompletionRequest))  # type: ignore[arg-type]
+
+
 def test_long_stop_strings_cost_no_more_than_the_text() -> None:
     """Holding back text that may begin a stop string looks at the unshown text only: a 1M-character stop string
     (a ~1 MB request body) costs microseconds per token, not a scan of every prefix of the stop string."""
