@@ -21,6 +21,7 @@ import pydantic
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import ClientDisconnect
 
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.sampling_params import SamplingParams
@@ -34,6 +35,7 @@ from nanovllm.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoi
                                      unsupported_fields)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI default of /v1/completions (chat defaults to the context left)
+_UNION_TAGS = {"str", "int", "float", "bool", "none"}  # pydantic's names of union members in an error's location
 DISCONNECT_POLL_SECONDS = 1.0  # how often a non-streamed request checks that its client is still there
 
 
@@ -55,6 +57,20 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
     """An OpenAI-style error body."""
     body = ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _field_error(errors: list[dict[str, Any]]) -> tuple[str | None, str]:
+    """(param, message) of a pydantic validation failure: the first error's field. When that field is a union
+    (``prompt``, ``stop``, a message's ``content``), pydantic reports one error per member with the member's tag
+    (``str``, ``list[int]``) in the location; the tags are dropped and the message lists the accepted types."""
+    loc = [str(p) for p in errors[0]["loc"]]
+    cut = next((i for i, p in enumerate(loc) if p in _UNION_TAGS or "[" in p), None)
+    if cut is None:
+        param = ".".join(loc) or None
+        return param, f"{param}: {errors[0]['msg']}" if param else errors[0]["msg"]
+    param = ".".join(loc[:cut]) or None
+    tags = [str(e["loc"][cut]) for e in errors if [str(p) for p in e["loc"][:cut]] == loc[:cut] and len(e["loc"]) > cut]
+    return param, f"{param}: the value matches none of the accepted types ({', '.join(dict.fromkeys(tags))})"
 
 
 def _sse(payload: str) -> str:
@@ -90,6 +106,8 @@ class Server:
         self.tokenizer = engine.tokenizer
         self.model_name = served_model_name
         self.max_model_len = engine.config.max_model_len
+        # the most tokens (prompt + completion) one request can hold: max_model_len, or the KV pool when smaller
+        self.max_context = min(self.max_model_len, engine.block_manager.num_blocks * engine.config.kvcache_block_size)
         self.metrics = Metrics()
         self.loop = EngineLoop(engine, self.metrics, max_waiting_requests)
 
@@ -102,7 +120,11 @@ class Server:
                 model (404), a field this server does not implement (400).
         """
         try:
-            body = json.loads(await request.body())
+            raw = await request.body()
+        except ClientDisconnect:  # the client left before sending the whole body
+            raise ClientGone() from None
+        try:
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
@@ -110,9 +132,8 @@ class Server:
         try:
             req = cls.model_validate(body)
         except pydantic.ValidationError as e:
-            err = e.errors()[0]
-            param = ".".join(str(p) for p in err["loc"]) or None
-            raise RequestError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
+            param, message = _field_error(e.errors())
+            raise RequestError(400, message, param=param) from None
         if req.model != self.model_name:
             raise RequestError(404, f"the model {req.model!r} does not exist; this server serves "
                                f"{self.model_name!r}", param="model", code="model_not_found")
@@ -128,8 +149,10 @@ class Server:
             raise RequestError(400, "stop: stop strings must not be empty", param="stop")
         return req
 
-    def sampling_params(self, req: SamplingFields, max_tokens: int | None, default_max_tokens: int) -> SamplingParams:
-        """Map the request's sampling fields onto :class:`SamplingParams` (400 naming the field when bad)."""
+    def sampling_params(self, req: SamplingFields, max_tokens: int | None, default_max_tokens: int,
+                        max_tokens_field: str = "max_tokens") -> SamplingParams:
+        """Map the request's sampling fields onto :class:`SamplingParams` (400 naming the field when bad;
+        ``max_tokens_field``: the request's name of the field that gave ``max_tokens``)."""
         temperature = 1.0 if req.temperature is None else req.temperature
         try:
             return SamplingParams(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
@@ -138,7 +161,10 @@ class Server:
                                   ignore_eos=req.ignore_eos, stop_token_ids=req.stop_token_ids, seed=req.seed)
         except (ValueError, TypeError) as e:
             m = re.search(r"SamplingParams\.(\w+)", str(e))
-            raise RequestError(400, str(e).replace("SamplingParams.", ""), param=m.group(1) if m else None) from None
+            message, param = str(e).replace("SamplingParams.", ""), m.group(1) if m else None
+            if param == "max_tokens" and max_tokens_field != param:
+                message, param = message.replace("max_tokens", max_tokens_field, 1), max_tokens_field
+            raise RequestError(400, message, param=param) from None
 
     def tokenize(self, prompt: Any, param: str) -> list[int]:
         """Token ids of one prompt, exactly as ``LLM.generate`` makes them (400 when the prompt is bad)."""
@@ -313,8 +339,8 @@ class Server:
         except Exception as e:  # noqa: BLE001 - the template's own error (jinja, a missing template) is the message
             raise RequestError(400, f"messages: the chat template failed: {e}", param="messages") from None
         token_ids = self.tokenize(prompt, "messages")
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self.sampling_params(req, max_tokens, max(self.max_model_len - len(token_ids), 1))
+        field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        params = self.sampling_params(req, getattr(req, field), max(self.max_context - len(token_ids), 1), field)
         self.check_fits(token_ids, params, "messages")
         return await self.run(request, req, token_ids, params, chat=True)
 

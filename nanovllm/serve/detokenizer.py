@@ -80,8 +80,20 @@ class StopStrings:
         elif final:
             end = len(self.text)
         else:
-            hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-            end = len(self.text) - hold
+            end = len(self.text) - self._held()
         out = self.text[self.shown:end]
         self.shown = max(self.shown, end)
         return out
+
+    def _held(self) -> int:
+        """The length of the longest unshown suffix of the text that is a proper prefix of a stop string.
+
+        Only suffixes shorter than the stop string and starting at or after ``shown`` are tried, longest first, so
+        the work per call grows with the unshown text, not with the stop strings' lengths."""
+        text, best = self.text, 0
+        for s in self.stops:
+            for i in range(max(self.shown, len(text) - len(s) + 1), len(text) - best):
+                if text[i] == s[0] and s.startswith(text[i:]):
+                    best = len(text) - i
+                    break
+        return best
