@@ -68,6 +68,23 @@ def test_chat_without_max_tokens_fills_the_kv_pool(served: SimpleNamespace) -> N
     assert served.llm.kv_cache_usage() == 0.0
 
 
+def test_unknown_routes_and_methods_answer_in_the_openai_error_shape(served: SimpleNamespace) -> None:
+    import http.client
+
+    for method, path, status, allow in (("POST", "/v1/embeddings", 404, None), ("GET", "/v1/completions", 405, "POST")):
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=30)
+        try:
+            conn.request(method, path)
+            r = conn.getresponse()
+            body = json.loads(r.read())
+            assert r.status == status, (path, r.status)
+            assert body["error"]["message"].startswith(f"{method} {path}: "), body
+            assert body["error"]["type"] == "invalid_request_error", body
+            assert r.getheader("allow") == allow, r.getheaders()
+        finally:
+            conn.close()
+
+
 def test_max_completion_tokens_errors_name_that_field(served: SimpleNamespace) -> None:
     for value in (0, -3):
         status, body = _post(served.port, "/v1/chat/completions", {

@@ -21,6 +21,7 @@ import pydantic
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from nanovllm.engine.llm_engine import LLMEngine
@@ -368,6 +369,14 @@ def build_app(engine: LLMEngine, served_model_name: str, max_waiting_requests: i
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, e: ClientGone) -> Response:
         return Response(status_code=499)  # nobody reads it; the request was aborted in the engine
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        # routing's own errors (an unknown path: 404, a wrong method: 405 with its Allow header) in the OpenAI shape
+        response = error_response(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                                  "invalid_request_error" if e.status_code < 500 else "internal_error")
+        response.headers.update(e.headers or {})
+        return response
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, e: Exception) -> JSONResponse:
