@@ -179,6 +179,12 @@ class LLMEngine:
                 raise TypeError(f"prompt {i}: expected a string or a list of int token ids, got {type(p).__name__}")
         return out
 
+    @property
+    def max_request_tokens(self) -> int:
+        """The most tokens (prompt + completion) one request can hold: ``max_model_len``, or the whole KV pool's
+        tokens where that is smaller (:meth:`validate` refuses a request whose prompt + max_tokens needs more)."""
+        return min(self.config.max_model_len, self.block_manager.num_blocks * self.config.kvcache_block_size)
+
     def validate(self, i: int, token_ids: list[int], params: SamplingParams) -> None:
         """Check one request before any work starts.
 
@@ -197,8 +203,8 @@ class LLMEngine:
             raise ValueError(f"prompt {i} has {len(token_ids)} tokens; max_model_len={cfg.max_model_len} leaves no "
                              f"room to generate (the prompt must be shorter than max_model_len)")
         total = min(len(token_ids) + params.max_tokens, cfg.max_model_len)
-        blocks = -(-total // cfg.kvcache_block_size)
-        if blocks > self.block_manager.num_blocks:
+        if total > self.max_request_tokens:
+            blocks = -(-total // cfg.kvcache_block_size)
             raise ValueError(f"prompt {i} needs {blocks} KV blocks for {total} tokens (prompt + max_tokens) but the "
                              f"whole pool has {self.block_manager.num_blocks} blocks of {cfg.kvcache_block_size}")
 

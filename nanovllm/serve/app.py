@@ -107,8 +107,6 @@ class Server:
         self.tokenizer = engine.tokenizer
         self.model_name = served_model_name
         self.max_model_len = engine.config.max_model_len
-        # the most tokens (prompt + completion) one request can hold: max_model_len, or the KV pool when smaller
-        self.max_context = min(self.max_model_len, engine.block_manager.num_blocks * engine.config.kvcache_block_size)
         self.metrics = Metrics()
         self.loop = EngineLoop(engine, self.metrics, max_waiting_requests)
 
@@ -341,7 +339,7 @@ class Server:
             raise RequestError(400, f"messages: the chat template failed: {e}", param="messages") from None
         token_ids = self.tokenize(prompt, "messages")
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        params = self.sampling_params(req, getattr(req, field), max(self.max_context - len(token_ids), 1), field)
+        params = self.sampling_params(req, getattr(req, field), max(self.engine.max_request_tokens - len(token_ids), 1), field)
         self.check_fits(token_ids, params, "messages")
         return await self.run(request, req, token_ids, params, chat=True)
 
