@@ -5,7 +5,8 @@ input, which is what Dynamo makes of float attributes under dynamic=True):
 
     xf  = convert_element_type(x, f32)            (absent in fp32 graphs)
     s   = mean.dim(pow(xf, 2) | mul(xf, xf), [-1 | ndim-1], keepdim=True)
-    r   = rsqrt(add(s, eps))                      (add.Tensor or add.Scalar, either operand order)
+    r   = rsqrt(add(s, eps)) | pow(add(s, eps), -0.5)   (add.Tensor or add.Scalar, either operand order; the
+                                                    pow form is Gemma 3n's and Gemma 4's spelling of rsqrt)
     n   = mul(xf, r)                              (either order)
     out = mul(convert_element_type(n, dt), g)     Llama/Qwen form (either order; no cast in fp32)
     out = convert_element_type(mul(n, g), dt)     torch.nn.RMSNorm / F.rms_norm / aten._fused_rms_norm form
@@ -122,14 +123,22 @@ def _binary(n: Node) -> Optional[tuple[Any, Any]]:
     return n.args[0], n.args[1]
 
 
+def _rsqrt_input(r: Any) -> Optional[Any]:
+    """s when r = rsqrt(s) or r = pow(s, -0.5) (the same value up to rounding), else None."""
+    if _is_call(r, aten.rsqrt.default):
+        return r.args[0]
+    if _is_call(r, aten.pow.Tensor_Scalar) and len(r.args) == 2 and not r.kwargs and r.args[1] == -0.5:
+        return r.args[0]
+    return None
+
+
 def _match_normalized(n: Any) -> Optional[tuple[Node, float, Optional[Node], list[Node]]]:
-    """Match n = xf * rsqrt(mean(xf^2, -1, keepdim) + eps); returns (x, eps, eps_node, chain nodes)."""
+    """Match n = xf * rsqrt(mean(xf^2, -1, keepdim) + eps) (or pow(., -0.5) for rsqrt); returns (x, eps,
+    eps_node, chain nodes)."""
     if not _is_call(n, aten.mul.Tensor) or len(n.args) != 2:
         return None
     for xf, r in (n.args, n.args[::-1]):
-        if not _is_call(r, aten.rsqrt.default):
-            continue
-        s = r.args[0]
+        s = _rsqrt_input(r)
         if not _is_call(s, _ADDS):
             continue
         ab = _binary(s)

@@ -96,6 +96,28 @@ def test_forms_and_dtypes(dtype, norm):
         assert rel_err(a, b) <= tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pow_minus_half_for_rsqrt_and_fp32_gain(dtype):
+    """Gemma 3n / Gemma 4 write rsqrt(s) as pow(s, -0.5) and multiply by the gain in fp32 before the cast back."""
+    torch.manual_seed(9)
+    g, w = 1 + torch.randn(16) * 0.2, torch.randn(8, 16).to(dtype)
+
+    def f(x, r):
+        h = x + r
+        hf = h.float()
+        n = hf * torch.pow(hf.pow(2).mean(-1, keepdim=True) + 1e-6, -0.5)
+        return F.linear((n * g.float()).type_as(h), w), h
+
+    x, r = torch.randn(5, 16).to(dtype), torch.randn(5, 16).to(dtype)
+    with torch.no_grad():
+        eager = f(x, r)
+        fused = torch.compile(f, backend="coconut")(x, r)
+    st = fusion_pass.last_stats()
+    assert (st["sites"], st["residual_sites"], st["linears"]) == (1, 1, 1), st
+    for a, b in zip(fused, eager):
+        assert rel_err(a, b) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 @pytest.mark.parametrize("eps", [1e-5, 3.3e-7, 0.25])
 def test_any_eps_captured(eps):
     torch.manual_seed(1)
