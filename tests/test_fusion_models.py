@@ -1,6 +1,7 @@
 """The coconut backend on whole models: exactly 2L+1 sites (counted in depyf's post-grad dump and by the stats
 API) and compiled == eager. HF transformers Qwen3/Llama (tiny, random, fp32) and a local replica of the engine's
-Qwen3 forward (the norm forms of docs/contracts.md; merged qkv / gate_up weights; opaque attention stand-in)."""
+Qwen3 forward (the norm forms of docs/contracts.md; merged qkv / gate_up weights; opaque attention stand-in); other
+transformers families with their own norm forms and site counts (Gemma, Gemma 3, Gemma 4, OLMo 2, Cohere)."""
 from __future__ import annotations
 
 import glob
@@ -168,3 +169,67 @@ def test_engine_replica_sites_dynamic_tokens(tmp_path):
         torch._dynamo.mark_dynamic(last2, 0)
         assert rel_err(compiled(ids2, last2), model(ids2, last2)) <= 1e-5
     assert fusion_pass.fused_site_count() == 2 * LAYERS + 1  # no recompile for a new token count
+
+
+# ---- other transformers families: norm forms beyond Llama/Qwen3 (tiny, random, fp32 unless said) ------------------
+
+
+def hf_family(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A tiny random transformers model of the family, its norm gains moved away from their init (1 or 0) so that
+    a wrong gain (w instead of 1 + w) changes the logits."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    window = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    model = {
+        "gemma": lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(**HF_KW)),
+        "gemma3": lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**HF_KW, **window)),
+        "gemma4": lambda: transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(
+            **HF_KW, **window, global_head_dim=16, hidden_size_per_layer_input=0)),
+        "olmo2": lambda: transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**HF_KW, pad_token_id=0)),
+        "cohere": lambda: transformers.CohereForCausalLM(transformers.CohereConfig(**HF_KW, pad_token_id=0)),
+    }[name]()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.3 * torch.randn(p.shape))
+    return model.to(dtype).eval()
+
+
+# family -> (sites, residual_sites, norms_seen, mm left in the graph)
+FAMILIES = {
+    "gemma": (5, 4, 5, 4),  # gain 1 + w, computed in the graph
+    "gemma3": (5, 4, 13, 4),  # (1 + w); post-attention / post-feedforward norms feed residual adds, q/k norms RoPE
+    "gemma4": (5, 2, 13, 4),  # rsqrt spelled pow(., -0.5); gain w in fp32
+    "olmo2": (1, 1, 9, 14),  # norms after the projections: only the final norm -> lm_head is a site
+    "cohere": (0, 0, 0, 15),  # LayerNorm (mean subtracted): never matched
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_hf_family_sites_and_numerics(family, tmp_path):
+    """Each family fuses exactly its RMSNorm -> linear sites (depyf's post-grad dump and the stats agree), leaves
+    every other norm alone with its reason, and compiled == eager in float32."""
+    sites, residual, seen, mm_left = FAMILIES[family]
+    model = hf_family(family)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+    _, out, dump = compile_and_count(lambda i: model(input_ids=i, use_cache=False).logits, (ids,), tmp_path)
+    (st,) = fusion_pass.all_stats()
+    assert (st["sites"], st["residual_sites"], st["norms_seen"]) == (sites, residual, seen), st
+    assert st["candidates"] == sites and len(st["skipped"]) == seen - sites, st
+    assert all("not a linear" in r for r in st["skipped"]), st
+    assert (dump["coconut"], dump["residual"], dump["mm"]) == (sites, residual, mm_left), dump
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_gemma_float16_against_float32(tmp_path):
+    """Gemma in float16: the (1 + w) gain is computed in fp32 (the torch.nn.RMSNorm form with an fp32 gain); the
+    fused model stays within 1e-2 of the float32 model, as eager float16 does."""
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf_family("gemma")(input_ids=ids, use_cache=False).logits
+    model = hf_family("gemma", torch.float16)
+    _, out, dump = compile_and_count(lambda i: model(input_ids=i, use_cache=False).logits, (ids,), tmp_path)
+    assert fusion_pass.fused_site_count() == 5 and dump["coconut"] == 5, fusion_pass.all_stats()
+    assert out.dtype == torch.float16 and rel_err(out, ref) <= 1e-2
