@@ -44,7 +44,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from . import graph_launch, kernels, ops, options as _options, patterns, settings as _kernel_settings, stats
-from .options import CoconutOptionError, Settings, parse_options
+from .options import CoconutOptionError, Settings, combine_options, parse_options
 from .stats import all_stats, fused_site_count, last_stats, reset_stats
 
 __all__ = ["CoconutFusionPass", "CoconutOptionError", "FUSION_PASS", "all_stats", "coconut_backend",
@@ -300,13 +300,18 @@ def make_backend(mode: Optional[str] = None, options: Optional[dict[str, Any]] =
     """A backend callable with `mode` and `options` bound and validated now (not at the first compile).
 
     ``torch.compile(model, backend=fusion_pass.make_backend("reduce-overhead", {"coconut.min_sites": 1}))``:
-    unlike torch.compile's own arguments, mode and options may be combined here.
+    unlike torch.compile's own arguments, mode and options may be combined here. A `mode` or `options` given to
+    torch.compile as well are added to the bound ones when the first graph compiles (``combine_options``).
     Raises CoconutOptionError (RuntimeError, ValueError) on a bad mode or option.
     """
     patches, settings = parse_options(mode, options)
+    bound_mode, bound_options = mode, dict(options or {})
 
-    def coconut(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        return _compile(gm, example_inputs, patches, settings)
+    def coconut(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], mode: Optional[str] = None,
+                options: Optional[dict[str, Any]] = None) -> Callable:
+        if mode is None and options is None:
+            return _compile(gm, example_inputs, patches, settings)
+        return _compile(gm, example_inputs, *parse_options(*combine_options(bound_mode, bound_options, mode, options)))
 
     coconut.reset = _reset  # type: ignore[attr-defined]
     return coconut

@@ -164,3 +164,29 @@ def parse_options(mode: Optional[str] = None, options: Optional[dict[str, Any]] 
             patches[_inductor_check(key, val, current)] = val
     names = {f.name for f in fields(Settings)}
     return patches, Settings(**{k: v for k, v in own.items() if k in names})
+
+
+def combine_options(bound_mode: Optional[str], bound_options: dict[str, Any], mode: Optional[str],
+                    options: Optional[dict[str, Any]]) -> tuple[Optional[str], dict[str, Any]]:
+    """The mode and options of a ``make_backend(bound_mode, bound_options)`` backend that torch.compile also passes
+    a `mode` and / or `options` to: the union of both (a key may be spelled with "-" or "_").
+
+    Raises:
+        CoconutOptionError: the torch.compile ones are bad (as `parse_options` raises), or a mode or a key is
+            given both ways with different values (the message names it).
+    """
+    parse_options(mode, options)
+    if mode in (None, "default"):
+        mode = bound_mode
+    elif bound_mode not in (None, "default", mode):
+        raise CoconutOptionError(f"mode={mode!r} given to torch.compile, but the backend from make_backend has "
+                                 f"mode={bound_mode!r}")
+    merged = dict(bound_options)
+    names = {k.replace("-", "_"): k for k in merged}
+    for key, val in (options or {}).items():
+        old = names.get(key.replace("-", "_"))
+        if old is not None and merged[old] is not val and merged[old] != val:
+            raise CoconutOptionError(f"option {key} is {val!r} in torch.compile's options but {merged[old]!r} in "
+                                     "make_backend's")
+        merged[old if old is not None else key] = val
+    return mode, merged
