@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
+from torch._inductor import custom_graph_pass as _custom_graph_pass
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from . import graph_launch, kernels, ops, options as _options, patterns, settings as _kernel_settings, stats
@@ -134,19 +135,33 @@ class CoconutFusionPass(CustomGraphPass):
         return key
 
 
-class _ChainedPass(CustomGraphPass):
-    """Runs a user's existing pre pass, then ours."""
+#: Inductor's interface for passes that are also told whether the graph is an inference graph (torch >= 2.13).
+_InferenceAware: Optional[type] = getattr(_custom_graph_pass, "CustomInferenceAwareGraphPass", None)
+
+
+class _ChainedPass(_InferenceAware or CustomGraphPass):  # type: ignore[misc]
+    """Runs a user's existing pre pass (one pass, or a list or tuple of them, as Inductor accepts), then ours.
+
+    Each of the user's passes is called as Inductor would call it: an inference-aware one (torch >= 2.13) with
+    ``is_inference``, any other with the graph alone.
+    """
 
     def __init__(self, first: Any, second: CoconutFusionPass) -> None:
-        self.first, self.second = first, second
+        self.first: list[Any] = list(first) if isinstance(first, (list, tuple)) else [first]
+        self.second = second
 
-    def __call__(self, graph: fx.Graph) -> None:
-        self.first(graph)
+    def __call__(self, graph: fx.Graph, is_inference: bool = False) -> None:
+        for p in self.first:
+            if _InferenceAware is not None and isinstance(p, _InferenceAware):
+                p(graph, is_inference=is_inference)
+            else:
+                p(graph)
         self.second(graph)
 
     def uuid(self) -> Any:
-        u = self.first.uuid() if hasattr(self.first, "uuid") else None
-        return None if u is None else (u, self.second.uuid())
+        """The passes' uuids in order; None (no caching, as Inductor does) when one of them has none."""
+        uuids = [p.uuid() if hasattr(p, "uuid") else None for p in self.first]
+        return None if any(u is None for u in uuids) else (*uuids, self.second.uuid())
 
 
 #: The pass with default settings (for callers that install it into Inductor's config themselves).

@@ -1,5 +1,6 @@
 """The coconut backend combined with what a user brings along: torch.compile's own mode / options on top of a
-make_backend backend."""
+make_backend backend, and a user's post_grad_custom_pre_pass given as a list or as an inference-aware pass (both
+accepted by Inductor)."""
 from __future__ import annotations
 
 import os
@@ -29,6 +30,36 @@ class NormLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.norm(x))
+
+
+class Recorder(custom_graph_pass.CustomGraphPass):
+    """A user's post-grad pre pass: records its name (and whether coconut's op is already in the graph)."""
+
+    def __init__(self, log: list, name: str) -> None:
+        self.log, self.name = log, name
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.log.append((self.name, fused_in(graph)))
+
+    def uuid(self) -> str:
+        return self.name
+
+
+class InferenceAwareRecorder(custom_graph_pass.CustomInferenceAwareGraphPass):
+    """An inference-aware pre pass: Inductor calls it with is_inference."""
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def __call__(self, graph: torch.fx.Graph, is_inference: bool) -> None:
+        self.log.append(("aware", is_inference, fused_in(graph)))
+
+    def uuid(self) -> str:
+        return "aware"
+
+
+def fused_in(graph: torch.fx.Graph) -> bool:
+    return any(n.target is torch.ops.coconut.rms_norm_linear.default for n in graph.nodes)
 
 
 class Watch(custom_graph_pass.CustomGraphPass):
@@ -70,3 +101,22 @@ def test_make_backend_takes_torch_compiles_mode_and_options():
         run(fusion_pass.make_backend(options={"max_autotune": True}), x, options={"max-autotune": False})
     with pytest.raises(RuntimeError, match="Unexpected coconut option coconut.bogus"):
         run(fusion_pass.make_backend(), x, options={"coconut.bogus": 1})
+
+
+@pytest.mark.parametrize("where", ["options", "config"])
+def test_user_pre_passes_as_a_list_and_inference_aware_run_before_coconut(where):
+    """Inductor accepts a list of pre passes and passes that take is_inference; each runs (as Inductor calls it)
+    before coconut's pass, which still fuses."""
+    log: list = []
+    passes = [Recorder(log, "first"), InferenceAwareRecorder(log), Recorder(log, "last")]
+    x = torch.randn(3, 32)
+    if where == "options":
+        run("coconut", x, options={"post_grad_custom_pre_pass": passes})
+    else:
+        with inductor_config.patch(post_grad_custom_pre_pass=passes):
+            run("coconut", x)
+    assert log == [("first", False), ("aware", True, False), ("last", False)]
+    assert fusion_pass.fused_site_count() == 1
+    with inductor_config.patch(post_grad_custom_pre_pass=InferenceAwareRecorder(log)):
+        run("coconut", x)
+    assert log[-1] == ("aware", True, False) and fusion_pass.fused_site_count() == 2
