@@ -253,6 +253,22 @@ def decompositions_keeping_row_mm() -> dict[Any, Callable[..., Any]]:
     return table
 
 
+def _without_post_grad_passes(settings: Settings) -> None:
+    """Inductor runs no post-grad pass under ``use_post_grad_passes=False`` (which mode "lite" sets), so the fusion
+    pass cannot run: log a WARNING (unless ``coconut.warn_unfused`` is False), or raise when ``coconut.min_sites``
+    asks for fused sites.
+
+    Raises:
+        CoconutOptionError: ``coconut.min_sites`` > 0.
+    """
+    msg = ("coconut: Inductor's post-grad passes are off (use_post_grad_passes=False, which mode 'lite' sets), so "
+           "the fusion pass does not run and nothing is fused")
+    if settings.min_sites > 0:
+        raise CoconutOptionError(f"{msg}, fewer than coconut.min_sites = {settings.min_sites}")
+    if settings.warn_unfused:
+        log.warning("%s; compile with another mode (or use_post_grad_passes=True) to fuse", msg)
+
+
 def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any],
              settings: Settings) -> Callable:
     from torch._inductor import config as inductor_config
@@ -272,6 +288,9 @@ def _compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], patches: d
         if inductor_config.coordinate_descent_tuning:
             decompositions = decompositions_keeping_row_mm()
         cudagraphs = bool(inductor_config.triton.cudagraphs)
+        post_grad = bool(getattr(inductor_config, "use_post_grad_passes", True))
+    if not post_grad:
+        _without_post_grad_passes(settings)
     the_pass = CoconutFusionPass(settings, graph_launch.resolve_launch(settings.launch, cudagraphs))
     existing = patches.get("post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass)
     chained: Any = the_pass if existing is None else _ChainedPass(existing, the_pass)

@@ -1,8 +1,9 @@
 """The coconut backend combined with what a user brings along: torch.compile's own mode / options on top of a
-make_backend backend, and a user's post_grad_custom_pre_pass given as a list or as an inference-aware pass (both
-accepted by Inductor)."""
+make_backend backend, Inductor settings that turn post-grad passes off (mode "lite"), and a user's
+post_grad_custom_pre_pass given as a list or as an inference-aware pass (both accepted by Inductor)."""
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -101,6 +102,21 @@ def test_make_backend_takes_torch_compiles_mode_and_options():
         run(fusion_pass.make_backend(options={"max_autotune": True}), x, options={"max-autotune": False})
     with pytest.raises(RuntimeError, match="Unexpected coconut option coconut.bogus"):
         run(fusion_pass.make_backend(), x, options={"coconut.bogus": 1})
+
+
+@pytest.mark.parametrize("how", ["mode", "option"])
+def test_post_grad_passes_off_warns_and_min_sites_raises(how, caplog):
+    """Mode "lite" (use_post_grad_passes=False) runs no post-grad pass, coconut's included: a WARNING says so, and
+    coconut.min_sites raises instead of passing silently."""
+    x = torch.randn(3, 32)
+    kw = {"mode": "lite"} if how == "mode" else {"options": {"use_post_grad_passes": False}}
+    with caplog.at_level(logging.WARNING, logger="fusion_pass"):
+        run("coconut", x, **kw)
+    assert fusion_pass.all_stats() == []
+    assert any("post-grad passes are off" in r.getMessage() for r in caplog.records), caplog.records
+    backend = fusion_pass.make_backend(kw.get("mode"), {**kw.get("options", {}), "coconut.min_sites": 1})
+    with pytest.raises(RuntimeError, match="the fusion pass does not run .* fewer than coconut.min_sites = 1"):
+        run(backend, x)
 
 
 @pytest.mark.parametrize("where", ["options", "config"])
