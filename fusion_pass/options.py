@@ -89,6 +89,12 @@ class Settings:
         return {f: getattr(self, f) for f in KERNEL_OPTIONS.values() if getattr(self, f) is not None}
 
 
+def _type_name(val: Any) -> str:
+    """The name of val's type, qualified when it is not a builtin (numpy's bool_ is "numpy.bool", not "bool")."""
+    t = type(val)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
 def _inductor_check(key: str, val: Any, current: dict[str, Any]) -> str:
     """Inductor's own validation of one option (torch/__init__.py, _TorchCompileInductorWrapper.apply_options)."""
     from torch._inductor import config
@@ -100,7 +106,7 @@ def _inductor_check(key: str, val: Any, current: dict[str, Any]) -> str:
     get_type = getattr(config, "get_type", None)
     typ = get_type(name) if get_type is not None else None
     if isinstance(typ, type) and typing.get_origin(typ) is None and not isinstance(val, typ):
-        raise CoconutOptionError(f"Unexpected type of attr {key}, got {type(val).__name__} should be "
+        raise CoconutOptionError(f"Unexpected type of attr {key}, got {_type_name(val)} should be "
                                  f"{type(current[name]).__name__}")
     return name
 
@@ -148,7 +154,7 @@ def parse_options(mode: Optional[str] = None, options: Optional[dict[str, Any]] 
             if val is None and key in KERNEL_OPTIONS:
                 continue  # leave the process-wide kernel setting as it is
             if not isinstance(val, typ) or (typ is int and isinstance(val, bool)):
-                raise CoconutOptionError(f"Unexpected type of attr {key}, got {type(val).__name__} should be "
+                raise CoconutOptionError(f"Unexpected type of attr {key}, got {_type_name(val)} should be "
                                          f"{typ.__name__}")
             if key == "coconut.min_sites" and val < 0:
                 raise CoconutOptionError(f"coconut.min_sites must be >= 0, got {val}")

@@ -12,6 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from torch._inductor import config as inductor_config  # noqa: E402
 from torch._inductor.custom_graph_pass import CustomGraphPass  # noqa: E402
@@ -149,6 +150,7 @@ def test_min_sites_raises_from_the_compile(model):
     ({"coconut.no_such_option": 1}, "Unexpected coconut option coconut.no_such_option"),
     ({"max_autotune": "yes"}, "Unexpected type of attr max_autotune"),
     ({"coconut.min_sites": True}, "Unexpected type of attr coconut.min_sites"),
+    ({"coconut.enable": np.bool_(True)}, r"got numpy\.bool_? should be bool"),  # not "got bool should be bool"
 ])
 def test_bad_option_raises_like_inductor(model, options, message):
     with pytest.raises(RuntimeError, match=message):  # at the first compile, wrapped by Dynamo
