@@ -125,7 +125,7 @@ def parse_options(mode: Optional[str] = None, options: Optional[dict[str, Any]] 
     Raises:
         CoconutOptionError (RuntimeError and ValueError): unknown mode, unknown key, value of the wrong type,
         `options` not a dict, a negative "coconut.min_sites", a "coconut.launch" outside LAUNCH_MODES, a "coconut.variant" outside FORCED_VARIANTS, an
-        empty "coconut.tuning_file"; the message names the key.
+        empty "coconut.tuning_file", "coconut.min_sites" > 0 with "coconut.enable" False; the message names the key.
     """
     from torch._inductor import config, list_mode_options
 
@@ -168,6 +168,9 @@ def parse_options(mode: Optional[str] = None, options: Optional[dict[str, Any]] 
             own[key.split(".", 1)[1]] = val
         else:
             patches[_inductor_check(key, val, current)] = val
+    if own.get("enable") is False and own.get("min_sites", 0) > 0:
+        raise CoconutOptionError(f"coconut.min_sites = {own['min_sites']} asks for fused sites, but coconut.enable "
+                                 "is False (no fusion pass runs)")
     names = {f.name for f in fields(Settings)}
     return patches, Settings(**{k: v for k, v in own.items() if k in names})
 

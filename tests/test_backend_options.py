@@ -151,6 +151,8 @@ def test_min_sites_raises_from_the_compile(model):
     ({"max_autotune": "yes"}, "Unexpected type of attr max_autotune"),
     ({"coconut.min_sites": True}, "Unexpected type of attr coconut.min_sites"),
     ({"coconut.enable": np.bool_(True)}, r"got numpy\.bool_? should be bool"),  # not "got bool should be bool"
+    ({"coconut.enable": False, "coconut.min_sites": 1}, "coconut.min_sites = 1 asks for fused sites, but "
+                                                          "coconut.enable is False"),
 ])
 def test_bad_option_raises_like_inductor(model, options, message):
     with pytest.raises(RuntimeError, match=message):  # at the first compile, wrapped by Dynamo
