@@ -1,16 +1,7 @@
 """A hand-written FX matcher over Inductor's post-grad ATen graph: RMSNorm chains whose every use is a linear.
 
-Matched norm chains (x: [..., K], any rank; eps: any Python number captured from the graph, or a 0-d CPU tensor
-input, which is what Dynamo makes of float attributes under dynamic=True):
-
-    xf  = convert_element_type(x, f32)            (absent in fp32 graphs)
-    s   = mean.dim(pow(xf, 2) | mul(xf, xf), [-1 | ndim-1], keepdim=True)
-    r   = rsqrt(add(s, eps)) | pow(add(s, eps), -0.5)   (add.Tensor or add.Scalar, either operand order; the
-                                                    pow form is Gemma 3n's and Gemma 4's spelling of rsqrt)
-    n   = mul(xf, r)                              (either order)
-    out = mul(convert_element_type(n, dt), g)     Llama/Qwen form (either order; no cast in fp32)
-    out = convert_element_type(mul(n, g), dt)     torch.nn.RMSNorm / F.rms_norm / aten._fused_rms_norm form
-    with g: [K] (any node: a parameter, or a computed gain such as 1 + w).
+Norm chains: the forms of fusion_pass.norm_chain (x: [..., K]; eps a number or a 0-d CPU tensor input; the
+Llama/Qwen and torch.nn.RMSNorm forms with a [K] gain g).
 
 Residual form: x = add.Tensor(a, b) with a, b, x of one shape and dtype -> coconut.add_rms_norm_linear, whose h
 output replaces every other use of x.
@@ -34,7 +25,6 @@ after the first node that would have to use the op's outputs.
 from __future__ import annotations
 
 import logging
-import numbers
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -45,16 +35,14 @@ from torch.fx import Node
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.coconut.*)
 from .fx_edit import fake_run as _fake_run, hoist_all as _hoist_all, meta_value as _val
+from .norm_chain import NormChain, binary_args as _binary, is_call as _is_call, match_norm
 from .stats import PassStats
 
 log = logging.getLogger("fusion_pass")
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-_ADDS = {aten.add.Tensor, aten.add.Scalar}
-_LOW = (torch.bfloat16, torch.float16)
 
 OP_PLAIN = torch.ops.coconut.rms_norm_linear.default
 OP_RESIDUAL = torch.ops.coconut.add_rms_norm_linear.default
@@ -71,170 +59,12 @@ class Consumer:
 
 
 @dataclass
-class Site:
-    """A matched norm chain and its linear consumers."""
+class Site(NormChain):
+    """A matched norm chain (fusion_pass.norm_chain.NormChain) and its linear consumers."""
 
-    x: Node
-    gain: Node
-    eps: float
-    eps_node: Optional[Node]
-    weight_in_fp32: bool
-    out: Node
-    chain: list[Node]
-    consumers: list[Consumer]
+    consumers: list[Consumer] = field(default_factory=list)
     residual: Optional[tuple[Node, Node]] = None
     rows: Optional[tuple[int, Any, Any]] = None  # (dim, start, end): the linears read out[rows] (a row slice)
-
-
-def _is_call(n: Any, targets: Any) -> bool:
-    if not isinstance(n, Node) or n.op != "call_function":
-        return False
-    return n.target in targets if isinstance(targets, (set, frozenset, tuple)) else n.target is targets
-
-
-def _cast(n: Any) -> Optional[tuple[Node, torch.dtype]]:
-    """(source, dtype) when n is a dtype conversion, else None."""
-    if _is_call(n, prims.convert_element_type.default) and isinstance(n.args[0], Node):
-        return n.args[0], n.args[1]
-    if _is_call(n, aten._to_copy.default) and len(n.args) == 1 and set(n.kwargs) <= {"dtype"} \
-            and "dtype" in n.kwargs and isinstance(n.args[0], Node):
-        return n.args[0], n.kwargs["dtype"]
-    return None
-
-
-def _source_f32(xf: Node) -> Optional[Node]:
-    """The activation that xf is the fp32 view of: x if xf = cast(x (bf16/fp16), f32), xf itself if xf is fp32."""
-    c = _cast(xf)
-    if c is not None:
-        src, dt = c
-        v = _val(src)
-        if dt is torch.float32 and isinstance(v, torch.Tensor) and v.dtype in _LOW:
-            return src
-        return None
-    v = _val(xf)
-    if isinstance(v, torch.Tensor) and v.dtype is torch.float32:
-        return xf
-    return None
-
-
-def _binary(n: Node) -> Optional[tuple[Any, Any]]:
-    if len(n.args) != 2 or any(k != "alpha" for k in n.kwargs) or n.kwargs.get("alpha", 1) != 1:
-        return None
-    return n.args[0], n.args[1]
-
-
-def _rsqrt_input(r: Any) -> Optional[Any]:
-    """s when r = rsqrt(s) or r = pow(s, -0.5) (the same value up to rounding), else None."""
-    if _is_call(r, aten.rsqrt.default):
-        return r.args[0]
-    if _is_call(r, aten.pow.Tensor_Scalar) and len(r.args) == 2 and not r.kwargs and r.args[1] == -0.5:
-        return r.args[0]
-    return None
-
-
-def _match_normalized(n: Any) -> Optional[tuple[Node, float, Optional[Node], list[Node]]]:
-    """Match n = xf * rsqrt(mean(xf^2, -1, keepdim) + eps) (or pow(., -0.5) for rsqrt); returns (x, eps,
-    eps_node, chain nodes)."""
-    if not _is_call(n, aten.mul.Tensor) or len(n.args) != 2:
-        return None
-    for xf, r in (n.args, n.args[::-1]):
-        s = _rsqrt_input(r)
-        if not _is_call(s, _ADDS):
-            continue
-        ab = _binary(s)
-        if ab is None:
-            continue
-        for mean, e in (ab, ab[::-1]):
-            if not _is_call(mean, aten.mean.dim) or mean.kwargs.get("dtype") is not None:
-                continue
-            keep = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
-            p = mean.args[0]
-            xv = _val(xf)
-            if not keep or not isinstance(xv, torch.Tensor) or xv.dim() < 1:
-                continue
-            dims = list(mean.args[1]) if isinstance(mean.args[1], (list, tuple)) else [mean.args[1]]
-            if len(dims) != 1 or dims[0] not in (-1, xv.dim() - 1):
-                continue
-            if _is_call(p, aten.pow.Tensor_Scalar) and p.args[1] == 2:
-                base = p.args[0]
-            elif _is_call(p, aten.mul.Tensor) and len(p.args) == 2 and p.args[0] is p.args[1]:
-                base = p.args[0]
-            else:
-                continue
-            if base is not xf:
-                cb, cx = _cast(base), _cast(xf)
-                if not (cb and cx and cb[0] is cx[0] and cb[1] == cx[1]):
-                    continue
-            x = _source_f32(xf)
-            if x is None:
-                continue
-            eps_val, eps_node = _match_eps(e)
-            if eps_val is None and eps_node is None:
-                continue
-            chain = [n, r, s, mean, p] + [b for b in (base, xf) if b is not x]
-            if eps_node is not None and _is_call(e, prims.convert_element_type.default):
-                chain.append(e)
-            return x, (eps_val if eps_val is not None else 0.0), eps_node, chain
-    return None
-
-
-def _match_eps(e: Any) -> tuple[Optional[float], Optional[Node]]:
-    """A Python number -> (eps, None); a 0-d CPU tensor node (optionally cast to f32) -> (None, node)."""
-    if isinstance(e, numbers.Real) and not isinstance(e, bool):
-        return float(e), None
-    if isinstance(e, Node):
-        src = e
-        c = _cast(e)
-        if c is not None and c[1] is torch.float32:
-            src = c[0]
-        v = _val(src)
-        if isinstance(v, torch.Tensor) and v.dim() == 0 and v.device.type == "cpu" and v.is_floating_point():
-            return None, src
-    return None, None
-
-
-def _gain_ok(g: Any, k: int, dtypes: tuple[torch.dtype, ...]) -> bool:
-    v = _val(g)
-    return isinstance(g, Node) and isinstance(v, torch.Tensor) and tuple(v.shape) == (k,) and v.dtype in dtypes
-
-
-def match_norm(out: Node) -> Optional[Site]:
-    """Match a norm chain that ends at `out` (see the module docstring); consumers are filled in later."""
-    if _is_call(out, aten.mul.Tensor) and len(out.args) == 2:  # Llama/Qwen form (or fp32 graphs)
-        for c, g in (out.args, out.args[::-1]):
-            if not isinstance(c, Node):
-                continue
-            cc = _cast(c)
-            nrm = cc[0] if cc is not None else c
-            m = _match_normalized(nrm)
-            if m is None:
-                continue
-            x, eps, eps_node, chain = m
-            xv = _val(x)
-            dt = xv.dtype
-            if cc is not None and cc[1] != dt:
-                continue
-            if cc is None and dt is not torch.float32:
-                continue
-            if not _gain_ok(g, xv.shape[-1], (dt,)):
-                continue
-            return Site(x, g, eps, eps_node, False, out, [out] + ([c] if cc is not None else []) + chain, [])
-    cc = _cast(out)
-    if cc is not None and _is_call(cc[0], aten.mul.Tensor) and len(cc[0].args) == 2:  # nn.RMSNorm form
-        mulg = cc[0]
-        for nrm, g in (mulg.args, mulg.args[::-1]):
-            m = _match_normalized(nrm)
-            if m is None:
-                continue
-            x, eps, eps_node, chain = m
-            xv = _val(x)
-            dt = xv.dtype
-            if cc[1] != dt or dt not in _LOW:
-                continue
-            if not _gain_ok(g, xv.shape[-1], (dt, torch.float32)):
-                continue
-            return Site(x, g, eps, eps_node, True, out, [out, mulg] + chain, [])
-    return None
 
 
 def _weight_of(b: Any, k: int, dt: torch.dtype) -> Optional[Node]:
@@ -466,10 +296,11 @@ def rewrite_graph(graph: fx.Graph, admit: Optional[Callable[[Site], Optional[str
     for n in list(graph.nodes):
         if n.op != "call_function":
             continue
-        site = match_norm(n)
-        if site is None:
+        norm = match_norm(n)
+        if norm is None:
             continue
         stats.norms_seen += 1
+        site = Site(**vars(norm))
         consumers = find_consumers(site)
         if consumers is None:
             reason, candidate = _refusal(site)
