@@ -11,7 +11,12 @@ which is what Dynamo makes of float attributes under dynamic=True):
     n   = mul(xf, r)                              (either order)
     out = mul(convert_element_type(n, dt), g)     Llama/Qwen form (either order; no cast in fp32)
     out = convert_element_type(mul(n, g), dt)     torch.nn.RMSNorm / F.rms_norm / aten._fused_rms_norm form
-    with g: [K] (any node: a parameter, or a computed gain such as 1 + w) and dt x's dtype.
+    with g: [K] (any node: a parameter, or a computed gain such as 1 + w);
+    out = convert_element_type(n, dt) | n         no gain (gain None): F.rms_norm(x, (K,)) with weight=None,
+                                                  torch.nn.RMSNorm(K, elementwise_affine=False), NanoChat's and
+                                                  HRM-text's norms; `n` alone in fp32 graphs
+where dt is x's dtype. A chain without a gain is one only when no use of `out` completes a chain with a gain (the
+normalized value of a gained norm is not a norm of its own).
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ class NormChain:
     """A matched RMSNorm chain: out = rms_norm(x) [* gain], the nodes from x (excluded) to out (included)."""
 
     x: Node
-    gain: Node  # [K]
+    gain: Optional[Node]  # [K]; None for a norm without a gain (the rewrite passes a gain of ones)
     eps: float
     eps_node: Optional[Node]
     weight_in_fp32: bool  # the gain multiplies the fp32 normalized value before the cast (nn.RMSNorm form)
@@ -158,8 +163,8 @@ def _gain_ok(g: Any, k: int, dtypes: tuple[torch.dtype, ...]) -> bool:
     return isinstance(g, Node) and isinstance(v, torch.Tensor) and tuple(v.shape) == (k,) and v.dtype in dtypes
 
 
-def match_norm(out: Node) -> Optional[NormChain]:
-    """Match a norm chain that ends at `out` (see the module docstring)."""
+def _match_gained(out: Node) -> Optional[NormChain]:
+    """A chain with a gain that ends at `out` (the two gained forms of the module docstring)."""
     if is_call(out, aten.mul.Tensor) and len(out.args) == 2:  # Llama/Qwen form (or fp32 graphs)
         for c, g in (out.args, out.args[::-1]):
             if not isinstance(c, Node):
@@ -195,3 +200,26 @@ def match_norm(out: Node) -> Optional[NormChain]:
                 continue
             return NormChain(x, g, eps, eps_node, True, out, [out, mulg] + chain)
     return None
+
+
+def _match_gainless(out: Node) -> Optional[NormChain]:
+    """A chain without a gain that ends at `out`: cast(n, dt) with x of dtype dt (bf16/fp16), or n with x fp32;
+    None when a use of `out` completes a gained chain, or when K is not an integer (the gain of ones is [K])."""
+    cc = cast_of(out)
+    m = _match_normalized(cc[0] if cc is not None else out)
+    if m is None:
+        return None
+    x, eps, eps_node, chain = m
+    xv = _val(x)
+    if cc is not None and (cc[1] != xv.dtype or xv.dtype not in LOW):
+        return None
+    if cc is None and xv.dtype is not torch.float32:
+        return None
+    if not isinstance(xv.shape[-1], int) or any(_match_gained(u) is not None for u in out.users):
+        return None
+    return NormChain(x, None, eps, eps_node, False, out, ([out] if cc is not None else []) + chain)
+
+
+def match_norm(out: Node) -> Optional[NormChain]:
+    """Match a norm chain that ends at `out` (see the module docstring): one with a gain first, else one without."""
+    return _match_gained(out) or _match_gainless(out)

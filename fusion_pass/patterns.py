@@ -1,7 +1,8 @@
 """A hand-written FX matcher over Inductor's post-grad ATen graph: RMSNorm chains whose every use is a linear.
 
 Norm chains: the forms of fusion_pass.norm_chain (x: [..., K]; eps a number or a 0-d CPU tensor input; the
-Llama/Qwen and torch.nn.RMSNorm forms with a [K] gain g).
+Llama/Qwen and torch.nn.RMSNorm forms with a [K] gain g, and norms without a gain, which the op gets with a gain of
+ones of x's dtype: one [K] `full` node per K, dtype and device at the top of the graph).
 
 Residual form: x = add.Tensor(a, b) with a, b, x of one shape and dtype -> coconut.add_rms_norm_linear, whose h
 output replaces every other use of x.
@@ -208,6 +209,21 @@ def _residual(x: Node) -> Optional[tuple[Node, Node]]:
     return a, b
 
 
+def _ones(graph: fx.Graph, x: Node, ones: dict[tuple[Any, ...], Node]) -> Node:
+    """The gain of a norm without one: full([K], 1) of x's dtype and device (the op then computes exactly the cast
+    of the normalized value), one node per (K, dtype, device) in `ones`, placed before the graph's first node that
+    is not an input (so before every site)."""
+    xv = _val(x)
+    key = (xv.shape[-1], xv.dtype, xv.device)
+    if key not in ones:
+        args = ([xv.shape[-1]], 1.0)
+        kw = {"dtype": xv.dtype, "layout": torch.strided, "device": xv.device, "pin_memory": False}
+        with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
+            ones[key] = graph.call_function(aten.full.default, args, kw)
+        ones[key].meta["val"] = _fake_run(aten.full.default, args, kw, torch._guards.detect_fake_mode([xv]))
+    return ones[key]
+
+
 def _rewrite(graph: fx.Graph, site: Site, stats: PassStats, renamed: dict[Node, Node]) -> bool:
     site.x = renamed.get(site.x, site.x)
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -316,12 +332,18 @@ def rewrite_graph(graph: fx.Graph, admit: Optional[Callable[[Site], Optional[str
             continue
         sites.append(site)
     renamed: dict[Node, Node] = {}
+    ones: dict[tuple[Any, ...], Node] = {}
     for site in sites:
         try:
+            if site.gain is None:
+                site.gain = _ones(graph, site.x, ones)
             _rewrite(graph, site, stats, renamed)
         except Exception as e:  # never break compilation: a failed rewrite is a skipped site
             log.warning("coconut: could not rewrite site at %s: %s", site.out.name, e)
             stats.skipped.append(f"{site.out.name}: {type(e).__name__}: {e}")
+    for n in ones.values():
+        if not n.users:
+            graph.erase_node(n)
     if stats.sites:
         graph.lint()
     return stats

@@ -1,7 +1,8 @@
 """The coconut backend on whole models: exactly 2L+1 sites (counted in depyf's post-grad dump and by the stats
 API) and compiled == eager. HF transformers Qwen3/Llama (tiny, random, fp32) and a local replica of the engine's
 Qwen3 forward (the norm forms of docs/contracts.md; merged qkv / gate_up weights; opaque attention stand-in); other
-transformers families with their own norm forms and site counts (Gemma, Gemma 3, Gemma 4, OLMo 2, Cohere)."""
+transformers families with their own norm forms and site counts (Gemma, Gemma 3, Gemma 4, OLMo 2, Cohere;
+NanoChat and HRM-text, whose norms have no gain)."""
 from __future__ import annotations
 
 import glob
@@ -187,6 +188,9 @@ def hf_family(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
             **HF_KW, **window, global_head_dim=16, hidden_size_per_layer_input=0)),
         "olmo2": lambda: transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**HF_KW, pad_token_id=0)),
         "cohere": lambda: transformers.CohereForCausalLM(transformers.CohereConfig(**HF_KW, pad_token_id=0)),
+        "nanochat": lambda: transformers.NanoChatForCausalLM(transformers.NanoChatConfig(**HF_KW)),
+        "hrm_text": lambda: transformers.HrmTextForCausalLM(transformers.HrmTextConfig(
+            **{k: v for k, v in HF_KW.items() if k != "num_key_value_heads"}, H_cycles=1, L_cycles=1)),
     }[name]()
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -199,9 +203,11 @@ def hf_family(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
 FAMILIES = {
     "gemma": (5, 4, 5, 4),  # gain 1 + w, computed in the graph
     "gemma3": (5, 4, 13, 4),  # (1 + w); post-attention / post-feedforward norms feed residual adds, q/k norms RoPE
-    "gemma4": (5, 2, 13, 4),  # rsqrt spelled pow(., -0.5); gain w in fp32
+    "gemma4": (5, 2, 15, 4),  # rsqrt spelled pow(., -0.5); gain w in fp32; v_norm (no gain) feeds attention
     "olmo2": (1, 1, 9, 14),  # norms after the projections: only the final norm -> lm_head is a site
     "cohere": (0, 0, 0, 15),  # LayerNorm (mean subtracted): never matched
+    "nanochat": (5, 4, 10, 4),  # no gains; the norm of the embeddings feeds the residual, q/k norms attention
+    "hrm_text": (9, 9, 10, 8),  # no gains; 2 calls of a 2-layer stack, the first one's final norm feeds the second
 }
 
 
@@ -223,13 +229,16 @@ def test_hf_family_sites_and_numerics(family, tmp_path):
     assert rel_err(out, ref) <= 1e-5
 
 
-def test_gemma_float16_against_float32(tmp_path):
-    """Gemma in float16: the (1 + w) gain is computed in fp32 (the torch.nn.RMSNorm form with an fp32 gain); the
-    fused model stays within 1e-2 of the float32 model, as eager float16 does."""
+@pytest.mark.parametrize("family", ["gemma", "nanochat"])
+def test_float16_against_float32(family, tmp_path):
+    """float16 against the float32 model: Gemma's (1 + w) gain is computed in fp32 (the torch.nn.RMSNorm form with
+    an fp32 gain), NanoChat's norms have no gain and cast the normalized value back to float16; the fused model
+    fuses every site and stays within 1e-2 of the float32 model, as eager float16 does."""
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref = hf_family("gemma")(input_ids=ids, use_cache=False).logits
-    model = hf_family("gemma", torch.float16)
+        ref = hf_family(family)(input_ids=ids, use_cache=False).logits
+    model = hf_family(family, torch.float16)
     _, out, dump = compile_and_count(lambda i: model(input_ids=i, use_cache=False).logits, (ids,), tmp_path)
-    assert fusion_pass.fused_site_count() == 5 and dump["coconut"] == 5, fusion_pass.all_stats()
+    sites = FAMILIES[family][0]
+    assert fusion_pass.fused_site_count() == sites and dump["coconut"] == sites, fusion_pass.all_stats()
     assert out.dtype == torch.float16 and rel_err(out, ref) <= 1e-2

@@ -118,6 +118,62 @@ def test_pow_minus_half_for_rsqrt_and_fp32_gain(dtype):
         assert rel_err(a, b) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+class Gainless(nn.Module):
+    """(x + r ->) an RMSNorm without a gain -> three linears with biases: F.rms_norm with weight=None (its default
+    eps, finfo(float32).eps) or torch.nn.RMSNorm(elementwise_affine=False)."""
+
+    def __init__(self, form: str, residual: bool, k: int = 16, ns=(8, 6, 6)) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(k, eps=1e-6, elementwise_affine=False) if form == "module" else None
+        self.lins = nn.ModuleList(nn.Linear(k, n) for n in ns)
+        self.residual = residual
+
+    def forward(self, x, r):
+        h = x + r if self.residual else x
+        y = self.norm(h) if self.norm is not None else F.rms_norm(h, (h.shape[-1],))
+        out = torch.cat([lin(y) for lin in self.lins], -1)
+        return (out, h * 2) if self.residual else out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("form,residual", [("functional", False), ("module", True)])
+def test_norm_without_gain(form, residual, dtype):
+    """A norm without a gain fuses like a gained one (the op gets a gain of ones): one site serving the three
+    linears, the residual add taken in, the norm counted once; float16 stays within 1e-2 of the float32 module."""
+    torch.manual_seed(10)
+    mod = Gainless(form, residual).eval()
+    x, r = torch.randn(2, 5, 16) * 0.1, torch.randn(2, 5, 16) * 0.1  # small: a wrong eps would show
+    with torch.no_grad():
+        ref = mod(x, r)
+        fused = torch.compile(mod.to(dtype), backend="coconut")(x.to(dtype), r.to(dtype))
+    st = fusion_pass.last_stats()
+    assert (st["sites"], st["residual_sites"], st["linears"], st["norms_seen"]) == (1, int(residual), 3, 1), st
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for a, b in zip(flat(fused), flat(ref)):
+        assert a.dtype == dtype and a.shape == b.shape and rel_err(a, b) <= tol
+
+
+def test_norm_without_gain_used_elsewhere_left_alone_exact():
+    """The gainless normalized tensor is also reduced: not a site (counted, with its reason), results exact."""
+    torch.manual_seed(11)
+    w = torch.randn(8, 16)
+
+    def f(x):
+        y = F.rms_norm(x, (16,), eps=1e-6)
+        return F.linear(y, w), y.sum(-1)
+
+    x = torch.randn(6, 16)
+    with torch.no_grad():
+        ref = torch.compile(f, backend="inductor")(x)
+        torch._dynamo.reset()
+        out = torch.compile(f, backend="coconut")(x)
+    st = fusion_pass.last_stats()
+    assert (st["sites"], st["norms_seen"], st["candidates"]) == (0, 1, 1), st
+    assert len(st["skipped"]) == 1 and "not a linear" in st["skipped"][0], st
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("eps", [1e-5, 3.3e-7, 0.25])
 def test_any_eps_captured(eps):
     torch.manual_seed(1)
