@@ -52,7 +52,8 @@ def int_in(lo: int | None = None, hi: int | None = None, also: tuple[int, ...] =
 
 
 def float_in(lo: float, hi: float, lo_open: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
+    """An argparse type: a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``). The error names the range,
+    or, when ``hi`` is float32's largest value, the lower bound and "finite in float32"."""
 
     def parse(text: str) -> float:
         try:
@@ -61,6 +62,9 @@ def float_in(lo: float, hi: float, lo_open: bool = False) -> Callable[[str], flo
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi:
             return value
+        if hi >= FLOAT32_MAX:  # no upper bound a user would choose: say what the number must be instead
+            raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo:g} and finite in float32 "
+                                             f"(at most {hi:g}), got {text}")
         raise argparse.ArgumentTypeError(f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {text}")
 
     parse.__name__ = "float"
